@@ -1,0 +1,122 @@
+"""The public Python API: quantize, save, load, evaluate. The CLI is a thin layer over these."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantlm.data import calibration_windows, load_text, tokenize_text
+from quantlm.errors import QuantlmError
+from quantlm.eval.perplexity import PerplexityResult, perplexity
+from quantlm.formats.native import is_quantlm_checkpoint, load_checkpoint, read_quant_log, save_checkpoint
+from quantlm.methods.recipe import Recipe, parse_recipe
+from quantlm.models.sources import load_float_model, load_tokenizer, resolve_model_dir
+from quantlm.pipeline.runner import run_pipeline
+
+ModelLike = "nn.Module | str | os.PathLike"
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Where calibration windows come from (the benchmark protocol's defaults)."""
+
+    source: str = "enwiki"
+    split: str = "calibration"
+    n_samples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+
+    def windows(self, tokenizer) -> torch.Tensor:
+        tokens = tokenize_text(tokenizer, load_text(self.source, self.split))
+        return calibration_windows(tokens, self.n_samples, self.seqlen, self.seed)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "split": self.split, "n_samples": self.n_samples, "seqlen": self.seqlen, "seed": self.seed}
+
+
+def load(source: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: str | None = None) -> nn.Module:
+    """A quantlm checkpoint as a quantized model, or any other model source as a full-precision model."""
+    path = Path(str(source)).expanduser()
+    if is_quantlm_checkpoint(path):
+        model = load_checkpoint(path, device=device)
+        model.quantlm_log = read_quant_log(path)
+        return model
+    return load_float_model(source, dtype=dtype, device=device)
+
+
+def quantize(
+    model: nn.Module,
+    recipe,
+    calibration: torch.Tensor | Calibration | None = None,
+    *,
+    tokenizer=None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> nn.Module:
+    """Apply ``recipe`` to ``model`` in place, layer by layer, and return it.
+
+    ``calibration`` is a LongTensor [n, seqlen] of token ids, or a ``Calibration`` (then ``tokenizer`` is needed);
+    calibration-free recipes ignore it.
+    """
+    recipe = parse_recipe(recipe)
+    windows = None
+    calib_info = None
+    if recipe.needs_calibration:
+        if calibration is None:
+            calibration = Calibration()
+        if isinstance(calibration, Calibration):
+            if tokenizer is None:
+                raise QuantlmError("calibration from text needs the model's tokenizer: pass tokenizer=")
+            calib_info = calibration.to_dict()
+            calibration = calibration.windows(tokenizer)
+        windows = calibration
+    t0 = time.perf_counter()
+    records = run_pipeline(model, recipe.steps, windows, batch_size=batch_size, progress=progress)
+    model.quantlm_recipe = recipe.to_config()
+    model.quantlm_log = [r.to_dict() for r in records]
+    model.quantlm_calibration = calib_info
+    model.quantlm_seconds = time.perf_counter() - t0
+    return model
+
+
+def save(model: nn.Module, path: str | os.PathLike, *, tokenizer=None, overwrite: bool = False, format: str = "quantlm") -> Path:
+    """Write ``model`` to ``path`` (a directory, written atomically)."""
+    if format != "quantlm":
+        raise QuantlmError(f"unknown format '{format}': this version writes 'quantlm'")
+    recipe = getattr(model, "quantlm_recipe", None)
+    if recipe is not None and getattr(model, "quantlm_calibration", None):
+        recipe = [{**step, "calibration": model.quantlm_calibration} for step in recipe]
+    return save_checkpoint(
+        model, path, tokenizer=tokenizer, recipe=recipe, quant_log=getattr(model, "quantlm_log", None), overwrite=overwrite
+    )
+
+
+def evaluate(
+    model: nn.Module | str | os.PathLike,
+    *,
+    tokenizer=None,
+    data: str = "enwiki",
+    split: str = "eval",
+    seqlen: int = 2048,
+    max_windows: int | None = 32,
+    add_bos: bool | None = None,
+    progress: bool = True,
+) -> PerplexityResult:
+    """Perplexity per the benchmark protocol, of a model object (with its tokenizer) or of any model source."""
+    text = load_text(data, split)  # bad text sources fail before any model is loaded
+    if not isinstance(model, nn.Module):
+        if tokenizer is None:
+            tokenizer = load_tokenizer(model)
+        model = load(model)
+    if tokenizer is None:
+        raise QuantlmError("evaluating a model object needs its tokenizer: pass tokenizer=")
+    return perplexity(model, tokenizer, text, seqlen=seqlen, max_windows=max_windows, add_bos=add_bos, progress=progress)
+
+
+__all__ = ["Calibration", "evaluate", "load", "load_tokenizer", "quantize", "resolve_model_dir", "save", "Recipe"]

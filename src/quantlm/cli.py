@@ -1,0 +1,236 @@
+"""The ``quantlm`` command: a thin layer over the Python API.
+
+Every QuantlmError becomes one line on stderr and exit code 2; ``--json`` puts machine-readable output on stdout.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from quantlm.errors import CheckpointError, QuantlmError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Quantize Hugging Face causal LMs and measure them.")
+
+
+class Method(str, Enum):
+    rtn = "rtn"
+
+
+class Clip(str, Enum):
+    none = "none"
+    mse = "mse"
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def _friendly(fn):
+    """Turn QuantlmError (and anything unexpected) into one line and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except QuantlmError as e:
+            _fail(str(e))
+        except KeyboardInterrupt:
+            _fail("interrupted")
+        except Exception as e:  # keep tracebacks for debugging only
+            if os.environ.get("QUANTLM_DEBUG"):
+                raise
+            first = str(e).splitlines()[0] if str(e) else ""
+            _fail(f"unexpected {type(e).__name__}: {first} (set QUANTLM_DEBUG=1 for the traceback)")
+
+    return wrapper
+
+
+def _setup_threads() -> None:
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+
+
+def _print_json(data) -> None:
+    typer.echo(json.dumps(data, indent=2, default=str))
+
+
+@app.command()
+@_friendly
+def quantize(
+    model: str = typer.Argument(..., help="Alias, model directory, .gguf file or hub id."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output checkpoint directory."),
+    method: Method = typer.Option(Method.rtn, help="Quantization method."),
+    bits: int = typer.Option(4, help="Weight bits, 2-8."),
+    group_size: int = typer.Option(64, "--group-size", "-g", help="Columns per group; -1 = one scale per output channel."),
+    sym: bool = typer.Option(False, "--sym/--asym", help="Symmetric or asymmetric grid."),
+    clip: Clip = typer.Option(Clip.none, help="Grid clipping: none or an MSE search."),
+    lm_head: bool = typer.Option(False, "--lm-head", help="Also quantize the output projection."),
+    recipe: Optional[Path] = typer.Option(None, help="A JSON/YAML recipe file (overrides --method and its settings)."),
+    overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
+    evaluate: bool = typer.Option(False, "--eval", help="Measure perplexity (enwiki eval) afterwards."),
+    max_windows: int = typer.Option(32, help="With --eval: number of 2048-token windows."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+) -> None:
+    """Quantize MODEL and write a checkpoint to OUT."""
+    from quantlm import api
+    from quantlm.core import QuantSpec
+    from quantlm.formats.native import quantized_modules
+    from quantlm.methods import RTN, parse_recipe
+
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"output directory {out} already exists: choose another path or pass --overwrite")
+    if recipe is not None:
+        steps = parse_recipe(recipe)
+    else:
+        steps = parse_recipe(RTN(QuantSpec(bits=bits, group_size=group_size, symmetric=sym, clip=clip.value), lm_head=lm_head))
+    _setup_threads()
+    tokenizer = api.load_tokenizer(model)
+    qmodel = api.load(model)
+    t0 = time.perf_counter()
+    api.quantize(qmodel, steps, tokenizer=tokenizer, progress=not as_json)
+    seconds = time.perf_counter() - t0
+    api.save(qmodel, out, tokenizer=tokenizer, overwrite=overwrite)
+    qbytes = sum(m.weight_bytes for m in quantized_modules(qmodel).values())
+    summary = {
+        "out": str(out),
+        "recipe": steps.to_config(),
+        "quantize_seconds": round(seconds, 2),
+        "quantized_modules": len(quantized_modules(qmodel)),
+        "quantized_weight_mb": round(qbytes / 1e6, 3),
+        "checkpoint_mb": round(sum(f.stat().st_size for f in out.iterdir()) / 1e6, 3),
+    }
+    if evaluate:
+        result = api.evaluate(qmodel, tokenizer=tokenizer, max_windows=max_windows, progress=not as_json)
+        summary.update(ppl=result.ppl, tokens=result.tokens)
+    if as_json:
+        _print_json(summary)
+    else:
+        errors = [r["error"] for r in qmodel.quantlm_log if r.get("error") is not None]
+        typer.echo(f"{steps.describe()}: {summary['quantized_modules']} modules in {seconds:.1f}s -> {out} ({summary['checkpoint_mb']:.1f} MB)")
+        if errors:
+            typer.echo(f"relative weight error: mean {sum(errors) / len(errors):.4f}, max {max(errors):.4f}")
+        if evaluate:
+            typer.echo(f"perplexity {summary['ppl']:.3f} over {summary['tokens']} tokens")
+
+
+@app.command("eval")
+@_friendly
+def eval_cmd(
+    model: str = typer.Argument(..., help="Alias, model directory, quantlm checkpoint, .gguf file or hub id."),
+    data: str = typer.Option("enwiki", help="Text: a built-in name, a .txt/.jsonl file, or hf:NAME[:CONFIG]."),
+    split: str = typer.Option("eval", help="Split of the text: eval or calibration."),
+    seqlen: int = typer.Option(2048, help="Window length in tokens."),
+    max_windows: int = typer.Option(32, help="Number of windows scored (0 = all)."),
+    bos: Optional[bool] = typer.Option(None, "--bos/--no-bos", help="Prepend BOS to every window (default: per family)."),
+    as_json: bool = typer.Option(False, "--json", help='Print {"ppl": ..., "tokens": ...} on stdout.'),
+) -> None:
+    """Perplexity per the benchmark protocol (non-overlapping windows)."""
+    from quantlm import api
+
+    if seqlen < 2:
+        _fail(f"--seqlen must be at least 2, got {seqlen}")
+    _setup_threads()
+    t0 = time.perf_counter()
+    result = api.evaluate(model, data=data, split=split, seqlen=seqlen, max_windows=max_windows or None, add_bos=bos, progress=not as_json)
+    seconds = time.perf_counter() - t0
+    if as_json:
+        _print_json({"ppl": result.ppl, "tokens": result.tokens, "windows": result.windows, "seqlen": result.seqlen, "seconds": round(seconds, 2)})
+    else:
+        typer.echo(f"perplexity {result.ppl:.4f} over {result.tokens} tokens ({result.windows} x {result.seqlen}) in {seconds:.1f}s")
+
+
+@app.command()
+@_friendly
+def generate(
+    model: str = typer.Argument(..., help="Alias, model directory, quantlm checkpoint, .gguf file or hub id."),
+    prompt: str = typer.Option(..., help="The text to continue."),
+    max_new_tokens: int = typer.Option(64, help="How many tokens to generate."),
+    sample: bool = typer.Option(False, "--sample/--greedy", help="Sample instead of greedy decoding."),
+    temperature: float = typer.Option(1.0, help="With --sample."),
+    top_p: float = typer.Option(1.0, help="With --sample."),
+    seed: int = typer.Option(0, help="Random seed for sampling."),
+    as_json: bool = typer.Option(False, "--json", help='Print {"text": ...} on stdout instead of streaming.'),
+) -> None:
+    """Continue a prompt with a full-precision or quantized model, streaming the tokens."""
+    from quantlm import api
+    from quantlm.generation import generate_text
+
+    if max_new_tokens < 1:
+        _fail(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    _setup_threads()
+    tokenizer = api.load_tokenizer(model)
+    lm = api.load(model)
+    if not as_json:
+        typer.echo(prompt, nl=False)
+    text = generate_text(
+        lm, tokenizer, prompt, max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, top_p=top_p,
+        seed=seed, stream=not as_json,
+    )
+    if as_json:
+        _print_json({"prompt": prompt, "text": text})
+
+
+@app.command()
+@_friendly
+def models(as_json: bool = typer.Option(False, "--json")) -> None:
+    """List the built-in model aliases."""
+    from quantlm.models.sources import ALIASES
+
+    if as_json:
+        _print_json({a.name: a.description for a in ALIASES.values()})
+    else:
+        for a in ALIASES.values():
+            typer.echo(f"{a.name}\t{a.description}")
+
+
+@app.command()
+@_friendly
+def data(as_json: bool = typer.Option(False, "--json")) -> None:
+    """List the built-in text sources."""
+    from quantlm.data.texts import BUILTIN_TEXTS
+
+    if as_json:
+        _print_json({t.name: t.description for t in BUILTIN_TEXTS.values()})
+    else:
+        for t in BUILTIN_TEXTS.values():
+            typer.echo(f"{t.name}\t{t.description}")
+
+
+@app.command()
+@_friendly
+def quickstart(
+    model: str = typer.Option("smollm2-135m", help="Model to quantize."),
+    out: Path = typer.Option(Path("out/quickstart"), help="Where the quantized checkpoint goes (replaced)."),
+    max_windows: int = typer.Option(32, help="Evaluation windows of 2048 tokens."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Quantize the default model with the best recipe and print size, perplexity and time."""
+    from quantlm import quickstart as qs
+
+    _setup_threads()
+    rows = qs.run(model=model, out=out, max_windows=max_windows)
+    typer.echo(qs.rows_to_json(rows) if as_json else qs.format_table(rows))
+
+
+def main() -> None:
+    try:
+        app()
+    except BrokenPipeError:  # e.g. piped into head
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Dense bit packing of small unsigned codes along the last dim.
+
+Layout (little-endian bit stream): code ``i`` of a row occupies bits ``[i * bits, (i + 1) * bits)`` of the
+row's stream, where bit ``j`` of the stream is bit ``j % 8`` of byte ``j // 8``. A row of ``n`` codes packs to
+``ceil(n * bits / 8)`` bytes; unused high bits of the last byte are zero. Leading dims are kept.
+
+Vectorized: rows are padded to a multiple of 8 codes, each 8 codes form one ``8 * bits``-bit word (int64)
+that is split into ``bits`` bytes, and the reverse.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from quantlm.errors import QuantlmError
+
+__all__ = ["packed_length", "pack", "unpack"]
+
+
+def _check_bits(bits: int) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise QuantlmError(f"bits for packing must be an integer between 1 and 8, got {bits!r}")
+    return bits
+
+
+def packed_length(n: int, bits: int) -> int:
+    """Bytes needed for ``n`` codes of ``bits`` bits: ``ceil(n * bits / 8)``."""
+    _check_bits(bits)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise QuantlmError(f"number of codes must be an integer >= 0, got {n!r}")
+    return (n * bits + 7) // 8
+
+
+def pack(codes: Tensor, bits: int) -> Tensor:
+    """Pack integer codes ``[..., n]`` (each in ``[0, 2**bits)``) into uint8 ``[..., packed_length(n, bits)]``."""
+    _check_bits(bits)
+    if not isinstance(codes, Tensor):
+        raise QuantlmError(f"pack expects a torch.Tensor of codes, got {type(codes).__name__}")
+    if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+        raise QuantlmError(f"pack expects integer codes (e.g. torch.uint8), got dtype {codes.dtype}")
+    if codes.dim() == 0:
+        raise QuantlmError("pack expects at least one dimension, got a 0-dim tensor")
+    if codes.numel():
+        lo, hi = int(codes.min()), int(codes.max())
+        if lo < 0 or hi >= (1 << bits):
+            bad = hi if hi >= (1 << bits) else lo
+            raise QuantlmError(f"code {bad} does not fit in {bits} bits (codes must be in [0, {(1 << bits) - 1}])")
+    *lead, n = codes.shape
+    out_len = packed_length(n, bits)
+    if bits == 8:
+        return codes.to(torch.uint8, copy=True).contiguous()
+    k = (n + 7) // 8
+    v = codes.to(torch.int64)
+    if k * 8 != n:
+        v = torch.nn.functional.pad(v, (0, k * 8 - n))
+    v = v.reshape(*lead, k, 8)
+    shifts = torch.arange(8, device=codes.device, dtype=torch.int64) * bits
+    word = (v << shifts).sum(dim=-1, keepdim=True)  # disjoint bit fields: sum == bitwise or; < 2**56
+    byte_shifts = torch.arange(bits, device=codes.device, dtype=torch.int64) * 8
+    out = ((word >> byte_shifts) & 0xFF).to(torch.uint8)  # [..., k, bits]
+    return out.reshape(*lead, k * bits)[..., :out_len].contiguous()
+
+
+def unpack(packed: Tensor, bits: int, n: int) -> Tensor:
+    """Inverse of :func:`pack`: uint8 ``[..., packed_length(n, bits)]`` -> uint8 codes ``[..., n]``."""
+    _check_bits(bits)
+    if not isinstance(packed, Tensor) or packed.dtype != torch.uint8:
+        got = packed.dtype if isinstance(packed, Tensor) else type(packed).__name__
+        raise QuantlmError(f"unpack expects a torch.uint8 tensor, got {got}")
+    if packed.dim() == 0:
+        raise QuantlmError("unpack expects at least one dimension, got a 0-dim tensor")
+    *lead, m = packed.shape
+    want = packed_length(n, bits)
+    if m != want:
+        raise QuantlmError(
+            f"packed data has {m} bytes per row but {n} codes of {bits} bits need {want}; "
+            "check bits and the number of codes"
+        )
+    if bits == 8:
+        return packed.clone(memory_format=torch.contiguous_format)
+    k = (n + 7) // 8
+    b = packed.to(torch.int64)
+    if k * bits != m:
+        b = torch.nn.functional.pad(b, (0, k * bits - m))
+    b = b.reshape(*lead, k, bits)
+    byte_shifts = torch.arange(bits, device=packed.device, dtype=torch.int64) * 8
+    word = (b << byte_shifts).sum(dim=-1, keepdim=True)
+    shifts = torch.arange(8, device=packed.device, dtype=torch.int64) * bits
+    v = ((word >> shifts) & ((1 << bits) - 1)).to(torch.uint8)  # [..., k, 8]
+    return v.reshape(*lead, k * 8)[..., :n].contiguous()

@@ -1,0 +1,139 @@
+"""QuantSpec: what a quantization grid looks like (bit width, symmetry, granularity, clipping).
+
+Granularity, for a tensor whose last dim has ``n`` columns, flattened to 2-D ``[rows, n]``
+(all leading dims folded into ``rows``):
+
+- ``"tensor"``: one scale/zero for the whole tensor -> qparams shape ``[1, 1]``
+- ``"channel"``: one per row (a weight ``[out_features, in_features]`` gets one per output channel) -> ``[rows, 1]``
+- ``"token"``: same math as ``"channel"``, named for activations ``[..., features]`` -> ``[rows, 1]``
+- ``"group"``: ``group_size`` consecutive columns per row share one -> ``[rows, ceil(n / group_size)]``;
+  the last group of a row may be partial.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, fields
+from typing import Any
+
+from quantlm.errors import InvalidSpecError
+
+GRANULARITIES = ("tensor", "channel", "group", "token")
+CLIPS = ("none", "mse")
+MIN_BITS = 2
+MAX_BITS = 8
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """An immutable, validated description of a quantization grid.
+
+    ``bits``: 2..8. ``symmetric``: grid centered on zero (zero point fixed at ``2**(bits-1)``).
+    ``group_size``: -1 = one scale per row, >0 = groups of that many columns along the last dim.
+    ``granularity``: "tensor" | "channel" | "group" | "token"; ``None`` is filled in as "group" when
+    ``group_size > 0`` else "channel". ``clip``: "none" | "mse" (GPTQ-style shrink search, norm 2.4).
+    """
+
+    bits: int = 4
+    symmetric: bool = False
+    group_size: int = -1
+    granularity: str | None = None
+    clip: str = "none"
+
+    def __post_init__(self) -> None:
+        bits = self.bits
+        if not _is_int(bits):
+            raise InvalidSpecError(f"bits must be an integer between {MIN_BITS} and {MAX_BITS}, got {bits!r}")
+        if not MIN_BITS <= bits <= MAX_BITS:
+            raise InvalidSpecError(f"bits must be between {MIN_BITS} and {MAX_BITS}, got {bits}")
+        object.__setattr__(self, "bits", int(bits))
+
+        if not isinstance(self.symmetric, bool):
+            raise InvalidSpecError(f"symmetric must be True or False, got {self.symmetric!r}")
+
+        gs = self.group_size
+        if not _is_int(gs) or gs == 0 or gs < -1:
+            raise InvalidSpecError(
+                f"group_size must be -1 (one scale per row) or a positive number of columns such as 128, got {gs!r}"
+            )
+        gs = int(gs)
+        object.__setattr__(self, "group_size", gs)
+
+        gran = self.granularity
+        if gran is None:
+            gran = "group" if gs > 0 else "channel"
+        if not isinstance(gran, str) or gran not in GRANULARITIES:
+            raise InvalidSpecError(
+                f"granularity must be one of {', '.join(GRANULARITIES)} (or None to infer it from group_size), got {gran!r}"
+            )
+        if gran == "group" and gs <= 0:
+            raise InvalidSpecError(
+                f"granularity 'group' needs group_size > 0 (e.g. group_size=128), got group_size={gs}"
+            )
+        if gran != "group" and gs > 0:
+            raise InvalidSpecError(
+                f"granularity {gran!r} does not use groups: set group_size=-1, or granularity='group' "
+                f"to keep group_size={gs}"
+            )
+        object.__setattr__(self, "granularity", gran)
+
+        if not isinstance(self.clip, str) or self.clip not in CLIPS:
+            raise InvalidSpecError(f"clip must be one of {', '.join(CLIPS)}, got {self.clip!r}")
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def maxq(self) -> int:
+        """Largest code: ``2**bits - 1``. Codes live in ``[0, maxq]``."""
+        return (1 << self.bits) - 1
+
+    def n_groups(self, n_columns: int) -> int:
+        """Number of qparam columns for a tensor with ``n_columns`` columns (1 unless granularity is 'group')."""
+        if self.granularity == "group":
+            return math.ceil(n_columns / self.group_size)
+        return 1
+
+    def qparams_shape(self, rows: int, n_columns: int) -> tuple[int, int]:
+        """Shape of ``scale``/``zero`` for a 2-D ``[rows, n_columns]`` tensor."""
+        if self.granularity == "tensor":
+            return (1, 1)
+        return (rows, self.n_groups(n_columns))
+
+    # ------------------------------------------------------------------ (de)serialization
+    def to_dict(self) -> dict:
+        """JSON-friendly dict with every field (granularity already resolved)."""
+        return {
+            "bits": self.bits,
+            "symmetric": self.symmetric,
+            "group_size": self.group_size,
+            "granularity": self.granularity,
+            "clip": self.clip,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantSpec":
+        """Inverse of :meth:`to_dict`; missing keys take their defaults, unknown keys are an error."""
+        if not isinstance(d, dict):
+            raise InvalidSpecError(f"a quantization spec must be a dict, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(str(k) for k in d if k not in known)
+        if unknown:
+            raise InvalidSpecError(
+                f"unknown quantization spec key(s) {', '.join(unknown)}; expected some of {', '.join(sorted(known))}"
+            )
+        return cls(**d)
+
+    def describe(self) -> str:
+        """Short human label, e.g. 'w4 g128 asym', 'w8 per-channel sym', 'w4 g64 sym mse'."""
+        if self.granularity == "group":
+            where = f"g{self.group_size}"
+        else:
+            where = f"per-{self.granularity}"
+        text = f"w{self.bits} {where} {'sym' if self.symmetric else 'asym'}"
+        if self.clip != "none":
+            text += f" {self.clip}"
+        return text

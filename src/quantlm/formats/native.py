@@ -1,0 +1,170 @@
+"""quantlm's own checkpoint: a Hugging Face directory whose Linears are stored packed.
+
+Layout of a checkpoint directory:
+- ``config.json``: the model's transformers config plus ``quantization_config``: quant_method "quantlm", the
+  format version, the quantlm version, the recipe, and for every quantized module its QuantSpec;
+- ``model.safetensors``: float tensors as they are in the model, and for each quantized module
+  ``{name}.qweight`` (packed uint8 codes), ``{name}.scales``, ``{name}.zeros`` (and ``{name}.bias``); tensors
+  shared by tied modules are stored once;
+- ``quant_log.json``: the per-module log of the run (error, seconds, settings);
+- the tokenizer files and ``generation_config.json`` when known.
+The directory is written under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from quantlm.core import QuantSpec
+from quantlm.errors import CheckpointError, QuantlmError
+from quantlm.models.blocks import set_submodule
+from quantlm.nn.qlinear import QuantLinear
+from quantlm.paths import atomic_directory
+
+FORMAT_NAME = "quantlm"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+LOG_FILE = "quant_log.json"
+
+
+def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def _unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with tensors that share storage (tied embeddings) kept once, under their first name."""
+    seen: set[tuple[int, int, tuple]] = set()
+    tensors = {}
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        tensors[name] = t.detach().to("cpu").contiguous()
+    return tensors
+
+
+def save_checkpoint(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    tokenizer=None,
+    recipe: list[dict[str, Any]] | None = None,
+    quant_log: list[dict[str, Any]] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    from quantlm import __version__
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise CheckpointError(f"output directory {path} already exists: choose another path or pass --overwrite")
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{path} exists and is not a directory")
+    modules = quantized_modules(model)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["quantization_config"] = {
+        "quant_method": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "quantlm_version": __version__,
+        "recipe": recipe or [],
+        "modules": {
+            name: {**m.spec.to_dict(), "in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None}
+            for name, m in modules.items()
+        },
+    }
+    with atomic_directory(path, overwrite=overwrite) as tmp:
+        save_file(_unique_state_dict(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "quantlm": __version__})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
+        (tmp / LOG_FILE).write_text(json.dumps(quant_log or [], indent=1) + "\n")
+        generation_config = getattr(model, "generation_config", None)
+        if generation_config is not None:
+            generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return path
+
+
+def read_quantization_config(path: str | os.PathLike) -> dict[str, Any] | None:
+    config_file = Path(path) / "config.json"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} has no config.json: not a model directory") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {config_file}: {e}") from None
+    qc = config.get("quantization_config")
+    return qc if isinstance(qc, dict) and qc.get("quant_method") == FORMAT_NAME else None
+
+
+def is_quantlm_checkpoint(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / "config.json").is_file() and read_quantization_config(p) is not None
+
+
+def read_quant_log(path: str | os.PathLike) -> list[dict[str, Any]]:
+    try:
+        return json.loads((Path(path) / LOG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+
+
+def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device | None = None) -> nn.Module:
+    """Rebuild the quantized model of a quantlm checkpoint: the skeleton without weights, QuantLinears where the
+    config lists them, then every tensor assigned from the safetensors file."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    qc = read_quantization_config(path)
+    if qc is None:
+        raise CheckpointError(f"{path} is not a quantlm checkpoint (no quantization_config with quant_method quantlm)")
+    if qc.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{path} was written by a newer quantlm ({qc.get('quantlm_version')}): upgrade quantlm")
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"{path} has no {WEIGHTS_FILE}: the checkpoint is incomplete")
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{weights} is unreadable or corrupt: {e}") from None
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config)
+        for name, entry in qc.get("modules", {}).items():
+            entry = dict(entry)
+            in_f, out_f, has_bias = entry.pop("in_features"), entry.pop("out_features"), entry.pop("bias")
+            scales = tensors.get(f"{name}.scales")
+            if scales is None:
+                raise CheckpointError(f"{weights} has no tensor {name}.scales: the checkpoint is corrupt")
+            qlinear = QuantLinear(
+                in_f, out_f, QuantSpec.from_dict(entry), bias=has_bias, scale_dtype=scales.dtype, device="meta"
+            )
+            set_submodule(model, name, qlinear)
+        result = model.load_state_dict(tensors, strict=False, assign=True)
+    except QuantlmError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"cannot rebuild the model from {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    if result.unexpected_keys:
+        raise CheckpointError(f"{weights} has tensors the model does not: {', '.join(result.unexpected_keys[:5])}")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if missing:
+        raise CheckpointError(f"{weights} lacks tensors: {', '.join(missing[:5])}: the checkpoint is incomplete")
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    return model

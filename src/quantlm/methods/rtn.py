@@ -1,0 +1,78 @@
+"""Round-to-nearest (RTN): every weight rounded to the nearest point of its grid, no data needed.
+
+The grid per row or group comes from ``quantlm.core`` (min/max, or an MSE search over clipped ranges with
+``clip="mse"``). It is the baseline every other method is measured against.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from quantlm.core import QuantSpec
+from quantlm.methods.common import is_excluded, relative_weight_error, swap_in
+from quantlm.models.blocks import linear_weight, output_embedding_name
+from quantlm.nn.qlinear import QuantLinear
+from quantlm.pipeline.runner import BlockContext, LayerRecord
+
+
+@dataclass
+class RTN:
+    """Round-to-nearest weight quantization of every Linear in the decoder blocks.
+
+    ``lm_head=True`` also quantizes the output projection (untying it from tied input embeddings, which stay
+    in full precision). ``exclude`` holds fnmatch patterns of module names to leave alone.
+    """
+
+    spec: QuantSpec = field(default_factory=lambda: QuantSpec(bits=4, group_size=64))
+    lm_head: bool = False
+    exclude: tuple[str, ...] = ()
+
+    name = "rtn"
+    needs_calibration = False
+
+    def _quantize_module(self, root: nn.Module, name: str, module: nn.Module) -> LayerRecord:
+        t0 = time.perf_counter()
+        weight = linear_weight(module)
+        q = QuantLinear.from_weight(weight, self.spec, getattr(module, "bias", None))
+        error = relative_weight_error(weight, q.dequantize_weight())
+        swap_in(root, name, q, module)
+        return LayerRecord(
+            module=name,
+            method=self.name,
+            seconds=time.perf_counter() - t0,
+            error=error,
+            details={"shape": list(weight.shape), "spec": self.spec.describe()},
+        )
+
+    def process_block(self, ctx: BlockContext) -> list[LayerRecord]:
+        return [
+            self._quantize_module(ctx.model, name, module)
+            for name, module in ctx.linears().items()
+            if not is_excluded(name, self.exclude)
+        ]
+
+    def finalize(self, model: nn.Module) -> list[LayerRecord]:
+        if not self.lm_head:
+            return []
+        name = output_embedding_name(model)
+        if name is None:
+            return []
+        record = self._quantize_module(model, name, model.get_submodule(name))
+        if getattr(model.config, "tie_word_embeddings", False):
+            model.config.tie_word_embeddings = False
+        return [record]
+
+    def to_config(self) -> dict[str, Any]:
+        return {"method": self.name, **self.spec.to_dict(), "lm_head": self.lm_head, "exclude": list(self.exclude)}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "RTN":
+        config = dict(config)
+        config.pop("method", None)
+        lm_head = bool(config.pop("lm_head", False))
+        exclude = tuple(config.pop("exclude", ()))
+        return cls(spec=QuantSpec.from_dict(config), lm_head=lm_head, exclude=exclude)

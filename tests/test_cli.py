@@ -1,0 +1,95 @@
+"""The CLI: commands over the API, --json output, and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from quantlm.cli import app
+
+runner = CliRunner()
+
+
+def _run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_models_and_data_listings():
+    assert "smollm2-135m" in json.loads(_run("models", "--json").stdout)
+    assert "enwiki" in json.loads(_run("data", "--json").stdout)
+    assert "smollm2-135m" in _run("models").stdout
+
+
+def test_quantize_eval_generate_on_a_tiny_model(tiny_model_dir, text_file, tmp_path):
+    out = tmp_path / "q"
+    result = _run("quantize", tiny_model_dir, "--bits", 4, "--group-size", 16, "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["quantized_modules"] == 3 * 7 and (out / "model.safetensors").is_file()
+    assert summary["recipe"][0] == {"method": "rtn", "bits": 4, "symmetric": False, "group_size": 16,
+                                    "granularity": "group", "clip": "none", "lm_head": False, "exclude": []}
+
+    fp = json.loads(_run("eval", tiny_model_dir, "--data", text_file, "--seqlen", 64, "--max-windows", 3, "--json").stdout)
+    q = json.loads(_run("eval", out, "--data", text_file, "--seqlen", 64, "--max-windows", 3, "--json").stdout)
+    assert fp["tokens"] == q["tokens"] == 3 * 63
+    assert q["ppl"] != fp["ppl"] and q["ppl"] > 1
+
+    gen = _run("generate", out, "--prompt", "The quick", "--max-new-tokens", 5, "--json")
+    assert gen.exit_code == 0, gen.output
+    assert isinstance(json.loads(gen.stdout)["text"], str)
+    streamed = _run("generate", out, "--prompt", "The quick", "--max-new-tokens", 5)
+    assert streamed.exit_code == 0 and streamed.stdout.startswith("The quick")
+
+
+def test_quantize_refuses_an_existing_output_before_doing_any_work(tiny_model_dir, tmp_path):
+    out = tmp_path / "exists"
+    out.mkdir()
+    result = _run("quantize", tiny_model_dir, "--out", out)
+    assert result.exit_code == 2
+    assert "already exists" in result.stderr and "--overwrite" in result.stderr
+    assert _run("quantize", tiny_model_dir, "--group-size", 16, "--out", out, "--overwrite").exit_code == 0
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["quantize", "no-such-model", "--out", "{tmp}/x"], "unknown model"),
+        (["quantize", "{model}", "--bits", "9", "--out", "{tmp}/x"], "bits must be between 2 and 8"),
+        (["quantize", "{model}", "--group-size", "0", "--out", "{tmp}/x"], "group_size must be"),
+        (["eval", "{tmp}/nothing-here"], "model directory not found"),
+        (["eval", "{model}", "--data", "{tmp}/none.txt"], "text file not found"),
+        (["eval", "{tmp}"], "no config.json"),
+        (["quantize", "{model}", "--recipe", "{tmp}/missing.json", "--out", "{tmp}/x"], "recipe file not found"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code_2(args, message, tiny_model_dir, tmp_path):
+    args = [a.format(tmp=tmp_path, model=tiny_model_dir) for a in args]
+    result = _run(*args)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_corrupt_checkpoint_is_one_line(tiny_model_dir, tmp_path):
+    out = tmp_path / "q"
+    assert _run("quantize", tiny_model_dir, "--group-size", 16, "--out", out).exit_code == 0
+    (out / "model.safetensors").write_bytes(b"garbage")
+    result = _run("eval", out)
+    assert result.exit_code == 2 and "corrupt" in result.stderr
+
+
+def test_recipe_file(tiny_model_dir, tmp_path):
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps([{"method": "rtn", "bits": 3, "group_size": 32, "symmetric": True}]))
+    out = tmp_path / "q"
+    result = _run("quantize", tiny_model_dir, "--recipe", recipe, "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["recipe"][0]["bits"] == 3 and config["recipe"][0]["symmetric"] is True
+    recipe.write_text(json.dumps([{"method": "magic"}]))
+    bad = _run("quantize", tiny_model_dir, "--recipe", recipe, "--out", tmp_path / "q2")
+    assert bad.exit_code == 2 and "unknown method 'magic'" in bad.stderr

