@@ -76,7 +76,7 @@ def test_a_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(native, "save_file", boom)
+    monkeypatch.setattr(native, "write_streaming", boom)
     out = tmp_path / "ckpt"
     with pytest.raises(OSError, match="disk full"):
         quantlm.save(_quantized(), out)
@@ -85,7 +85,7 @@ def test_a_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
     monkeypatch.undo()
     quantlm.save(_quantized(), out)
     before = (out / "model.safetensors").read_bytes()
-    monkeypatch.setattr(native, "save_file", boom)
+    monkeypatch.setattr(native, "write_streaming", boom)
     with pytest.raises(OSError):
         quantlm.save(_quantized(), out, overwrite=True)
     assert (out / "model.safetensors").read_bytes() == before

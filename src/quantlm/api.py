@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from quantlm.data import calibration_windows, load_text, tokenize_text
-from quantlm.errors import QuantlmError
+from quantlm import __version__
+from quantlm.errors import CheckpointError, QuantlmError
 from quantlm.eval.perplexity import PerplexityResult, perplexity
 from quantlm.formats.native import is_quantlm_checkpoint, load_checkpoint, read_quant_log, save_checkpoint
 from quantlm.methods.recipe import Recipe, parse_recipe
@@ -32,12 +33,40 @@ class Calibration:
     seqlen: int = 2048
     seed: int = 0
 
+    def check(self) -> None:
+        """Fail fast on settings or sources that cannot work, before any model is loaded."""
+        if self.n_samples < 1 or self.seqlen < 2:
+            raise QuantlmError(
+                f"calibration needs at least 1 window of at least 2 tokens, got {self.n_samples} x {self.seqlen}"
+            )
+        load_text(self.source, self.split)
+
     def windows(self, tokenizer) -> torch.Tensor:
         tokens = tokenize_text(tokenizer, load_text(self.source, self.split))
         return calibration_windows(tokens, self.n_samples, self.seqlen, self.seed)
 
     def to_dict(self) -> dict[str, Any]:
         return {"source": self.source, "split": self.split, "n_samples": self.n_samples, "seqlen": self.seqlen, "seed": self.seed}
+
+
+def _calibration_windows(recipe: Recipe, calibration, tokenizer) -> tuple[torch.Tensor | None, dict | None]:
+    """The calibration windows a recipe needs (None if it needs none), and how they were made."""
+    if not recipe.needs_calibration:
+        return None, None
+    if calibration is None:
+        calibration = Calibration()
+    if isinstance(calibration, Calibration):
+        if tokenizer is None:
+            raise QuantlmError("calibration from text needs the model's tokenizer: pass tokenizer=")
+        return calibration.windows(tokenizer), calibration.to_dict()
+    return calibration, None
+
+
+def _attach_run_info(model: nn.Module, recipe: Recipe, records, calib_info: dict | None, seconds: float) -> None:
+    model.quantlm_recipe = recipe.to_config()
+    model.quantlm_log = [r.to_dict() for r in records]
+    model.quantlm_calibration = calib_info
+    model.quantlm_seconds = seconds
 
 
 def load(source: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: str | None = None) -> nn.Module:
@@ -65,27 +94,76 @@ def quantize(
     calibration-free recipes ignore it.
     """
     recipe = parse_recipe(recipe)
-    windows = None
-    calib_info = None
-    if recipe.needs_calibration:
-        if calibration is None:
-            calibration = Calibration()
-        if isinstance(calibration, Calibration):
-            if tokenizer is None:
-                raise QuantlmError("calibration from text needs the model's tokenizer: pass tokenizer=")
-            calib_info = calibration.to_dict()
-            calibration = calibration.windows(tokenizer)
-        windows = calibration
+    windows, calib_info = _calibration_windows(recipe, calibration, tokenizer)
     t0 = time.perf_counter()
     records = run_pipeline(model, recipe.steps, windows, batch_size=batch_size, progress=progress)
-    model.quantlm_recipe = recipe.to_config()
-    model.quantlm_log = [r.to_dict() for r in records]
-    model.quantlm_calibration = calib_info
-    model.quantlm_seconds = time.perf_counter() - t0
+    _attach_run_info(model, recipe, records, calib_info, time.perf_counter() - t0)
     return model
 
 
-def save(model: nn.Module, path: str | os.PathLike, *, tokenizer=None, overwrite: bool = False, format: str = "quantlm") -> Path:
+def quantize_to_checkpoint(
+    source: str | os.PathLike,
+    recipe,
+    out: str | os.PathLike,
+    *,
+    calibration: Calibration | torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+    batch_size: int = 8,
+    work_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    keep_work_dir: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Quantize the model at ``source`` into a checkpoint at ``out`` with memory near one decoder block.
+
+    The model is built without weights and each block is read from disk when its turn comes. Every finished block
+    is written to ``work_dir`` (default: ``.{out}.work`` beside ``out``); if the run is interrupted, the same call
+    resumes at the next block and writes a byte-identical checkpoint. The work directory is removed at the end.
+    """
+    import shutil
+
+    from quantlm.pipeline.store import BlockStore
+    from quantlm.pipeline.streaming import streamed_model
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"output directory {out} already exists: choose another path or pass --overwrite")
+    recipe = parse_recipe(recipe)
+    model_dir = resolve_model_dir(source)
+    tokenizer = load_tokenizer(model_dir)
+    windows, calib_info = _calibration_windows(recipe, calibration, tokenizer)
+    streamed = streamed_model(model_dir, dtype)
+    if streamed is None:
+        model, weights = load_float_model(model_dir, dtype=dtype), None
+    else:
+        model, weights = streamed
+    work = Path(work_dir) if work_dir is not None else out.parent / f".{out.name}.work"
+    signature = {
+        "quantlm": __version__,
+        "model": str(model_dir.resolve()),
+        "dtype": str(dtype),
+        "recipe": recipe.to_config(),
+        "calibration": calib_info if calib_info is not None else (None if windows is None else list(windows.shape)),
+    }
+    store = BlockStore(work, signature)
+    t0 = time.perf_counter()
+    records = run_pipeline(model, recipe.steps, windows, batch_size=batch_size, progress=progress, weights=weights, store=store)
+    _attach_run_info(model, recipe, records, calib_info, time.perf_counter() - t0)
+    save(model, out, tokenizer=tokenizer, overwrite=overwrite, blocks=store)
+    if not keep_work_dir:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def save(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    tokenizer=None,
+    overwrite: bool = False,
+    format: str = "quantlm",
+    blocks=None,
+) -> Path:
     """Write ``model`` to ``path`` (a directory, written atomically)."""
     if format != "quantlm":
         raise QuantlmError(f"unknown format '{format}': this version writes 'quantlm'")
@@ -93,7 +171,13 @@ def save(model: nn.Module, path: str | os.PathLike, *, tokenizer=None, overwrite
     if recipe is not None and getattr(model, "quantlm_calibration", None):
         recipe = [{**step, "calibration": model.quantlm_calibration} for step in recipe]
     return save_checkpoint(
-        model, path, tokenizer=tokenizer, recipe=recipe, quant_log=getattr(model, "quantlm_log", None), overwrite=overwrite
+        model,
+        path,
+        tokenizer=tokenizer,
+        recipe=recipe,
+        quant_log=getattr(model, "quantlm_log", None),
+        overwrite=overwrite,
+        blocks=blocks,
     )
 
 
@@ -119,4 +203,14 @@ def evaluate(
     return perplexity(model, tokenizer, text, seqlen=seqlen, max_windows=max_windows, add_bos=add_bos, progress=progress)
 
 
-__all__ = ["Calibration", "evaluate", "load", "load_tokenizer", "quantize", "resolve_model_dir", "save", "Recipe"]
+__all__ = [
+    "Calibration",
+    "Recipe",
+    "evaluate",
+    "load",
+    "load_tokenizer",
+    "quantize",
+    "quantize_to_checkpoint",
+    "resolve_model_dir",
+    "save",
+]

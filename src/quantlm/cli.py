@@ -23,6 +23,13 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Quantize Hug
 
 class Method(str, Enum):
     rtn = "rtn"
+    gptq = "gptq"
+
+
+class DType(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
 
 
 class Clip(str, Enum):
@@ -77,53 +84,103 @@ def quantize(
     group_size: int = typer.Option(64, "--group-size", "-g", help="Columns per group; -1 = one scale per output channel."),
     sym: bool = typer.Option(False, "--sym/--asym", help="Symmetric or asymmetric grid."),
     clip: Clip = typer.Option(Clip.none, help="Grid clipping: none or an MSE search."),
-    lm_head: bool = typer.Option(False, "--lm-head", help="Also quantize the output projection."),
+    lm_head: bool = typer.Option(False, "--lm-head", help="RTN: also quantize the output projection."),
+    act_order: bool = typer.Option(False, "--act-order", help="GPTQ: columns by descending Hessian diagonal."),
+    static_groups: bool = typer.Option(False, "--static-groups", help="GPTQ: group grids fixed from the original weight."),
+    damp: float = typer.Option(0.01, help="GPTQ: damping, a fraction of the mean Hessian diagonal."),
+    block_size: int = typer.Option(128, help="GPTQ: columns per lazy update block."),
+    true_sequential: bool = typer.Option(True, "--true-sequential/--no-true-sequential", help="GPTQ: recompute each group's inputs after the groups before it are quantized."),
+    calib: str = typer.Option("enwiki", help="Calibration text: a built-in name, a .txt/.jsonl file, or hf:NAME[:CONFIG]."),
+    calib_samples: int = typer.Option(128, help="Calibration windows."),
+    calib_seqlen: int = typer.Option(2048, help="Tokens per calibration window."),
+    calib_seed: int = typer.Option(0, help="Seed of the calibration window offsets."),
+    batch_size: int = typer.Option(8, help="Calibration windows per forward pass."),
+    dtype: DType = typer.Option(DType.float32, help="Dtype the model is loaded and calibrated in (bfloat16 is much faster on CPUs with AMX)."),
     recipe: Optional[Path] = typer.Option(None, help="A JSON/YAML recipe file (overrides --method and its settings)."),
+    work_dir: Optional[Path] = typer.Option(None, help="Where finished blocks go (default .OUT.work); rerun to resume."),
     overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
     evaluate: bool = typer.Option(False, "--eval", help="Measure perplexity (enwiki eval) afterwards."),
     max_windows: int = typer.Option(32, help="With --eval: number of 2048-token windows."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
 ) -> None:
     """Quantize MODEL and write a checkpoint to OUT."""
+    import torch
+
     from quantlm import api
     from quantlm.core import QuantSpec
     from quantlm.formats.native import quantized_modules
-    from quantlm.methods import RTN, parse_recipe
+    from quantlm.methods import GPTQ, RTN, parse_recipe
 
     if out.exists() and not overwrite:
         raise CheckpointError(f"output directory {out} already exists: choose another path or pass --overwrite")
     if recipe is not None:
         steps = parse_recipe(recipe)
     else:
-        steps = parse_recipe(RTN(QuantSpec(bits=bits, group_size=group_size, symmetric=sym, clip=clip.value), lm_head=lm_head))
+        spec = QuantSpec(bits=bits, group_size=group_size, symmetric=sym, clip=clip.value)
+        if method == Method.gptq:
+            step = GPTQ(spec, block_size=block_size, damp=damp, act_order=act_order, static_groups=static_groups,
+                        true_sequential=true_sequential)
+        else:
+            step = RTN(spec, lm_head=lm_head)
+        steps = parse_recipe(step)
+    calibration = api.Calibration(source=calib, n_samples=calib_samples, seqlen=calib_seqlen, seed=calib_seed)
+    if steps.needs_calibration:
+        calibration.check()
     _setup_threads()
-    tokenizer = api.load_tokenizer(model)
-    qmodel = api.load(model)
     t0 = time.perf_counter()
-    api.quantize(qmodel, steps, tokenizer=tokenizer, progress=not as_json)
+    api.quantize_to_checkpoint(
+        model,
+        steps,
+        out,
+        calibration=calibration,
+        dtype=getattr(torch, dtype.value),
+        batch_size=batch_size,
+        work_dir=work_dir,
+        overwrite=overwrite,
+        progress=not as_json,
+    )
     seconds = time.perf_counter() - t0
-    api.save(qmodel, out, tokenizer=tokenizer, overwrite=overwrite)
-    qbytes = sum(m.weight_bytes for m in quantized_modules(qmodel).values())
+    qmodel = api.load(out)
+    modules = quantized_modules(qmodel)
     summary = {
         "out": str(out),
         "recipe": steps.to_config(),
         "quantize_seconds": round(seconds, 2),
-        "quantized_modules": len(quantized_modules(qmodel)),
-        "quantized_weight_mb": round(qbytes / 1e6, 3),
+        "quantized_modules": len(modules),
+        "quantized_weight_mb": round(sum(m.weight_bytes for m in modules.values()) / 1e6, 3),
         "checkpoint_mb": round(sum(f.stat().st_size for f in out.iterdir()) / 1e6, 3),
     }
     if evaluate:
-        result = api.evaluate(qmodel, tokenizer=tokenizer, max_windows=max_windows, progress=not as_json)
+        result = api.evaluate(qmodel, tokenizer=api.load_tokenizer(out), max_windows=max_windows, progress=not as_json)
         summary.update(ppl=result.ppl, tokens=result.tokens)
     if as_json:
         _print_json(summary)
-    else:
-        errors = [r["error"] for r in qmodel.quantlm_log if r.get("error") is not None]
-        typer.echo(f"{steps.describe()}: {summary['quantized_modules']} modules in {seconds:.1f}s -> {out} ({summary['checkpoint_mb']:.1f} MB)")
-        if errors:
-            typer.echo(f"relative weight error: mean {sum(errors) / len(errors):.4f}, max {max(errors):.4f}")
-        if evaluate:
-            typer.echo(f"perplexity {summary['ppl']:.3f} over {summary['tokens']} tokens")
+        return
+    typer.echo(f"{steps.describe()}: {len(modules)} modules in {seconds:.1f}s -> {out} ({summary['checkpoint_mb']:.1f} MB)")
+    typer.echo(summarize_log(qmodel.quantlm_log))
+    if evaluate:
+        typer.echo(f"perplexity {summary['ppl']:.3f} over {summary['tokens']} tokens")
+
+
+def summarize_log(records: list[dict]) -> str:
+    """A few lines on the quant log: error spread, the worst and slowest modules, any extra damping."""
+    errors = [r for r in records if r.get("error") is not None]
+    if not errors:
+        return "quant log: empty"
+    worst = max(errors, key=lambda r: r["error"])
+    slowest = max(records, key=lambda r: r["seconds"])
+    lines = [
+        f"relative weight error: mean {sum(r['error'] for r in errors) / len(errors):.4f}, "
+        f"max {worst['error']:.4f} ({worst['module']})",
+        f"time per module: total {sum(r['seconds'] for r in records):.1f}s, slowest {slowest['seconds']:.2f}s ({slowest['module']})",
+    ]
+    damped = [r for r in records if r.get("details", {}).get("damp_raised")]
+    if damped:
+        lines.append(f"{len(damped)} modules needed more damping: {', '.join(r['module'] for r in damped[:5])}")
+    tokens = {r.get("details", {}).get("hessian_tokens") for r in records} - {None}
+    if tokens:
+        lines.append(f"Hessian samples: {', '.join(str(t) for t in sorted(tokens))} tokens per module")
+    return "\n".join(lines)
 
 
 @app.command("eval")

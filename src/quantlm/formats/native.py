@@ -16,15 +16,15 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from quantlm.core import QuantSpec
 from quantlm.errors import CheckpointError, QuantlmError
+from quantlm.formats.safetensors_io import write_streaming
 from quantlm.models.blocks import set_submodule
 from quantlm.nn.qlinear import QuantLinear
 from quantlm.paths import atomic_directory
@@ -40,16 +40,31 @@ def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
 
 
 def _unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict with tensors that share storage (tied embeddings) kept once, under their first name."""
+    """The state dict without tensors that are empty (meta: held by a block store instead) or that share storage
+    with an earlier entry (tied embeddings, kept once under their first name)."""
     seen: set[tuple[int, int, tuple]] = set()
     tensors = {}
     for name, t in model.state_dict().items():
+        if t.is_meta:
+            continue
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
         if key in seen:
             continue
         seen.add(key)
         tensors[name] = t.detach().to("cpu").contiguous()
     return tensors
+
+
+class BlockSource(Protocol):
+    """Finished decoder blocks kept outside the model (``quantlm.pipeline.store.BlockStore``)."""
+
+    def finished(self) -> int: ...
+
+    def layout(self, i: int) -> list[tuple[str, torch.dtype, tuple[int, ...]]]: ...
+
+    def tensors(self, i: int) -> dict[str, torch.Tensor]: ...
+
+    def modules(self, i: int) -> dict[str, Any]: ...
 
 
 def save_checkpoint(
@@ -60,7 +75,10 @@ def save_checkpoint(
     recipe: list[dict[str, Any]] | None = None,
     quant_log: list[dict[str, Any]] | None = None,
     overwrite: bool = False,
+    blocks: BlockSource | None = None,
 ) -> Path:
+    """Write ``model`` as a quantlm checkpoint. With ``blocks``, the decoder blocks' tensors are streamed from
+    there one block at a time (the model's own copies of them may be empty)."""
     from quantlm import __version__
 
     path = Path(path)
@@ -68,7 +86,17 @@ def save_checkpoint(
         raise CheckpointError(f"output directory {path} already exists: choose another path or pass --overwrite")
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"{path} exists and is not a directory")
-    modules = quantized_modules(model)
+    own = _unique_state_dict(model)
+    modules = {name: m.layout() for name, m in quantized_modules(model).items()}
+    layout = [(name, t.dtype, tuple(t.shape)) for name, t in own.items()]
+    chunks: list = [lambda: own]
+    n_stored = blocks.finished() if blocks is not None else 0
+    for i in range(n_stored):
+        modules.update(blocks.modules(i))
+        block_layout = [entry for entry in blocks.layout(i) if entry[0] not in own]
+        layout.extend(block_layout)
+        names = [entry[0] for entry in block_layout]
+        chunks.append(lambda i=i, names=names: {n: t for n, t in blocks.tensors(i).items() if n in names})
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     config["quantization_config"] = {
@@ -76,13 +104,10 @@ def save_checkpoint(
         "format_version": FORMAT_VERSION,
         "quantlm_version": __version__,
         "recipe": recipe or [],
-        "modules": {
-            name: {**m.spec.to_dict(), "in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None}
-            for name, m in modules.items()
-        },
+        "modules": modules,
     }
     with atomic_directory(path, overwrite=overwrite) as tmp:
-        save_file(_unique_state_dict(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "quantlm": __version__})
+        write_streaming(tmp / WEIGHTS_FILE, layout, chunks, metadata={"format": "pt", "quantlm": __version__})
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
         (tmp / LOG_FILE).write_text(json.dumps(quant_log or [], indent=1) + "\n")
         generation_config = getattr(model, "generation_config", None)
@@ -143,15 +168,10 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device | Non
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config)
         for name, entry in qc.get("modules", {}).items():
-            entry = dict(entry)
-            in_f, out_f, has_bias = entry.pop("in_features"), entry.pop("out_features"), entry.pop("bias")
             scales = tensors.get(f"{name}.scales")
             if scales is None:
                 raise CheckpointError(f"{weights} has no tensor {name}.scales: the checkpoint is corrupt")
-            qlinear = QuantLinear(
-                in_f, out_f, QuantSpec.from_dict(entry), bias=has_bias, scale_dtype=scales.dtype, device="meta"
-            )
-            set_submodule(model, name, qlinear)
+            set_submodule(model, name, QuantLinear.from_layout(entry, scales.dtype))
         result = model.load_state_dict(tensors, strict=False, assign=True)
     except QuantlmError:
         raise

@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from quantlm.errors import InvalidSpecError
+from quantlm.methods.gptq import GPTQ
 from quantlm.methods.rtn import RTN
 from quantlm.pipeline.runner import Step
 
-METHODS: dict[str, type] = {"rtn": RTN}
+METHODS: dict[str, type] = {"rtn": RTN, "gptq": GPTQ}
 
 
 @dataclass

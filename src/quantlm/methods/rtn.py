@@ -73,6 +73,7 @@ class RTN:
     def from_config(cls, config: dict[str, Any]) -> "RTN":
         config = dict(config)
         config.pop("method", None)
+        config.pop("calibration", None)
         lm_head = bool(config.pop("lm_head", False))
         exclude = tuple(config.pop("exclude", ()))
         return cls(spec=QuantSpec.from_dict(config), lm_head=lm_head, exclude=exclude)

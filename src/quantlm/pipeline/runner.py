@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -36,6 +36,10 @@ class LayerRecord:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+class _StopBlock(Exception):
+    """Raised by an observing hook once everything it needs from a mini-batch has been seen."""
 
 
 class Step(Protocol):
@@ -69,19 +73,100 @@ class BlockContext:
         return {f"{self.name}.{k}": m for k, m in quantizable_linears(self.block).items()}
 
     @torch.no_grad()
-    def forward(self, keep_outputs: bool = False) -> list[torch.Tensor] | None:
-        """Run the block on every calibration mini-batch (hooks registered by steps see each call)."""
+    def observe(
+        self,
+        modules: dict[str, nn.Module],
+        on_input: Callable[[str, torch.Tensor], None],
+        *,
+        stop_early: bool = True,
+    ) -> None:
+        """Run the block on every calibration mini-batch and call ``on_input(name, x)`` with the input of each of
+        ``modules``. With ``stop_early`` a mini-batch stops as soon as all of them have been seen, so observing
+        the first Linears of a block costs a fraction of a full forward."""
+        pending: set[str] = set()
+
+        def make_hook(name):
+            def hook(module, args):
+                on_input(name, args[0])
+                pending.discard(name)
+                if stop_early and not pending:
+                    raise _StopBlock
+
+            return hook
+
+        handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in modules.items()]
+        try:
+            for hidden in self._require_inputs().hidden:
+                pending.update(modules)
+                try:
+                    self._run(hidden)
+                except _StopBlock:
+                    pass
+        finally:
+            for h in handles:
+                h.remove()
+
+    @torch.no_grad()
+    def input_groups(self, modules: dict[str, nn.Module]) -> list[list[str]]:
+        """``modules`` grouped by the input they share (q/k/v, gate/up), groups in the order the block runs them.
+
+        Found by running the first calibration mini-batch once, so it needs no per-architecture table."""
+        seen: dict[str, torch.Tensor] = {}  # the inputs are kept alive, so no two can share an address
+
+        def on_input(name, x):
+            seen.setdefault(name, x)
+
+        first = self._require_inputs().hidden[0]
+        handles = [m.register_forward_pre_hook(lambda mod, args, n=n: on_input(n, args[0])) for n, m in modules.items()]
+        try:
+            self._run(first)
+        finally:
+            for h in handles:
+                h.remove()
+        groups: dict[tuple, list[str]] = {}
+        for name, x in seen.items():  # dicts keep insertion order: the order the block called them
+            key = (x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape), tuple(x.stride()))
+            groups.setdefault(key, []).append(name)
+        never_called = [n for n in modules if n not in seen]
+        return list(groups.values()) + ([never_called] if never_called else [])
+
+    def _require_inputs(self) -> BlockInputs:
         if self.inputs is None:
             raise RuntimeError(f"{self.name}: this step needs calibration data, but the run has none")
+        return self.inputs
+
+    def _run(self, hidden: torch.Tensor) -> torch.Tensor:
+        args, kwargs = self.inputs.call_args(self.index, hidden.shape[0])
+        out = self.block(hidden, *args, **kwargs)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    @torch.no_grad()
+    def forward(self, keep_outputs: bool = False) -> list[torch.Tensor] | None:
+        """Run the block on every calibration mini-batch (hooks registered by steps see each call)."""
         outputs = []
-        for hidden in self.inputs.hidden:
-            args, kwargs = self.inputs.call_args(self.index, hidden.shape[0])
-            out = self.block(hidden, *args, **kwargs)
-            if isinstance(out, (tuple, list)):
-                out = out[0]
+        for hidden in self._require_inputs().hidden:
+            out = self._run(hidden)
             if keep_outputs:
                 outputs.append(out)
         return outputs if keep_outputs else None
+
+
+class WeightSource(Protocol):
+    """Brings a block's weights into memory before it is processed and drops them after (streaming)."""
+
+    def materialize(self, i: int) -> None: ...
+
+    def release(self, i: int) -> None: ...
+
+
+class FinishedBlocks(Protocol):
+    """Keeps finished blocks on disk (resume) and puts them back on request."""
+
+    def has(self, i: int) -> bool: ...
+
+    def save(self, i: int, blocks: DecoderBlocks, records: list[LayerRecord]) -> None: ...
+
+    def restore(self, i: int, blocks: DecoderBlocks) -> list[LayerRecord]: ...
 
 
 def run_pipeline(
@@ -91,8 +176,15 @@ def run_pipeline(
     *,
     batch_size: int = 8,
     progress: bool = True,
+    weights: WeightSource | None = None,
+    store: FinishedBlocks | None = None,
 ) -> list[LayerRecord]:
-    """Apply ``steps`` block by block; returns the quant log. ``calibration`` is a LongTensor [n, seqlen]."""
+    """Apply ``steps`` block by block; returns the quant log. ``calibration`` is a LongTensor [n, seqlen].
+
+    With ``weights`` each block is read just before it is processed and released after; with ``store`` each
+    finished block is written out, and blocks the store already holds are restored instead of processed again
+    (their outputs are recomputed from the restored block, so a resumed run gives the same bytes).
+    """
     blocks = find_decoder_blocks(model)
     needs_data = any(s.needs_calibration for s in steps)
     inputs = None
@@ -106,10 +198,22 @@ def run_pipeline(
     bar = tqdm(range(len(blocks)), desc="quantizing", unit="block", disable=not progress)
     for index in bar:
         ctx = BlockContext(model, blocks, index, inputs)
-        for step in steps:
-            records.extend(step.process_block(ctx))
+        if store is not None and store.has(index):
+            records.extend(store.restore(index, blocks))
+            bar.set_postfix_str("resumed")
+        else:
+            if weights is not None:
+                weights.materialize(index)
+            block_records = []
+            for step in steps:
+                block_records.extend(step.process_block(ctx))
+            if store is not None:
+                store.save(index, blocks, block_records)
+            records.extend(block_records)
         if inputs is not None and index + 1 < len(blocks):
             inputs.hidden = ctx.forward(keep_outputs=True)
+        if weights is not None:
+            weights.release(index)
     for step in steps:
         records.extend(step.finalize(model))
     return records

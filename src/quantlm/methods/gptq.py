@@ -1,0 +1,316 @@
+"""GPTQ (Frantar et al., 2022, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers").
+
+Quantize the columns of W one at a time; after each column, spread its rounding error over the columns not yet
+quantized so that the layer's output on the calibration inputs X changes least. With H = 2/n XᵀX and U the upper
+Cholesky factor of H⁻¹, column i's error e = (w_i - q_i) / U_ii updates the rest by W[:, j] -= e · U_ij (j > i),
+which is the Optimal Brain Surgeon update in Cholesky form (paper, Section 4, "Step 3: Cholesky Reformulation").
+Updates to later columns are applied lazily, one block of ``block_size`` columns at a time (Step 2).
+
+Conventions follow the reference implementation (IST-DASLab/gptq) so results and checkpoints interchange:
+dead inputs (zero Hessian diagonal) get diagonal 1 and a zero weight column; the damping is ``damp`` times the mean
+of diag(H); a group's grid is computed from the weights as they stood at the start of the current lazy block;
+act-order processes columns by descending diag(H) and records each column's group in ``g_idx``; static groups
+fix every group's grid from the original weight before any column is permuted or updated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from quantlm.core import QuantSpec, compute_qparams, dequantize, quantize
+from quantlm.errors import InvalidSpecError, QuantlmError
+from quantlm.methods.common import is_excluded, relative_weight_error, swap_in
+from quantlm.models.blocks import linear_weight
+from quantlm.nn.qlinear import QuantLinear, storage_scale_dtype
+from quantlm.pipeline.runner import BlockContext, LayerRecord
+
+log = logging.getLogger(__name__)
+
+MAX_DAMP_RETRIES = 6
+
+
+@dataclass
+class GPTQResult:
+    codes: Tensor  # uint8 [out, in], original column order
+    scale: Tensor  # float32 [out, n_groups]
+    zero: Tensor  # float32 [out, n_groups], integers
+    g_idx: Tensor  # int32 [in]: the group of each original input column
+    dequantized: Tensor  # float32 [out, in], the weight on the grid, original column order
+    loss: float  # the reference's loss: sum over columns of (w - q)² / U_ii², halved
+    damp: float  # the damping fraction that made H positive definite (>= the one asked for)
+    perm: Tensor | None  # the column order used with act_order
+
+
+def _row_spec(spec: QuantSpec) -> QuantSpec:
+    """The same grid with one scale per row: how one group's columns get their scale and zero."""
+    return dataclasses.replace(spec, group_size=-1, granularity="channel")
+
+
+def inverse_hessian_cholesky(hessian: Tensor, damp: float) -> tuple[Tensor, float]:
+    """Upper Cholesky factor of (H + λI)⁻¹ with λ = damp · mean(diag H); raises damp tenfold until it works."""
+    mean_diag = torch.diag(hessian).mean().item()
+    for attempt in range(MAX_DAMP_RETRIES):
+        h = hessian.clone()
+        h.diagonal().add_(damp * mean_diag)
+        lower, info = torch.linalg.cholesky_ex(h)
+        if info.item() == 0:
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            if info.item() == 0 and bool(torch.isfinite(upper).all()):
+                return upper, damp
+        log.warning("GPTQ: Hessian not positive definite with damp=%g, retrying with %g", damp, damp * 10)
+        damp *= 10
+    raise QuantlmError(
+        f"GPTQ: the Hessian stayed singular up to damp={damp / 10:g}: the calibration inputs are degenerate "
+        "(use more or different calibration text)"
+    )
+
+
+def _check_inputs(weight: Tensor, hessian: Tensor, spec: QuantSpec, block_size: int, damp: float) -> None:
+    if weight.dim() != 2:
+        raise InvalidSpecError(f"GPTQ needs a 2-D weight [out, in], got shape {list(weight.shape)}")
+    n_in = weight.shape[1]
+    if hessian.shape != (n_in, n_in):
+        raise InvalidSpecError(f"GPTQ needs a [{n_in}, {n_in}] Hessian for this weight, got {list(hessian.shape)}")
+    if spec.granularity not in ("channel", "group"):
+        raise InvalidSpecError(f"GPTQ quantizes weights per channel or per group, not per {spec.granularity}")
+    if block_size < 1:
+        raise InvalidSpecError(f"block_size must be at least 1, got {block_size}")
+    if not damp > 0:
+        raise InvalidSpecError(f"damp must be positive (e.g. 0.01), got {damp}")
+    if not bool(torch.isfinite(hessian).all()) or not bool(torch.isfinite(weight).all()):
+        raise QuantlmError("GPTQ: the weight or the Hessian has NaN or inf values")
+
+
+@torch.no_grad()
+def gptq_quantize(
+    weight: Tensor,
+    hessian: Tensor,
+    spec: QuantSpec,
+    *,
+    block_size: int = 128,
+    damp: float = 0.01,
+    act_order: bool = False,
+    static_groups: bool = False,
+    scale_dtype: torch.dtype | None = None,
+) -> GPTQResult:
+    """Quantize ``weight`` [out, in] given the Hessian ``hessian`` [in, in] (= 2/n XᵀX) of its inputs.
+
+    ``scale_dtype`` (e.g. torch.float16): round every grid's scale to the dtype it will be stored in before it is
+    used, so the error GPTQ compensates is the error of the stored model. None keeps float32 scales.
+    """
+    _check_inputs(weight, hessian, spec, block_size, damp)
+    W = weight.detach().to(torch.float32).clone()
+    H = hessian.detach().to(device=W.device, dtype=torch.float32).clone()
+    n_out, n_in = W.shape
+    row_spec = _row_spec(spec)
+    grouped = spec.granularity == "group"
+    group_size = spec.group_size if grouped else n_in
+    n_groups = math.ceil(n_in / group_size)
+
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    scale = torch.zeros(n_out, n_groups, device=W.device)
+    zero = torch.zeros(n_out, n_groups, device=W.device)
+    def grid(columns: Tensor) -> tuple[Tensor, Tensor]:
+        s, z = compute_qparams(columns, row_spec)
+        if scale_dtype is not None:
+            s = s.to(scale_dtype).to(torch.float32)
+        return s, z
+
+    fixed_grids = not grouped or static_groups
+    if fixed_grids:  # every grid from the original (dead-zeroed) weight, before any permutation or update
+        for g in range(n_groups):
+            scale[:, g : g + 1], zero[:, g : g + 1] = grid(W[:, g * group_size : (g + 1) * group_size])
+
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else None
+    if perm is not None:
+        W = W[:, perm]
+        H = H[perm][:, perm]
+    # the group of each column in processing order
+    original_column = perm if perm is not None else torch.arange(n_in, device=W.device)
+    if fixed_grids:
+        group_of = (original_column // group_size).tolist()
+    else:
+        group_of = [j // group_size for j in range(n_in)]
+
+    U, damp_used = inverse_hessian_cholesky(H, damp)
+    codes = torch.zeros(n_out, n_in, dtype=torch.uint8, device=W.device)
+    Q = torch.zeros_like(W)
+    losses = torch.zeros(n_out, device=W.device)
+
+    for i1 in range(0, n_in, block_size):
+        i2 = min(i1 + block_size, n_in)
+        W1 = W[:, i1:i2].clone()
+        E1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            g = group_of[col]
+            if not fixed_grids and col % group_size == 0:
+                # the reference reads the group from W, which holds this lazy block's start state
+                scale[:, g : g + 1], zero[:, g : g + 1] = grid(W[:, col : col + group_size])
+            s, z = scale[:, g : g + 1], zero[:, g : g + 1]
+            w = W1[:, i : i + 1]
+            c = quantize(w, s, z, row_spec)
+            q = dequantize(c, s, z, row_spec)
+            codes[:, col : col + 1] = c
+            Q[:, col : col + 1] = q
+            d = U1[i, i]
+            losses += ((w - q).squeeze(1) / d) ** 2 / 2
+            err = (w - q) / d
+            W1[:, i:] -= err * U1[i : i + 1, i:]
+            E1[:, i : i + 1] = err
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+
+    if perm is not None:
+        inverse = torch.argsort(perm)
+        codes = codes[:, inverse]
+        Q = Q[:, inverse]
+        g_idx = torch.empty(n_in, dtype=torch.int32, device=W.device)
+        g_idx[perm] = torch.tensor(group_of, dtype=torch.int32, device=W.device)
+    else:
+        g_idx = torch.tensor(group_of, dtype=torch.int32, device=W.device)
+    return GPTQResult(
+        codes=codes.contiguous(),
+        scale=scale,
+        zero=zero,
+        g_idx=g_idx,
+        dequantized=Q.contiguous(),
+        loss=losses.sum().item(),
+        damp=damp_used,
+        perm=perm,
+    )
+
+
+class HessianAccumulator:
+    """H = 2/n Σ x xᵀ over every input row (token) seen, accumulated in float32."""
+
+    def __init__(self, n_features: int, device: torch.device) -> None:
+        self.sum = torch.zeros(n_features, n_features, dtype=torch.float32, device=device)
+        self.tokens = 0
+
+    def add(self, x: Tensor) -> None:
+        rows = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+        self.sum.addmm_(rows.T, rows)
+        self.tokens += rows.shape[0]
+
+    def hessian(self) -> Tensor:
+        return self.sum * (2.0 / max(self.tokens, 1))
+
+
+@dataclass
+class GPTQ:
+    """GPTQ as a pipeline step: Hessians of each Linear's inputs on the calibration batch, then the solver.
+
+    With ``true_sequential`` (default) the Linears of a block are quantized in the order the block runs them, one
+    group of Linears sharing an input at a time (q,k,v -> o -> gate,up -> down for Llama), and each group's
+    inputs are recomputed with the groups before it already quantized. Linears that share an input share one
+    Hessian.
+    """
+
+    spec: QuantSpec = dataclasses.field(default_factory=lambda: QuantSpec(bits=4, group_size=64))
+    block_size: int = 128
+    damp: float = 0.01
+    act_order: bool = False
+    static_groups: bool = False
+    true_sequential: bool = True
+    exclude: tuple[str, ...] = ()
+
+    name = "gptq"
+    needs_calibration = True
+
+    def __post_init__(self) -> None:
+        if self.spec.granularity not in ("channel", "group"):
+            raise InvalidSpecError(f"GPTQ quantizes weights per channel or per group, not per {self.spec.granularity}")
+        if not self.damp > 0:
+            raise InvalidSpecError(f"damp must be positive (e.g. 0.01), got {self.damp}")
+
+    def process_block(self, ctx: BlockContext) -> list[LayerRecord]:
+        targets = {n: m for n, m in ctx.linears().items() if not is_excluded(n, self.exclude)}
+        if not targets:
+            return []
+        groups = ctx.input_groups(targets)
+        stages = [[g] for g in groups] if self.true_sequential else [groups]
+        records = []
+        for stage in stages:
+            hessians = self._collect(ctx, {g[0]: targets[g[0]] for g in stage})
+            for group in stage:
+                for name in group:
+                    records.append(self._quantize(ctx.model, name, targets[name], hessians[group[0]]))
+        return records
+
+    @staticmethod
+    def _collect(ctx: BlockContext, firsts: dict) -> dict[str, HessianAccumulator]:
+        accumulators = {
+            n: HessianAccumulator(linear_weight(m).shape[1], linear_weight(m).device) for n, m in firsts.items()
+        }
+        ctx.observe(firsts, lambda name, x: accumulators[name].add(x))
+        return accumulators
+
+    def _quantize(self, root, name: str, module, acc: HessianAccumulator) -> LayerRecord:
+        t0 = time.perf_counter()
+        weight = linear_weight(module).detach()
+        scale_dtype = storage_scale_dtype(compute_qparams(weight, self.spec)[0])
+        result = gptq_quantize(
+            weight,
+            acc.hessian(),
+            self.spec,
+            block_size=self.block_size,
+            damp=self.damp,
+            act_order=self.act_order,
+            static_groups=self.static_groups,
+            scale_dtype=scale_dtype,
+        )
+        qlinear = QuantLinear.from_codes(
+            result.codes, result.scale.to(scale_dtype), result.zero, self.spec, getattr(module, "bias", None), result.g_idx
+        )
+        swap_in(root, name, qlinear, module)
+        if result.damp != self.damp:
+            log.warning("%s: GPTQ needed damp=%g", name, result.damp)
+        return LayerRecord(
+            module=name,
+            method=self.name,
+            seconds=time.perf_counter() - t0,
+            error=relative_weight_error(weight, result.dequantized),
+            details={
+                "shape": list(weight.shape),
+                "spec": self.spec.describe(),
+                "loss": result.loss,
+                "damp": result.damp,
+                "damp_raised": result.damp != self.damp,
+                "hessian_tokens": acc.tokens,
+            },
+        )
+
+    def finalize(self, model) -> list[LayerRecord]:
+        return []
+
+    def to_config(self) -> dict:
+        return {
+            "method": self.name,
+            **self.spec.to_dict(),
+            "block_size": self.block_size,
+            "damp": self.damp,
+            "act_order": self.act_order,
+            "static_groups": self.static_groups,
+            "true_sequential": self.true_sequential,
+            "exclude": list(self.exclude),
+        }
+
+    @classmethod
+    def from_config(cls, config: dict) -> "GPTQ":
+        config = dict(config)
+        config.pop("method", None)
+        config.pop("calibration", None)
+        options = {k: config.pop(k) for k in ("block_size", "damp", "act_order", "static_groups", "true_sequential") if k in config}
+        exclude = tuple(config.pop("exclude", ()))
+        return cls(spec=QuantSpec.from_dict(config), exclude=exclude, **options)
