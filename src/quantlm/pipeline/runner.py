@@ -38,6 +38,9 @@ class LayerRecord:
         return asdict(self)
 
 
+_GROUP_CACHE: dict[tuple, list[list[str]]] = {}
+
+
 class _StopBlock(Exception):
     """Raised by an observing hook once everything it needs from a mini-batch has been seen."""
 
@@ -79,6 +82,7 @@ class BlockContext:
         on_input: Callable[[str, torch.Tensor], None],
         *,
         stop_early: bool = True,
+        first_batch_only: bool = False,
     ) -> None:
         """Run the block on every calibration mini-batch and call ``on_input(name, x)`` with the input of each of
         ``modules``. With ``stop_early`` a mini-batch stops as soon as all of them have been seen, so observing
@@ -96,7 +100,8 @@ class BlockContext:
 
         handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in modules.items()]
         try:
-            for hidden in self._require_inputs().hidden:
+            batches = self._require_inputs().hidden
+            for hidden in batches[:1] if first_batch_only else batches:
                 pending.update(modules)
                 try:
                     self._run(hidden)
@@ -110,25 +115,28 @@ class BlockContext:
     def input_groups(self, modules: dict[str, nn.Module]) -> list[list[str]]:
         """``modules`` grouped by the input they share (q/k/v, gate/up), groups in the order the block runs them.
 
-        Found by running the first calibration mini-batch once, so it needs no per-architecture table."""
+        Found by running the first calibration mini-batch (up to the last of ``modules``), so it needs no
+        per-architecture table. Blocks of one model share their layout, so the answer is cached by the block's
+        module names relative to the block."""
+        prefix = f"{self.name}."
+        key = (type(self.block), tuple(n.removeprefix(prefix) for n in modules))
+        cached = _GROUP_CACHE.get(key)
+        if cached is not None:
+            return [[prefix + n for n in group] for group in cached]
         seen: dict[str, torch.Tensor] = {}  # the inputs are kept alive, so no two can share an address
 
         def on_input(name, x):
             seen.setdefault(name, x)
 
-        first = self._require_inputs().hidden[0]
-        handles = [m.register_forward_pre_hook(lambda mod, args, n=n: on_input(n, args[0])) for n, m in modules.items()]
-        try:
-            self._run(first)
-        finally:
-            for h in handles:
-                h.remove()
+        self.observe(modules, on_input, first_batch_only=True)
         groups: dict[tuple, list[str]] = {}
         for name, x in seen.items():  # dicts keep insertion order: the order the block called them
-            key = (x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape), tuple(x.stride()))
-            groups.setdefault(key, []).append(name)
+            key_x = (x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape), tuple(x.stride()))
+            groups.setdefault(key_x, []).append(name)
         never_called = [n for n in modules if n not in seen]
-        return list(groups.values()) + ([never_called] if never_called else [])
+        result = list(groups.values()) + ([never_called] if never_called else [])
+        _GROUP_CACHE[key] = [[n.removeprefix(prefix) for n in group] for group in result]
+        return result
 
     def _require_inputs(self) -> BlockInputs:
         if self.inputs is None:
