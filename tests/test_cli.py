@@ -93,3 +93,29 @@ def test_recipe_file(tiny_model_dir, tmp_path):
     recipe.write_text(json.dumps([{"method": "magic"}]))
     bad = _run("quantize", tiny_model_dir, "--recipe", recipe, "--out", tmp_path / "q2")
     assert bad.exit_code == 2 and "unknown method 'magic'" in bad.stderr
+
+
+def test_gptq_from_the_cli_with_local_calibration_text(tiny_model_dir, text_file, tmp_path):
+    out = tmp_path / "g"
+    result = _run("quantize", tiny_model_dir, "--method", "gptq", "--bits", 4, "--group-size", 16, "--act-order",
+                  "--calib", text_file, "--calib-samples", 4, "--calib-seqlen", 64, "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    recipe = json.loads(result.stdout)["recipe"][0]
+    assert recipe["method"] == "gptq" and recipe["act_order"] is True and recipe["damp"] == 0.01
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["recipe"][0]["calibration"]["n_samples"] == 4
+    log = json.loads((out / "quant_log.json").read_text())
+    assert all(r["details"]["hessian_tokens"] == 4 * 64 for r in log)
+    text = _run("quantize", tiny_model_dir, "--method", "gptq", "--group-size", 16, "--calib", text_file,
+                "--calib-samples", 2, "--calib-seqlen", 32, "--out", tmp_path / "g2")
+    assert "Hessian samples: 64 tokens per module" in text.stdout
+
+
+def test_calibration_problems_are_caught_before_loading(tiny_model_dir, tmp_path):
+    result = _run("quantize", tiny_model_dir, "--method", "gptq", "--calib", tmp_path / "none.txt", "--out", tmp_path / "g")
+    assert result.exit_code == 2 and "text file not found" in result.stderr
+    short = tmp_path / "short.txt"
+    short.write_text("tiny")
+    result = _run("quantize", tiny_model_dir, "--method", "gptq", "--calib", short, "--calib-seqlen", 64, "--out", tmp_path / "g")
+    assert result.exit_code == 2 and "fewer than one window" in result.stderr
+    assert not (tmp_path / "g").exists() and not (tmp_path / ".g.work").exists()
