@@ -130,3 +130,11 @@ def test_rtn_exclude_patterns():
     assert not isinstance(blocks[1].mlp.down_proj, QuantLinear)
     assert isinstance(blocks[1].mlp.up_proj, QuantLinear)
     assert not any(isinstance(m, QuantLinear) for m in blocks[0].modules())
+
+
+def test_blocks_of_an_already_quantized_model_are_found():
+    model = tiny_model("llama")
+    run_pipeline(model, [RTN(QuantSpec(bits=4, group_size=16))], progress=False)
+    blocks = find_decoder_blocks(model)
+    assert blocks.path == "model.layers" and len(blocks) == 3
+    assert quantizable_linears(blocks.blocks[0]) == {}  # nothing left to quantize

@@ -33,7 +33,7 @@ def find_decoder_blocks(model: nn.Module) -> DecoderBlocks:
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) > 0:
             classes = {type(child) for child in module}
-            if len(classes) == 1 and any(isinstance(m, (nn.Linear, *_conv1d_types())) for m in module[0].modules()):
+            if len(classes) == 1 and any(_is_linear_like(m) for m in module[0].modules()):
                 candidates.append((name, module))
     if expected is not None:
         exact = [c for c in candidates if len(c[1]) == expected]
@@ -45,6 +45,11 @@ def find_decoder_blocks(model: nn.Module) -> DecoderBlocks:
         )
     name, blocks = max(candidates, key=lambda c: len(c[1]))
     return DecoderBlocks(path=name, blocks=blocks)
+
+
+def _is_linear_like(module: nn.Module) -> bool:
+    """A float linear layer, or one already quantized (anything holding packed weights)."""
+    return is_linear(module) or hasattr(module, "qweight")
 
 
 def _conv1d_types() -> tuple[type, ...]:
