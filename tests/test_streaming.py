@@ -110,10 +110,10 @@ def test_an_interrupted_run_resumes_and_writes_the_same_bytes(tmp_path, monkeypa
     assert processed == [2]  # blocks 0 and 1 came from the work directory
     for name in ("model.safetensors", "config.json"):
         assert (resumed / name).read_bytes() == (reference / name).read_bytes(), name
-    timeless = [lambda log: [{k: v for k, v in r.items() if k != "seconds"} for r in log]][0]
-    assert timeless(json.loads((resumed / "quant_log.json").read_text())) == timeless(
-        json.loads((reference / "quant_log.json").read_text())
-    )
+    def without_timing(path):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in json.loads(path.read_text())]
+
+    assert without_timing(resumed / "quant_log.json") == without_timing(reference / "quant_log.json")
 
 
 def test_a_work_directory_of_another_run_is_refused(tmp_path):
