@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from quantlm.formats.safetensors_io import TensorIndex
-from quantlm.models.blocks import DecoderBlocks, find_decoder_blocks
+from quantlm.models.blocks import DecoderBlocks, find_decoder_blocks, output_embedding_name
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +104,5 @@ def _is_tied(model: nn.Module, name: str) -> bool:
     """A state-dict entry that transformers fills by tying (the output projection sharing the input embeddings)."""
     if not getattr(model.config, "tie_word_embeddings", False):
         return False
-    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if out is None:
-        return False
-    for module_name, module in model.named_modules():
-        if module is out:
-            return name == f"{module_name}.weight"
-    return False
+    out_name = output_embedding_name(model)
+    return out_name is not None and name == f"{out_name}.weight"
