@@ -96,3 +96,40 @@ def test_act_order_checkpoint_round_trip(tmp_path):
         assert torch.equal(model(calib).logits, loaded(calib).logits)
     recipe = quantlm.parse_recipe(__import__("json").loads((tmp_path / "ckpt" / "config.json").read_text())["quantization_config"]["recipe"])
     assert recipe.steps[0].act_order and recipe.steps[0].spec.group_size == 16
+
+
+@pytest.mark.parametrize("device_path", ["syrk", "matmul"])
+def test_sink_weight_scales_the_first_token_of_each_sequence(device_path, monkeypatch):
+    from quantlm.methods import gptq as gptq_module
+
+    if device_path == "matmul":
+        monkeypatch.setattr(gptq_module, "_cpu_syrk", lambda: None)
+    x = torch.randn(3, 5, 8)
+    weighted = gptq_module.HessianAccumulator(8, "cpu", first_token_weight=50.0)
+    weighted.add(x)
+    rows = x.reshape(-1, 8).double()
+    first = x[:, 0].double()
+    want = 2.0 / 15 * (rows.T @ rows + 49.0 * first.T @ first)
+    assert torch.allclose(weighted.hessian().double(), want, rtol=1e-5, atol=1e-5)
+    assert weighted.tokens == 15
+    plain = gptq_module.HessianAccumulator(8, "cpu")
+    plain.add(x)
+    plain.add(x.reshape(-1, 8))  # 2-D inputs have no sequence axis: never weighted
+    assert torch.allclose(plain.hessian().double(), 2.0 / 30 * 2 * rows.T @ rows, rtol=1e-5, atol=1e-5)
+
+
+def test_sink_weight_is_validated_and_kept_in_the_recipe():
+    with pytest.raises(quantlm.errors.InvalidSpecError, match="sink_weight"):
+        GPTQ(QuantSpec(bits=4, group_size=16), sink_weight=0.5)
+    step = GPTQ(QuantSpec(bits=4, group_size=16), sink_weight=30.0)
+    again = quantlm.parse_recipe(step.to_config()).steps[0]
+    assert again.sink_weight == 30.0 and again.to_config() == step.to_config()
+
+
+def test_sink_weight_changes_the_attention_solution():
+    calib = _ids(8, 32)
+    spec = QuantSpec(bits=3, group_size=16)
+    plain = quantlm.quantize(tiny_model("llama"), GPTQ(spec, sink_weight=1.0), calibration=calib, progress=False)
+    sink = quantlm.quantize(tiny_model("llama"), GPTQ(spec, sink_weight=100.0), calibration=calib, progress=False)
+    a, b = plain.model.layers[0].self_attn.q_proj.qweight, sink.model.layers[0].self_attn.q_proj.qweight
+    assert not torch.equal(a, b)

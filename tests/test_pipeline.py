@@ -32,12 +32,12 @@ def test_running_blocks_on_captured_inputs_reproduces_the_models_hidden_states(f
     assert all(type(b).__name__ != "_Recorder" for b in blocks.blocks)
     for i in range(len(blocks)):
         ctx = BlockContext(model, blocks, i, inputs)
-        hidden = torch.cat(inputs.hidden)
+        hidden = torch.cat(list(inputs.hidden))
         if i == 0:
             torch.testing.assert_close(hidden, reference[0])
         outputs = ctx.forward(keep_outputs=True)
         if i + 1 < len(blocks):  # the last hidden state reported by HF is after the final norm
-            torch.testing.assert_close(torch.cat(outputs), reference[i + 1], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(torch.cat(list(outputs)), reference[i + 1], rtol=1e-4, atol=1e-5)
         inputs.hidden = outputs
 
 
@@ -52,7 +52,7 @@ class _Probe:
         self.kill_block = kill_block
 
     def process_block(self, ctx):
-        self.seen[ctx.index] = torch.cat(ctx.inputs.hidden)
+        self.seen[ctx.index] = torch.cat(list(ctx.inputs.hidden))
         if ctx.index == self.kill_block:
             for name, m in ctx.linears().items():
                 if name.endswith("down_proj"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from quantlm.eval.perplexity import PerplexityResult, perplexity
 from quantlm.formats.native import is_quantlm_checkpoint, load_checkpoint, read_quant_log, save_checkpoint
 from quantlm.methods.recipe import Recipe, parse_recipe
 from quantlm.models.sources import load_float_model, load_tokenizer, resolve_model_dir
+from quantlm.pipeline.activations import OffloadDirectory
 from quantlm.pipeline.runner import run_pipeline
 
 ModelLike = "nn.Module | str | os.PathLike"
@@ -112,6 +114,7 @@ def quantize_to_checkpoint(
     work_dir: str | os.PathLike | None = None,
     overwrite: bool = False,
     keep_work_dir: bool = False,
+    offload_activations: bool = False,
     progress: bool = True,
 ) -> Path:
     """Quantize the model at ``source`` into a checkpoint at ``out`` with memory near one decoder block.
@@ -119,6 +122,8 @@ def quantize_to_checkpoint(
     The model is built without weights and each block is read from disk when its turn comes. Every finished block
     is written to ``work_dir`` (default: ``.{out}.work`` beside ``out``); if the run is interrupted, the same call
     resumes at the next block and writes a byte-identical checkpoint. The work directory is removed at the end.
+    With ``offload_activations`` the calibration activations are kept in files under the work directory instead
+    of in memory (about 0.6 GB less for 128 x 2048 tokens of a 576-wide model, for some disk traffic).
     """
     import shutil
 
@@ -147,7 +152,12 @@ def quantize_to_checkpoint(
     }
     store = BlockStore(work, signature)
     t0 = time.perf_counter()
-    records = run_pipeline(model, recipe.steps, windows, batch_size=batch_size, progress=progress, weights=weights, store=store)
+    with contextlib.ExitStack() as stack:
+        offload_dir = stack.enter_context(OffloadDirectory(work)) if offload_activations and windows is not None else None
+        records = run_pipeline(
+            model, recipe.steps, windows, batch_size=batch_size, progress=progress, weights=weights, store=store,
+            offload_dir=offload_dir,
+        )
     _attach_run_info(model, recipe, records, calib_info, time.perf_counter() - t0)
     save(model, out, tokenizer=tokenizer, overwrite=overwrite, blocks=store)
     if not keep_work_dir:

@@ -90,11 +90,13 @@ def quantize(
     damp: float = typer.Option(0.01, help="GPTQ: damping, a fraction of the mean Hessian diagonal."),
     block_size: int = typer.Option(128, help="GPTQ: columns per lazy update block."),
     true_sequential: bool = typer.Option(True, "--true-sequential/--no-true-sequential", help="GPTQ: recompute each group's inputs after the groups before it are quantized."),
+    sink_weight: Optional[float] = typer.Option(None, help="GPTQ: weight of each window's first token (the attention sink) in the Hessians; 1 = plain GPTQ [default: quantlm.methods.gptq.SINK_WEIGHT]."),
     calib: str = typer.Option("enwiki", help="Calibration text: a built-in name, a .txt/.jsonl file, or hf:NAME[:CONFIG]."),
     calib_samples: int = typer.Option(128, help="Calibration windows."),
     calib_seqlen: int = typer.Option(2048, help="Tokens per calibration window."),
     calib_seed: int = typer.Option(0, help="Seed of the calibration window offsets."),
     batch_size: int = typer.Option(8, help="Calibration windows per forward pass."),
+    offload_activations: bool = typer.Option(False, "--offload-activations", help="Keep calibration activations in files (under the work dir) instead of memory."),
     dtype: DType = typer.Option(DType.float32, help="Dtype the model is loaded and calibrated in (bfloat16 is much faster on CPUs with AMX)."),
     recipe: Optional[Path] = typer.Option(None, help="A JSON/YAML recipe file (overrides --method and its settings)."),
     work_dir: Optional[Path] = typer.Option(None, help="Where finished blocks go (default .OUT.work); rerun to resume."),
@@ -118,8 +120,9 @@ def quantize(
     else:
         spec = QuantSpec(bits=bits, group_size=group_size, symmetric=sym, clip=clip.value)
         if method == Method.gptq:
+            options = {} if sink_weight is None else {"sink_weight": sink_weight}
             step = GPTQ(spec, block_size=block_size, damp=damp, act_order=act_order, static_groups=static_groups,
-                        true_sequential=true_sequential)
+                        true_sequential=true_sequential, **options)
         else:
             step = RTN(spec, lm_head=lm_head)
         steps = parse_recipe(step)
@@ -137,6 +140,7 @@ def quantize(
         batch_size=batch_size,
         work_dir=work_dir,
         overwrite=overwrite,
+        offload_activations=offload_activations,
         progress=not as_json,
     )
     seconds = time.perf_counter() - t0
@@ -272,13 +276,16 @@ def quickstart(
     model: str = typer.Option("smollm2-135m", help="Model to quantize."),
     out: Path = typer.Option(Path("out/quickstart"), help="Where the quantized checkpoint goes (replaced)."),
     max_windows: int = typer.Option(32, help="Evaluation windows of 2048 tokens."),
+    calib_samples: int = typer.Option(128, help="Calibration windows of 2048 tokens (fewer: faster, less accurate)."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Quantize the default model with the best recipe and print size, perplexity and time."""
     from quantlm import quickstart as qs
 
+    if calib_samples < 1:
+        raise QuantlmError(f"--calib-samples must be at least 1, got {calib_samples}")
     _setup_threads()
-    rows = qs.run(model=model, out=out, max_windows=max_windows)
+    rows = qs.run(model=model, out=out, max_windows=max_windows, calib_samples=calib_samples)
     typer.echo(qs.rows_to_json(rows) if as_json else qs.format_table(rows))
 
 

@@ -14,14 +14,14 @@ from pathlib import Path
 
 from quantlm import __version__, api
 from quantlm.core import QuantSpec
-from quantlm.methods import RTN
+from quantlm.methods import GPTQ
 from quantlm.models.sources import DEFAULT_MODEL, resolve_model_dir
 from quantlm.paths import atomic_write_text, quantlm_home
 
 
 def best_recipe() -> list:
-    """The project's best recipe for 4-bit weights today."""
-    return [RTN(QuantSpec(bits=4, group_size=64, symmetric=False))]
+    """The project's best recipe for 4-bit weights today: GPTQ W4 g64 asymmetric with the default options."""
+    return [GPTQ(QuantSpec(bits=4, group_size=64, symmetric=False))]
 
 
 @dataclass
@@ -53,18 +53,24 @@ def _cached_fp_eval(model_dir: Path, max_windows: int, seqlen: int):
     return data
 
 
-def run(model: str = DEFAULT_MODEL, out: str | Path = "out/quickstart", max_windows: int = 32, seqlen: int = 2048) -> list[Row]:
+def run(
+    model: str = DEFAULT_MODEL,
+    out: str | Path = "out/quickstart",
+    max_windows: int = 32,
+    seqlen: int = 2048,
+    calib_samples: int = 128,
+) -> list[Row]:
+    """Quantize ``model`` into ``out`` (streamed: an interrupted run resumes) and evaluate it and its fp original."""
     model_dir = resolve_model_dir(model)
     fp = _cached_fp_eval(model_dir, max_windows, seqlen)
     rows = [Row("fp32", "32", "-", dir_size_mb(model_dir), fp["ppl"], 0.0, fp["eval_s"])]
 
-    tokenizer = api.load_tokenizer(model_dir)
-    qmodel = api.load(model_dir)
     recipe = best_recipe()
     t0 = time.perf_counter()
-    api.quantize(qmodel, recipe, tokenizer=tokenizer)
+    api.quantize_to_checkpoint(model_dir, recipe, out, calibration=api.Calibration(n_samples=calib_samples), overwrite=True)
     quantize_s = time.perf_counter() - t0
-    api.save(qmodel, out, tokenizer=tokenizer, overwrite=True)
+    qmodel = api.load(out)
+    tokenizer = api.load_tokenizer(out)
     t0 = time.perf_counter()
     result = api.evaluate(qmodel, tokenizer=tokenizer, seqlen=seqlen, max_windows=max_windows)
     spec = recipe[-1].spec

@@ -34,6 +34,8 @@ from quantlm.pipeline.runner import BlockContext, LayerRecord
 log = logging.getLogger(__name__)
 
 MAX_DAMP_RETRIES = 6
+# Default weight of each sequence's first token (the attention sink) in the Hessians; docs/gptq.md has the sweep.
+SINK_WEIGHT = 100.0
 
 
 @dataclass
@@ -192,14 +194,20 @@ def gptq_quantize(
 
 
 class HessianAccumulator:
-    """H = 2/n Σ x xᵀ over every input row (token) seen, accumulated in float32.
+    """H = 2/n Σ w x xᵀ over every input row (token) seen, accumulated in float32.
+
+    Every token has weight w = 1 except, with ``first_token_weight``, the first token of each sequence (inputs
+    shaped [batch, seq, features]): that is the attention-sink position, whose keys and values every later token
+    attends to, so its output error matters far more than one token's share (docs/gptq.md has the measurements).
+    n counts tokens, unweighted.
 
     On the CPU the sum is a BLAS symmetric rank-k update (half the work of a matmul; only the upper triangle is
     accumulated and mirrored at the end); elsewhere a plain matmul.
     """
 
-    def __init__(self, n_features: int, device: torch.device) -> None:
+    def __init__(self, n_features: int, device: torch.device, first_token_weight: float = 1.0) -> None:
         self.device = torch.device(device)
+        self.first_token_weight = first_token_weight
         self.tokens = 0
         self._syrk = _cpu_syrk() if self.device.type == "cpu" else None
         if self._syrk is not None:
@@ -210,7 +218,11 @@ class HessianAccumulator:
             self.sum = torch.zeros(n_features, n_features, dtype=torch.float32, device=self.device)
 
     def add(self, x: Tensor) -> None:
-        rows = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+        x = x.detach()
+        if self.first_token_weight != 1.0 and x.dim() == 3:
+            x = x.to(torch.float32, copy=True)
+            x[:, 0] *= self.first_token_weight**0.5
+        rows = x.reshape(-1, x.shape[-1]).to(torch.float32)
         if self._syrk is not None:
             # rows.T is a Fortran-ordered [features, tokens] view: syrk computes rowsᵀ·rows without a copy
             self._upper = self._syrk(1.0, rows.contiguous().numpy().T, beta=1.0, c=self._upper, trans=0, lower=0, overwrite_c=1)
@@ -251,6 +263,7 @@ class GPTQ:
     act_order: bool = False
     static_groups: bool = False
     true_sequential: bool = True
+    sink_weight: float = SINK_WEIGHT
     exclude: tuple[str, ...] = ()
 
     name = "gptq"
@@ -261,6 +274,8 @@ class GPTQ:
             raise InvalidSpecError(f"GPTQ quantizes weights per channel or per group, not per {self.spec.granularity}")
         if not self.damp > 0:
             raise InvalidSpecError(f"damp must be positive (e.g. 0.01), got {self.damp}")
+        if not self.sink_weight >= 1:
+            raise InvalidSpecError(f"sink_weight must be at least 1 (1 = plain GPTQ), got {self.sink_weight}")
 
     def process_block(self, ctx: BlockContext) -> list[LayerRecord]:
         targets = {n: m for n, m in ctx.linears().items() if not is_excluded(n, self.exclude)}
@@ -274,12 +289,13 @@ class GPTQ:
             for group in stage:
                 for name in group:
                     records.append(self._quantize(ctx.model, name, targets[name], hessians[group[0]]))
+                ctx.mark_final(group)
         return records
 
-    @staticmethod
-    def _collect(ctx: BlockContext, firsts: dict) -> dict[str, HessianAccumulator]:
+    def _collect(self, ctx: BlockContext, firsts: dict) -> dict[str, HessianAccumulator]:
         accumulators = {
-            n: HessianAccumulator(linear_weight(m).shape[1], linear_weight(m).device) for n, m in firsts.items()
+            n: HessianAccumulator(linear_weight(m).shape[1], linear_weight(m).device, self.sink_weight)
+            for n, m in firsts.items()
         }
         ctx.observe(firsts, lambda name, x: accumulators[name].add(x))
         return accumulators
@@ -331,6 +347,7 @@ class GPTQ:
             "act_order": self.act_order,
             "static_groups": self.static_groups,
             "true_sequential": self.true_sequential,
+            "sink_weight": self.sink_weight,
             "exclude": list(self.exclude),
         }
 
@@ -339,6 +356,6 @@ class GPTQ:
         config = dict(config)
         config.pop("method", None)
         config.pop("calibration", None)
-        options = {k: config.pop(k) for k in ("block_size", "damp", "act_order", "static_groups", "true_sequential") if k in config}
+        options = {k: config.pop(k) for k in ("block_size", "damp", "act_order", "static_groups", "true_sequential", "sink_weight") if k in config}
         exclude = tuple(config.pop("exclude", ()))
         return cls(spec=QuantSpec.from_dict(config), exclude=exclude, **options)

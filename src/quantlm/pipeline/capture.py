@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from quantlm.models.blocks import DecoderBlocks
+from quantlm.pipeline.activations import Batches
 
 
 class _StopForward(Exception):
@@ -62,7 +63,7 @@ class _Recorder(nn.Module):
 class BlockInputs:
     """Hidden states entering the current block (a list of mini-batches) and each block's keyword arguments."""
 
-    hidden: list[torch.Tensor] = field(default_factory=list)
+    hidden: Batches = field(default_factory=Batches)
     kwargs: dict[int, dict[int, dict[str, Any]]] = field(default_factory=dict)  # batch size -> block -> kwargs
 
     def call_args(self, block_index: int, batch: int) -> tuple[tuple, dict[str, Any]]:
@@ -72,13 +73,16 @@ class BlockInputs:
 
     @property
     def n_samples(self) -> int:
-        return sum(h.shape[0] for h in self.hidden)
+        return sum(shape[0] for shape in self.hidden.shapes)
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, blocks: DecoderBlocks, input_ids: torch.Tensor, batch_size: int) -> BlockInputs:
-    """Run ``input_ids`` [n, seqlen] through the model's embedding stage, recording each block's inputs."""
-    sink = BlockInputs()
+def capture_block_inputs(
+    model: nn.Module, blocks: DecoderBlocks, input_ids: torch.Tensor, batch_size: int, offload_dir=None
+) -> BlockInputs:
+    """Run ``input_ids`` [n, seqlen] through the model's embedding stage, recording each block's inputs (kept in
+    memory, or in files under ``offload_dir``)."""
+    sink = BlockInputs(hidden=Batches(offload_dir))
     originals = list(blocks.blocks)
     device = next(model.parameters()).device
     try:

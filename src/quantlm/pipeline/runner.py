@@ -5,10 +5,18 @@ For each block: (1) its inputs for the calibration batch are at hand; (2)-(3) ev
 with whatever hooks the step has registered) and transforms it (smooths, solves, swaps Linear for QuantLinear);
 (4) the transformed block is run to produce the next block's inputs, so later blocks see the errors of earlier
 ones. Steps never loop over the model themselves. Calibration-free recipes skip the capture entirely.
+
+Replay: a step that is done with some Linears marks them final (``ctx.mark_final``). A direct child of the block
+(an attention or MLP module) whose Linears are all final, and which runs after nothing that can still change, gives
+the same output on every later pass; its output is recorded on the first full pass after that and replayed on the
+later ones instead of recomputed. For true-sequential GPTQ this skips the attention math on the last two of the
+five passes over a Llama block.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -19,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quantlm.models.blocks import DecoderBlocks, find_decoder_blocks, quantizable_linears
+from quantlm.pipeline.activations import Batches
 from quantlm.pipeline.capture import BlockInputs, capture_block_inputs
 
 log = logging.getLogger(__name__)
@@ -62,6 +71,16 @@ class BlockContext:
     blocks: DecoderBlocks
     index: int
     inputs: BlockInputs | None  # None for calibration-free runs
+    final: set[str] = field(default_factory=set)  # Linears (full names) that no step will change again
+    _recorded: dict[str, tuple[Batches, int]] = field(default_factory=dict)  # child -> (outputs, _output_shape)
+    _child_linears: dict[str, list[str]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # taken before any step swaps a Linear for a quantized module
+        for child_name, child in self.block.named_children():
+            names = [".".join(filter(None, (self.name, child_name, n))) for n in quantizable_linears(child)]
+            if names:
+                self._child_linears[child_name] = names
 
     @property
     def block(self) -> nn.Module:
@@ -74,6 +93,69 @@ class BlockContext:
     def linears(self) -> dict[str, nn.Module]:
         """The block's linear layers by full module name."""
         return {f"{self.name}.{k}": m for k, m in quantizable_linears(self.block).items()}
+
+    def mark_final(self, names) -> None:
+        """Promise that the Linears ``names`` will not change again in this block (lets later passes replay)."""
+        self.final.update(names)
+
+    def reset_final(self) -> None:
+        """Forget the promises and recorded outputs (a new step may change anything)."""
+        self.final.clear()
+        for batches, _ in self._recorded.values():
+            batches.clear()
+        self._recorded.clear()
+
+    def _settled_children(self) -> list[tuple[str, nn.Module]]:
+        """Direct children of the block with Linears, all final. Children run in registration order in every
+        supported block, and a child is only settled when every Linear registered before it is final too."""
+        settled = []
+        for child_name, linears in self._child_linears.items():
+            if not all(n in self.final for n in linears):
+                break
+            settled.append((child_name, getattr(self.block, child_name)))
+        return settled
+
+    @contextlib.contextmanager
+    def _replaying(self, full_pass: bool, observed: tuple[nn.Module, ...] = ()):
+        """Replay the settled children recorded earlier; record the others when this pass sees every batch.
+        A child holding an ``observed`` module always runs, so the module's hooks fire."""
+        n_batches = len(self._require_inputs().hidden)
+        patched, handles, recording = [], [], {}
+        for name, child in self._settled_children():
+            if any(m is o for m in child.modules() for o in observed):
+                continue
+            if name in self._recorded:
+                batches, arity = self._recorded[name]
+                counter = itertools.count()
+
+                def replay(*args, _batches=batches, _arity=arity, _counter=counter, **kwargs):
+                    return _rebuild_output(_batches[next(_counter)], _arity)
+
+                child.forward = replay
+                patched.append(child)
+            elif full_pass:
+                batches = self._require_inputs().hidden.empty_like()
+                arities: set = set()
+                recording[name] = (batches, arities)
+
+                def record(module, args, output, _batches=batches, _arities=arities):
+                    _arities.add(_output_shape(output))
+                    if None not in _arities:
+                        _batches.append(output if isinstance(output, torch.Tensor) else output[0])
+
+                handles.append(child.register_forward_hook(record))
+        try:
+            yield
+        finally:
+            for child in patched:
+                del child.forward
+            for h in handles:
+                h.remove()
+        for name, (batches, arities) in recording.items():
+            if len(batches) == n_batches and len(arities) == 1:
+                self._recorded[name] = (batches, arities.pop())
+            else:
+                batches.clear()
 
     @torch.no_grad()
     def observe(
@@ -101,12 +183,13 @@ class BlockContext:
         handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in modules.items()]
         try:
             batches = self._require_inputs().hidden
-            for hidden in batches[:1] if first_batch_only else batches:
-                pending.update(modules)
-                try:
-                    self._run(hidden)
-                except _StopBlock:
-                    pass
+            with self._replaying(full_pass=not first_batch_only, observed=tuple(modules.values())):
+                for hidden in itertools.islice(batches, 1) if first_batch_only else batches:
+                    pending.update(modules)
+                    try:
+                        self._run(hidden)
+                    except _StopBlock:
+                        pass
         finally:
             for h in handles:
                 h.remove()
@@ -149,14 +232,30 @@ class BlockContext:
         return out[0] if isinstance(out, (tuple, list)) else out
 
     @torch.no_grad()
-    def forward(self, keep_outputs: bool = False) -> list[torch.Tensor] | None:
+    def forward(self, keep_outputs: bool = False) -> Batches | None:
         """Run the block on every calibration mini-batch (hooks registered by steps see each call)."""
-        outputs = []
-        for hidden in self._require_inputs().hidden:
-            out = self._run(hidden)
-            if keep_outputs:
-                outputs.append(out)
+        hidden = self._require_inputs().hidden
+        outputs = hidden.empty_like()
+        with self._replaying(full_pass=True):
+            for x in hidden:
+                out = self._run(x)
+                if keep_outputs:
+                    outputs.append(out)
         return outputs if keep_outputs else None
+
+
+def _output_shape(output) -> int | None:
+    """How a child's output can be recorded: 0 for a tensor, n for a tuple of a tensor and n-1 Nones (attention
+    modules that return no weights), None for anything else (never replayed)."""
+    if isinstance(output, torch.Tensor):
+        return 0
+    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor) and all(o is None for o in output[1:]):
+        return len(output)
+    return None
+
+
+def _rebuild_output(tensor: torch.Tensor, arity: int):
+    return tensor if arity == 0 else (tensor,) + (None,) * (arity - 1)
 
 
 class WeightSource(Protocol):
@@ -186,12 +285,14 @@ def run_pipeline(
     progress: bool = True,
     weights: WeightSource | None = None,
     store: FinishedBlocks | None = None,
+    offload_dir=None,
 ) -> list[LayerRecord]:
     """Apply ``steps`` block by block; returns the quant log. ``calibration`` is a LongTensor [n, seqlen].
 
     With ``weights`` each block is read just before it is processed and released after; with ``store`` each
     finished block is written out, and blocks the store already holds are restored instead of processed again
-    (their outputs are recomputed from the restored block, so a resumed run gives the same bytes).
+    (their outputs are recomputed from the restored block, so a resumed run gives the same bytes). With
+    ``offload_dir`` the calibration activations are kept in files there instead of in memory.
     """
     blocks = find_decoder_blocks(model)
     needs_data = any(s.needs_calibration for s in steps)
@@ -200,7 +301,7 @@ def run_pipeline(
         if calibration is None:
             raise ValueError(f"{', '.join(s.name for s in steps if s.needs_calibration)} needs calibration data")
         t0 = time.perf_counter()
-        inputs = capture_block_inputs(model, blocks, calibration, batch_size)
+        inputs = capture_block_inputs(model, blocks, calibration, batch_size, offload_dir)
         log.info("captured %d calibration samples in %.1fs", inputs.n_samples, time.perf_counter() - t0)
     records: list[LayerRecord] = []
     bar = tqdm(range(len(blocks)), desc="quantizing", unit="block", disable=not progress)
@@ -214,12 +315,16 @@ def run_pipeline(
                 weights.materialize(index)
             block_records = []
             for step in steps:
+                ctx.reset_final()
                 block_records.extend(step.process_block(ctx))
             if store is not None:
                 store.save(index, blocks, block_records)
             records.extend(block_records)
         if inputs is not None and index + 1 < len(blocks):
-            inputs.hidden = ctx.forward(keep_outputs=True)
+            outputs = ctx.forward(keep_outputs=True)
+            inputs.hidden.clear()
+            inputs.hidden = outputs
+        ctx.reset_final()
         if weights is not None:
             weights.release(index)
     for step in steps:

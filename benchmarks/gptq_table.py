@@ -1,0 +1,123 @@
+"""GPTQ on the default model, per ../shared/BENCHMARKS.md: perplexity, quantization wall time and peak memory.
+
+Every row is one `quantlm quantize` command (128 x 2048 enwiki calibration tokens unless the row says otherwise),
+run as a child process so its peak resident memory (ru_maxrss) is its own, followed by `quantlm eval` of the
+checkpoint in a second child (32 x 2048 eval windows). A GPTQ run takes about half an hour on a 2-core CPU, so rows
+are run one at a time and merged into benchmarks/results/gptq_smollm2.{md,json}: rerunning a row replaces it.
+
+Run: .venv/bin/python benchmarks/gptq_table.py --rows w4-asym [w4-sym w3-asym ...]   (--list shows the rows)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROWS = {
+    "w4-asym": ("GPTQ W4 g64 asym (defaults)", "--method gptq --bits 4 --group-size 64 --asym"),
+    "w4-asym-plain": ("GPTQ W4 g64 asym, sink weight 1 (plain GPTQ)", "--method gptq --bits 4 --group-size 64 --asym --sink-weight 1"),
+    "w4-asym-best": ("GPTQ W4 g64 asym, act-order + static groups + MSE clip", "--method gptq --bits 4 --group-size 64 --asym --act-order --static-groups --clip mse"),
+    "w4-sym": ("GPTQ W4 g64 sym", "--method gptq --bits 4 --group-size 64 --sym"),
+    "w4-sym-damp05": ("GPTQ W4 g64 sym, damp 0.05 (GPTQModel's default)", "--method gptq --bits 4 --group-size 64 --sym --damp 0.05"),
+    "w3-asym": ("GPTQ W3 g64 asym", "--method gptq --bits 3 --group-size 64 --asym"),
+    "w4-asym-offload": ("GPTQ W4 g64 asym, activations offloaded to disk", "--method gptq --bits 4 --group-size 64 --asym --offload-activations"),
+}
+RESULTS = Path(__file__).parent / "results" / "gptq_smollm2"
+
+
+def quantlm_command() -> list[str]:
+    return [str(Path(sys.executable).with_name("quantlm"))]
+
+
+def run_child(args: list[str]) -> tuple[str, float, float]:
+    """Run a command; return its stdout, wall seconds and peak RSS in GB (its own: measured by a fresh wrapper)."""
+    probe = (
+        "import resource, subprocess, sys, json;"
+        "p = subprocess.run(sys.argv[1:], stdout=subprocess.PIPE, text=True);"
+        "print(json.dumps({'rc': p.returncode, 'out': p.stdout,"
+        " 'maxrss_kb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))"
+    )
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", probe, *args], stdout=subprocess.PIPE, text=True, check=True)
+    wall = time.perf_counter() - t0
+    report = json.loads(done.stdout)
+    if report["rc"] != 0:
+        raise SystemExit(f"failed ({report['rc']}): {' '.join(args)}")
+    return report["out"], wall, report["maxrss_kb"] / 1024**2
+
+
+def measure(key: str, model: str, max_windows: int, calib_samples: int) -> dict:
+    label, flags = ROWS[key]
+    with tempfile.TemporaryDirectory(prefix="quantlm-bench-") as tmp:
+        out_dir = Path(tmp) / key
+        calib = [] if calib_samples == 128 else ["--calib-samples", str(calib_samples)]
+        cmd = [*quantlm_command(), "quantize", model, *flags.split(), *calib, "--out", str(out_dir), "--json"]
+        print(f"[{key}] {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+        out, wall, rss_gb = run_child(cmd)
+        summary = json.loads(out)
+        eval_out, _, _ = run_child([*quantlm_command(), "eval", str(out_dir), "--max-windows", str(max_windows), "--json"])
+        ppl = json.loads(eval_out)
+    row = {
+        "key": key,
+        "setting": label,
+        "ppl": ppl["ppl"],
+        "tokens": ppl["tokens"],
+        "quantize_s": summary["quantize_seconds"],
+        "process_wall_s": wall,
+        "peak_rss_gb": rss_gb,
+        "calib": f"{calib_samples} x 2048",
+        "checkpoint_mb": summary["checkpoint_mb"],
+        "command": f"quantlm quantize {model} {flags}{' ' + ' '.join(calib) if calib else ''} --out OUT",
+        "cpu": os.cpu_count(),
+    }
+    print(f"[{key}] ppl {row['ppl']:.3f}, quantize {row['quantize_s']:.0f}s, peak RSS {rss_gb:.2f} GB", file=sys.stderr)
+    return row
+
+
+def write_results(rows: list[dict]) -> None:
+    lines = [
+        "SmolLM2-135M, enwiki calibration (seed 0), eval 32 x 2048 windows; one process per row on a 2-core CPU, fp32.",
+        "",
+        "| setting | perplexity | quantize (s) | peak RSS (GB) | calibration | command |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['setting']} | {r['ppl']:.2f} | {r['quantize_s']:.0f} | {r['peak_rss_gb']:.2f} | {r['calib']} | `{r['command']}` |"
+        )
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    for suffix, text in ((".md", "\n".join(lines) + "\n"), (".json", json.dumps(rows, indent=2) + "\n")):
+        tmp = RESULTS.with_suffix(suffix + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(RESULTS.with_suffix(suffix))
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", nargs="*", default=[], choices=sorted(ROWS))
+    parser.add_argument("--list", action="store_true", help="Show the rows and exit.")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--max-windows", type=int, default=32)
+    parser.add_argument("--calib-samples", type=int, default=128)
+    args = parser.parse_args()
+    if args.list or not args.rows:
+        for key, (label, flags) in ROWS.items():
+            print(f"{key:18s} {label}: {flags}")
+        return
+    path = RESULTS.with_suffix(".json")
+    rows = {r["key"]: r for r in (json.loads(path.read_text()) if path.is_file() else [])}
+    for key in args.rows:
+        rows[key] = measure(key, args.model, args.max_windows, args.calib_samples)
+        write_results([rows[k] for k in ROWS if k in rows])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""The main job of a fresh checkout, on a tiny model: GPTQ into a checkpoint, evaluated, as a table."""
+
+from __future__ import annotations
+
+import json
+
+import quantlm
+from conftest import byte_tokenizer, tiny_model
+from quantlm import quickstart
+from quantlm.methods import GPTQ
+
+
+def test_quickstart_quantizes_with_gptq_and_reports_both_models(tmp_path):
+    src = tmp_path / "fp"
+    tiny_model("llama").save_pretrained(src)
+    byte_tokenizer().save_pretrained(src)
+    rows = quickstart.run(model=str(src), out=tmp_path / "q", max_windows=1, seqlen=64, calib_samples=2)
+    assert [r.method for r in rows] == ["fp32", "gptq"]
+    assert rows[1].bits == "4" and rows[1].group_size == "64" and rows[1].size_mb < rows[0].size_mb
+    assert all(r.ppl > 1 for r in rows)
+    config = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    step = quantlm.parse_recipe(config["recipe"]).steps[0]
+    assert isinstance(step, GPTQ) and step.to_config() == quickstart.best_recipe()[0].to_config()
+    assert config["recipe"][0]["calibration"]["n_samples"] == 2
+    table = quickstart.format_table(rows)
+    assert "| gptq | 4 | 64 |" in table and not (tmp_path / ".q.work").exists()

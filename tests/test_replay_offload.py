@@ -1,0 +1,123 @@
+"""Two ways the pipeline saves work or memory without changing results: replaying settled sub-modules, and
+keeping the calibration activations on disk."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import quantlm
+from conftest import VOCAB, byte_tokenizer, tiny_model
+from quantlm.core import QuantSpec
+from quantlm.methods import GPTQ, RTN
+from quantlm.models.blocks import find_decoder_blocks
+from quantlm.pipeline import BlockContext, run_pipeline
+from quantlm.pipeline.activations import Batches, OffloadDirectory
+
+
+def _ids(n=8, seqlen=32, seed=1):
+    return torch.randint(0, VOCAB - 4, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def _same_state(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_batches_in_memory_and_on_disk_hold_the_same_tensors(tmp_path):
+    tensors = [torch.randn(2, 3, 4), torch.randn(1, 3, 4).to(torch.bfloat16)]
+    in_memory, on_disk = Batches(), Batches(tmp_path)
+    for t in tensors:
+        in_memory.append(t)
+        on_disk.append(t)
+    assert on_disk.offloaded and not in_memory.offloaded
+    assert len(list(tmp_path.iterdir())) == 2
+    for batches in (in_memory, on_disk):
+        assert len(batches) == 2 and batches.shapes == [t.shape for t in tensors]
+        for got, want in zip(batches, tensors):
+            assert got.dtype == want.dtype and torch.equal(got, want)
+    sibling = on_disk.empty_like()
+    sibling.append(tensors[0])
+    on_disk.clear()
+    assert len(on_disk) == 0 and len(list(tmp_path.iterdir())) == 1
+
+
+def test_offload_directory_is_removed_even_on_errors(tmp_path):
+    with pytest.raises(RuntimeError):
+        with OffloadDirectory(tmp_path) as path:
+            Batches(path).append(torch.ones(3))
+            raise RuntimeError("boom")
+    assert not path.exists() and tmp_path.exists()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "gpt_neox", "phi3", "gemma3_text"])
+def test_replaying_settled_children_changes_nothing(family, monkeypatch):
+    calib = _ids()
+    step = GPTQ(QuantSpec(bits=3, group_size=16))
+    replayed = quantlm.quantize(tiny_model(family), step, calibration=calib, batch_size=4, progress=False)
+    monkeypatch.setattr(BlockContext, "mark_final", lambda self, names: None)
+    plain = quantlm.quantize(tiny_model(family), step, calibration=calib, batch_size=4, progress=False)
+    _same_state(replayed, plain)
+
+
+def test_replay_skips_the_attention_math_of_later_passes(monkeypatch):
+    from transformers.models.llama import modeling_llama
+
+    calls = []
+    original = modeling_llama.LlamaAttention.forward
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_llama.LlamaAttention, "forward", counting)
+    model = tiny_model("llama")
+    n_blocks = len(find_decoder_blocks(model).blocks)
+    quantlm.quantize(model, GPTQ(QuantSpec(bits=4, group_size=16)), calibration=_ids(), batch_size=4, progress=False)
+    with_replay = len(calls)
+    calls.clear()
+    monkeypatch.setattr(BlockContext, "mark_final", lambda self, names: None)
+    quantlm.quantize(tiny_model("llama"), GPTQ(QuantSpec(bits=4, group_size=16)), calibration=_ids(), batch_size=4, progress=False)
+    # 2 mini-batches: once o_proj is final, the down_proj pass and the output pass (which the last block does not
+    # make) replay the attention module instead of calling it
+    assert len(calls) - with_replay == 2 * 2 * (n_blocks - 1) + 2
+
+
+@pytest.mark.parametrize("step", [RTN(QuantSpec(bits=4, group_size=16)), GPTQ(QuantSpec(bits=3, group_size=16))])
+def test_offloaded_activations_give_the_same_model(tmp_path, step):
+    calib = _ids()
+    in_memory = tiny_model("qwen3")
+    run_pipeline(in_memory, [step], calib, batch_size=4, progress=False)
+    offloaded = tiny_model("qwen3")
+    with OffloadDirectory(tmp_path) as scratch:
+        run_pipeline(offloaded, [step], calib, batch_size=4, progress=False, offload_dir=scratch)
+    _same_state(in_memory, offloaded)
+
+
+def test_checkpoint_with_offloaded_activations_is_byte_identical(tmp_path):
+    src = tmp_path / "fp"
+    tiny_model("llama").save_pretrained(src)
+    byte_tokenizer().save_pretrained(src)
+    step = GPTQ(QuantSpec(bits=4, group_size=16))
+    plain = quantlm.api.quantize_to_checkpoint(src, step, tmp_path / "plain", calibration=_ids(), progress=False)
+    offload = quantlm.api.quantize_to_checkpoint(
+        src, step, tmp_path / "offload", calibration=_ids(), offload_activations=True, progress=False
+    )
+    assert (plain / "model.safetensors").read_bytes() == (offload / "model.safetensors").read_bytes()
+    assert not (tmp_path / ".offload.work").exists()
+
+
+def test_observing_a_module_inside_a_replayed_child_still_sees_its_inputs():
+    model = tiny_model("llama")
+    blocks = find_decoder_blocks(model)
+    from quantlm.pipeline import capture_block_inputs
+
+    ctx = BlockContext(model, blocks, 0, capture_block_inputs(model, blocks, _ids(), batch_size=4))
+    ctx.mark_final(n for n in ctx.linears() if ".self_attn." in n)
+    ctx.forward()  # records the attention module
+    assert "self_attn" in ctx._recorded
+    seen = []
+    ctx.observe({"o": ctx.block.self_attn.o_proj}, lambda n, x: seen.append(x.shape))
+    assert len(seen) == 2
