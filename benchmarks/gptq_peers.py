@@ -91,7 +91,8 @@ def write_json_atomically(path: Path, data) -> None:
 
 
 def write_text_atomically(path: Path, text: str) -> None:
-    """Write ``text`` through a temporary file in the same directory and a rename."""
+    """Write ``text`` through a temporary file in the same directory and a rename. (Workers run in a peer's venv
+    without quantlm, so this cannot be ``quantlm.paths.atomic_write_text``.)"""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

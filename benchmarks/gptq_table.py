@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from quantlm.paths import atomic_write_text
+
 ROWS = {
     "w4-asym": ("GPTQ W4 g64 asym (defaults)", "--method gptq --bits 4 --group-size 64 --asym"),
     "w4-asym-plain": ("GPTQ W4 g64 asym, sink weight 1 (plain GPTQ)", "--method gptq --bits 4 --group-size 64 --asym --sink-weight 1"),
@@ -92,11 +94,8 @@ def write_results(rows: list[dict]) -> None:
         lines.append(
             f"| {r['setting']} | {r['ppl']:.2f} | {r['quantize_s']:.0f} | {r['peak_rss_gb']:.2f} | {r['calib']} | `{r['command']}` |"
         )
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    for suffix, text in ((".md", "\n".join(lines) + "\n"), (".json", json.dumps(rows, indent=2) + "\n")):
-        tmp = RESULTS.with_suffix(suffix + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(RESULTS.with_suffix(suffix))
+    atomic_write_text(RESULTS.with_suffix(".md"), "\n".join(lines) + "\n")
+    atomic_write_text(RESULTS.with_suffix(".json"), json.dumps(rows, indent=2) + "\n")
     print("\n".join(lines))
 
 

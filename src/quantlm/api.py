@@ -152,8 +152,8 @@ def quantize_to_checkpoint(
     }
     store = BlockStore(work, signature)
     t0 = time.perf_counter()
-    with contextlib.ExitStack() as stack:
-        offload_dir = stack.enter_context(OffloadDirectory(work)) if offload_activations and windows is not None else None
+    offloading = OffloadDirectory(work) if offload_activations and windows is not None else contextlib.nullcontext()
+    with offloading as offload_dir:
         records = run_pipeline(
             model, recipe.steps, windows, batch_size=batch_size, progress=progress, weights=weights, store=store,
             offload_dir=offload_dir,

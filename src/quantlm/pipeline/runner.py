@@ -72,7 +72,7 @@ class BlockContext:
     index: int
     inputs: BlockInputs | None  # None for calibration-free runs
     final: set[str] = field(default_factory=set)  # Linears (full names) that no step will change again
-    _recorded: dict[str, tuple[Batches, int]] = field(default_factory=dict)  # child -> (outputs, _output_shape)
+    _recorded: dict[str, tuple[Batches, int]] = field(default_factory=dict)  # child -> (outputs, _output_arity)
     _child_linears: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -139,7 +139,7 @@ class BlockContext:
                 recording[name] = (batches, arities)
 
                 def record(module, args, output, _batches=batches, _arities=arities):
-                    _arities.add(_output_shape(output))
+                    _arities.add(_output_arity(output))
                     if None not in _arities:
                         _batches.append(output if isinstance(output, torch.Tensor) else output[0])
 
@@ -244,7 +244,7 @@ class BlockContext:
         return outputs if keep_outputs else None
 
 
-def _output_shape(output) -> int | None:
+def _output_arity(output) -> int | None:
     """How a child's output can be recorded: 0 for a tensor, n for a tuple of a tensor and n-1 Nones (attention
     modules that return no weights), None for anything else (never replayed)."""
     if isinstance(output, torch.Tensor):
