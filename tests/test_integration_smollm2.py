@@ -64,7 +64,7 @@ def test_rtn_w4_g64_round_trip_on_disk(fp_dir, tokenizer, fp_result, tmp_path):
     quantlm.quantize(model, RTN(QuantSpec(bits=4, group_size=64)), progress=False)
     assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 30 * 7
     out = quantlm.save(model, tmp_path / "w4g64", tokenizer=tokenizer)
-    loaded = quantlm.load(out)
+    loaded = quantlm.load(out, kernel="torch")
     ids = torch.tensor([tokenizer("The capital of France is", add_special_tokens=False).input_ids])
     with torch.no_grad():
         assert torch.equal(model(ids).logits, loaded(ids).logits)
@@ -75,6 +75,29 @@ def test_rtn_w4_g64_round_trip_on_disk(fp_dir, tokenizer, fp_result, tmp_path):
     qbytes = sum(m.weight_bytes for m in loaded.modules() if isinstance(m, QuantLinear))
     n_weights = sum(m.in_features * m.out_features for m in loaded.modules() if isinstance(m, QuantLinear))
     assert qbytes / n_weights == pytest.approx(0.5 + 3 / 64, rel=0.01)
+
+
+@pytest.mark.parametrize(
+    "spec, act_bits, fast_kernel",
+    [
+        (QuantSpec(bits=4, group_size=64), None, "int4pack"),
+        (QuantSpec(bits=8, group_size=-1, symmetric=True), None, "int8pack"),
+        (QuantSpec(bits=8, group_size=-1, symmetric=True), 8, "int8-dynamic"),
+    ],
+)
+def test_every_kernel_path_has_the_reference_perplexity(fp_dir, tokenizer, fp_result, tmp_path, spec, act_bits, fast_kernel):
+    """Perplexity through each fast kernel equals the dequantize-then-matmul reference's to 0.1%."""
+    model = quantlm.load(fp_dir)
+    quantlm.quantize(model, RTN(spec, act_bits=act_bits), progress=False)
+    out = quantlm.save(model, tmp_path / "q", tokenizer=tokenizer)
+    ppl = {}
+    for kernel in ("torch", fast_kernel):
+        loaded = quantlm.load(out, kernel=kernel)
+        assert set(loaded.quantlm_kernels.values()) == {kernel}
+        ppl[kernel] = quantlm.evaluate(loaded, tokenizer=tokenizer, max_windows=WINDOWS, progress=False).ppl
+    assert quantlm.load(out).quantlm_kernels["model.layers.0.mlp.down_proj"] == fast_kernel  # auto picks it
+    assert ppl[fast_kernel] == pytest.approx(ppl["torch"], rel=1e-3)
+    assert ppl["torch"] < 1.6 * fp_result.ppl
 
 
 def test_gptq_beats_rtn_on_the_real_model(fp_dir, tokenizer, fp_result, tmp_path):

@@ -71,12 +71,28 @@ def _attach_run_info(model: nn.Module, recipe: Recipe, records, calib_info: dict
     model.quantlm_seconds = seconds
 
 
-def load(source: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: str | None = None) -> nn.Module:
-    """A quantlm checkpoint as a quantized model, or any other model source as a full-precision model."""
+def load(
+    source: str | os.PathLike,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | None = None,
+    kernel: str = "auto",
+) -> nn.Module:
+    """A quantlm checkpoint as a quantized model ready to run, or any other model source as a full-precision model.
+
+    ``dtype`` is the compute dtype: the float parts of the model (embeddings, norms, unquantized Linears) are cast
+    to it and the quantized Linears take activations in it. Every quantized Linear runs on ``kernel`` (``auto``: the
+    fastest that can run it on ``device``; see ``quantlm.nn.kernels``); ``model.quantlm_kernels`` maps each one to
+    the kernel it got.
+    """
+    from quantlm.nn.inference import cast_float_parts, prepare_kernels
+
     path = Path(str(source)).expanduser()
     if is_quantlm_checkpoint(path):
         model = load_checkpoint(path, device=device)
+        cast_float_parts(model, dtype)
         model.quantlm_log = read_quant_log(path)
+        model.quantlm_kernels = prepare_kernels(model, kernel, dtype)
         return model
     return load_float_model(source, dtype=dtype, device=device)
 

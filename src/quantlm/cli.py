@@ -37,6 +37,9 @@ class Clip(str, Enum):
     mse = "mse"
 
 
+KERNEL_HELP = "Matmul kernel of the quantized layers: auto (fastest that fits each layer), int4pack, int8pack, int8-dynamic or torch."
+
+
 def _fail(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(2)
@@ -84,6 +87,7 @@ def quantize(
     group_size: int = typer.Option(64, "--group-size", "-g", help="Columns per group; -1 = one scale per output channel."),
     sym: bool = typer.Option(False, "--sym/--asym", help="Symmetric or asymmetric grid."),
     clip: Clip = typer.Option(Clip.none, help="Grid clipping: none or an MSE search."),
+    a_bits: Optional[int] = typer.Option(None, "--a-bits", help="8: W8A8, activations quantized to int8 per token at run time (use with --bits 8 --group-size -1 --sym for the int8 GEMM kernel)."),
     lm_head: bool = typer.Option(False, "--lm-head", help="RTN: also quantize the output projection."),
     act_order: bool = typer.Option(False, "--act-order", help="GPTQ: columns by descending Hessian diagonal."),
     static_groups: bool = typer.Option(False, "--static-groups", help="GPTQ: group grids fixed from the original weight."),
@@ -122,9 +126,9 @@ def quantize(
         if method == Method.gptq:
             options = {} if sink_weight is None else {"sink_weight": sink_weight}
             step = GPTQ(spec, block_size=block_size, damp=damp, act_order=act_order, static_groups=static_groups,
-                        true_sequential=true_sequential, **options)
+                        true_sequential=true_sequential, act_bits=a_bits, **options)
         else:
-            step = RTN(spec, lm_head=lm_head)
+            step = RTN(spec, lm_head=lm_head, act_bits=a_bits)
         steps = parse_recipe(step)
     calibration = api.Calibration(source=calib, n_samples=calib_samples, seqlen=calib_seqlen, seed=calib_seed)
     if steps.needs_calibration:
@@ -196,21 +200,51 @@ def eval_cmd(
     seqlen: int = typer.Option(2048, help="Window length in tokens."),
     max_windows: int = typer.Option(32, help="Number of windows scored (0 = all)."),
     bos: Optional[bool] = typer.Option(None, "--bos/--no-bos", help="Prepend BOS to every window (default: per family)."),
+    kernel: str = typer.Option("auto", help=KERNEL_HELP),
     as_json: bool = typer.Option(False, "--json", help='Print {"ppl": ..., "tokens": ...} on stdout.'),
 ) -> None:
     """Perplexity per the benchmark protocol (non-overlapping windows)."""
     from quantlm import api
+    from quantlm.data import load_text
+    from quantlm.nn.inference import kernel_summary
 
     if seqlen < 2:
         _fail(f"--seqlen must be at least 2, got {seqlen}")
     _setup_threads()
     t0 = time.perf_counter()
-    result = api.evaluate(model, data=data, split=split, seqlen=seqlen, max_windows=max_windows or None, add_bos=bos, progress=not as_json)
+    load_text(data, split)  # a bad text source fails before the model is loaded
+    lm, kernels, _ = _load_for_inference(model, DType.float32, kernel, verbose=False)
+    result = api.evaluate(
+        lm, tokenizer=api.load_tokenizer(model), data=data, split=split, seqlen=seqlen, max_windows=max_windows or None,
+        add_bos=bos, progress=not as_json,
+    )
     seconds = time.perf_counter() - t0
     if as_json:
-        _print_json({"ppl": result.ppl, "tokens": result.tokens, "windows": result.windows, "seqlen": result.seqlen, "seconds": round(seconds, 2)})
+        _print_json({"ppl": result.ppl, "tokens": result.tokens, "windows": result.windows, "seqlen": result.seqlen,
+                     "seconds": round(seconds, 2), "kernels": kernel_summary(kernels)})
     else:
         typer.echo(f"perplexity {result.ppl:.4f} over {result.tokens} tokens ({result.windows} x {result.seqlen}) in {seconds:.1f}s")
+
+
+def _load_for_inference(model: str, dtype: "DType", kernel: str, verbose: bool):
+    """Load a model (quantized or dense) in ``dtype`` with ``kernel``; print each layer's kernel with ``verbose``."""
+    import torch
+
+    from quantlm import api
+    from quantlm.nn.inference import kernel_summary
+    from quantlm.nn.kernels import KERNEL_CHOICES
+
+    if kernel not in KERNEL_CHOICES:
+        raise QuantlmError(f"unknown kernel '{kernel}': choose one of {', '.join(KERNEL_CHOICES)}")
+    t0 = time.perf_counter()
+    lm = api.load(model, dtype=getattr(torch, dtype.value), kernel=kernel)
+    seconds = time.perf_counter() - t0
+    kernels = getattr(lm, "quantlm_kernels", {})
+    if verbose:
+        for name, chosen in kernels.items():
+            typer.echo(f"{name}\t{chosen}", err=True)
+        typer.echo(f"kernels: {kernel_summary(kernels)}; loaded in {seconds:.2f}s", err=True)
+    return lm, kernels, seconds
 
 
 @app.command()
@@ -223,6 +257,10 @@ def generate(
     temperature: float = typer.Option(1.0, help="With --sample."),
     top_p: float = typer.Option(1.0, help="With --sample."),
     seed: int = typer.Option(0, help="Random seed for sampling."),
+    dtype: DType = typer.Option(DType.float32, help="Compute dtype (bfloat16 pays on CPUs with AMX)."),
+    kernel: str = typer.Option("auto", help=KERNEL_HELP),
+    compile: bool = typer.Option(False, "--compile", help="Static KV cache and a torch.compile'd forward (slow first call)."),
+    verbose: bool = typer.Option(False, "--verbose", help="Print the kernel of every quantized layer (stderr)."),
     as_json: bool = typer.Option(False, "--json", help='Print {"text": ...} on stdout instead of streaming.'),
 ) -> None:
     """Continue a prompt with a full-precision or quantized model, streaming the tokens."""
@@ -233,15 +271,69 @@ def generate(
         _fail(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     _setup_threads()
     tokenizer = api.load_tokenizer(model)
-    lm = api.load(model)
+    lm, _, _ = _load_for_inference(model, dtype, kernel, verbose)
     if not as_json:
         typer.echo(prompt, nl=False)
     text = generate_text(
         lm, tokenizer, prompt, max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, top_p=top_p,
-        seed=seed, stream=not as_json,
+        seed=seed, stream=not as_json, compile=compile,
     )
     if as_json:
         _print_json({"prompt": prompt, "text": text})
+    else:
+        typer.echo()
+
+
+@app.command()
+@_friendly
+def bench(
+    model: str = typer.Argument(..., help="Alias, model directory or quantlm checkpoint."),
+    dtype: DType = typer.Option(DType.bfloat16, help="Compute dtype (the protocol's dense baseline is bfloat16)."),
+    kernel: str = typer.Option("auto", help=KERNEL_HELP),
+    compile: bool = typer.Option(False, "--compile", help="Decode with a static KV cache and a torch.compile'd forward."),
+    prefill_tokens: int = typer.Option(2048, help="Prompt length of the prefill measurement."),
+    decode_prompt: int = typer.Option(128, help="Prompt length of the decode measurement."),
+    decode_tokens: int = typer.Option(128, help="New tokens of the decode measurement."),
+    repeats: int = typer.Option(3, help="Timed runs of each (after one warm-up); the median is reported."),
+    data: str = typer.Option("enwiki", help="Text the prompts are cut from (its eval split)."),
+    verbose: bool = typer.Option(False, "--verbose", help="Print the kernel of every quantized layer (stderr)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the whole report as JSON on stdout."),
+) -> None:
+    """Prefill and decode tokens/s, weight bytes and peak memory of a model (../shared/BENCHMARKS.md protocol)."""
+    from quantlm import api
+    from quantlm.data import load_text
+    from quantlm.eval.speed import measure_speed
+    from quantlm.nn.inference import kernel_summary
+
+    for flag, value, least in (("--prefill-tokens", prefill_tokens, 1), ("--decode-prompt", decode_prompt, 1),
+                               ("--decode-tokens", decode_tokens, 2), ("--repeats", repeats, 1)):
+        if value < least:
+            _fail(f"{flag} must be at least {least}, got {value}")
+    _setup_threads()
+    tokenizer = api.load_tokenizer(model)
+    load_text(data, "eval")  # a bad text source fails before the model is loaded
+    lm, kernels, load_seconds = _load_for_inference(model, dtype, kernel, verbose)
+    report = measure_speed(
+        lm, tokenizer, prefill_tokens=prefill_tokens, decode_prompt=decode_prompt, decode_tokens=decode_tokens,
+        repeats=repeats, compile=compile, text=data,
+    )
+    report.extra.update(model=model, load_seconds=round(load_seconds, 3), kernels=kernel_summary(kernels))
+    if as_json:
+        _print_json(report.to_dict())
+        return
+    w = report.weight_bytes
+    typer.echo(f"{model} ({report.dtype}, {report.extra['kernels']}, {report.threads} threads{', compiled' if compile else ''})")
+    typer.echo(f"prefill {report.prefill_tok_s:8.1f} tok/s  ({report.prefill_tokens}-token prompt, median of {repeats})")
+    typer.echo(
+        f"decode  {report.decode_tok_s:8.1f} tok/s  ({report.decode_prompt}-token prompt, {report.decode_tokens} new, "
+        f"median of {repeats}; bandwidth bound {report.decode_bound_tok_s:.1f} tok/s = "
+        f"{report.bytes_per_token / 1e6:.1f} MB per token at {report.bandwidth_gb_s:.1f} GB/s)"
+    )
+    typer.echo(
+        f"weights {w['total'] / 1e6:8.1f} MB stored (quantized Linears {w['quantized_linear'] / 1e6:.1f} MB, "
+        f"{w['quantized_linear'] / max(w['quantized_linear_bf16'], 1):.2f}x their bf16 size); load {load_seconds:.2f}s; "
+        f"peak RSS {report.peak_rss_gb:.2f} GB"
+    )
 
 
 @app.command()

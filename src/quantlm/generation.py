@@ -3,6 +3,24 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
+
+
+def generation_kwargs(model: nn.Module, compile: bool) -> dict:
+    """Settings for ``generate``: greedy; with ``compile``, a static KV cache and a compiled forward (transformers
+    only compiles on accelerators unless asked, hence the private flag)."""
+    pad = getattr(model.generation_config, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(model.generation_config, "eos_token_id", None)
+        pad = pad[0] if isinstance(pad, list) else pad
+    kwargs = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None, "pad_token_id": pad}
+    if compile:
+        from transformers import CompileConfig
+
+        config = CompileConfig(fullgraph=False, dynamic=False, mode="default")
+        config._compile_all_devices = True
+        kwargs.update(cache_implementation="static", compile_config=config)
+    return kwargs
 
 
 def generate_text(
@@ -16,19 +34,20 @@ def generate_text(
     top_p: float = 1.0,
     seed: int = 0,
     stream: bool = False,
+    compile: bool = False,
 ) -> str:
-    """Continue ``prompt``; greedy unless ``do_sample``. With ``stream`` tokens are printed as they come."""
+    """Continue ``prompt``; greedy unless ``do_sample``. With ``stream`` tokens are printed as they come; with
+    ``compile`` the forward is compiled over a static KV cache."""
     from transformers import TextStreamer
 
     device = next(model.parameters()).device
     inputs = tokenizer(prompt, return_tensors="pt").to(device)
     torch.manual_seed(seed)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    kwargs = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "pad_token_id": pad}
+    kwargs = {**generation_kwargs(model, compile), "max_new_tokens": max_new_tokens}
+    if tokenizer.pad_token_id is not None:
+        kwargs["pad_token_id"] = tokenizer.pad_token_id
     if do_sample:
-        kwargs.update(temperature=temperature, top_p=top_p)
-    else:
-        kwargs.update(temperature=None, top_p=None, top_k=None)
+        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
     if stream:
         kwargs["streamer"] = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     with torch.no_grad():

@@ -28,7 +28,7 @@ from quantlm.core import QuantSpec, compute_qparams, dequantize, quantize
 from quantlm.errors import InvalidSpecError, QuantlmError
 from quantlm.methods.common import is_excluded, relative_weight_error, swap_in
 from quantlm.models.blocks import linear_weight
-from quantlm.nn.qlinear import QuantLinear, storage_scale_dtype
+from quantlm.nn.qlinear import QuantLinear, check_act_bits, storage_scale_dtype
 from quantlm.pipeline.runner import BlockContext, LayerRecord
 
 log = logging.getLogger(__name__)
@@ -265,6 +265,7 @@ class GPTQ:
     true_sequential: bool = True
     sink_weight: float = SINK_WEIGHT
     exclude: tuple[str, ...] = ()
+    act_bits: int | None = None  # 8: W8A8 layers (int8 activations per token at run time)
 
     name = "gptq"
     needs_calibration = True
@@ -276,6 +277,7 @@ class GPTQ:
             raise InvalidSpecError(f"damp must be positive (e.g. 0.01), got {self.damp}")
         if not self.sink_weight >= 1:
             raise InvalidSpecError(f"sink_weight must be at least 1 (1 = plain GPTQ), got {self.sink_weight}")
+        check_act_bits(self.act_bits)
 
     def process_block(self, ctx: BlockContext) -> list[LayerRecord]:
         targets = {n: m for n, m in ctx.linears().items() if not is_excluded(n, self.exclude)}
@@ -315,7 +317,8 @@ class GPTQ:
             scale_dtype=scale_dtype,
         )
         qlinear = QuantLinear.from_codes(
-            result.codes, result.scale.to(scale_dtype), result.zero, self.spec, getattr(module, "bias", None), result.g_idx
+            result.codes, result.scale.to(scale_dtype), result.zero, self.spec, getattr(module, "bias", None), result.g_idx,
+            act_bits=self.act_bits,
         )
         swap_in(root, name, qlinear, module)
         if result.damp != self.damp:
@@ -349,6 +352,7 @@ class GPTQ:
             "true_sequential": self.true_sequential,
             "sink_weight": self.sink_weight,
             "exclude": list(self.exclude),
+            **({} if self.act_bits is None else {"act_bits": self.act_bits}),
         }
 
     @classmethod
@@ -356,6 +360,6 @@ class GPTQ:
         config = dict(config)
         config.pop("method", None)
         config.pop("calibration", None)
-        options = {k: config.pop(k) for k in ("block_size", "damp", "act_order", "static_groups", "true_sequential", "sink_weight") if k in config}
+        options = {k: config.pop(k) for k in ("block_size", "damp", "act_order", "static_groups", "true_sequential", "sink_weight", "act_bits") if k in config}
         exclude = tuple(config.pop("exclude", ()))
         return cls(spec=QuantSpec.from_dict(config), exclude=exclude, **options)

@@ -31,7 +31,13 @@ class Recipe:
         return any(s.needs_calibration for s in self.steps)
 
     def describe(self) -> str:
-        return " -> ".join(f"{s.name}({s.spec.describe()})" if hasattr(s, "spec") else s.name for s in self.steps)
+        def label(step) -> str:
+            if not hasattr(step, "spec"):
+                return step.name
+            act = getattr(step, "act_bits", None)
+            return f"{step.name}({step.spec.describe()}{f' a{act}' if act else ''})"
+
+        return " -> ".join(label(s) for s in self.steps)
 
 
 def _step_from_dict(d: dict[str, Any]) -> Step:

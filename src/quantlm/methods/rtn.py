@@ -15,7 +15,7 @@ from torch import nn
 from quantlm.core import QuantSpec
 from quantlm.methods.common import is_excluded, relative_weight_error, swap_in
 from quantlm.models.blocks import linear_weight, output_embedding_name
-from quantlm.nn.qlinear import QuantLinear
+from quantlm.nn.qlinear import QuantLinear, check_act_bits
 from quantlm.pipeline.runner import BlockContext, LayerRecord
 
 
@@ -24,12 +24,14 @@ class RTN:
     """Round-to-nearest weight quantization of every Linear in the decoder blocks.
 
     ``lm_head=True`` also quantizes the output projection (untying it from tied input embeddings, which stay
-    in full precision). ``exclude`` holds fnmatch patterns of module names to leave alone.
+    in full precision). ``exclude`` holds fnmatch patterns of module names to leave alone. ``act_bits=8`` makes
+    the layers W8A8: their inputs are quantized to int8 per token, dynamically, at run time.
     """
 
     spec: QuantSpec = field(default_factory=lambda: QuantSpec(bits=4, group_size=64))
     lm_head: bool = False
     exclude: tuple[str, ...] = ()
+    act_bits: int | None = None
 
     name = "rtn"
     needs_calibration = False
@@ -37,7 +39,7 @@ class RTN:
     def _quantize_module(self, root: nn.Module, name: str, module: nn.Module) -> LayerRecord:
         t0 = time.perf_counter()
         weight = linear_weight(module)
-        q = QuantLinear.from_weight(weight, self.spec, getattr(module, "bias", None))
+        q = QuantLinear.from_weight(weight, self.spec, getattr(module, "bias", None), act_bits=self.act_bits)
         error = relative_weight_error(weight, q.dequantize_weight())
         swap_in(root, name, q, module)
         return LayerRecord(
@@ -45,7 +47,7 @@ class RTN:
             method=self.name,
             seconds=time.perf_counter() - t0,
             error=error,
-            details={"shape": list(weight.shape), "spec": self.spec.describe()},
+            details={"shape": list(weight.shape), "spec": q.describe()},
         )
 
     def process_block(self, ctx: BlockContext) -> list[LayerRecord]:
@@ -66,8 +68,12 @@ class RTN:
             model.config.tie_word_embeddings = False
         return [record]
 
+    def __post_init__(self) -> None:
+        check_act_bits(self.act_bits)
+
     def to_config(self) -> dict[str, Any]:
-        return {"method": self.name, **self.spec.to_dict(), "lm_head": self.lm_head, "exclude": list(self.exclude)}
+        config = {"method": self.name, **self.spec.to_dict(), "lm_head": self.lm_head, "exclude": list(self.exclude)}
+        return config if self.act_bits is None else {**config, "act_bits": self.act_bits}
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "RTN":
@@ -76,4 +82,5 @@ class RTN:
         config.pop("calibration", None)
         lm_head = bool(config.pop("lm_head", False))
         exclude = tuple(config.pop("exclude", ()))
-        return cls(spec=QuantSpec.from_dict(config), lm_head=lm_head, exclude=exclude)
+        act_bits = config.pop("act_bits", None)
+        return cls(spec=QuantSpec.from_dict(config), lm_head=lm_head, exclude=exclude, act_bits=act_bits)

@@ -8,8 +8,10 @@ Storage (all buffers, so they travel with ``state_dict``):
 - ``g_idx``: optional int32 [in_features], the group of each input column, for GPTQ act-order checkpoints whose
   groups were formed in a permuted column order (absent: column j is in group j // group_size).
 The weight follows the GPTQ grid convention of ``quantlm.core``: w = (q - zero) * scale, groups along in_features.
+``act_bits`` 8 makes it a W8A8 layer: its input is quantized per token to int8 on every call (dynamic).
 
-This module's forward is the plain-torch fallback (dequantize, then matmul), always correct on any device.
+The matmul is done by a kernel (``quantlm.nn.kernels``) chosen with :meth:`QuantLinear.use_kernel`; until one is
+chosen it is the plain-torch fallback (dequantize, then matmul), always correct on any device.
 """
 
 from __future__ import annotations
@@ -19,7 +21,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantlm.core import QuantSpec, compute_qparams, dequantize, pack, quantize, unpack
+from quantlm.core.activation import fake_quantize_per_token_int8
 from quantlm.core.packing import packed_length
+from quantlm.errors import InvalidSpecError
+from quantlm.nn.kernels import Kernel, TorchDequantKernel, choose_kernel
+
+ACT_BITS = (None, 8)
+
+
+def check_act_bits(act_bits) -> int | None:
+    if act_bits not in ACT_BITS or isinstance(act_bits, bool):
+        raise InvalidSpecError(f"activation bits must be 8 (W8A8, dynamic per token) or none, got {act_bits!r}")
+    return act_bits
 
 def storage_scale_dtype(scale: torch.Tensor) -> torch.dtype:
     """fp16 when every scale is a normal fp16 number (the GPTQ ecosystem's choice), else fp32."""
@@ -40,11 +53,14 @@ class QuantLinear(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         g_idx: bool = False,
+        act_bits: int | None = None,
     ) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
         self.spec = spec
+        self.act_bits = check_act_bits(act_bits)
+        self.kernel: Kernel | None = None
         n_groups = spec.n_groups(in_features)
         self.register_buffer(
             "qweight",
@@ -71,6 +87,7 @@ class QuantLinear(nn.Module):
         spec: QuantSpec,
         bias: torch.Tensor | None = None,
         g_idx: torch.Tensor | None = None,
+        act_bits: int | None = None,
     ) -> "QuantLinear":
         """Build from integer codes [out, in], scales and zeros [out, n_groups] (as ``quantlm.core`` returns them).
 
@@ -91,6 +108,7 @@ class QuantLinear(nn.Module):
             dtype=bias.dtype if bias is not None else torch.float32,
             device=codes.device,
             g_idx=g_idx is not None,
+            act_bits=act_bits,
         )
         if g_idx is not None:
             module.g_idx.copy_(g_idx.to(torch.int32))
@@ -105,7 +123,9 @@ class QuantLinear(nn.Module):
         return module
 
     @classmethod
-    def from_weight(cls, weight: torch.Tensor, spec: QuantSpec, bias: torch.Tensor | None = None) -> "QuantLinear":
+    def from_weight(
+        cls, weight: torch.Tensor, spec: QuantSpec, bias: torch.Tensor | None = None, act_bits: int | None = None
+    ) -> "QuantLinear":
         """Round-to-nearest quantization of a float weight [out, in] on ``spec``'s grid.
 
         The scales are rounded to their storage dtype *before* the codes are computed, so the stored model is
@@ -115,17 +135,20 @@ class QuantLinear(nn.Module):
         scale, zero = compute_qparams(w, spec)
         scale = scale.to(storage_scale_dtype(scale))
         codes = quantize(w, scale.float(), zero, spec)
-        return cls.from_codes(codes, scale, zero, spec, bias)
+        return cls.from_codes(codes, scale, zero, spec, bias, act_bits=act_bits)
 
     def layout(self) -> dict:
         """What a checkpoint config records of this module: enough to rebuild it empty with ``from_layout``."""
-        return {
+        layout = {
             **self.spec.to_dict(),
             "in_features": self.in_features,
             "out_features": self.out_features,
             "bias": self.bias is not None,
             "g_idx": self.g_idx is not None,
         }
+        if self.act_bits is not None:
+            layout["act_bits"] = self.act_bits
+        return layout
 
     @classmethod
     def from_layout(cls, layout: dict, scale_dtype: torch.dtype, device: torch.device | str = "meta") -> "QuantLinear":
@@ -133,13 +156,24 @@ class QuantLinear(nn.Module):
         entry = dict(layout)
         in_f, out_f, bias = entry.pop("in_features"), entry.pop("out_features"), entry.pop("bias")
         g_idx = bool(entry.pop("g_idx", False))
-        return cls(in_f, out_f, QuantSpec.from_dict(entry), bias=bias, scale_dtype=scale_dtype, device=device, g_idx=g_idx)
+        act_bits = entry.pop("act_bits", None)
+        return cls(
+            in_f, out_f, QuantSpec.from_dict(entry), bias=bias, scale_dtype=scale_dtype, device=device, g_idx=g_idx,
+            act_bits=act_bits,
+        )
 
     # -- use ------------------------------------------------------------------------------------------------------
     def codes(self) -> torch.Tensor:
         return unpack(self.qweight, self.spec.bits, self.in_features)
 
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight [out, in] on its grid, computed in fp32 and returned in ``dtype``."""
+        k, g = self.in_features, self.spec.group_size
+        if self.spec.granularity in ("group", "channel") and self.g_idx is None and (g < 0 or k % g == 0):
+            # whole groups in natural order: broadcast each group's scale over a [out, groups, size] view
+            codes = self.codes().view(self.out_features, self.scales.shape[1], -1).float()
+            w = (codes - self.zeros.float().unsqueeze(-1)) * self.scales.float().unsqueeze(-1)
+            return w.view(self.out_features, k).to(dtype)
         scale = self.scales.float()
         zero = self.zeros.float()
         if self.spec.granularity == "tensor":
@@ -154,8 +188,31 @@ class QuantLinear(nn.Module):
         tensors = [self.qweight, self.scales, self.zeros] + ([self.g_idx] if self.g_idx is not None else [])
         return sum(t.numel() * t.element_size() for t in tensors)
 
+    def describe(self) -> str:
+        """e.g. 'w4 g64 asym' or 'w8 per-channel sym a8'."""
+        return self.spec.describe() + (f" a{self.act_bits}" if self.act_bits is not None else "")
+
+    def use_kernel(self, name: str = "auto", dtype: torch.dtype = torch.float32) -> str:
+        """Prepare the matmul kernel ``name`` (``auto``: the fastest that can run this layer on its device) for
+        activations of ``dtype``; return the name of the kernel chosen. Call it again after moving the layer to
+        another device."""
+        kernel = choose_kernel(self, name, self.qweight.device)
+        self.kernel = kernel(self, dtype)
+        return kernel.name
+
+    @property
+    def kernel_name(self) -> str:
+        return self.kernel.name if self.kernel is not None else TorchDequantKernel.name
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x Wᵀ without the bias, by dequantizing the weight (and fake-quantizing x for W8A8): the plain-torch path."""
+        if self.act_bits == 8:
+            x = fake_quantize_per_token_int8(x)
+        return F.linear(x, self.dequantize_weight(x.dtype))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantize_weight(x.dtype), self.bias)
+        y = self.kernel(x) if self.kernel is not None else self.reference_forward(x)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, {self.spec.describe()}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.describe()}"

@@ -1,0 +1,287 @@
+"""Matmul kernels for QuantLinear: each turns the packed storage into what one fast op wants, once, at load time.
+
+A kernel is a small ``nn.Module`` attached to its QuantLinear as ``layer.kernel``; its tensors are non-persistent
+buffers (never saved, moved by ``.to(device)``). ``why_not(layer, device)`` says in words why a kernel cannot run a
+layer (``None`` when it can), so ``auto`` picks the first kernel that can and ``--kernel NAME`` fails with a reason.
+
+Kernels (y = x Wᵀ + b, W = (q − zero) · scale, as ``quantlm.core`` defines the grid):
+- ``int4pack``: weight-only 2-4 bit with groups (or per channel), CPU: ``aten._weight_int4pack_mm_for_cpu``. That
+  op computes (q − 8) · s + m per group, so the zero point goes in as m = (8 − zero) · s; 2- and 3-bit codes are
+  valid 4-bit codes and run on it unchanged. Act-order layers (non-trivial ``g_idx``) have their columns sorted by
+  group once here, and the input is gathered into that order on every call. The op wants group sizes 32-256 that
+  divide K and N divisible by 16: rows are padded with zeros to a multiple of 16; larger groups (and per-channel
+  grids) are cut into the largest such groups with repeated scales.
+- ``int8pack``: weight-only 8 bit per output channel (W8A16), CPU: ``aten._weight_int8pack_mm`` on signed codes
+  q − 128; an asymmetric zero point adds the rank-one term (Σx) · (128 − zero) · s.
+- ``int8-dynamic``: W8A8, int8 weights per channel (symmetric) times int8 activations quantized per token on the
+  fly: ``torch._int_mm`` with int32 accumulation, then both scales.
+- ``torch``: dequantize, then ``F.linear``; any device, any layer. It is the reference the others are tested against.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from quantlm.core.activation import quantize_per_token_int8
+from quantlm.errors import QuantlmError
+
+if TYPE_CHECKING:
+    from quantlm.nn.qlinear import QuantLinear
+
+DEQUANT_MIN_ROWS = 32  # from this many tokens on, dequantize once and use the dense GEMM (prefill)
+INT4PACK_GROUP_SIZES = (256, 128, 64, 32)
+INT4PACK_ROW_MULTIPLE = 16
+INT8PACK_K_MULTIPLE = 4  # _weight_int8pack_mm crashes on bf16 inputs when K is not a multiple of 4 (torch 2.13)
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AMX or AVX-512 BF16); without it a bf16 GEMM is several times
+    slower than fp32, so the dense path of the kernels computes in fp32 instead."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def dense_matmul(layer: "QuantLinear", x2: Tensor) -> Tensor:
+    """x2 Wᵀ with the weight dequantized once: for many rows (prefill) the dense GEMM beats the weight-only ops,
+    and the dequantization costs little next to it. bf16 inputs are multiplied in fp32 on CPUs without fast bf16."""
+    dtype = x2.dtype
+    if dtype != torch.float32 and x2.device.type == "cpu" and not cpu_has_fast_bf16():
+        dtype = torch.float32
+    return F.linear(x2.to(dtype), layer.dequantize_weight(dtype)).to(x2.dtype)
+
+
+def _rows(x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+    """x as a contiguous 2-D [tokens, features] tensor, and the leading shape to restore."""
+    return x.reshape(-1, x.shape[-1]).contiguous(), tuple(x.shape[:-1])
+
+
+class Kernel(nn.Module):
+    """Base: subclasses set ``name``, implement ``why_not`` (a classmethod) and ``forward`` (x Wᵀ; the layer adds
+    its bias)."""
+
+    name = "?"
+
+    def __init__(self, layer: "QuantLinear", dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.out_features = layer.out_features
+        self.layer = [layer]  # a list: not a submodule, so the layer is not registered inside itself
+
+    @classmethod
+    def why_not(cls, layer: "QuantLinear", device: torch.device) -> str | None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return self.name
+
+
+class TorchDequantKernel(Kernel):
+    """Dequantize the whole weight on every call, then a dense matmul: correct on every device and layer."""
+
+    name = "torch"
+
+    def __init__(self, layer: "QuantLinear", dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(layer, dtype)
+
+    @classmethod
+    def why_not(cls, layer, device):
+        return None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layer[0].reference_forward(x)
+
+
+def _int4pack_group(layer: "QuantLinear") -> int | None:
+    """The group size the int4 op runs this layer with (None if none fits)."""
+    k = layer.in_features
+    natural = layer.spec.group_size if layer.spec.granularity == "group" else k
+    for g in INT4PACK_GROUP_SIZES:
+        if natural % g == 0 and k % g == 0:
+            return g
+    return None
+
+
+def _group_order(layer: "QuantLinear") -> Tensor | None:
+    """For act-order layers: the column permutation that makes every group contiguous (None if already natural)."""
+    if layer.g_idx is None:
+        return None
+    return torch.argsort(layer.g_idx.long(), stable=True)
+
+
+class Int4PackKernel(Kernel):
+    name = "int4pack"
+
+    @classmethod
+    def why_not(cls, layer, device):
+        if device.type != "cpu":
+            return "runs on CPU only"
+        if layer.act_bits is not None:
+            return "weight-only kernel, the layer quantizes activations"
+        if layer.spec.bits > 4:
+            return f"needs at most 4-bit codes, the layer has {layer.spec.bits}"
+        if layer.spec.granularity not in ("group", "channel"):
+            return f"needs group or per-channel scales, the layer has {layer.spec.granularity}"
+        if _int4pack_group(layer) is None:
+            return (
+                f"needs a group size of 32, 64, 128 or 256 (or a multiple) dividing in_features; "
+                f"the layer has group {layer.spec.group_size} and in_features {layer.in_features}"
+            )
+        if layer.g_idx is not None:
+            counts = torch.bincount(layer.g_idx.long(), minlength=layer.scales.shape[1])
+            full = counts[:-1] if counts.numel() > 1 else counts
+            if bool((full != layer.spec.group_size).any()):
+                return "act-order groups of unequal size"
+        return None
+
+    def __init__(self, layer: "QuantLinear", dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(layer, dtype)
+        order = _group_order(layer)
+        self.register_buffer("order", order, persistent=False)
+        codes = layer.codes().to(torch.int32)
+        scale = layer.scales.float()
+        zero = layer.zeros.float()
+        if order is not None:
+            codes = codes[:, order]
+        self.group = _int4pack_group(layer)
+        repeat = (layer.spec.group_size if layer.spec.granularity == "group" else layer.in_features) // self.group
+        scale = scale.repeat_interleave(repeat, dim=1)
+        zero = zero.repeat_interleave(repeat, dim=1)
+        pad = -layer.out_features % INT4PACK_ROW_MULTIPLE
+        if pad:
+            codes = F.pad(codes, (0, 0, 0, pad), value=8)
+            scale = F.pad(scale, (0, 0, 0, pad))
+            zero = F.pad(zero, (0, 0, 0, pad), value=8)
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1), persistent=False)
+        # [K / group, N, 2]: scale and the float offset m = (8 - zero) * scale of each group
+        scale_offset = torch.stack([scale.t(), ((8 - zero) * scale).t()], dim=-1).to(dtype).contiguous()
+        self.register_buffer("scale_offset", scale_offset, persistent=False)
+
+    def _scale_offset(self, dtype: torch.dtype) -> Tensor:
+        """In the activations' dtype, as the op wants: prepared in it when the layer's compute dtype is known."""
+        return self.scale_offset if dtype == self.scale_offset.dtype else self.scale_offset.to(dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x2, lead = _rows(x)
+        if x2.shape[0] >= DEQUANT_MIN_ROWS:
+            return dense_matmul(self.layer[0], x2).reshape(*lead, self.out_features)
+        if self.order is not None:
+            x2 = x2.index_select(1, self.order)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, self._scale_offset(x2.dtype))
+        y = y[:, : self.out_features]
+        return y.reshape(*lead, self.out_features)
+
+
+def _signed_codes(layer: "QuantLinear") -> Tensor:
+    """8-bit codes as int8 around the symmetric zero 128."""
+    return (layer.codes().to(torch.int16) - 128).to(torch.int8)
+
+
+def _per_channel_8bit(layer: "QuantLinear") -> str | None:
+    if layer.spec.bits != 8:
+        return f"needs 8-bit weights, the layer has {layer.spec.bits}"
+    if layer.spec.granularity not in ("channel", "tensor"):
+        return f"needs one scale per output channel, the layer has {layer.spec.describe()}"
+    return None
+
+
+def _row_params(layer: "QuantLinear") -> tuple[Tensor, Tensor]:
+    """Scale and zero as fp32 vectors [out_features] (a per-tensor grid broadcast to every row)."""
+    scale = layer.scales.float()[:, 0].expand(layer.out_features).contiguous()
+    zero = layer.zeros.float()[:, 0].expand(layer.out_features).contiguous()
+    return scale, zero
+
+
+class Int8PackKernel(Kernel):
+    name = "int8pack"
+
+    @classmethod
+    def why_not(cls, layer, device):
+        if device.type != "cpu":
+            return "runs on CPU only"
+        if layer.act_bits is not None:
+            return "weight-only kernel, the layer quantizes activations"
+        reason = _per_channel_8bit(layer)
+        if reason:
+            return reason
+        if layer.in_features % INT8PACK_K_MULTIPLE:
+            return f"needs in_features divisible by {INT8PACK_K_MULTIPLE}, the layer has {layer.in_features}"
+        return None
+
+    def __init__(self, layer: "QuantLinear", dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(layer, dtype)
+        scale, zero = _row_params(layer)
+        self.register_buffer("weight", _signed_codes(layer), persistent=False)
+        self.register_buffer("scale", scale.to(dtype), persistent=False)
+        offset = (128 - zero) * scale
+        self.register_buffer("offset", offset.to(dtype) if bool(offset.any()) else None, persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x2, lead = _rows(x)
+        if x2.shape[0] >= DEQUANT_MIN_ROWS:
+            return dense_matmul(self.layer[0], x2).reshape(*lead, self.out_features)
+        y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scale.to(x2.dtype))  # no-op in the prepared dtype
+        if self.offset is not None:
+            y = y + x2.sum(dim=1, keepdim=True) * self.offset.to(y.dtype)
+        return y.reshape(*lead, self.out_features)
+
+
+class Int8DynamicKernel(Kernel):
+    name = "int8-dynamic"
+
+    @classmethod
+    def why_not(cls, layer, device):
+        if device.type != "cpu":
+            return "runs on CPU only (torch._int_mm on CUDA needs more than 16 rows)"
+        if layer.act_bits != 8:
+            return "needs a layer with 8-bit activations"
+        reason = _per_channel_8bit(layer)
+        if reason:
+            return reason
+        if not layer.spec.symmetric:
+            return "needs symmetric weights"
+        return None
+
+    def __init__(self, layer: "QuantLinear", dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(layer, dtype)
+        scale, _ = _row_params(layer)
+        self.register_buffer("weight_t", _signed_codes(layer).t(), persistent=False)  # [in, out], column-major
+        self.register_buffer("scale", scale, persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x2, lead = _rows(x)
+        q, x_scale = quantize_per_token_int8(x2)
+        acc = torch._int_mm(q, self.weight_t)
+        y = (acc.float() * x_scale.float() * self.scale).to(x.dtype)
+        return y.reshape(*lead, self.out_features)
+
+
+KERNELS: dict[str, type[Kernel]] = {
+    k.name: k for k in (Int4PackKernel, Int8PackKernel, Int8DynamicKernel, TorchDequantKernel)
+}
+AUTO_ORDER = ("int8-dynamic", "int4pack", "int8pack", "torch")
+KERNEL_CHOICES = ("auto", *KERNELS)
+
+
+def choose_kernel(layer: "QuantLinear", name: str = "auto", device: torch.device | None = None) -> type[Kernel]:
+    """The kernel class for ``layer``: the first of AUTO_ORDER that can run it, or ``name`` if it can."""
+    device = device if device is not None else layer.qweight.device
+    if name == "auto":
+        for candidate in AUTO_ORDER:
+            if KERNELS[candidate].why_not(layer, device) is None:
+                return KERNELS[candidate]
+    kernel = KERNELS.get(name)
+    if kernel is None:
+        raise QuantlmError(f"unknown kernel '{name}': choose one of {', '.join(KERNEL_CHOICES)}")
+    reason = kernel.why_not(layer, device)
+    if reason is not None:
+        raise QuantlmError(f"kernel '{name}' cannot run a {layer.describe()} layer: it {reason}; use --kernel auto")
+    return kernel

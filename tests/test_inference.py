@@ -1,0 +1,120 @@
+"""Loading for inference: kernels chosen per layer, compute dtype, generation and the bench command, on tiny models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import quantlm
+from quantlm.cli import app
+from quantlm.core import QuantSpec
+from quantlm.errors import QuantlmError
+from quantlm.eval.speed import measure_speed
+from quantlm.methods import RTN
+from quantlm.nn import QuantLinear
+
+from conftest import byte_tokenizer, tiny_model
+
+runner = CliRunner()
+IDS = torch.tensor([[5, 80, 17, 200, 33, 9, 41, 120]])
+
+
+def _checkpoint(tmp_path, spec, act_bits=None, name="q"):
+    model = tiny_model("llama")
+    quantlm.quantize(model, RTN(spec, act_bits=act_bits), progress=False)
+    return quantlm.save(model, tmp_path / name, tokenizer=byte_tokenizer())
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(IDS).logits.float()
+
+
+@pytest.mark.parametrize(
+    "spec, act_bits, fast",
+    [
+        (QuantSpec(bits=4, group_size=32), None, "int4pack"),
+        (QuantSpec(bits=3, group_size=32, symmetric=True), None, "int4pack"),
+        (QuantSpec(bits=8, group_size=-1, symmetric=True), None, "int8pack"),
+        (QuantSpec(bits=8, group_size=-1, symmetric=True), 8, "int8-dynamic"),
+    ],
+)
+def test_load_picks_the_fast_kernel_and_matches_the_reference(tmp_path, spec, act_bits, fast):
+    out = _checkpoint(tmp_path, spec, act_bits)
+    auto = quantlm.load(out)
+    assert set(auto.quantlm_kernels.values()) == {fast}
+    reference = quantlm.load(out, kernel="torch")
+    assert set(reference.quantlm_kernels.values()) == {"torch"}
+    torch.testing.assert_close(_logits(auto), _logits(reference), rtol=1e-4, atol=1e-4)
+
+
+def test_odd_shapes_fall_back_silently_and_correctly(tmp_path):
+    # intermediate 100: gate/up have N = 100 (padded to 112 for int4pack); down_proj has K = 100, no group fits
+    model = tiny_model("llama", intermediate_size=100)
+    quantlm.quantize(model, RTN(QuantSpec(bits=4, group_size=32)), progress=False)
+    out = quantlm.save(model, tmp_path / "odd", tokenizer=byte_tokenizer())
+    auto = quantlm.load(out)
+    kernels = auto.quantlm_kernels
+    assert kernels["model.layers.0.mlp.down_proj"] == "torch"
+    assert kernels["model.layers.0.mlp.up_proj"] == "int4pack"
+    torch.testing.assert_close(_logits(auto), _logits(quantlm.load(out, kernel="torch")), rtol=1e-4, atol=1e-4)
+    with pytest.raises(QuantlmError, match="kernel 'int4pack' cannot run"):
+        quantlm.load(out, kernel="int4pack")
+
+
+def test_bf16_compute_keeps_the_stored_scales(tmp_path):
+    out = _checkpoint(tmp_path, QuantSpec(bits=4, group_size=32))
+    model = quantlm.load(out, dtype=torch.bfloat16)
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    layer = model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, QuantLinear) and layer.scales.dtype == torch.float16
+    logits = _logits(model)
+    reference = _logits(quantlm.load(out, kernel="torch"))
+    assert float((logits - reference).norm() / reference.norm()) < 3e-2
+
+
+def test_measure_speed_reports_every_figure(tmp_path, text_file):
+    out = _checkpoint(tmp_path, QuantSpec(bits=4, group_size=32))
+    model = quantlm.load(out)
+    report = measure_speed(model, byte_tokenizer(), prefill_tokens=64, decode_prompt=16, decode_tokens=4, repeats=2,
+                           text=str(text_file))
+    assert len(report.prefill_runs) == len(report.decode_runs) == 2
+    assert report.prefill_tok_s > 0 and report.decode_tok_s > 0 and report.decode_bound_tok_s > 0
+    w = report.weight_bytes
+    assert 0 < w["quantized_linear"] < 0.4 * w["quantized_linear_bf16"]
+    # what decode reads: the int4 kernels' tensors, not the stored codes they were made from
+    assert report.bytes_per_token < w["total"] + w["quantized_linear"]
+    assert report.peak_rss_gb > 0
+
+
+def test_bench_and_generate_commands(tmp_path, text_file):
+    out = _checkpoint(tmp_path, QuantSpec(bits=4, group_size=32))
+    result = runner.invoke(app, ["bench", str(out), "--dtype", "float32", "--prefill-tokens", "32", "--decode-prompt", "8",
+                                 "--decode-tokens", "3", "--repeats", "1", "--data", str(text_file), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["extra"]["kernels"] == "int4pack x21" and report["decode_tokens"] == 3
+    result = runner.invoke(app, ["bench", str(out), "--repeats", "0"])
+    assert result.exit_code == 2 and "--repeats must be at least 1" in result.output
+    result = runner.invoke(app, ["bench", str(out), "--kernel", "marlin"])
+    assert result.exit_code == 2 and "unknown kernel 'marlin'" in result.output
+
+    gen = runner.invoke(app, ["generate", str(out), "--prompt", "The quick", "--max-new-tokens", "4", "--verbose"])
+    assert gen.exit_code == 0, gen.output
+    assert "model.layers.0.self_attn.q_proj\tint4pack" in gen.output and "int4pack x21" in gen.output
+    assert "\nThe quick" in gen.output  # the prompt, then the streamed continuation
+    torch_gen = runner.invoke(app, ["generate", str(out), "--prompt", "The quick", "--max-new-tokens", "4", "--kernel",
+                                    "torch", "--json"])
+    auto_gen = runner.invoke(app, ["generate", str(out), "--prompt", "The quick", "--max-new-tokens", "4", "--json"])
+    assert json.loads(torch_gen.stdout)["text"] == json.loads(auto_gen.stdout)["text"]
+
+
+def test_w8a8_recipe_round_trips_and_refuses_other_activation_bits(tmp_path):
+    step = RTN(QuantSpec(bits=8, group_size=-1, symmetric=True), act_bits=8)
+    assert RTN.from_config(step.to_config()) == step
+    assert "a8" in quantlm.parse_recipe(step).describe()
+    with pytest.raises(QuantlmError, match="activation bits must be 8"):
+        RTN(QuantSpec(bits=8), act_bits=4)

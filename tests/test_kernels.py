@@ -1,0 +1,156 @@
+"""Every kernel path against the dequantize-then-matmul reference, including shapes where the fast op cannot run.
+
+Tolerances (relative Frobenius error of the output against the reference in the same activation dtype):
+- fp32 activations: 1e-5 (the kernels reorder sums; int32 accumulation in int8-dynamic is exact);
+- bf16 activations: 2e-2 (bf16 has 8 significant bits: both sides round the inputs, and the int4 op also rounds its
+  per-group scale and offset, to bf16).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from quantlm.core import QuantSpec, dequantize
+from quantlm.core.activation import fake_quantize_per_token_int8, quantize_per_token_int8
+from quantlm.errors import QuantlmError
+from quantlm.nn.kernels import KERNELS, choose_kernel
+from quantlm.nn.qlinear import QuantLinear
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def make_layer(out_f, in_f, bits, group, sym=False, act_bits=None, bias=True, seed=0, act_order=False):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g)
+    b = torch.randn(out_f, generator=g) if bias else None
+    layer = QuantLinear.from_weight(w, QuantSpec(bits=bits, group_size=group, symmetric=sym), b, act_bits=act_bits)
+    if act_order:  # a GPTQ act-order layout: groups formed over a permuted column order
+        perm = torch.randperm(in_f, generator=g)
+        g_idx = torch.empty(in_f, dtype=torch.int32)
+        g_idx[perm] = (torch.arange(in_f) // group).to(torch.int32)
+        layer = QuantLinear.from_codes(layer.codes(), layer.scales, layer.zeros, layer.spec, b, g_idx=g_idx)
+    return layer
+
+
+def relative_error(y, ref):
+    return float((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12))
+
+
+def check_kernel(layer, expected_kernel, dtype=torch.float32, tokens=5):
+    x = torch.randn(2, tokens, layer.in_features).to(dtype)
+    ref = layer(x)  # no kernel chosen yet: the reference path
+    chosen = layer.use_kernel("auto", dtype)
+    assert chosen == expected_kernel
+    y = layer(x)
+    assert y.shape == ref.shape and y.dtype == dtype
+    assert relative_error(y, ref) < TOL[dtype], (chosen, relative_error(y, ref))
+    return layer
+
+
+@pytest.mark.parametrize("tokens", [3, 40])  # 6 rows: the weight-only op; 80 rows: dequantize once, dense GEMM
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "out_f, in_f, bits, group, sym, expected",
+    [
+        (64, 256, 4, 64, False, "int4pack"),
+        (64, 256, 4, 32, True, "int4pack"),
+        (48, 512, 4, 128, False, "int4pack"),
+        (32, 512, 4, 256, False, "int4pack"),
+        (32, 1024, 4, 512, False, "int4pack"),  # groups of 512 run as 256 with repeated scales
+        (40, 192, 4, -1, False, "int4pack"),  # per channel, N not a multiple of 16: padded
+        (36, 128, 3, 64, False, "int4pack"),  # 3-bit codes are 4-bit codes
+        (32, 128, 2, 32, True, "int4pack"),
+        (32, 100, 4, 64, False, "torch"),  # K not a multiple of the group: fallback
+        (32, 256, 4, 16, False, "torch"),  # group too small for the op
+        (32, 128, 5, 64, False, "torch"),
+        (48, 256, 8, -1, True, "int8pack"),
+        (50, 96, 8, -1, False, "int8pack"),  # asymmetric: rank-one zero-point correction
+        (16, 30, 8, -1, True, "torch"),  # K not a multiple of 4
+        (32, 256, 8, 64, True, "torch"),  # grouped int8
+    ],
+)
+def test_weight_only_kernels_match_reference(out_f, in_f, bits, group, sym, expected, dtype, tokens):
+    check_kernel(make_layer(out_f, in_f, bits, group, sym), expected, dtype, tokens)
+
+
+@pytest.mark.parametrize("tokens", [3, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_act_order_layer_runs_int4pack_in_group_order(dtype, tokens):
+    layer = make_layer(32, 256, 4, 64, act_order=True)
+    assert layer.g_idx is not None
+    check_kernel(layer, "int4pack", dtype, tokens)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    out_f=st.integers(1, 20),
+    in_f=st.integers(1, 200),
+    bits=st.integers(2, 8),
+    group=st.sampled_from([-1, 8, 16, 32, 64]),
+    sym=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_dequantize_weight_fast_path_equals_core_dequantize(out_f, in_f, bits, group, sym, seed):
+    layer = make_layer(out_f, in_f, bits, group, sym, bias=False, seed=seed)
+    expected = dequantize(layer.codes(), layer.scales.float(), layer.zeros.float(), layer.spec)
+    assert torch.equal(layer.dequantize_weight(), expected)
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 33])
+def test_w8a8_int_mm_matches_fake_quant_reference(tokens):
+    check_kernel(make_layer(48, 96, 8, -1, sym=True, act_bits=8), "int8-dynamic", torch.float32, tokens)
+
+
+def test_w8a8_with_asymmetric_weights_falls_back():
+    layer = make_layer(48, 96, 8, -1, sym=False, act_bits=8)
+    assert choose_kernel(layer).name == "torch"
+
+
+def test_named_kernel_that_cannot_run_says_why():
+    layer = make_layer(32, 100, 4, 64)
+    with pytest.raises(QuantlmError, match="int4pack.*in_features 100.*--kernel auto"):
+        layer.use_kernel("int4pack")
+    with pytest.raises(QuantlmError, match="unknown kernel"):
+        layer.use_kernel("marlin")
+    assert layer.use_kernel("torch") == "torch"
+
+
+def test_every_kernel_is_reachable_by_name():
+    assert set(KERNELS) == {"int4pack", "int8pack", "int8-dynamic", "torch"}
+
+
+def test_kernel_tensors_are_not_saved():
+    layer = make_layer(32, 256, 4, 64)
+    before = set(layer.state_dict())
+    layer.use_kernel("int4pack")
+    assert set(layer.state_dict()) == before
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    out_f=st.integers(1, 40),
+    groups=st.integers(1, 4),
+    group=st.sampled_from([32, 64, 128]),
+    bits=st.sampled_from([2, 3, 4]),
+    sym=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_int4pack_property(out_f, groups, group, bits, sym, seed):
+    layer = make_layer(out_f, groups * group, bits, group, sym, seed=seed)
+    check_kernel(layer, "int4pack")
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 6), cols=st.integers(1, 50), scale=st.floats(1e-3, 1e4), seed=st.integers(0, 2**16))
+def test_per_token_int8_quantization_property(rows, cols, scale, seed):
+    x = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * scale
+    x[0] = 0.0  # an all-zero token must not divide by zero
+    codes, s = quantize_per_token_int8(x)
+    assert codes.dtype == torch.int8 and int(codes.abs().max()) <= 127
+    assert torch.isfinite(s).all()
+    err = (fake_quantize_per_token_int8(x) - x).abs()
+    assert bool((err <= s / 2 * (1 + 1e-5) + 1e-7).all())  # within half a step of each token's grid
+    assert torch.equal(fake_quantize_per_token_int8(x)[0], torch.zeros(cols))
