@@ -118,3 +118,25 @@ def test_w8a8_recipe_round_trips_and_refuses_other_activation_bits(tmp_path):
     assert "a8" in quantlm.parse_recipe(step).describe()
     with pytest.raises(QuantlmError, match="activation bits must be 8"):
         RTN(QuantSpec(bits=8), act_bits=4)
+
+
+def test_pipeline_keeps_no_dequantized_copies_after_a_block(text_file):
+    """Finished layers run on a dequantized copy while their block is calibrated; the copy goes with the block."""
+    from quantlm.methods import GPTQ
+
+    model = tiny_model("llama")
+    seen = []
+    original = QuantLinear.use_kernel
+
+    def spy(self, name="auto", dtype=torch.float32):
+        seen.append(name)
+        return original(self, name, dtype)
+
+    QuantLinear.use_kernel = spy
+    try:
+        quantlm.quantize(model, GPTQ(QuantSpec(bits=4, group_size=32)), torch.randint(0, 256, (4, 32)), progress=False)
+    finally:
+        QuantLinear.use_kernel = original
+    assert seen and set(seen) == {"dequantized"}
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert len(layers) == 21 and all(m.kernel is None for m in layers)

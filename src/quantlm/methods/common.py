@@ -25,7 +25,10 @@ def relative_weight_error(reference: torch.Tensor, quantized: torch.Tensor) -> f
 
 
 def swap_in(root: nn.Module, name: str, qlinear: QuantLinear, original: nn.Module) -> QuantLinear:
-    """Put ``qlinear`` where ``original`` was, on its device."""
-    device = linear_weight(original).device
-    set_submodule(root, name, qlinear.to(device))
+    """Put ``qlinear`` where ``original`` was, on its device, running on its weight dequantized once (the pipeline
+    still runs it on the calibration batch; ``quantlm.pipeline.runner`` drops that copy when the block is done)."""
+    weight = linear_weight(original)
+    qlinear = qlinear.to(weight.device)
+    qlinear.use_kernel("dequantized", weight.dtype)
+    set_submodule(root, name, qlinear)
     return qlinear

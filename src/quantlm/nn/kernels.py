@@ -16,6 +16,8 @@ Kernels (y = x Wᵀ + b, W = (q − zero) · scale, as ``quantlm.core`` defines 
 - ``int8-dynamic``: W8A8, int8 weights per channel (symmetric) times int8 activations quantized per token on the
   fly: ``torch._int_mm`` with int32 accumulation, then both scales.
 - ``torch``: dequantize, then ``F.linear``; any device, any layer. It is the reference the others are tested against.
+- ``dequantized``: the weight dequantized once and kept; the same numbers as ``torch`` at dense memory and speed
+  (what the quantization pipeline uses for finished layers; only by name).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from quantlm.core.activation import quantize_per_token_int8
+from quantlm.core.activation import fake_quantize_per_token_int8, quantize_per_token_int8
 from quantlm.errors import QuantlmError
 
 if TYPE_CHECKING:
@@ -264,8 +266,30 @@ class Int8DynamicKernel(Kernel):
         return y.reshape(*lead, self.out_features)
 
 
+class DequantizedKernel(Kernel):
+    """The weight dequantized once and kept in the compute dtype: dense-GEMM speed at a dense layer's memory. The
+    quantization pipeline runs finished layers on it while their block is still being calibrated; never ``auto``."""
+
+    name = "dequantized"
+
+    @classmethod
+    def why_not(cls, layer, device):
+        return None
+
+    def __init__(self, layer: "QuantLinear", dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(layer, dtype)
+        self.act_bits = layer.act_bits
+        self.register_buffer("weight", layer.dequantize_weight(dtype), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.act_bits == 8:
+            x = fake_quantize_per_token_int8(x)
+        weight = self.weight if x.dtype == self.weight.dtype else self.weight.to(x.dtype)
+        return F.linear(x, weight)
+
+
 KERNELS: dict[str, type[Kernel]] = {
-    k.name: k for k in (Int4PackKernel, Int8PackKernel, Int8DynamicKernel, TorchDequantKernel)
+    k.name: k for k in (Int4PackKernel, Int8PackKernel, Int8DynamicKernel, TorchDequantKernel, DequantizedKernel)
 }
 AUTO_ORDER = ("int8-dynamic", "int4pack", "int8pack", "torch")
 KERNEL_CHOICES = ("auto", *KERNELS)

@@ -27,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quantlm.models.blocks import DecoderBlocks, find_decoder_blocks, quantizable_linears
+from quantlm.nn.qlinear import QuantLinear
 from quantlm.pipeline.activations import Batches
 from quantlm.pipeline.capture import BlockInputs, capture_block_inputs
 
@@ -276,6 +277,27 @@ class FinishedBlocks(Protocol):
     def restore(self, i: int, blocks: DecoderBlocks) -> list[LayerRecord]: ...
 
 
+def _quantized_layers(block: nn.Module) -> list[QuantLinear]:
+    return [m for m in block.modules() if isinstance(m, QuantLinear)]
+
+
+def _block_dtype(model: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def _dequantize_once(block: nn.Module, dtype: torch.dtype) -> None:
+    """Layers of ``block`` without a kernel (restored from a store) run on their weight dequantized once."""
+    for m in _quantized_layers(block):
+        if m.kernel is None:
+            m.use_kernel("dequantized", dtype)
+
+
+def _drop_kernels(block: nn.Module) -> None:
+    """Forget the dequantized copies of a finished block's weights (its memory must not outlive the block)."""
+    for m in _quantized_layers(block):
+        m.kernel = None
+
+
 def run_pipeline(
     model: nn.Module,
     steps: Sequence[Step],
@@ -321,9 +343,11 @@ def run_pipeline(
                 store.save(index, blocks, block_records)
             records.extend(block_records)
         if inputs is not None and index + 1 < len(blocks):
+            _dequantize_once(blocks.blocks[index], _block_dtype(model))
             outputs = ctx.forward(keep_outputs=True)
             inputs.hidden.clear()
             inputs.hidden = outputs
+        _drop_kernels(blocks.blocks[index])
         ctx.reset_final()
         if weights is not None:
             weights.release(index)
