@@ -14,6 +14,7 @@ from quantlm.core import QuantSpec
 from quantlm.errors import QuantlmError
 from quantlm.eval.speed import measure_speed
 from quantlm.methods import RTN
+from quantlm.nn.kernels import cpu_has_fast_int8
 from quantlm.nn import QuantLinear
 
 from conftest import byte_tokenizer, tiny_model
@@ -33,22 +34,30 @@ def _logits(model):
         return model(IDS).logits.float()
 
 
+def assert_close_logits(logits, reference, exact):
+    """Exact paths agree to float rounding; the weight-only ops round 8 decode-sized rows to bf16 (docs/inference.md)."""
+    if exact:
+        torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-4)
+    else:
+        assert float((logits - reference).norm() / reference.norm()) < 2e-2
+
+
 @pytest.mark.parametrize(
-    "spec, act_bits, fast",
+    "spec, act_bits, fast, auto",
     [
-        (QuantSpec(bits=4, group_size=32), None, "int4pack"),
-        (QuantSpec(bits=3, group_size=32, symmetric=True), None, "int4pack"),
-        (QuantSpec(bits=8, group_size=-1, symmetric=True), None, "int8pack"),
-        (QuantSpec(bits=8, group_size=-1, symmetric=True), 8, "int8-dynamic"),
+        (QuantSpec(bits=4, group_size=32), None, "int4pack", "int4pack"),
+        (QuantSpec(bits=3, group_size=32, symmetric=True), None, "int4pack", "int4pack"),
+        (QuantSpec(bits=8, group_size=-1, symmetric=True), None, "int8pack", "int8pack"),
+        (QuantSpec(bits=8, group_size=-1, symmetric=True), 8, "int8-dynamic", "int8-dynamic" if cpu_has_fast_int8() else "torch"),
     ],
 )
-def test_load_picks_the_fast_kernel_and_matches_the_reference(tmp_path, spec, act_bits, fast):
+def test_load_picks_the_fast_kernel_and_matches_the_reference(tmp_path, spec, act_bits, fast, auto):
     out = _checkpoint(tmp_path, spec, act_bits)
-    auto = quantlm.load(out)
-    assert set(auto.quantlm_kernels.values()) == {fast}
+    assert set(quantlm.load(out).quantlm_kernels.values()) == {auto}
+    model = quantlm.load(out, kernel=fast)
     reference = quantlm.load(out, kernel="torch")
     assert set(reference.quantlm_kernels.values()) == {"torch"}
-    torch.testing.assert_close(_logits(auto), _logits(reference), rtol=1e-4, atol=1e-4)
+    assert_close_logits(_logits(model), _logits(reference), exact=fast == "int8-dynamic")
 
 
 def test_odd_shapes_fall_back_silently_and_correctly(tmp_path):
@@ -60,7 +69,7 @@ def test_odd_shapes_fall_back_silently_and_correctly(tmp_path):
     kernels = auto.quantlm_kernels
     assert kernels["model.layers.0.mlp.down_proj"] == "torch"
     assert kernels["model.layers.0.mlp.up_proj"] == "int4pack"
-    torch.testing.assert_close(_logits(auto), _logits(quantlm.load(out, kernel="torch")), rtol=1e-4, atol=1e-4)
+    assert_close_logits(_logits(auto), _logits(quantlm.load(out, kernel="torch")), exact=False)
     with pytest.raises(QuantlmError, match="kernel 'int4pack' cannot run"):
         quantlm.load(out, kernel="int4pack")
 

@@ -24,7 +24,7 @@ def cast_float_parts(model: nn.Module, dtype: torch.dtype) -> None:
                     else:
                         tensors[name] = t.to(dtype)
     if hasattr(model, "config"):
-        model.config.torch_dtype = dtype
+        model.config.dtype = dtype
     if hasattr(model, "tie_weights"):
         model.tie_weights()
 

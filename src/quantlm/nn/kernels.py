@@ -16,6 +16,12 @@ Kernels (y = x Wᵀ + b, W = (q − zero) · scale, as ``quantlm.core`` defines 
 - ``int8-dynamic``: W8A8, int8 weights per channel (symmetric) times int8 activations quantized per token on the
   fly: ``torch._int_mm`` with int32 accumulation, then both scales.
 - ``torch``: dequantize, then ``F.linear``; any device, any layer. It is the reference the others are tested against.
+
+The two weight-only ops take bf16 activations (W4A16, W8A16): their fp32 paths are about 8x slower on an AVX2 CPU,
+so a few rows (decode) are rounded to bf16 for the op. From DEQUANT_MIN_ROWS rows on (prefill) they dequantize the
+layer once and use the dense GEMM in the activations' dtype (fp32 for bf16 activations on CPUs without native bf16),
+which gives the reference's numbers. ``int8-dynamic`` is taken by ``auto`` only on CPUs with VNNI or AMX: without
+them ``torch._int_mm`` is slower than the fp32 GEMM.
 - ``dequantized``: the weight dequantized once and kept; the same numbers as ``torch`` at dense memory and speed
   (what the quantization pipeline uses for finished layers; only by name).
 """
@@ -37,20 +43,31 @@ if TYPE_CHECKING:
     from quantlm.nn.qlinear import QuantLinear
 
 DEQUANT_MIN_ROWS = 32  # from this many tokens on, dequantize once and use the dense GEMM (prefill)
+OP_DTYPE = torch.bfloat16  # the weight-only CPU ops: their fp32-activation paths are ~8x slower than bf16 (AVX2)
 INT4PACK_GROUP_SIZES = (256, 128, 64, 32)
 INT4PACK_ROW_MULTIPLE = 16
 INT8PACK_K_MULTIPLE = 4  # _weight_int8pack_mm crashes on bf16 inputs when K is not a multiple of 4 (torch 2.13)
 
 
 @functools.lru_cache(maxsize=None)
+def _cpu_flags() -> frozenset[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    return frozenset(word for line in text.splitlines() if line.startswith("flags") for word in line.split(":", 1)[1].split())
+
+
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively (AMX or AVX-512 BF16); without it a bf16 GEMM is several times
     slower than fp32, so the dense path of the kernels computes in fp32 instead."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+    return bool(_cpu_flags() & {"amx_bf16", "avx512_bf16"})
+
+
+def cpu_has_fast_int8() -> bool:
+    """Whether this CPU has int8 dot-product instructions (VNNI or AMX) that make ``torch._int_mm`` fast; without
+    them it is slower than an fp32 GEMM (measured: docs/inference.md)."""
+    return bool(_cpu_flags() & {"amx_int8", "avx512_vnni", "avx_vnni"})
 
 
 def dense_matmul(layer: "QuantLinear", x2: Tensor) -> Tensor:
@@ -60,6 +77,10 @@ def dense_matmul(layer: "QuantLinear", x2: Tensor) -> Tensor:
     if dtype != torch.float32 and x2.device.type == "cpu" and not cpu_has_fast_bf16():
         dtype = torch.float32
     return F.linear(x2.to(dtype), layer.dequantize_weight(dtype)).to(x2.dtype)
+
+
+def _op_input(x2: Tensor) -> Tensor:
+    return x2 if x2.dtype == OP_DTYPE else x2.to(OP_DTYPE)
 
 
 def _rows(x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
@@ -81,6 +102,11 @@ class Kernel(nn.Module):
     @classmethod
     def why_not(cls, layer: "QuantLinear", device: torch.device) -> str | None:  # pragma: no cover - interface
         raise NotImplementedError
+
+    @classmethod
+    def pays_off(cls, device: torch.device) -> bool:
+        """Whether ``auto`` should take this kernel on ``device`` (it may run but be slower than the fallback)."""
+        return True
 
     def extra_repr(self) -> str:
         return self.name
@@ -148,9 +174,12 @@ class Int4PackKernel(Kernel):
         super().__init__(layer, dtype)
         order = _group_order(layer)
         self.register_buffer("order", order, persistent=False)
-        codes = layer.codes().to(torch.int32)
+        # 2- and 3-bit codes are moved to the middle of the 4-bit range (zero points with them), so the op's offset
+        # m = (8 - zero) * scale stays small and its bf16 rounding does not cancel against (q - 8) * scale
+        shift = 8 - (1 << (layer.spec.bits - 1))
+        codes = layer.codes().to(torch.int32) + shift
         scale = layer.scales.float()
-        zero = layer.zeros.float()
+        zero = layer.zeros.float() + shift
         if order is not None:
             codes = codes[:, order]
         self.group = _int4pack_group(layer)
@@ -164,12 +193,8 @@ class Int4PackKernel(Kernel):
             zero = F.pad(zero, (0, 0, 0, pad), value=8)
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1), persistent=False)
         # [K / group, N, 2]: scale and the float offset m = (8 - zero) * scale of each group
-        scale_offset = torch.stack([scale.t(), ((8 - zero) * scale).t()], dim=-1).to(dtype).contiguous()
+        scale_offset = torch.stack([scale.t(), ((8 - zero) * scale).t()], dim=-1).to(OP_DTYPE).contiguous()
         self.register_buffer("scale_offset", scale_offset, persistent=False)
-
-    def _scale_offset(self, dtype: torch.dtype) -> Tensor:
-        """In the activations' dtype, as the op wants: prepared in it when the layer's compute dtype is known."""
-        return self.scale_offset if dtype == self.scale_offset.dtype else self.scale_offset.to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         x2, lead = _rows(x)
@@ -177,9 +202,8 @@ class Int4PackKernel(Kernel):
             return dense_matmul(self.layer[0], x2).reshape(*lead, self.out_features)
         if self.order is not None:
             x2 = x2.index_select(1, self.order)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, self._scale_offset(x2.dtype))
-        y = y[:, : self.out_features]
-        return y.reshape(*lead, self.out_features)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(_op_input(x2), self.packed, self.group, self.scale_offset)
+        return y[:, : self.out_features].to(x.dtype).reshape(*lead, self.out_features)
 
 
 def _signed_codes(layer: "QuantLinear") -> Tensor:
@@ -222,17 +246,17 @@ class Int8PackKernel(Kernel):
         super().__init__(layer, dtype)
         scale, zero = _row_params(layer)
         self.register_buffer("weight", _signed_codes(layer), persistent=False)
-        self.register_buffer("scale", scale.to(dtype), persistent=False)
+        self.register_buffer("scale", scale.to(OP_DTYPE), persistent=False)
         offset = (128 - zero) * scale
-        self.register_buffer("offset", offset.to(dtype) if bool(offset.any()) else None, persistent=False)
+        self.register_buffer("offset", offset if bool(offset.any()) else None, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         x2, lead = _rows(x)
         if x2.shape[0] >= DEQUANT_MIN_ROWS:
             return dense_matmul(self.layer[0], x2).reshape(*lead, self.out_features)
-        y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scale.to(x2.dtype))  # no-op in the prepared dtype
+        y = torch.ops.aten._weight_int8pack_mm(_op_input(x2), self.weight, self.scale).to(x.dtype)
         if self.offset is not None:
-            y = y + x2.sum(dim=1, keepdim=True) * self.offset.to(y.dtype)
+            y = y + (x2.float().sum(dim=1, keepdim=True) * self.offset).to(y.dtype)
         return y.reshape(*lead, self.out_features)
 
 
@@ -252,6 +276,10 @@ class Int8DynamicKernel(Kernel):
             return "needs symmetric weights"
         return None
 
+    @classmethod
+    def pays_off(cls, device):
+        return cpu_has_fast_int8()
+
     def __init__(self, layer: "QuantLinear", dtype: torch.dtype = torch.float32) -> None:
         super().__init__(layer, dtype)
         scale, _ = _row_params(layer)
@@ -262,7 +290,7 @@ class Int8DynamicKernel(Kernel):
         x2, lead = _rows(x)
         q, x_scale = quantize_per_token_int8(x2)
         acc = torch._int_mm(q, self.weight_t)
-        y = (acc.float() * x_scale.float() * self.scale).to(x.dtype)
+        y = (acc.float() * x_scale * self.scale).to(x.dtype)
         return y.reshape(*lead, self.out_features)
 
 
@@ -278,10 +306,19 @@ class DequantizedKernel(Kernel):
 
     def __init__(self, layer: "QuantLinear", dtype: torch.dtype = torch.float32) -> None:
         super().__init__(layer, dtype)
-        self.act_bits = layer.act_bits
-        self.register_buffer("weight", layer.dequantize_weight(dtype), persistent=False)
+        self.integer = layer.act_bits == 8 and layer.row_scaled()
+        if self.integer:  # W8A8: the same integer product as the reference (QuantLinear.reference_forward)
+            weight, scale = layer.integer_weight()
+            self.register_buffer("weight", weight, persistent=False)
+            self.register_buffer("scale", scale.contiguous(), persistent=False)
+        else:
+            self.act_bits = layer.act_bits
+            self.register_buffer("weight", layer.dequantize_weight(dtype), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.integer:
+            codes, x_scale = quantize_per_token_int8(x)
+            return (F.linear(codes.float(), self.weight) * x_scale * self.scale).to(x.dtype)
         if self.act_bits == 8:
             x = fake_quantize_per_token_int8(x)
         weight = self.weight if x.dtype == self.weight.dtype else self.weight.to(x.dtype)
@@ -300,8 +337,9 @@ def choose_kernel(layer: "QuantLinear", name: str = "auto", device: torch.device
     device = device if device is not None else layer.qweight.device
     if name == "auto":
         for candidate in AUTO_ORDER:
-            if KERNELS[candidate].why_not(layer, device) is None:
-                return KERNELS[candidate]
+            kernel = KERNELS[candidate]
+            if kernel.why_not(layer, device) is None and kernel.pays_off(device):
+                return kernel
     kernel = KERNELS.get(name)
     if kernel is None:
         raise QuantlmError(f"unknown kernel '{name}': choose one of {', '.join(KERNEL_CHOICES)}")
