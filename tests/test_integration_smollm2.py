@@ -78,26 +78,35 @@ def test_rtn_w4_g64_round_trip_on_disk(fp_dir, tokenizer, fp_result, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "spec, act_bits, fast_kernel",
+    "spec, act_bits, fast_kernel, few_rows",
     [
-        (QuantSpec(bits=4, group_size=64), None, "int4pack"),
-        (QuantSpec(bits=8, group_size=-1, symmetric=True), None, "int8pack"),
-        (QuantSpec(bits=8, group_size=-1, symmetric=True), 8, "int8-dynamic"),
+        (QuantSpec(bits=4, group_size=64), None, "int4pack", False),
+        (QuantSpec(bits=4, group_size=64), None, "int4pack", True),
+        (QuantSpec(bits=8, group_size=-1, symmetric=True), None, "int8pack", True),
+        (QuantSpec(bits=8, group_size=-1, symmetric=True), 8, "int8-dynamic", False),
     ],
 )
-def test_every_kernel_path_has_the_reference_perplexity(fp_dir, tokenizer, fp_result, tmp_path, spec, act_bits, fast_kernel):
-    """Perplexity through each fast kernel equals the dequantize-then-matmul reference's to 0.1%."""
+def test_every_kernel_path_has_the_reference_perplexity(
+    fp_dir, tokenizer, tmp_path, monkeypatch, spec, act_bits, fast_kernel, few_rows
+):
+    """Perplexity through each fast kernel equals the dequantize-then-matmul reference's to 0.1% (2 x 512 tokens).
+    ``few_rows`` forces the weight-only op (bf16 activations, the decode path) on every call instead of the dense
+    GEMM that long windows take."""
+    import quantlm.nn.kernels as kernels
+
     model = quantlm.load(fp_dir)
     quantlm.quantize(model, RTN(spec, act_bits=act_bits), progress=False)
     out = quantlm.save(model, tmp_path / "q", tokenizer=tokenizer)
+    if few_rows:
+        monkeypatch.setattr(kernels, "DEQUANT_MIN_ROWS", 10**9)
     ppl = {}
     for kernel in ("torch", fast_kernel):
         loaded = quantlm.load(out, kernel=kernel)
         assert set(loaded.quantlm_kernels.values()) == {kernel}
-        ppl[kernel] = quantlm.evaluate(loaded, tokenizer=tokenizer, max_windows=WINDOWS, progress=False).ppl
-    assert quantlm.load(out).quantlm_kernels["model.layers.0.mlp.down_proj"] == fast_kernel  # auto picks it
+        ppl[kernel] = quantlm.evaluate(loaded, tokenizer=tokenizer, seqlen=512, max_windows=2, progress=False).ppl
     assert ppl[fast_kernel] == pytest.approx(ppl["torch"], rel=1e-3)
-    assert ppl["torch"] < 1.6 * fp_result.ppl
+    if act_bits is not None:  # W8A8: the int8 GEMM and the reference compute the same integer product
+        assert ppl[fast_kernel] == ppl["torch"]
 
 
 def test_gptq_beats_rtn_on_the_real_model(fp_dir, tokenizer, fp_result, tmp_path):
