@@ -138,6 +138,14 @@ def _int4pack_group(layer: "QuantLinear") -> int | None:
     return None
 
 
+def _weight_only_cpu(layer: "QuantLinear", device: torch.device) -> str | None:
+    if device.type != "cpu":
+        return "runs on CPU only"
+    if layer.act_bits is not None:
+        return "weight-only kernel, the layer quantizes activations"
+    return None
+
+
 def _group_order(layer: "QuantLinear") -> Tensor | None:
     """For act-order layers: the column permutation that makes every group contiguous (None if already natural)."""
     if layer.g_idx is None:
@@ -150,10 +158,9 @@ class Int4PackKernel(Kernel):
 
     @classmethod
     def why_not(cls, layer, device):
-        if device.type != "cpu":
-            return "runs on CPU only"
-        if layer.act_bits is not None:
-            return "weight-only kernel, the layer quantizes activations"
+        reason = _weight_only_cpu(layer, device)
+        if reason:
+            return reason
         if layer.spec.bits > 4:
             return f"needs at most 4-bit codes, the layer has {layer.spec.bits}"
         if layer.spec.granularity not in ("group", "channel"):
@@ -231,10 +238,9 @@ class Int8PackKernel(Kernel):
 
     @classmethod
     def why_not(cls, layer, device):
-        if device.type != "cpu":
-            return "runs on CPU only"
-        if layer.act_bits is not None:
-            return "weight-only kernel, the layer quantizes activations"
+        reason = _weight_only_cpu(layer, device)
+        if reason:
+            return reason
         reason = _per_channel_8bit(layer)
         if reason:
             return reason
