@@ -160,6 +160,7 @@ def measure_speed(
     sizes["quantized_linear_bf16"] = sum(
         2 * m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantLinear)
     )
+    peak = peak_rss_gb()  # before the bandwidth probe, whose 512 MB buffer is not the model's
     bandwidth = memory_bandwidth_gb_s()
     per_token = bytes_read_per_token(model)
     return SpeedReport(
@@ -174,7 +175,7 @@ def measure_speed(
         bytes_per_token=per_token,
         bandwidth_gb_s=bandwidth,
         decode_bound_tok_s=bandwidth * 1e9 / per_token,
-        peak_rss_gb=peak_rss_gb(),
+        peak_rss_gb=peak,
         threads=torch.get_num_threads(),
         dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
         compiled=compile,

@@ -16,14 +16,14 @@ Kernels (y = x Wᵀ + b, W = (q − zero) · scale, as ``quantlm.core`` defines 
 - ``int8-dynamic``: W8A8, int8 weights per channel (symmetric) times int8 activations quantized per token on the
   fly: ``torch._int_mm`` with int32 accumulation, then both scales.
 - ``torch``: dequantize, then ``F.linear``; any device, any layer. It is the reference the others are tested against.
+- ``dequantized``: the weight dequantized once and kept; the same numbers as ``torch`` at dense memory and speed
+  (what the quantization pipeline uses for finished layers; only by name).
 
 The two weight-only ops take bf16 activations (W4A16, W8A16): their fp32 paths are about 8x slower on an AVX2 CPU,
 so a few rows (decode) are rounded to bf16 for the op. From DEQUANT_MIN_ROWS rows on (prefill) they dequantize the
 layer once and use the dense GEMM in the activations' dtype (fp32 for bf16 activations on CPUs without native bf16),
 which gives the reference's numbers. ``int8-dynamic`` is taken by ``auto`` only on CPUs with VNNI or AMX: without
 them ``torch._int_mm`` is slower than the fp32 GEMM.
-- ``dequantized``: the weight dequantized once and kept; the same numbers as ``torch`` at dense memory and speed
-  (what the quantization pipeline uses for finished layers; only by name).
 """
 
 from __future__ import annotations
@@ -79,6 +79,13 @@ def dense_matmul(layer: "QuantLinear", x2: Tensor) -> Tensor:
     return F.linear(x2.to(dtype), layer.dequantize_weight(dtype)).to(x2.dtype)
 
 
+def integer_product(x: Tensor, weight: Tensor, row_scale: Tensor) -> Tensor:
+    """W8A8 with row-scaled weights: x quantized per token, (Σ q_x q_w) · s_x · s_w with the integer sum in fp32
+    (exact below 2^24), in the same order as the int8 GEMM's scaling, so both give the same numbers."""
+    codes, x_scale = quantize_per_token_int8(x)
+    return (F.linear(codes.float(), weight) * x_scale * row_scale).to(x.dtype)
+
+
 def _op_input(x2: Tensor) -> Tensor:
     return x2 if x2.dtype == OP_DTYPE else x2.to(OP_DTYPE)
 
@@ -116,9 +123,6 @@ class TorchDequantKernel(Kernel):
     """Dequantize the whole weight on every call, then a dense matmul: correct on every device and layer."""
 
     name = "torch"
-
-    def __init__(self, layer: "QuantLinear", dtype: torch.dtype = torch.float32) -> None:
-        super().__init__(layer, dtype)
 
     @classmethod
     def why_not(cls, layer, device):
@@ -226,13 +230,6 @@ def _per_channel_8bit(layer: "QuantLinear") -> str | None:
     return None
 
 
-def _row_params(layer: "QuantLinear") -> tuple[Tensor, Tensor]:
-    """Scale and zero as fp32 vectors [out_features] (a per-tensor grid broadcast to every row)."""
-    scale = layer.scales.float()[:, 0].expand(layer.out_features).contiguous()
-    zero = layer.zeros.float()[:, 0].expand(layer.out_features).contiguous()
-    return scale, zero
-
-
 class Int8PackKernel(Kernel):
     name = "int8pack"
 
@@ -250,7 +247,7 @@ class Int8PackKernel(Kernel):
 
     def __init__(self, layer: "QuantLinear", dtype: torch.dtype = torch.float32) -> None:
         super().__init__(layer, dtype)
-        scale, zero = _row_params(layer)
+        scale, zero = layer.row_params()
         self.register_buffer("weight", _signed_codes(layer), persistent=False)
         self.register_buffer("scale", scale.to(OP_DTYPE), persistent=False)
         offset = (128 - zero) * scale
@@ -288,7 +285,7 @@ class Int8DynamicKernel(Kernel):
 
     def __init__(self, layer: "QuantLinear", dtype: torch.dtype = torch.float32) -> None:
         super().__init__(layer, dtype)
-        scale, _ = _row_params(layer)
+        scale, _ = layer.row_params()
         self.register_buffer("weight_t", _signed_codes(layer).t(), persistent=False)  # [in, out], column-major
         self.register_buffer("scale", scale, persistent=False)
 
@@ -316,15 +313,14 @@ class DequantizedKernel(Kernel):
         if self.integer:  # W8A8: the same integer product as the reference (QuantLinear.reference_forward)
             weight, scale = layer.integer_weight()
             self.register_buffer("weight", weight, persistent=False)
-            self.register_buffer("scale", scale.contiguous(), persistent=False)
+            self.register_buffer("scale", scale, persistent=False)
         else:
             self.act_bits = layer.act_bits
             self.register_buffer("weight", layer.dequantize_weight(dtype), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.integer:
-            codes, x_scale = quantize_per_token_int8(x)
-            return (F.linear(codes.float(), self.weight) * x_scale * self.scale).to(x.dtype)
+            return integer_product(x, self.weight, self.scale)
         if self.act_bits == 8:
             x = fake_quantize_per_token_int8(x)
         weight = self.weight if x.dtype == self.weight.dtype else self.weight.to(x.dtype)

@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantlm.core import QuantSpec, compute_qparams, dequantize, pack, quantize, unpack
-from quantlm.core.activation import quantize_per_token_int8
+from quantlm.core.activation import fake_quantize_per_token_int8
 from quantlm.core.packing import packed_length
 from quantlm.errors import InvalidSpecError
-from quantlm.nn.kernels import Kernel, TorchDequantKernel, choose_kernel
+from quantlm.nn.kernels import Kernel, choose_kernel, integer_product
 
 ACT_BITS = (None, 8)
 
@@ -200,18 +200,20 @@ class QuantLinear(nn.Module):
         self.kernel = kernel(self, dtype)
         return kernel.name
 
-    @property
-    def kernel_name(self) -> str:
-        return self.kernel.name if self.kernel is not None else TorchDequantKernel.name
-
     def row_scaled(self) -> bool:
         """Whether the weight is integer codes times one scale per output row (per channel or per tensor)."""
         return self.spec.granularity in ("channel", "tensor")
 
+    def row_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """For row-scaled weights: scale and zero as fp32 vectors [out_features] (a per-tensor grid on every row)."""
+        scale = self.scales.float()[:, 0].expand(self.out_features).contiguous()
+        zero = self.zeros.float()[:, 0].expand(self.out_features).contiguous()
+        return scale, zero
+
     def integer_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
         """For row-scaled weights: (codes − zero) as fp32 integers [out, in] and the row scales [out]."""
-        scale = self.scales.float()[:, 0].expand(self.out_features)
-        return self.codes().float() - self.zeros.float()[:, :1], scale
+        scale, zero = self.row_params()
+        return self.codes().float() - zero.unsqueeze(1), scale
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """x Wᵀ without the bias, by dequantizing the weight: the plain-torch path.
@@ -221,11 +223,9 @@ class QuantLinear(nn.Module):
         below 2^24), so both give the same numbers: per-token rounding is discontinuous, and a last-bit difference
         upstream would otherwise flip roundings downstream."""
         if self.act_bits == 8:
-            codes, x_scale = quantize_per_token_int8(x)
             if self.row_scaled():
-                weight, scale = self.integer_weight()
-                return (F.linear(codes.float(), weight) * x_scale * scale).to(x.dtype)
-            x = (codes.float() * x_scale).to(x.dtype)
+                return integer_product(x, *self.integer_weight())
+            x = fake_quantize_per_token_int8(x)
         return F.linear(x, self.dequantize_weight(x.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
