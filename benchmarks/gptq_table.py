@@ -12,15 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 from quantlm.paths import atomic_write_text
+from quality_rows import measure_row, merge_rows
 
 ROWS = {
     "w4-asym": ("GPTQ W4 g64 asym (defaults)", "--method gptq --bits 4 --group-size 64 --asym"),
@@ -34,53 +29,9 @@ ROWS = {
 RESULTS = Path(__file__).parent / "results" / "gptq_smollm2"
 
 
-def quantlm_command() -> list[str]:
-    return [str(Path(sys.executable).with_name("quantlm"))]
-
-
-def run_child(args: list[str]) -> tuple[str, float, float]:
-    """Run a command; return its stdout, wall seconds and peak RSS in GB (its own: measured by a fresh wrapper)."""
-    probe = (
-        "import resource, subprocess, sys, json;"
-        "p = subprocess.run(sys.argv[1:], stdout=subprocess.PIPE, text=True);"
-        "print(json.dumps({'rc': p.returncode, 'out': p.stdout,"
-        " 'maxrss_kb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))"
-    )
-    t0 = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", probe, *args], stdout=subprocess.PIPE, text=True, check=True)
-    wall = time.perf_counter() - t0
-    report = json.loads(done.stdout)
-    if report["rc"] != 0:
-        raise SystemExit(f"failed ({report['rc']}): {' '.join(args)}")
-    return report["out"], wall, report["maxrss_kb"] / 1024**2
-
-
 def measure(key: str, model: str, max_windows: int, calib_samples: int) -> dict:
     label, flags = ROWS[key]
-    with tempfile.TemporaryDirectory(prefix="quantlm-bench-") as tmp:
-        out_dir = Path(tmp) / key
-        calib = [] if calib_samples == 128 else ["--calib-samples", str(calib_samples)]
-        cmd = [*quantlm_command(), "quantize", model, *flags.split(), *calib, "--out", str(out_dir), "--json"]
-        print(f"[{key}] {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
-        out, wall, rss_gb = run_child(cmd)
-        summary = json.loads(out)
-        eval_out, _, _ = run_child([*quantlm_command(), "eval", str(out_dir), "--max-windows", str(max_windows), "--json"])
-        ppl = json.loads(eval_out)
-    row = {
-        "key": key,
-        "setting": label,
-        "ppl": ppl["ppl"],
-        "tokens": ppl["tokens"],
-        "quantize_s": summary["quantize_seconds"],
-        "process_wall_s": wall,
-        "peak_rss_gb": rss_gb,
-        "calib": f"{calib_samples} x 2048",
-        "checkpoint_mb": summary["checkpoint_mb"],
-        "command": f"quantlm quantize {model} {flags}{' ' + ' '.join(calib) if calib else ''} --out OUT",
-        "cpu": os.cpu_count(),
-    }
-    print(f"[{key}] ppl {row['ppl']:.3f}, quantize {row['quantize_s']:.0f}s, peak RSS {rss_gb:.2f} GB", file=sys.stderr)
-    return row
+    return measure_row(key, label, flags, model, max_windows, calib_samples)
 
 
 def write_results(rows: list[dict]) -> None:
@@ -111,11 +62,9 @@ def main() -> None:
         for key, (label, flags) in ROWS.items():
             print(f"{key:18s} {label}: {flags}")
         return
-    path = RESULTS.with_suffix(".json")
-    rows = {r["key"]: r for r in (json.loads(path.read_text()) if path.is_file() else [])}
     for key in args.rows:
-        rows[key] = measure(key, args.model, args.max_windows, args.calib_samples)
-        write_results([rows[k] for k in ROWS if k in rows])
+        row = measure(key, args.model, args.max_windows, args.calib_samples)
+        write_results(merge_rows(RESULTS.with_suffix(".json"), ROWS, {key: row}))
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def assert_close_logits(logits, reference, exact):
         (QuantSpec(bits=4, group_size=32), None, "int4pack", "int4pack"),
         (QuantSpec(bits=3, group_size=32, symmetric=True), None, "int4pack", "int4pack"),
         (QuantSpec(bits=8, group_size=-1, symmetric=True), None, "int8pack", "int8pack"),
-        (QuantSpec(bits=8, group_size=-1, symmetric=True), 8, "int8-dynamic", "int8-dynamic" if cpu_has_fast_int8() else "torch"),
+        (QuantSpec(bits=8, group_size=-1, symmetric=True), 8, "int8", "int8" if cpu_has_fast_int8() else "torch"),
     ],
 )
 def test_load_picks_the_fast_kernel_and_matches_the_reference(tmp_path, spec, act_bits, fast, auto):
@@ -57,7 +57,7 @@ def test_load_picks_the_fast_kernel_and_matches_the_reference(tmp_path, spec, ac
     model = quantlm.load(out, kernel=fast)
     reference = quantlm.load(out, kernel="torch")
     assert set(reference.quantlm_kernels.values()) == {"torch"}
-    assert_close_logits(_logits(model), _logits(reference), exact=fast == "int8-dynamic")
+    assert_close_logits(_logits(model), _logits(reference), exact=fast == "int8")
 
 
 def test_odd_shapes_fall_back_silently_and_correctly(tmp_path):

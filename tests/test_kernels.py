@@ -1,7 +1,7 @@
 """Every kernel path against the dequantize-then-matmul reference, including shapes where the fast op cannot run.
 
 Tolerances (relative Frobenius error of the output against the reference in the same activation dtype):
-- 1e-5 where both sides compute in fp32: the dense path for many rows, int8-dynamic (int32 accumulation is exact);
+- 1e-5 where both sides compute in fp32: the dense path for many rows, int8 (int32 accumulation is exact);
 - 2e-2 where the weight-only ops round the activations (and the int4 op its per-group scale and offset) to bf16,
   which keeps 8 significant bits: few rows, or bf16 activations.
 """
@@ -103,12 +103,12 @@ def test_dequantize_weight_fast_path_equals_core_dequantize(out_f, in_f, bits, g
 
 @pytest.mark.parametrize("tokens", [1, 7, 33])
 def test_w8a8_int_mm_matches_fake_quant_reference(tokens):
-    check_kernel(make_layer(48, 96, 8, -1, sym=True, act_bits=8), "int8-dynamic", torch.float32, tokens, "int8-dynamic")
+    check_kernel(make_layer(48, 96, 8, -1, sym=True, act_bits=8), "int8", torch.float32, tokens, "int8")
 
 
 def test_auto_takes_int_mm_only_where_the_cpu_has_int8_dot_products():
     layer = make_layer(48, 96, 8, -1, sym=True, act_bits=8)
-    assert choose_kernel(layer).name == ("int8-dynamic" if cpu_has_fast_int8() else "torch")
+    assert choose_kernel(layer).name == ("int8" if cpu_has_fast_int8() else "torch")
 
 
 def test_dequantized_kernel_gives_the_reference_numbers():
@@ -133,7 +133,7 @@ def test_named_kernel_that_cannot_run_says_why():
 
 
 def test_every_kernel_is_reachable_by_name():
-    assert set(KERNELS) == {"int4pack", "int8pack", "int8-dynamic", "torch", "dequantized"}
+    assert set(KERNELS) == {"int4pack", "int8pack", "int8", "torch", "dequantized"}
 
 
 def test_kernel_tensors_are_not_saved():

@@ -24,6 +24,18 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Quantize Hug
 class Method(str, Enum):
     rtn = "rtn"
     gptq = "gptq"
+    smoothquant = "smoothquant"
+    llm_int8 = "llm-int8"
+
+
+class WeightMethod(str, Enum):
+    rtn = "rtn"
+    gptq = "gptq"
+
+
+class ActGranularity(str, Enum):
+    token = "token"
+    tensor = "tensor"
 
 
 class DType(str, Enum):
@@ -37,7 +49,7 @@ class Clip(str, Enum):
     mse = "mse"
 
 
-KERNEL_HELP = "Matmul kernel of the quantized layers: auto (fastest that fits each layer), int4pack, int8pack, int8-dynamic or torch."
+KERNEL_HELP = "Matmul kernel of the quantized layers: auto (fastest that fits each layer), int4pack, int8pack, int8 (W8A8 int8 GEMM) or torch."
 
 
 def _fail(message: str) -> None:
@@ -83,11 +95,16 @@ def quantize(
     model: str = typer.Argument(..., help="Alias, model directory, .gguf file or hub id."),
     out: Path = typer.Option(..., "--out", "-o", help="Output checkpoint directory."),
     method: Method = typer.Option(Method.rtn, help="Quantization method."),
-    bits: int = typer.Option(4, help="Weight bits, 2-8."),
-    group_size: int = typer.Option(64, "--group-size", "-g", help="Columns per group; -1 = one scale per output channel."),
-    sym: bool = typer.Option(False, "--sym/--asym", help="Symmetric or asymmetric grid."),
+    bits: Optional[int] = typer.Option(None, "--bits", "--w-bits", help="Weight bits, 2-8 [default: 4; 8 with smoothquant and llm-int8]."),
+    group_size: Optional[int] = typer.Option(None, "--group-size", "-g", help="Columns per group; -1 = one scale per output channel [default: 64; -1 with smoothquant]."),
+    sym: Optional[bool] = typer.Option(None, "--sym/--asym", help="Symmetric or asymmetric grid [default: asym; sym with smoothquant]."),
     clip: Clip = typer.Option(Clip.none, help="Grid clipping: none or an MSE search."),
-    a_bits: Optional[int] = typer.Option(None, "--a-bits", help="8: W8A8, activations quantized to int8 per token at run time (use with --bits 8 --group-size -1 --sym for the int8 GEMM kernel)."),
+    a_bits: Optional[int] = typer.Option(None, "--a-bits", help="8: W8A8, activations quantized to int8 at run time (use with --bits 8 --group-size -1 --sym for the int8 GEMM kernel) [default: 8 with smoothquant]."),
+    a_granularity: ActGranularity = typer.Option(ActGranularity.token, "--a-granularity", help="With --a-bits 8: token (dynamic per-token scales) or tensor (one static scale per layer from calibration)."),
+    alpha: str = typer.Option("0.5", help="SmoothQuant: migration strength in [0, 1], or auto (searched per layer group)."),
+    smooth_folds: str = typer.Option("norm,v-o,up-down", help="SmoothQuant: where scales are folded, a comma list of norm, v-o, up-down."),
+    weights: WeightMethod = typer.Option(WeightMethod.rtn, help="SmoothQuant: how the smoothed weights are quantized (rtn or gptq)."),
+    threshold: float = typer.Option(6.0, help="LLM.int8(): |x| from which an input column is an outlier kept in floating point."),
     lm_head: bool = typer.Option(False, "--lm-head", help="RTN: also quantize the output projection."),
     act_order: bool = typer.Option(False, "--act-order", help="GPTQ: columns by descending Hessian diagonal."),
     static_groups: bool = typer.Option(False, "--static-groups", help="GPTQ: group grids fixed from the original weight."),
@@ -115,21 +132,41 @@ def quantize(
     from quantlm import api
     from quantlm.core import QuantSpec
     from quantlm.formats.native import quantized_modules
-    from quantlm.methods import GPTQ, RTN, parse_recipe
+    from quantlm.methods import GPTQ, RTN, LLMInt8, SmoothQuant, parse_recipe
 
     if out.exists() and not overwrite:
         raise CheckpointError(f"output directory {out} already exists: choose another path or pass --overwrite")
     if recipe is not None:
         steps = parse_recipe(recipe)
     else:
-        spec = QuantSpec(bits=bits, group_size=group_size, symmetric=sym, clip=clip.value)
-        if method == Method.gptq:
-            options = {} if sink_weight is None else {"sink_weight": sink_weight}
-            step = GPTQ(spec, block_size=block_size, damp=damp, act_order=act_order, static_groups=static_groups,
-                        true_sequential=true_sequential, act_bits=a_bits, **options)
+        w8a8 = method in (Method.smoothquant, Method.llm_int8)
+        spec = QuantSpec(
+            bits=bits if bits is not None else (8 if w8a8 else 4),
+            group_size=group_size if group_size is not None else (-1 if w8a8 else 64),
+            symmetric=sym if sym is not None else w8a8,
+            clip=clip.value,
+        )
+        if method == Method.smoothquant and a_bits is None:
+            a_bits = 8
+        act = {"act_bits": a_bits, "act_granularity": a_granularity.value}
+        gptq_options = {} if sink_weight is None else {"sink_weight": sink_weight}
+
+        def gptq_step():
+            return GPTQ(spec, block_size=block_size, damp=damp, act_order=act_order, static_groups=static_groups,
+                        true_sequential=true_sequential, **act, **gptq_options)
+
+        if method == Method.llm_int8:
+            if bits not in (None, 8) or group_size not in (None, -1) or sym is False or a_bits not in (None, 8):
+                raise QuantlmError("llm-int8 is 8-bit symmetric per-channel weights and int8 activations: drop --bits, --group-size, --asym and --a-bits")
+            step_list = [LLMInt8(threshold=threshold)]
+        elif method == Method.smoothquant:
+            smooth = SmoothQuant(alpha=alpha, folds=smooth_folds, search_granularity=a_granularity.value)
+            step_list = [smooth, gptq_step() if weights == WeightMethod.gptq else RTN(spec, **act)]
+        elif method == Method.gptq:
+            step_list = [gptq_step()]
         else:
-            step = RTN(spec, lm_head=lm_head, act_bits=a_bits)
-        steps = parse_recipe(step)
+            step_list = [RTN(spec, lm_head=lm_head, **act)]
+        steps = parse_recipe(step_list)
     calibration = api.Calibration(source=calib, n_samples=calib_samples, seqlen=calib_seqlen, seed=calib_seed)
     if steps.needs_calibration:
         calibration.check()
@@ -171,13 +208,33 @@ def quantize(
 
 
 def summarize_log(records: list[dict]) -> str:
-    """A few lines on the quant log: error spread, the worst and slowest modules, any extra damping."""
+    """A few lines on the quant log: error spread, the worst and slowest modules, any extra damping, what smoothing
+    did and how many outlier columns LLM.int8() layers saw."""
+    smoothed = [r for r in records if r.get("method") == "smoothquant"]
+    records = [r for r in records if r.get("method") != "smoothquant"]
     errors = [r for r in records if r.get("error") is not None]
     if not errors:
         return "quant log: empty"
     worst = max(errors, key=lambda r: r["error"])
     slowest = max(records, key=lambda r: r["seconds"])
-    lines = [
+    lines = []
+    if smoothed:
+        alphas = sorted({r["details"]["alpha"] for r in smoothed})
+        top = max(smoothed, key=lambda r: r["details"]["act_absmax_before"])
+        lines.append(
+            f"smoothed {len(smoothed)} groups (alpha {alphas[0]:g}" + (f"-{alphas[-1]:g}" if len(alphas) > 1 else "")
+            + f"); largest input |x| {top['details']['act_absmax_before']:.1f} -> {top['details']['act_absmax_after']:.1f}"
+            f" ({', '.join(top['details']['targets'])})"
+        )
+    outliers = [r for r in records if "outlier_fraction_mean" in r.get("details", {})]
+    if outliers:
+        most = max(outliers, key=lambda r: r["details"]["outlier_fraction_mean"])
+        mean = sum(r["details"]["outlier_fraction_mean"] for r in outliers) / len(outliers)
+        lines.append(
+            f"outlier input columns per calibration sequence: mean {100 * mean:.2f}% over layers, "
+            f"most {100 * most['details']['outlier_fraction_mean']:.2f}% ({most['module']})"
+        )
+    lines += [
         f"relative weight error: mean {sum(r['error'] for r in errors) / len(errors):.4f}, "
         f"max {worst['error']:.4f} ({worst['module']})",
         f"time per module: total {sum(r['seconds'] for r in records):.1f}s, slowest {slowest['seconds']:.2f}s ({slowest['module']})",

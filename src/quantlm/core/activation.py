@@ -1,7 +1,13 @@
-"""Dynamic per-token int8 quantization of activations (the W8A8 scheme of SmoothQuant and LLM.int8()).
+"""int8 quantization of activations (the W8A8 schemes of SmoothQuant and LLM.int8()).
 
-Each row (token) of ``x [..., features]`` gets its own scale ``max|x| / 127`` and codes ``round(x / scale)`` in
-[-127, 127] (a symmetric grid without -128, so negating a row never overflows). An all-zero row gets scale 1.
+Grids are symmetric without -128 (codes in [-127, 127], so negating a row never overflows), scale = max|x| / 127:
+- per token, dynamic: each row (token) of ``x [..., features]`` gets its own scale from its own max|x| on every
+  call; an all-zero row gets scale 1;
+- per tensor, static: one scale for every token, fixed ahead of time from calibration (``static_int8_scale``).
+Codes are ``round(x / scale)`` (half to even), computed in fp32 whatever the dtype of ``x``.
+
+LLM.int8()'s mixed-precision decomposition (``split_outlier_columns``): the input columns (features) in which any
+token reaches ``|x| >= threshold`` are taken out of the int8 product and multiplied in floating point.
 """
 
 from __future__ import annotations
@@ -10,18 +16,60 @@ import torch
 from torch import Tensor
 
 INT8_MAX = 127
+ACT_GRANULARITIES = ("token", "tensor")
+
+
+def _codes(x: Tensor, scale: Tensor) -> Tensor:
+    return torch.div(x, scale).round_().clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
 
 
 def quantize_per_token_int8(x: Tensor) -> tuple[Tensor, Tensor]:
     """int8 codes shaped like ``x`` and fp32 scales ``[..., 1]`` with ``x ≈ codes * scales``."""
-    xf = x.float()
-    amax = xf.abs().amax(dim=-1, keepdim=True)
+    amax = x.abs().amax(dim=-1, keepdim=True).float()
     scale = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
-    codes = torch.round(xf / scale).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
-    return codes, scale
+    return _codes(x, scale), scale
+
+
+def static_int8_scale(absmax: float | Tensor) -> Tensor:
+    """The per-tensor scale [1] (fp32) of a static grid whose range is ±``absmax`` (1 for an all-zero input)."""
+    a = torch.as_tensor(absmax, dtype=torch.float32).reshape(1)
+    return torch.where(a > 0, a / INT8_MAX, torch.ones_like(a))
+
+
+def quantize_per_tensor_int8(x: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    """int8 codes of ``x`` on the fixed grid ``scale`` ([1], fp32); values beyond ±127·scale are clipped."""
+    return _codes(x, scale), scale
+
+
+def quantize_int8(x: Tensor, granularity: str = "token", static_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Codes and scales of ``x`` per token (dynamic) or per tensor (static, ``static_scale``)."""
+    if granularity == "tensor":
+        if static_scale is None:
+            raise ValueError("per-tensor static activation quantization needs a calibrated scale")
+        return quantize_per_tensor_int8(x, static_scale)
+    return quantize_per_token_int8(x)
+
+
+def fake_quantize_int8(x: Tensor, granularity: str = "token", static_scale: Tensor | None = None) -> Tensor:
+    """``x`` rounded onto its int8 grid, in its own dtype."""
+    codes, scale = quantize_int8(x, granularity, static_scale)
+    return (codes.float() * scale).to(x.dtype)
 
 
 def fake_quantize_per_token_int8(x: Tensor) -> Tensor:
     """``x`` rounded onto its per-token int8 grid, in its own dtype."""
-    codes, scale = quantize_per_token_int8(x)
-    return (codes.float() * scale).to(x.dtype)
+    return fake_quantize_int8(x, "token")
+
+
+def outlier_columns(x2: Tensor, threshold: float) -> Tensor:
+    """Indices (int64) of the columns of ``x2 [tokens, features]`` in which some |x| >= ``threshold``."""
+    return ((x2.abs() >= threshold).any(dim=0)).nonzero().squeeze(1)
+
+
+def split_outlier_columns(x2: Tensor, threshold: float) -> tuple[Tensor, Tensor, Tensor]:
+    """LLM.int8()'s decomposition of ``x2 [tokens, features]``: (the inlier part, with the outlier columns set to
+    zero; the outlier columns themselves [tokens, n_outliers]; their indices)."""
+    cols = outlier_columns(x2, threshold)
+    if cols.numel() == 0:
+        return x2, x2[:, :0], cols
+    return x2.index_fill(1, cols, 0), x2.index_select(1, cols), cols

@@ -89,10 +89,12 @@ def _last_logits_forward(model: nn.Module, ids: torch.Tensor) -> None:
 
 
 def time_prefill(model: nn.Module, ids: torch.Tensor, repeats: int = 3) -> list[float]:
-    """Prompt tokens/s of ``repeats`` timed forwards (after one warm-up)."""
+    """Prompt tokens/s of ``repeats`` timed forwards (after one warm-up), under ``torch.no_grad`` as ``generate``
+    runs them (inference-mode tensors keep no version counter, which the int8 kernel needs to share one quantized
+    input between the Linears it feeds)."""
     ids = ids.to(_device(model))
     rates = []
-    with torch.inference_mode():
+    with torch.no_grad():
         for i in range(repeats + 1):
             t0 = time.perf_counter()
             _last_logits_forward(model, ids)

@@ -8,8 +8,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from quantlm.errors import InvalidSpecError
+
+from quantlm.core.activation import static_int8_scale
 from quantlm.models.blocks import linear_weight, set_submodule
-from quantlm.nn.qlinear import QuantLinear
+from quantlm.nn.qlinear import QuantLinear, check_act_bits, check_act_granularity
 
 
 def is_excluded(name: str, patterns: Sequence[str]) -> bool:
@@ -32,3 +35,20 @@ def swap_in(root: nn.Module, name: str, qlinear: QuantLinear, original: nn.Modul
     qlinear.use_kernel("dequantized", weight.dtype)
     set_submodule(root, name, qlinear)
     return qlinear
+
+
+def check_activation_settings(act_bits, act_granularity: str) -> None:
+    """The activation settings of a weight-quantizing step: none, or int8 per token / static per tensor."""
+    check_act_bits(act_bits)
+    check_act_granularity(act_granularity)
+    if act_granularity == "tensor" and act_bits is None:
+        raise InvalidSpecError("per-tensor static activations need 8-bit activations: add act_bits=8 (--a-bits 8)")
+
+
+def static_act_scales(ctx, modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """A static per-tensor int8 activation scale for each of ``modules``: max|x| of its input over the calibration
+    set, / 127."""
+    from quantlm.pipeline.stats import collect_input_stats
+
+    stats = collect_input_stats(ctx, modules)
+    return {name: static_int8_scale(st.tensor_absmax) for name, st in stats.items()}

@@ -26,9 +26,10 @@ from torch import Tensor
 
 from quantlm.core import QuantSpec, compute_qparams, dequantize, quantize
 from quantlm.errors import InvalidSpecError, QuantlmError
-from quantlm.methods.common import is_excluded, relative_weight_error, swap_in
+from quantlm.core.activation import static_int8_scale
+from quantlm.methods.common import check_activation_settings, is_excluded, relative_weight_error, swap_in
 from quantlm.models.blocks import linear_weight
-from quantlm.nn.qlinear import QuantLinear, check_act_bits, storage_scale_dtype
+from quantlm.nn.qlinear import QuantLinear, storage_scale_dtype
 from quantlm.pipeline.runner import BlockContext, LayerRecord
 
 log = logging.getLogger(__name__)
@@ -265,7 +266,8 @@ class GPTQ:
     true_sequential: bool = True
     sink_weight: float = SINK_WEIGHT
     exclude: tuple[str, ...] = ()
-    act_bits: int | None = None  # 8: W8A8 layers (int8 activations per token at run time)
+    act_bits: int | None = None  # 8: W8A8 layers (int8 activations at run time)
+    act_granularity: str = "token"  # with act_bits=8: "token" (dynamic) or "tensor" (static, from calibration)
 
     name = "gptq"
     needs_calibration = True
@@ -277,7 +279,7 @@ class GPTQ:
             raise InvalidSpecError(f"damp must be positive (e.g. 0.01), got {self.damp}")
         if not self.sink_weight >= 1:
             raise InvalidSpecError(f"sink_weight must be at least 1 (1 = plain GPTQ), got {self.sink_weight}")
-        check_act_bits(self.act_bits)
+        check_activation_settings(self.act_bits, self.act_granularity)
 
     def process_block(self, ctx: BlockContext) -> list[LayerRecord]:
         targets = {n: m for n, m in ctx.linears().items() if not is_excluded(n, self.exclude)}
@@ -287,22 +289,33 @@ class GPTQ:
         stages = [[g] for g in groups] if self.true_sequential else [groups]
         records = []
         for stage in stages:
-            hessians = self._collect(ctx, {g[0]: targets[g[0]] for g in stage})
+            hessians, act_scales = self._collect(ctx, {g[0]: targets[g[0]] for g in stage})
             for group in stage:
                 for name in group:
-                    records.append(self._quantize(ctx.model, name, targets[name], hessians[group[0]]))
+                    records.append(
+                        self._quantize(ctx.model, name, targets[name], hessians[group[0]], act_scales.get(group[0]))
+                    )
                 ctx.mark_final(group)
         return records
 
-    def _collect(self, ctx: BlockContext, firsts: dict) -> dict[str, HessianAccumulator]:
+    def _collect(self, ctx: BlockContext, firsts: dict) -> tuple[dict[str, HessianAccumulator], dict[str, Tensor]]:
+        """The Hessian of each input and, for static per-tensor activations, its int8 scale (from max|x|)."""
         accumulators = {
             n: HessianAccumulator(linear_weight(m).shape[1], linear_weight(m).device, self.sink_weight)
             for n, m in firsts.items()
         }
-        ctx.observe(firsts, lambda name, x: accumulators[name].add(x))
-        return accumulators
+        absmax = dict.fromkeys(firsts, 0.0)
 
-    def _quantize(self, root, name: str, module, acc: HessianAccumulator) -> LayerRecord:
+        def on_input(name, x):
+            accumulators[name].add(x)
+            if self.act_granularity == "tensor":
+                absmax[name] = max(absmax[name], float(x.detach().abs().max()))
+
+        ctx.observe(firsts, on_input)
+        scales = {n: static_int8_scale(a) for n, a in absmax.items()} if self.act_granularity == "tensor" else {}
+        return accumulators, scales
+
+    def _quantize(self, root, name: str, module, acc: HessianAccumulator, act_scale: Tensor | None = None) -> LayerRecord:
         t0 = time.perf_counter()
         weight = linear_weight(module).detach()
         scale_dtype = storage_scale_dtype(compute_qparams(weight, self.spec)[0])
@@ -318,7 +331,7 @@ class GPTQ:
         )
         qlinear = QuantLinear.from_codes(
             result.codes, result.scale.to(scale_dtype), result.zero, self.spec, getattr(module, "bias", None), result.g_idx,
-            act_bits=self.act_bits,
+            act_bits=self.act_bits, act_scale=act_scale,
         )
         swap_in(root, name, qlinear, module)
         if result.damp != self.damp:
@@ -353,6 +366,7 @@ class GPTQ:
             "sink_weight": self.sink_weight,
             "exclude": list(self.exclude),
             **({} if self.act_bits is None else {"act_bits": self.act_bits}),
+            **({} if self.act_granularity == "token" else {"act_granularity": self.act_granularity}),
         }
 
     @classmethod
@@ -360,6 +374,6 @@ class GPTQ:
         config = dict(config)
         config.pop("method", None)
         config.pop("calibration", None)
-        options = {k: config.pop(k) for k in ("block_size", "damp", "act_order", "static_groups", "true_sequential", "sink_weight", "act_bits") if k in config}
+        options = {k: config.pop(k) for k in ("block_size", "damp", "act_order", "static_groups", "true_sequential", "sink_weight", "act_bits", "act_granularity") if k in config}
         exclude = tuple(config.pop("exclude", ()))
         return cls(spec=QuantSpec.from_dict(config), exclude=exclude, **options)

@@ -13,10 +13,12 @@ from typing import Any, Sequence
 
 from quantlm.errors import InvalidSpecError
 from quantlm.methods.gptq import GPTQ
+from quantlm.methods.llm_int8 import LLMInt8
 from quantlm.methods.rtn import RTN
+from quantlm.methods.smoothquant import SmoothQuant
 from quantlm.pipeline.runner import Step
 
-METHODS: dict[str, type] = {"rtn": RTN, "gptq": GPTQ}
+METHODS: dict[str, type] = {"rtn": RTN, "gptq": GPTQ, "smoothquant": SmoothQuant, "llm-int8": LLMInt8}
 
 
 @dataclass
@@ -32,10 +34,13 @@ class Recipe:
 
     def describe(self) -> str:
         def label(step) -> str:
+            if hasattr(step, "describe"):
+                return step.describe()
             if not hasattr(step, "spec"):
                 return step.name
             act = getattr(step, "act_bits", None)
-            return f"{step.name}({step.spec.describe()}{f' a{act}' if act else ''})"
+            per_tensor = " per-tensor" if act and getattr(step, "act_granularity", "token") == "tensor" else ""
+            return f"{step.name}({step.spec.describe()}{f' a{act}' if act else ''}{per_tensor})"
 
         return " -> ".join(label(s) for s in self.steps)
 

@@ -13,9 +13,10 @@ from typing import Any
 from torch import nn
 
 from quantlm.core import QuantSpec
-from quantlm.methods.common import is_excluded, relative_weight_error, swap_in
+from quantlm.errors import InvalidSpecError
+from quantlm.methods.common import check_activation_settings, is_excluded, relative_weight_error, static_act_scales, swap_in
 from quantlm.models.blocks import linear_weight, output_embedding_name
-from quantlm.nn.qlinear import QuantLinear, check_act_bits
+from quantlm.nn.qlinear import QuantLinear
 from quantlm.pipeline.runner import BlockContext, LayerRecord
 
 
@@ -25,21 +26,28 @@ class RTN:
 
     ``lm_head=True`` also quantizes the output projection (untying it from tied input embeddings, which stay
     in full precision). ``exclude`` holds fnmatch patterns of module names to leave alone. ``act_bits=8`` makes
-    the layers W8A8: their inputs are quantized to int8 per token, dynamically, at run time.
+    the layers W8A8: their inputs are quantized to int8 at run time, per token (``act_granularity="token"``,
+    dynamic, no data needed) or per tensor with a static scale from the calibration set's max|x| (``"tensor"``).
     """
 
     spec: QuantSpec = field(default_factory=lambda: QuantSpec(bits=4, group_size=64))
     lm_head: bool = False
     exclude: tuple[str, ...] = ()
     act_bits: int | None = None
+    act_granularity: str = "token"
 
     name = "rtn"
-    needs_calibration = False
 
-    def _quantize_module(self, root: nn.Module, name: str, module: nn.Module) -> LayerRecord:
+    @property
+    def needs_calibration(self) -> bool:
+        return self.act_granularity == "tensor"
+
+    def _quantize_module(self, root: nn.Module, name: str, module: nn.Module, act_scale=None) -> LayerRecord:
         t0 = time.perf_counter()
         weight = linear_weight(module)
-        q = QuantLinear.from_weight(weight, self.spec, getattr(module, "bias", None), act_bits=self.act_bits)
+        q = QuantLinear.from_weight(
+            weight, self.spec, getattr(module, "bias", None), act_bits=self.act_bits, act_scale=act_scale
+        )
         error = relative_weight_error(weight, q.dequantize_weight())
         swap_in(root, name, q, module)
         return LayerRecord(
@@ -51,11 +59,9 @@ class RTN:
         )
 
     def process_block(self, ctx: BlockContext) -> list[LayerRecord]:
-        return [
-            self._quantize_module(ctx.model, name, module)
-            for name, module in ctx.linears().items()
-            if not is_excluded(name, self.exclude)
-        ]
+        targets = {n: m for n, m in ctx.linears().items() if not is_excluded(n, self.exclude)}
+        scales = static_act_scales(ctx, targets) if self.needs_calibration and targets else {}
+        return [self._quantize_module(ctx.model, name, module, scales.get(name)) for name, module in targets.items()]
 
     def finalize(self, model: nn.Module) -> list[LayerRecord]:
         if not self.lm_head:
@@ -69,11 +75,17 @@ class RTN:
         return [record]
 
     def __post_init__(self) -> None:
-        check_act_bits(self.act_bits)
+        check_activation_settings(self.act_bits, self.act_granularity)
+        if self.lm_head and self.act_granularity == "tensor":
+            raise InvalidSpecError("the output projection gets no static activation scale: use per-token activations with lm_head")
 
     def to_config(self) -> dict[str, Any]:
         config = {"method": self.name, **self.spec.to_dict(), "lm_head": self.lm_head, "exclude": list(self.exclude)}
-        return config if self.act_bits is None else {**config, "act_bits": self.act_bits}
+        if self.act_bits is not None:
+            config["act_bits"] = self.act_bits
+        if self.act_granularity != "token":
+            config["act_granularity"] = self.act_granularity
+        return config
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "RTN":
@@ -83,4 +95,8 @@ class RTN:
         lm_head = bool(config.pop("lm_head", False))
         exclude = tuple(config.pop("exclude", ()))
         act_bits = config.pop("act_bits", None)
-        return cls(spec=QuantSpec.from_dict(config), lm_head=lm_head, exclude=exclude, act_bits=act_bits)
+        act_granularity = config.pop("act_granularity", "token")
+        return cls(
+            spec=QuantSpec.from_dict(config), lm_head=lm_head, exclude=exclude, act_bits=act_bits,
+            act_granularity=act_granularity,
+        )

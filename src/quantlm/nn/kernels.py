@@ -13,8 +13,10 @@ Kernels (y = x Wᵀ + b, W = (q − zero) · scale, as ``quantlm.core`` defines 
   grids) are cut into the largest such groups with repeated scales.
 - ``int8pack``: weight-only 8 bit per output channel (W8A16), CPU: ``aten._weight_int8pack_mm`` on signed codes
   q − 128; an asymmetric zero point adds the rank-one term (Σx) · (128 − zero) · s.
-- ``int8-dynamic``: W8A8, int8 weights per channel (symmetric) times int8 activations quantized per token on the
-  fly: ``torch._int_mm`` with int32 accumulation, then both scales.
+- ``int8`` (formerly ``int8-dynamic``, still accepted): W8A8, int8 weights per channel (symmetric) times int8
+  activations, quantized per token on the fly or with the layer's static per-tensor scale: ``torch._int_mm`` with
+  int32 accumulation, then both scales. LLM.int8() layers add their outlier columns in floating point. Layers
+  fed the same input tensor (q, k, v; gate, up) quantize it once (``SHARED_INPUT``).
 - ``torch``: dequantize, then ``F.linear``; any device, any layer. It is the reference the others are tested against.
 - ``dequantized``: the weight dequantized once and kept; the same numbers as ``torch`` at dense memory and speed
   (what the quantization pipeline uses for finished layers; only by name).
@@ -22,13 +24,14 @@ Kernels (y = x Wᵀ + b, W = (q − zero) · scale, as ``quantlm.core`` defines 
 The two weight-only ops take bf16 activations (W4A16, W8A16): their fp32 paths are about 8x slower on an AVX2 CPU,
 so a few rows (decode) are rounded to bf16 for the op. From DEQUANT_MIN_ROWS rows on (prefill) they dequantize the
 layer once and use the dense GEMM in the activations' dtype (fp32 for bf16 activations on CPUs without native bf16),
-which gives the reference's numbers. ``int8-dynamic`` is taken by ``auto`` only on CPUs with VNNI or AMX: without
+which gives the reference's numbers. ``int8`` is taken by ``auto`` only on CPUs with VNNI or AMX: without
 them ``torch._int_mm`` is slower than the fp32 GEMM.
 """
 
 from __future__ import annotations
 
 import functools
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from quantlm.core.activation import fake_quantize_per_token_int8, quantize_per_token_int8
+from quantlm.core.activation import split_outlier_columns
 from quantlm.errors import QuantlmError
 
 if TYPE_CHECKING:
@@ -79,11 +82,29 @@ def dense_matmul(layer: "QuantLinear", x2: Tensor) -> Tensor:
     return F.linear(x2.to(dtype), layer.dequantize_weight(dtype)).to(x2.dtype)
 
 
-def integer_product(x: Tensor, weight: Tensor, row_scale: Tensor) -> Tensor:
-    """W8A8 with row-scaled weights: x quantized per token, (Σ q_x q_w) · s_x · s_w with the integer sum in fp32
-    (exact below 2^24), in the same order as the int8 GEMM's scaling, so both give the same numbers."""
-    codes, x_scale = quantize_per_token_int8(x)
-    return (F.linear(codes.float(), weight) * x_scale * row_scale).to(x.dtype)
+def integer_product(codes: Tensor, x_scale: Tensor, weight: Tensor, row_scale: Tensor) -> Tensor:
+    """W8A8 with row-scaled weights: (Σ q_x q_w) · s_x · s_w in fp32, the integer sum in fp32 (exact below 2^24),
+    scaled in the same order as the int8 GEMM's result, so both give the same numbers."""
+    return F.linear(codes.float(), weight) * x_scale * row_scale
+
+
+def w8a8_matmul(layer: "QuantLinear", x: Tensor, integer_weight: tuple[Tensor, Tensor] | None, dense_weight) -> Tensor:
+    """x Wᵀ of a W8A8 layer in plain torch: x quantized as the layer says (per token or static per tensor), then
+    the integer product with ``integer_weight`` ((codes − zero) and row scales, for row-scaled weights) or, for
+    grouped weights, the fake-quantized x times ``dense_weight(dtype)``. LLM.int8() layers first take the outlier
+    columns out of x and add their product with those columns of ``dense_weight`` in x's dtype."""
+    x2, lead = x.reshape(-1, x.shape[-1]), x.shape[:-1]
+    inliers, outliers, cols = x2, None, None
+    if layer.outlier_threshold is not None:
+        inliers, outliers, cols = split_outlier_columns(x2, layer.outlier_threshold)
+    codes, x_scale = layer.quantize_input(inliers)
+    if integer_weight is not None:
+        y = integer_product(codes, x_scale, *integer_weight).to(x.dtype)
+    else:
+        y = F.linear((codes.float() * x_scale).to(x.dtype), dense_weight(x.dtype))
+    if cols is not None and cols.numel():
+        y = y + F.linear(outliers, dense_weight(x.dtype).index_select(1, cols))
+    return y.reshape(*lead, layer.out_features)
 
 
 def _op_input(x2: Tensor) -> Tensor:
@@ -263,8 +284,40 @@ class Int8PackKernel(Kernel):
         return y.reshape(*lead, self.out_features)
 
 
-class Int8DynamicKernel(Kernel):
-    name = "int8-dynamic"
+class _SharedInputCodes(threading.local):
+    """The int8 form of the last input seen, so that Linears fed the same tensor (q, k and v; gate and up) quantize
+    it once. A hit needs the very same tensor object, unchanged since (its version counter), and the same
+    activation grid. Inference-mode tensors keep no version counter, so under ``torch.inference_mode`` nothing is
+    shared and every layer quantizes its own input."""
+
+    def __init__(self) -> None:
+        self.entry: tuple | None = None
+
+    def get(self, x: Tensor, key: tuple, compute):
+        try:
+            version = x._version
+        except RuntimeError:  # an inference tensor
+            return compute()
+        entry = self.entry
+        if entry is not None and entry[0] is x and entry[1] == version and entry[2] == key:
+            return entry[3]
+        value = compute()
+        self.entry = (x, version, key, value)
+        return value
+
+    def clear(self) -> None:
+        self.entry = None
+
+
+SHARED_INPUT = _SharedInputCodes()
+
+
+class Int8GemmKernel(Kernel):
+    """W8A8 on ``torch._int_mm``: int8 weights per output channel (symmetric) times int8 activations, quantized per
+    token on the fly or with the layer's static per-tensor scale, int32 accumulation, then both scales. LLM.int8()
+    layers multiply their outlier columns in floating point with those columns of the dequantized weight."""
+
+    name = "int8"
 
     @classmethod
     def why_not(cls, layer, device):
@@ -288,12 +341,26 @@ class Int8DynamicKernel(Kernel):
         scale, _ = layer.row_params()
         self.register_buffer("weight_t", _signed_codes(layer).t(), persistent=False)  # [in, out], column-major
         self.register_buffer("scale", scale, persistent=False)
+        static = None if layer.act_scale is None else float(layer.act_scale)
+        self.input_key = (layer.act_granularity, static, layer.outlier_threshold)
+
+    def _quantized_input(self, x: Tensor):
+        layer = self.layer[0]
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        inliers, outliers, cols = x2, None, None
+        if layer.outlier_threshold is not None:
+            inliers, outliers, cols = split_outlier_columns(x2, layer.outlier_threshold)
+        codes, x_scale = layer.quantize_input(inliers)
+        return codes, x_scale, outliers, cols
 
     def forward(self, x: Tensor) -> Tensor:
-        x2, lead = _rows(x)
-        q, x_scale = quantize_per_token_int8(x2)
-        acc = torch._int_mm(q, self.weight_t)
-        y = (acc.float() * x_scale * self.scale).to(x.dtype)
+        lead = tuple(x.shape[:-1])
+        codes, x_scale, outliers, cols = SHARED_INPUT.get(x, self.input_key, lambda: self._quantized_input(x))
+        # int32 -> fp32, then the scales in place, in integer_product's order (int32 * fp32 promotes 2x slower)
+        y = torch._int_mm(codes, self.weight_t).float().mul_(x_scale).mul_(self.scale).to(x.dtype)
+        if cols is not None and cols.numel():
+            columns = (self.weight_t.index_select(0, cols).float() * self.scale).to(x.dtype)  # [n_outliers, out]
+            y = y + outliers @ columns
         return y.reshape(*lead, self.out_features)
 
 
@@ -309,29 +376,30 @@ class DequantizedKernel(Kernel):
 
     def __init__(self, layer: "QuantLinear", dtype: torch.dtype = torch.float32) -> None:
         super().__init__(layer, dtype)
+        self.act_bits = layer.act_bits
         self.integer = layer.act_bits == 8 and layer.row_scaled()
         if self.integer:  # W8A8: the same integer product as the reference (QuantLinear.reference_forward)
             weight, scale = layer.integer_weight()
-            self.register_buffer("weight", weight, persistent=False)
-            self.register_buffer("scale", scale, persistent=False)
-        else:
-            self.act_bits = layer.act_bits
-            self.register_buffer("weight", layer.dequantize_weight(dtype), persistent=False)
+            self.register_buffer("int_weight", weight, persistent=False)
+            self.register_buffer("int_scale", scale, persistent=False)
+        self.register_buffer("weight", layer.dequantize_weight(dtype), persistent=False)
+
+    def _dense(self, dtype: torch.dtype) -> Tensor:
+        return self.weight if dtype == self.weight.dtype else self.weight.to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.integer:
-            return integer_product(x, self.weight, self.scale)
         if self.act_bits == 8:
-            x = fake_quantize_per_token_int8(x)
-        weight = self.weight if x.dtype == self.weight.dtype else self.weight.to(x.dtype)
-        return F.linear(x, weight)
+            integer = (self.int_weight, self.int_scale) if self.integer else None
+            return w8a8_matmul(self.layer[0], x, integer, self._dense)
+        return F.linear(x, self._dense(x.dtype))
 
 
 KERNELS: dict[str, type[Kernel]] = {
-    k.name: k for k in (Int4PackKernel, Int8PackKernel, Int8DynamicKernel, TorchDequantKernel, DequantizedKernel)
+    k.name: k for k in (Int4PackKernel, Int8PackKernel, Int8GemmKernel, TorchDequantKernel, DequantizedKernel)
 }
-AUTO_ORDER = ("int8-dynamic", "int4pack", "int8pack", "torch")
-KERNEL_CHOICES = ("auto", *KERNELS)
+KERNEL_ALIASES = {"int8-dynamic": "int8"}  # the int8 kernel's name before it took static and LLM.int8() layers
+AUTO_ORDER = ("int8", "int4pack", "int8pack", "torch")
+KERNEL_CHOICES = ("auto", *KERNELS, *KERNEL_ALIASES)
 
 
 def choose_kernel(layer: "QuantLinear", name: str = "auto", device: torch.device | None = None) -> type[Kernel]:
@@ -342,7 +410,7 @@ def choose_kernel(layer: "QuantLinear", name: str = "auto", device: torch.device
             kernel = KERNELS[candidate]
             if kernel.why_not(layer, device) is None and kernel.pays_off(device):
                 return kernel
-    kernel = KERNELS.get(name)
+    kernel = KERNELS.get(KERNEL_ALIASES.get(name, name))
     if kernel is None:
         raise QuantlmError(f"unknown kernel '{name}': choose one of {', '.join(KERNEL_CHOICES)}")
     reason = kernel.why_not(layer, device)

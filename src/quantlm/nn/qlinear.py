@@ -8,7 +8,10 @@ Storage (all buffers, so they travel with ``state_dict``):
 - ``g_idx``: optional int32 [in_features], the group of each input column, for GPTQ act-order checkpoints whose
   groups were formed in a permuted column order (absent: column j is in group j // group_size).
 The weight follows the GPTQ grid convention of ``quantlm.core``: w = (q - zero) * scale, groups along in_features.
-``act_bits`` 8 makes it a W8A8 layer: its input is quantized per token to int8 on every call (dynamic).
+``act_bits`` 8 makes it a W8A8 layer: its input is quantized to int8 on every call, per token with a scale of its
+own (``act_granularity="token"``, dynamic) or per tensor with the calibrated scale in the ``act_scale`` buffer
+(``"tensor"``, static). ``outlier_threshold`` makes it an LLM.int8() layer: the input columns in which some
+|x| >= threshold are multiplied in floating point (with the dequantized weight columns), the rest in int8.
 
 The matmul is done by a kernel (``quantlm.nn.kernels``) chosen with :meth:`QuantLinear.use_kernel`; until one is
 chosen it is the plain-torch fallback (dequantize, then matmul), always correct on any device.
@@ -21,18 +24,35 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantlm.core import QuantSpec, compute_qparams, dequantize, pack, quantize, unpack
-from quantlm.core.activation import fake_quantize_per_token_int8
+from quantlm.core.activation import ACT_GRANULARITIES, quantize_int8
 from quantlm.core.packing import packed_length
 from quantlm.errors import InvalidSpecError
-from quantlm.nn.kernels import Kernel, choose_kernel, integer_product
+from quantlm.nn.kernels import Kernel, choose_kernel, w8a8_matmul
 
 ACT_BITS = (None, 8)
 
 
 def check_act_bits(act_bits) -> int | None:
     if act_bits not in ACT_BITS or isinstance(act_bits, bool):
-        raise InvalidSpecError(f"activation bits must be 8 (W8A8, dynamic per token) or none, got {act_bits!r}")
+        raise InvalidSpecError(f"activation bits must be 8 (W8A8) or none, got {act_bits!r}")
     return act_bits
+
+
+def check_act_granularity(granularity) -> str:
+    if granularity not in ACT_GRANULARITIES:
+        raise InvalidSpecError(
+            f"activation granularity must be 'token' (dynamic) or 'tensor' (static, calibrated), got {granularity!r}"
+        )
+    return granularity
+
+
+def check_outlier_threshold(threshold) -> float | None:
+    if threshold is None:
+        return None
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold > 0:
+        raise InvalidSpecError(f"the outlier threshold must be a positive number such as 6.0, got {threshold!r}")
+    return float(threshold)
+
 
 def storage_scale_dtype(scale: torch.Tensor) -> torch.dtype:
     """fp16 when every scale is a normal fp16 number (the GPTQ ecosystem's choice), else fp32."""
@@ -54,12 +74,20 @@ class QuantLinear(nn.Module):
         device: torch.device | str | None = None,
         g_idx: bool = False,
         act_bits: int | None = None,
+        act_granularity: str = "token",
+        outlier_threshold: float | None = None,
     ) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
         self.spec = spec
         self.act_bits = check_act_bits(act_bits)
+        self.act_granularity = check_act_granularity(act_granularity)
+        self.outlier_threshold = check_outlier_threshold(outlier_threshold)
+        if self.act_bits is None and (self.act_granularity != "token" or self.outlier_threshold is not None):
+            raise InvalidSpecError("per-tensor activations and outlier thresholds need 8-bit activations (act_bits=8)")
+        if self.act_granularity == "tensor" and self.outlier_threshold is not None:
+            raise InvalidSpecError("LLM.int8() layers quantize activations per token: drop the per-tensor setting")
         self.kernel: Kernel | None = None
         n_groups = spec.n_groups(in_features)
         self.register_buffer(
@@ -76,6 +104,10 @@ class QuantLinear(nn.Module):
             self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32, device=device))
         else:
             self.g_idx = None
+        if self.act_granularity == "tensor":
+            self.register_buffer("act_scale", torch.ones(1, dtype=torch.float32, device=device))
+        else:
+            self.act_scale = None
 
     # -- construction -------------------------------------------------------------------------------------------
     @classmethod
@@ -88,10 +120,14 @@ class QuantLinear(nn.Module):
         bias: torch.Tensor | None = None,
         g_idx: torch.Tensor | None = None,
         act_bits: int | None = None,
+        act_scale: torch.Tensor | None = None,
+        outlier_threshold: float | None = None,
     ) -> "QuantLinear":
         """Build from integer codes [out, in], scales and zeros [out, n_groups] (as ``quantlm.core`` returns them).
 
-        ``g_idx`` is kept only when it differs from the natural order j // group_size."""
+        ``g_idx`` is kept only when it differs from the natural order j // group_size. ``act_scale`` (a static
+        per-tensor activation scale) makes the activations per tensor; ``outlier_threshold`` makes an LLM.int8()
+        layer."""
         if g_idx is not None and spec.granularity == "group":
             natural = torch.arange(codes.shape[1], device=g_idx.device) // spec.group_size
             if torch.equal(g_idx.to(natural.dtype), natural):
@@ -109,7 +145,11 @@ class QuantLinear(nn.Module):
             device=codes.device,
             g_idx=g_idx is not None,
             act_bits=act_bits,
+            act_granularity="token" if act_scale is None else "tensor",
+            outlier_threshold=outlier_threshold,
         )
+        if act_scale is not None:
+            module.act_scale.copy_(torch.as_tensor(act_scale, dtype=torch.float32).reshape(1))
         if g_idx is not None:
             module.g_idx.copy_(g_idx.to(torch.int32))
         if spec.granularity == "tensor":
@@ -124,7 +164,13 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_weight(
-        cls, weight: torch.Tensor, spec: QuantSpec, bias: torch.Tensor | None = None, act_bits: int | None = None
+        cls,
+        weight: torch.Tensor,
+        spec: QuantSpec,
+        bias: torch.Tensor | None = None,
+        act_bits: int | None = None,
+        act_scale: torch.Tensor | None = None,
+        outlier_threshold: float | None = None,
     ) -> "QuantLinear":
         """Round-to-nearest quantization of a float weight [out, in] on ``spec``'s grid.
 
@@ -135,7 +181,9 @@ class QuantLinear(nn.Module):
         scale, zero = compute_qparams(w, spec)
         scale = scale.to(storage_scale_dtype(scale))
         codes = quantize(w, scale.float(), zero, spec)
-        return cls.from_codes(codes, scale, zero, spec, bias, act_bits=act_bits)
+        return cls.from_codes(
+            codes, scale, zero, spec, bias, act_bits=act_bits, act_scale=act_scale, outlier_threshold=outlier_threshold
+        )
 
     def layout(self) -> dict:
         """What a checkpoint config records of this module: enough to rebuild it empty with ``from_layout``."""
@@ -148,6 +196,10 @@ class QuantLinear(nn.Module):
         }
         if self.act_bits is not None:
             layout["act_bits"] = self.act_bits
+        if self.act_granularity != "token":
+            layout["act_granularity"] = self.act_granularity
+        if self.outlier_threshold is not None:
+            layout["outlier_threshold"] = self.outlier_threshold
         return layout
 
     @classmethod
@@ -156,10 +208,10 @@ class QuantLinear(nn.Module):
         entry = dict(layout)
         in_f, out_f, bias = entry.pop("in_features"), entry.pop("out_features"), entry.pop("bias")
         g_idx = bool(entry.pop("g_idx", False))
-        act_bits = entry.pop("act_bits", None)
+        act = {k: entry.pop(k) for k in ("act_bits", "act_granularity", "outlier_threshold") if k in entry}
         return cls(
             in_f, out_f, QuantSpec.from_dict(entry), bias=bias, scale_dtype=scale_dtype, device=device, g_idx=g_idx,
-            act_bits=act_bits,
+            **act,
         )
 
     # -- use ------------------------------------------------------------------------------------------------------
@@ -189,8 +241,16 @@ class QuantLinear(nn.Module):
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def describe(self) -> str:
-        """e.g. 'w4 g64 asym' or 'w8 per-channel sym a8'."""
-        return self.spec.describe() + (f" a{self.act_bits}" if self.act_bits is not None else "")
+        """e.g. 'w4 g64 asym', 'w8 per-channel sym a8', 'w8 per-channel sym a8 per-tensor' or
+        'w8 per-channel sym a8 outliers>=6'."""
+        if self.act_bits is None:
+            return self.spec.describe()
+        text = f"{self.spec.describe()} a{self.act_bits}"
+        if self.act_granularity != "token":
+            text += f" per-{self.act_granularity}"
+        if self.outlier_threshold is not None:
+            text += f" outliers>={self.outlier_threshold:g}"
+        return text
 
     def use_kernel(self, name: str = "auto", dtype: torch.dtype = torch.float32) -> str:
         """Prepare the matmul kernel ``name`` (``auto``: the fastest that can run this layer on its device) for
@@ -215,18 +275,21 @@ class QuantLinear(nn.Module):
         scale, zero = self.row_params()
         return self.codes().float() - zero.unsqueeze(1), scale
 
+    def quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A W8A8 layer's input as int8 codes and fp32 scales (per token, or the static per-tensor scale)."""
+        return quantize_int8(x, self.act_granularity, self.act_scale)
+
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """x Wᵀ without the bias, by dequantizing the weight: the plain-torch path.
 
-        W8A8 layers quantize x per token; with row-scaled weights the integer product is summed first and scaled
-        after, (Σ q_x q_w) · s_x · s_w, as the int8 GEMM does (fp32 sums of these integer products are exact
-        below 2^24), so both give the same numbers: per-token rounding is discontinuous, and a last-bit difference
-        upstream would otherwise flip roundings downstream."""
-        if self.act_bits == 8:
-            if self.row_scaled():
-                return integer_product(x, *self.integer_weight())
-            x = fake_quantize_per_token_int8(x)
-        return F.linear(x, self.dequantize_weight(x.dtype))
+        W8A8 layers quantize x (per token or per tensor); with row-scaled weights the integer product is summed
+        first and scaled after, (Σ q_x q_w) · s_x · s_w, as the int8 GEMM does (fp32 sums of these integer products
+        are exact below 2^24), so both give the same numbers: activation rounding is discontinuous, and a last-bit
+        difference upstream would otherwise flip roundings downstream. LLM.int8() layers first take the outlier
+        columns out of x and add their product with the dequantized weight columns in x's dtype."""
+        if self.act_bits != 8:
+            return F.linear(x, self.dequantize_weight(x.dtype))
+        return w8a8_matmul(self, x, self.integer_weight() if self.row_scaled() else None, self.dequantize_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.kernel(x) if self.kernel is not None else self.reference_forward(x)

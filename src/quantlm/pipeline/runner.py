@@ -233,6 +233,12 @@ class BlockContext:
         return out[0] if isinstance(out, (tuple, list)) else out
 
     @torch.no_grad()
+    def probe(self) -> torch.Tensor:
+        """The block's output on the first calibration mini-batch, computed now (no replay): for checks that a
+        transformation left the block's function unchanged."""
+        return self._run(next(iter(self._require_inputs().hidden)))
+
+    @torch.no_grad()
     def forward(self, keep_outputs: bool = False) -> Batches | None:
         """Run the block on every calibration mini-batch (hooks registered by steps see each call)."""
         hidden = self._require_inputs().hidden

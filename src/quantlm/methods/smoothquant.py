@@ -1,0 +1,274 @@
+"""SmoothQuant (Xiao et al., 2023, "SmoothQuant: Accurate and Efficient Post-Training Quantization for Large
+Language Models").
+
+Activations of LLMs have a few input channels with huge values (outliers) and weights have none, so int8 per-token
+activations lose most of their precision to those channels. SmoothQuant moves the difficulty: for each input
+channel j of a group of Linears sharing an input X,
+
+    s_j = max|X_j|^α / max|W_j|^(1-α)            (paper, Eq. 4; W_j: column j of all the group's weights)
+
+X is divided by s (folded into the module that produces X) and W's column j multiplied by s_j, so X Wᵀ is
+unchanged in floating point while X/s becomes easy to quantize. α = 0.5 splits the difficulty evenly.
+
+This step only smooths; the quantization that follows is the next recipe step (RTN or GPTQ with ``act_bits=8``).
+Beyond the paper and its reference code:
+- folds exist where there is no norm in front (``quantlm.models.smoothing``): v_proj into o_proj and up_proj into
+  down_proj (SmolLM2's down_proj inputs reach |x| ≈ 3000);
+- ``alpha="auto"`` picks α per group from a grid, minimizing the group's W8A8 output error
+  ‖Q(X/s) Q(W·s)ᵀ − X Wᵀ‖² / ‖X Wᵀ‖² on a fixed random sample of calibration tokens;
+- channels that are all zero in the calibration set, or whose weights are all zero, keep s = 1;
+- every block is run before and after smoothing, and a change of its output beyond float rounding is an error
+  (a producer whose output feeds more than the Linears, e.g. a post-norm residual) instead of a silent change.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from quantlm.core import QuantSpec, fake_quantize
+from quantlm.core.activation import ACT_GRANULARITIES, fake_quantize_int8, static_int8_scale
+from quantlm.errors import InvalidSpecError, QuantlmError
+from quantlm.models.blocks import linear_weight
+from quantlm.models.smoothing import (
+    FOLD_KINDS,
+    SmoothGroup,
+    divide_linear_output,
+    divide_norm_output,
+    head_dim_of,
+    kv_head_map,
+    linear_groups,
+    multiply_linear_input,
+    norm_groups,
+)
+from quantlm.pipeline.runner import BlockContext, LayerRecord
+from quantlm.pipeline.stats import InputStats, collect_input_stats
+
+log = logging.getLogger(__name__)
+
+ALPHA_GRID = tuple(round(i * 0.05, 2) for i in range(21))
+SEARCH_WEIGHT_SPEC = QuantSpec(bits=8, symmetric=True)  # int8 per output channel, as the W8A8 layers store it
+MIN_SCALE = 1e-5
+# largest relative change of a block's output that smoothing may cause (float rounding only), by compute dtype
+FOLD_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}
+HALF_TOLERANCE = 2e-2
+
+
+def smoothing_scales(act_absmax: Tensor, weight_absmax: Tensor, alpha: float) -> Tensor:
+    """s_j = max|X_j|^α / max|W_j|^(1-α) (fp32), and 1 where the channel is dead (no activation or no weight)."""
+    a, w = act_absmax.float(), weight_absmax.float()
+    s = a.pow(alpha) / w.pow(1 - alpha)
+    live = (a > 0) & (w > 0) & torch.isfinite(s)
+    return torch.where(live, s.clamp(min=MIN_SCALE), torch.ones_like(s))
+
+
+def w8a8_output_error(x: Tensor, weights: list[Tensor], s: Tensor, granularity: str = "token", references=None) -> float:
+    """Relative error ‖Q(X/s) Q(W·s)ᵀ − X Wᵀ‖² / ‖X Wᵀ‖² summed over ``weights`` (each [out, in]), with int8
+    per-channel weights and int8 activations per token (or per tensor, scaled by the sample's max|x|)."""
+    xs = x / s
+    static = static_int8_scale(xs.abs().max()) if granularity == "tensor" else None
+    xq = fake_quantize_int8(xs, granularity, static)
+    err = ref = 0.0
+    for i, w in enumerate(weights):
+        y = references[i] if references is not None else x @ w.t()
+        wq = fake_quantize(w * s, SEARCH_WEIGHT_SPEC)
+        err += float((xq @ wq.t() - y).pow(2).sum())
+        ref += float(y.pow(2).sum())
+    return err / ref if ref > 0 else 0.0
+
+
+@dataclass
+class SmoothQuant:
+    """SmoothQuant as a pipeline step: per block, gather max|x| per input channel of every smoothable group of
+    Linears, compute s, fold 1/s into the producer and s into the Linears. Weights stay in floating point; put a
+    quantizing step (``RTN``/``GPTQ`` with ``act_bits=8``) after it in the recipe.
+
+    ``alpha``: a number in [0, 1], or ``"auto"`` for a per-group search over ``ALPHA_GRID`` (the error measured
+    with activations per ``search_granularity``, on ``search_tokens`` calibration tokens drawn with ``seed``).
+    ``folds``: which producers to fold into (``FOLD_KINDS``)."""
+
+    alpha: float | str = 0.5
+    folds: tuple[str, ...] = FOLD_KINDS
+    search_granularity: str = "token"
+    search_tokens: int = 2048
+    seed: int = 0
+
+    name = "smoothquant"
+    needs_calibration = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.alpha, str):
+            if self.alpha != "auto":
+                try:
+                    self.alpha = float(self.alpha)
+                except ValueError:
+                    raise InvalidSpecError(f"alpha must be a number in [0, 1] or 'auto', got {self.alpha!r}") from None
+        if self.alpha != "auto" and (isinstance(self.alpha, bool) or not 0 <= float(self.alpha) <= 1):
+            raise InvalidSpecError(f"alpha must be a number in [0, 1] or 'auto', got {self.alpha!r}")
+        if self.alpha != "auto":
+            self.alpha = float(self.alpha)
+        if isinstance(self.folds, str):
+            self.folds = tuple(f.strip() for f in self.folds.split(",") if f.strip())
+        self.folds = tuple(self.folds)
+        unknown = [f for f in self.folds if f not in FOLD_KINDS]
+        if unknown or not self.folds:
+            raise InvalidSpecError(f"folds must be some of {', '.join(FOLD_KINDS)}, got {', '.join(self.folds) or 'none'}")
+        if self.search_granularity not in ACT_GRANULARITIES:
+            raise InvalidSpecError(f"search_granularity must be one of {', '.join(ACT_GRANULARITIES)}, got {self.search_granularity!r}")
+        if self.search_tokens < 1:
+            raise InvalidSpecError(f"search_tokens must be at least 1, got {self.search_tokens}")
+
+    # -- the step -------------------------------------------------------------------------------------------------
+    def process_block(self, ctx: BlockContext) -> list[LayerRecord]:
+        t0 = time.perf_counter()
+        block = ctx.block
+        outputs: list[Tensor] = []
+        groups = self._groups(ctx, lambda: outputs.append(ctx.probe()))
+        if not groups:
+            raise QuantlmError(
+                f"SmoothQuant found nothing to smooth in {ctx.name}: no normalization layer feeds its Linears "
+                f"directly and none of the known linear pairs is there; quantize without --method smoothquant"
+            )
+        linears = dict(block.named_modules())
+        # one observation per distinct input: the first Linear of each group stands for the group
+        firsts = {g.targets[0]: linears[g.targets[0]] for g in groups}
+        sample = self.search_tokens if self.alpha == "auto" else 0
+        stats = collect_input_stats(ctx, {f"{ctx.name}.{n}": m for n, m in firsts.items()}, sample_rows=sample, seed=self.seed)
+        reference = outputs[0] if outputs else ctx.probe()  # the block's output before any fold
+        saved = {k: v.detach().clone() for k, v in block.state_dict().items()}
+        plans = []
+        for group in groups:  # each plan sees the weights as the folds before it left them
+            plans.append(self._plan(ctx, group, stats[f"{ctx.name}.{group.targets[0]}"], linears))
+            self._apply(group, plans[-1], linears)
+        self._check(ctx, reference, saved, groups, plans, linears)
+        seconds = (time.perf_counter() - t0) / len(groups)
+        return [
+            LayerRecord(
+                module=f"{ctx.name}.{group.producer}",
+                method=self.name,
+                seconds=seconds,
+                error=plan["error"],
+                details={k: v for k, v in plan.items() if k not in ("s_producer", "s_consumer", "error")}
+                | {"kind": group.kind, "targets": [f"{ctx.name}.{t}" for t in group.targets]},
+            )
+            for group, plan in zip(groups, plans)
+        ]
+
+    def _groups(self, ctx: BlockContext, run_block) -> list[SmoothGroup]:
+        """Linear-to-linear folds first: they divide rows of Linears (v, up) whose columns a norm fold then scales,
+        so the norm folds' weight maxima are taken from the weights as they will be. ``run_block`` runs the block
+        once for the generic discovery of the norm groups."""
+        groups = [g for g in linear_groups(ctx.block) if g.kind in self.folds]
+        if "norm" in self.folds:
+            groups += norm_groups(ctx.block, run_block)
+        return groups
+
+    def _plan(self, ctx: BlockContext, group: SmoothGroup, stats: InputStats, linears: dict[str, nn.Module]) -> dict[str, Any]:
+        """The scales of one group: s for the consumers' input channels and 1/s for the producer's outputs."""
+        weights = [linear_weight(linears[t]).detach().float() for t in group.targets]
+        act = stats.absmax
+        wmax = torch.stack([w.abs().amax(dim=0) for w in weights]).amax(dim=0)
+        head_map = None
+        if group.kind == "v-o":
+            n_out = linear_weight(linears[group.producer]).shape[0]
+            head_dim = head_dim_of(getattr(ctx.model, "config", None))
+            if n_out != act.numel() and head_dim is None:
+                raise QuantlmError(f"cannot map {group.describe(ctx.name)}: the model's config has no head_dim")
+            head_map = kv_head_map(act.numel(), n_out, head_dim or 1)
+        if head_map is not None:  # every query head that reads a KV head shares its scales
+            n_out = int(head_map.max()) + 1
+            act = torch.zeros(n_out).scatter_reduce(0, head_map, act, "amax")
+            wmax = torch.zeros(n_out).scatter_reduce(0, head_map, wmax, "amax")
+
+        def consumer_scales(alpha: float) -> tuple[Tensor, Tensor]:
+            s = smoothing_scales(act, wmax, alpha)
+            return s, (s if head_map is None else s[head_map])
+
+        plan: dict[str, Any] = {"error": None}
+        if self.alpha == "auto":
+            x = stats.rows()
+            references = [x @ w.t() for w in weights]
+            errors = {a: w8a8_output_error(x, weights, consumer_scales(a)[1], self.search_granularity, references) for a in ALPHA_GRID}
+            alpha = min(errors, key=errors.get)
+            plan.update(error=errors[alpha], error_unsmoothed=w8a8_output_error(x, weights, torch.ones_like(stats.absmax), self.search_granularity, references), search={str(a): e for a, e in errors.items()})
+        else:
+            alpha = self.alpha
+        s_producer, s_consumer = consumer_scales(alpha)
+        plan.update(
+            alpha=alpha,
+            s_producer=s_producer,
+            s_consumer=s_consumer,
+            act_absmax_before=float(stats.absmax.max()),
+            act_absmax_after=float((stats.absmax / s_consumer).max()),
+            scale_min=float(s_producer.min()),
+            scale_max=float(s_producer.max()),
+            dead_channels=int(((act == 0) | (wmax == 0)).sum()),
+        )
+        return plan
+
+    @staticmethod
+    def _apply(group: SmoothGroup, plan: dict[str, Any], linears: dict[str, nn.Module]) -> None:
+        producer = linears[group.producer]
+        if group.kind == "norm":
+            divide_norm_output(producer, plan["s_producer"].to(producer.weight.device))
+        else:
+            divide_linear_output(producer, plan["s_producer"].to(linear_weight(producer).device))
+        for t in group.targets:
+            multiply_linear_input(linears[t], plan["s_consumer"].to(linear_weight(linears[t]).device))
+
+    def _check(self, ctx, reference: Tensor, saved: dict, groups, plans, linears) -> None:
+        """The block's output must not change beyond float rounding; else name the fold that changed it."""
+        tolerance = FOLD_TOLERANCE.get(reference.dtype, HALF_TOLERANCE)
+        if _relative_change(ctx.probe(), reference) <= tolerance:
+            return
+        for group, plan in zip(groups, plans):  # find the culprit: one fold at a time from the original weights
+            ctx.block.load_state_dict(saved)
+            self._apply(group, plan, linears)
+            change = _relative_change(ctx.probe(), reference)
+            if change > tolerance:
+                ctx.block.load_state_dict(saved)
+                raise QuantlmError(
+                    f"SmoothQuant cannot fold {group.describe(ctx.name)} exactly (the block's output changed by "
+                    f"{change:.1e}): its output feeds more than these Linears; drop the '{group.kind}' fold "
+                    f"(--smooth-folds) or use a method without smoothing"
+                )
+        ctx.block.load_state_dict(saved)  # each fold alone is exact: apply them all again
+        for group, plan in zip(groups, plans):
+            self._apply(group, plan, linears)
+
+    def finalize(self, model: nn.Module) -> list[LayerRecord]:
+        return []
+
+    def describe(self) -> str:
+        alpha = self.alpha if self.alpha == "auto" else f"{self.alpha:g}"
+        folds = "" if self.folds == FOLD_KINDS else f", folds {'+'.join(self.folds)}"
+        return f"{self.name}(alpha {alpha}{folds})"
+
+    def to_config(self) -> dict[str, Any]:
+        return {
+            "method": self.name,
+            "alpha": self.alpha,
+            "folds": list(self.folds),
+            "search_granularity": self.search_granularity,
+            "search_tokens": self.search_tokens,
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "SmoothQuant":
+        config = dict(config)
+        config.pop("method", None)
+        config.pop("calibration", None)
+        if "folds" in config:
+            config["folds"] = tuple(config["folds"]) if not isinstance(config["folds"], str) else config["folds"]
+        return cls(**config)
+
+
+def _relative_change(y: Tensor, reference: Tensor) -> float:
+    denom = reference.float().norm().item()
+    return (y.float() - reference.float()).norm().item() / denom if denom > 0 else 0.0
