@@ -175,3 +175,15 @@ def test_cli_llm_int8(tiny_model_dir, text_file, tmp_path):
     assert "outlier input columns" in result.stdout
     bad = runner.invoke(app, args[:-2] + ["--bits", "4", "--out", str(tmp_path / "bad")])
     assert bad.exit_code == 2 and "llm-int8 is 8-bit" in bad.stderr
+
+
+def test_pipeline_copy_of_a_w8a8_layer_keeps_one_weight():
+    layer = _layer()
+    layer.use_kernel("dequantized")
+    assert layer.kernel.weight is None and layer.kernel.int_weight is not None
+    x = _input()
+    torch.testing.assert_close(layer(x), layer.reference_forward(x) + layer.bias, rtol=0, atol=0)
+    mixed = _layer(outlier_threshold=6.0)
+    mixed.use_kernel("dequantized")
+    assert mixed.kernel.weight is not None  # LLM.int8() needs the dense columns of its outliers
+    torch.testing.assert_close(mixed(x), mixed.reference_forward(x) + mixed.bias, rtol=0, atol=0)

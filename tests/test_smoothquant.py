@@ -49,6 +49,10 @@ def with_outliers(family="llama"):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_smoothing_keeps_the_float_model_unchanged(family):
     model = tiny_model(family)
+    with torch.no_grad():  # trained norms have weights far from 1 and (LayerNorm) nonzero biases
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and "norm" in name or name.endswith(("ln_1.weight", "ln_2.weight", "ln_1.bias", "ln_2.bias")):
+                p.add_(torch.rand(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.8 - 0.2)
     reference = _logits(model)
     quantlm.quantize(model, [SmoothQuant(alpha=0.5)], IDS, batch_size=2, progress=False)
     assert _rel(_logits(model), reference) < 1e-4
@@ -84,6 +88,24 @@ def test_gemma_norm_folds_through_its_one_plus_weight():
     before = norm(x)
     divide_norm_output(norm, s)
     torch.testing.assert_close(norm(x), before / s, rtol=1e-5, atol=1e-6)
+
+
+def test_layernorm_with_bias_is_a_plain_norm():
+    norm = nn.LayerNorm(8)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2)
+        norm.bias.uniform_(-1, 1)
+    assert norm_weight_offset(norm) == 0.0
+    x = torch.randn(3, 8)
+    s = torch.rand(8) + 0.5
+    before = norm(x)
+    divide_norm_output(norm, s)
+    torch.testing.assert_close(norm(x), before / s, rtol=1e-5, atol=1e-6)
+
+
+def test_smoothing_must_come_before_quantizing():
+    with pytest.raises(QuantlmError, match="must come before"):
+        parse_recipe([{"method": "rtn", "bits": 8}, {"method": "smoothquant"}])
 
 
 def test_grouped_kv_heads_share_their_scales():
@@ -277,3 +299,6 @@ def test_cli_smoothquant_and_errors(tiny_model_dir, text_file, tmp_path):
     folds = runner.invoke(app, ["quantize", str(tiny_model_dir), "--method", "smoothquant", "--smooth-folds", "qk",
                                 "--out", str(tmp_path / "bad")])
     assert folds.exit_code == 2 and "folds must be" in folds.stderr
+    unused = runner.invoke(app, ["quantize", str(tiny_model_dir), "--method", "rtn", "--alpha", "0.7",
+                                 "--out", str(tmp_path / "bad")])
+    assert unused.exit_code == 2 and "--alpha does not apply to --method rtn" in unused.stderr

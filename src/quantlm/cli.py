@@ -96,8 +96,8 @@ def quantize(
     out: Path = typer.Option(..., "--out", "-o", help="Output checkpoint directory."),
     method: Method = typer.Option(Method.rtn, help="Quantization method."),
     bits: Optional[int] = typer.Option(None, "--bits", "--w-bits", help="Weight bits, 2-8 [default: 4; 8 with smoothquant and llm-int8]."),
-    group_size: Optional[int] = typer.Option(None, "--group-size", "-g", help="Columns per group; -1 = one scale per output channel [default: 64; -1 with smoothquant]."),
-    sym: Optional[bool] = typer.Option(None, "--sym/--asym", help="Symmetric or asymmetric grid [default: asym; sym with smoothquant]."),
+    group_size: Optional[int] = typer.Option(None, "--group-size", "-g", help="Columns per group; -1 = one scale per output channel [default: 64; -1 with smoothquant and llm-int8]."),
+    sym: Optional[bool] = typer.Option(None, "--sym/--asym", help="Symmetric or asymmetric grid [default: asym; sym with smoothquant and llm-int8]."),
     clip: Clip = typer.Option(Clip.none, help="Grid clipping: none or an MSE search."),
     a_bits: Optional[int] = typer.Option(None, "--a-bits", help="8: W8A8, activations quantized to int8 at run time (use with --bits 8 --group-size -1 --sym for the int8 GEMM kernel) [default: 8 with smoothquant]."),
     a_granularity: ActGranularity = typer.Option(ActGranularity.token, "--a-granularity", help="With --a-bits 8: token (dynamic per-token scales) or tensor (one static scale per layer from calibration)."),
@@ -155,6 +155,8 @@ def quantize(
             return GPTQ(spec, block_size=block_size, damp=damp, act_order=act_order, static_groups=static_groups,
                         true_sequential=true_sequential, **act, **gptq_options)
 
+        _reject_unused_options(method, lm_head=lm_head, alpha=alpha, smooth_folds=smooth_folds, weights=weights,
+                               threshold=threshold, a_granularity=a_granularity, clip=clip)
         if method == Method.llm_int8:
             if bits not in (None, 8) or group_size not in (None, -1) or sym is False or a_bits not in (None, 8):
                 raise QuantlmError("llm-int8 is 8-bit symmetric per-channel weights and int8 activations: drop --bits, --group-size, --asym and --a-bits")
@@ -205,6 +207,27 @@ def quantize(
     typer.echo(summarize_log(qmodel.quantlm_log))
     if evaluate:
         typer.echo(f"perplexity {summary['ppl']:.3f} over {summary['tokens']} tokens")
+
+
+# options that only some methods read, with their defaults
+_METHOD_OPTIONS = {
+    "lm_head": (False, "--lm-head", {Method.rtn}),
+    "alpha": ("0.5", "--alpha", {Method.smoothquant}),
+    "smooth_folds": ("norm,v-o,up-down", "--smooth-folds", {Method.smoothquant}),
+    "weights": (WeightMethod.rtn, "--weights", {Method.smoothquant}),
+    "threshold": (6.0, "--threshold", {Method.llm_int8}),
+    "a_granularity": (ActGranularity.token, "--a-granularity", {Method.rtn, Method.gptq, Method.smoothquant}),
+    "clip": (Clip.none, "--clip", {Method.rtn, Method.gptq, Method.smoothquant}),
+}
+
+
+def _reject_unused_options(method: "Method", **given) -> None:
+    """An option the chosen method ignores is an error, not a silent no-op."""
+    for name, value in given.items():
+        default, flag, methods = _METHOD_OPTIONS[name]
+        if value != default and method not in methods:
+            users = ", ".join(sorted(m.value for m in methods))
+            raise QuantlmError(f"{flag} does not apply to --method {method.value} (only to {users}): drop it")
 
 
 def summarize_log(records: list[dict]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import time
 from typing import Sequence
 
 import torch
@@ -35,6 +36,22 @@ def swap_in(root: nn.Module, name: str, qlinear: QuantLinear, original: nn.Modul
     qlinear.use_kernel("dequantized", weight.dtype)
     set_submodule(root, name, qlinear)
     return qlinear
+
+
+def round_to_grid(root: nn.Module, name: str, module: nn.Module, spec, method: str, details=None, **act):
+    """Replace the Linear ``name`` by its round-to-nearest QuantLinear on ``spec``'s grid (``act``: the activation
+    settings of ``QuantLinear.from_weight``); return its quant-log record."""
+    from quantlm.pipeline.runner import LayerRecord
+
+    t0 = time.perf_counter()
+    weight = linear_weight(module)
+    q = QuantLinear.from_weight(weight, spec, getattr(module, "bias", None), **act)
+    error = relative_weight_error(weight, q.dequantize_weight())
+    swap_in(root, name, q, module)
+    return LayerRecord(
+        module=name, method=method, seconds=time.perf_counter() - t0, error=error,
+        details={"shape": list(weight.shape), "spec": q.describe(), **(details or {})},
+    )
 
 
 def check_activation_settings(act_bits, act_granularity: str) -> None:

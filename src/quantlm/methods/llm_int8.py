@@ -14,7 +14,6 @@ sequence) in the quant log.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,10 +21,10 @@ import torch
 from torch import Tensor, nn
 
 from quantlm.core import QuantSpec
-from quantlm.methods.common import is_excluded, relative_weight_error, swap_in
-from quantlm.models.blocks import linear_weight
-from quantlm.nn.qlinear import QuantLinear, check_outlier_threshold
 from quantlm.errors import InvalidSpecError
+from quantlm.methods.common import is_excluded, round_to_grid
+from quantlm.models.blocks import linear_weight
+from quantlm.nn.qlinear import check_outlier_threshold
 from quantlm.pipeline.runner import BlockContext, LayerRecord
 
 WEIGHT_SPEC = QuantSpec(bits=8, symmetric=True)  # int8, one scale per output row
@@ -87,16 +86,8 @@ class LLMInt8:
         return records
 
     def _quantize(self, root: nn.Module, name: str, module: nn.Module, report: dict[str, Any]) -> LayerRecord:
-        t0 = time.perf_counter()
-        weight = linear_weight(module)
-        q = QuantLinear.from_weight(
-            weight, WEIGHT_SPEC, getattr(module, "bias", None), act_bits=8, outlier_threshold=self.threshold
-        )
-        error = relative_weight_error(weight, q.dequantize_weight())
-        swap_in(root, name, q, module)
-        return LayerRecord(
-            module=name, method=self.name, seconds=time.perf_counter() - t0, error=error,
-            details={"shape": list(weight.shape), "spec": q.describe(), **report},
+        return round_to_grid(
+            root, name, module, WEIGHT_SPEC, self.name, report, act_bits=8, outlier_threshold=self.threshold
         )
 
     def finalize(self, model: nn.Module) -> list[LayerRecord]:

@@ -85,4 +85,13 @@ def parse_recipe(recipe: "Recipe | Step | Sequence[Step | dict] | dict | str | P
     steps = [_step_from_dict(s) if isinstance(s, dict) else s for s in recipe]
     if not steps:
         raise InvalidSpecError("a recipe needs at least one step")
+    _check_order(steps)
     return Recipe(steps)
+
+
+def _check_order(steps: list[Step]) -> None:
+    """Smoothing changes float Linears, so it must come before the step that quantizes them."""
+    quantizing = [i for i, s in enumerate(steps) if s.name != SmoothQuant.name]
+    smoothing = [i for i, s in enumerate(steps) if s.name == SmoothQuant.name]
+    if quantizing and smoothing and max(smoothing) > min(quantizing):
+        raise InvalidSpecError("smoothquant must come before the step that quantizes the weights (e.g. smoothquant -> rtn)")

@@ -6,7 +6,6 @@ The grid per row or group comes from ``quantlm.core`` (min/max, or an MSE search
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,9 +13,8 @@ from torch import nn
 
 from quantlm.core import QuantSpec
 from quantlm.errors import InvalidSpecError
-from quantlm.methods.common import check_activation_settings, is_excluded, relative_weight_error, static_act_scales, swap_in
-from quantlm.models.blocks import linear_weight, output_embedding_name
-from quantlm.nn.qlinear import QuantLinear
+from quantlm.methods.common import check_activation_settings, is_excluded, round_to_grid, static_act_scales
+from quantlm.models.blocks import output_embedding_name
 from quantlm.pipeline.runner import BlockContext, LayerRecord
 
 
@@ -43,20 +41,7 @@ class RTN:
         return self.act_granularity == "tensor"
 
     def _quantize_module(self, root: nn.Module, name: str, module: nn.Module, act_scale=None) -> LayerRecord:
-        t0 = time.perf_counter()
-        weight = linear_weight(module)
-        q = QuantLinear.from_weight(
-            weight, self.spec, getattr(module, "bias", None), act_bits=self.act_bits, act_scale=act_scale
-        )
-        error = relative_weight_error(weight, q.dequantize_weight())
-        swap_in(root, name, q, module)
-        return LayerRecord(
-            module=name,
-            method=self.name,
-            seconds=time.perf_counter() - t0,
-            error=error,
-            details={"shape": list(weight.shape), "spec": q.describe()},
-        )
+        return round_to_grid(root, name, module, self.spec, self.name, act_bits=self.act_bits, act_scale=act_scale)
 
     def process_block(self, ctx: BlockContext) -> list[LayerRecord]:
         targets = {n: m for n, m in ctx.linears().items() if not is_excluded(n, self.exclude)}

@@ -23,9 +23,8 @@ Beyond the paper and its reference code:
 
 from __future__ import annotations
 
-import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -48,8 +47,6 @@ from quantlm.models.smoothing import (
 )
 from quantlm.pipeline.runner import BlockContext, LayerRecord
 from quantlm.pipeline.stats import InputStats, collect_input_stats
-
-log = logging.getLogger(__name__)
 
 ALPHA_GRID = tuple(round(i * 0.05, 2) for i in range(21))
 SEARCH_WEIGHT_SPEC = QuantSpec(bits=8, symmetric=True)  # int8 per output channel, as the W8A8 layers store it
@@ -171,7 +168,8 @@ class SmoothQuant:
     def _plan(self, ctx: BlockContext, group: SmoothGroup, stats: InputStats, linears: dict[str, nn.Module]) -> dict[str, Any]:
         """The scales of one group: s for the consumers' input channels and 1/s for the producer's outputs."""
         weights = [linear_weight(linears[t]).detach().float() for t in group.targets]
-        act = stats.absmax
+        device = weights[0].device  # the statistics live on the CPU; the plan is made where the weights are
+        act = stats.absmax.to(device)
         wmax = torch.stack([w.abs().amax(dim=0) for w in weights]).amax(dim=0)
         head_map = None
         if group.kind == "v-o":
@@ -181,9 +179,10 @@ class SmoothQuant:
                 raise QuantlmError(f"cannot map {group.describe(ctx.name)}: the model's config has no head_dim")
             head_map = kv_head_map(act.numel(), n_out, head_dim or 1)
         if head_map is not None:  # every query head that reads a KV head shares its scales
+            head_map = head_map.to(device)
             n_out = int(head_map.max()) + 1
-            act = torch.zeros(n_out).scatter_reduce(0, head_map, act, "amax")
-            wmax = torch.zeros(n_out).scatter_reduce(0, head_map, wmax, "amax")
+            act = torch.zeros(n_out, device=device).scatter_reduce(0, head_map, act, "amax")
+            wmax = torch.zeros(n_out, device=device).scatter_reduce(0, head_map, wmax, "amax")
 
         def consumer_scales(alpha: float) -> tuple[Tensor, Tensor]:
             s = smoothing_scales(act, wmax, alpha)
@@ -191,11 +190,11 @@ class SmoothQuant:
 
         plan: dict[str, Any] = {"error": None}
         if self.alpha == "auto":
-            x = stats.rows()
+            x = stats.rows().to(device)
             references = [x @ w.t() for w in weights]
             errors = {a: w8a8_output_error(x, weights, consumer_scales(a)[1], self.search_granularity, references) for a in ALPHA_GRID}
             alpha = min(errors, key=errors.get)
-            plan.update(error=errors[alpha], error_unsmoothed=w8a8_output_error(x, weights, torch.ones_like(stats.absmax), self.search_granularity, references), search={str(a): e for a, e in errors.items()})
+            plan.update(error=errors[alpha], error_unsmoothed=w8a8_output_error(x, weights, torch.ones(x.shape[1], device=device), self.search_granularity, references), search={str(a): e for a, e in errors.items()})
         else:
             alpha = self.alpha
         s_producer, s_consumer = consumer_scales(alpha)
@@ -204,7 +203,7 @@ class SmoothQuant:
             s_producer=s_producer,
             s_consumer=s_consumer,
             act_absmax_before=float(stats.absmax.max()),
-            act_absmax_after=float((stats.absmax / s_consumer).max()),
+            act_absmax_after=float((stats.absmax / s_consumer.cpu()).max()),
             scale_min=float(s_producer.min()),
             scale_max=float(s_producer.max()),
             dead_channels=int(((act == 0) | (wmax == 0)).sum()),
@@ -224,7 +223,8 @@ class SmoothQuant:
     def _check(self, ctx, reference: Tensor, saved: dict, groups, plans, linears) -> None:
         """The block's output must not change beyond float rounding; else name the fold that changed it."""
         tolerance = FOLD_TOLERANCE.get(reference.dtype, HALF_TOLERANCE)
-        if _relative_change(ctx.probe(), reference) <= tolerance:
+        together = _relative_change(ctx.probe(), reference)
+        if together <= tolerance:
             return
         for group, plan in zip(groups, plans):  # find the culprit: one fold at a time from the original weights
             ctx.block.load_state_dict(saved)
@@ -237,9 +237,11 @@ class SmoothQuant:
                     f"{change:.1e}): its output feeds more than these Linears; drop the '{group.kind}' fold "
                     f"(--smooth-folds) or use a method without smoothing"
                 )
-        ctx.block.load_state_dict(saved)  # each fold alone is exact: apply them all again
-        for group, plan in zip(groups, plans):
-            self._apply(group, plan, linears)
+        ctx.block.load_state_dict(saved)
+        raise QuantlmError(
+            f"SmoothQuant's folds in {ctx.name} are exact one by one but together change the block's output by "
+            f"{together:.1e} (more than float rounding, {tolerance:g}): calibrate in float32 (--dtype float32)"
+        )
 
     def finalize(self, model: nn.Module) -> list[LayerRecord]:
         return []

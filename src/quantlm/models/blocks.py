@@ -78,6 +78,11 @@ def quantizable_linears(block: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in block.named_modules() if is_linear(m)}
 
 
+def tensor_key(x: torch.Tensor) -> tuple:
+    """What makes two tensors the very same view of the same memory (while both are alive)."""
+    return (x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape), tuple(x.stride()))
+
+
 def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from quantlm.models.blocks import is_linear, linear_weight
+from quantlm.models.blocks import is_linear, linear_weight, tensor_key
 
 FOLD_KINDS = ("norm", "v-o", "up-down")
 
@@ -60,10 +60,6 @@ def _is_norm(module: nn.Module) -> bool:
     )
 
 
-def _tensor_key(x: Tensor) -> tuple:
-    return (x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape), tuple(x.stride()))
-
-
 def norm_groups(block: nn.Module, run_block) -> list[SmoothGroup]:
     """The norms of ``block`` whose output is the very input of some of its Linears, found by running the block
     once (``run_block()``) with hooks; in the order the block runs them."""
@@ -74,7 +70,7 @@ def norm_groups(block: nn.Module, run_block) -> list[SmoothGroup]:
     def norm_hook(name):
         def hook(module, args, output):
             if isinstance(output, torch.Tensor):
-                produced.setdefault(_tensor_key(output), name)
+                produced.setdefault(tensor_key(output), name)
                 keep_alive.append(output)
 
         return hook
@@ -82,7 +78,7 @@ def norm_groups(block: nn.Module, run_block) -> list[SmoothGroup]:
     def linear_hook(name):
         def hook(module, args):
             if args and isinstance(args[0], torch.Tensor):
-                producer = produced.get(_tensor_key(args[0]))
+                producer = produced.get(tensor_key(args[0]))
                 if producer is not None and name not in consumers.setdefault(producer, []):
                     consumers[producer].append(name)
 
@@ -113,17 +109,21 @@ def linear_groups(block: nn.Module) -> list[SmoothGroup]:
 
 def norm_weight_offset(norm: nn.Module) -> float:
     """0 for norms that multiply by their weight, 1 for Gemma-style ones that multiply by (1 + weight): found by
-    running the norm with its weight zeroed (a plain norm then outputs zeros)."""
+    running the norm with its weight (and bias) zeroed (a plain norm then outputs zeros)."""
     weight = norm.weight
+    bias = getattr(norm, "bias", None)
+    params = [weight] + ([bias] if isinstance(bias, torch.Tensor) else [])
     probe = torch.linspace(-1, 1, weight.numel(), device=weight.device, dtype=weight.dtype).unsqueeze(0)
-    saved = weight.detach().clone()
+    saved = [p.detach().clone() for p in params]
     try:
         with torch.no_grad():
-            weight.zero_()
+            for p in params:
+                p.zero_()
             out = norm(probe)
     finally:
         with torch.no_grad():
-            weight.copy_(saved)
+            for p, value in zip(params, saved):
+                p.copy_(value)
     return 0.0 if bool((out == 0).all()) else 1.0
 
 

@@ -88,16 +88,23 @@ def integer_product(codes: Tensor, x_scale: Tensor, weight: Tensor, row_scale: T
     return F.linear(codes.float(), weight) * x_scale * row_scale
 
 
+def quantized_rows(layer: "QuantLinear", x2: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """A W8A8 layer's input rows ``x2 [tokens, features]`` as int8 codes and scales, after LLM.int8() layers took
+    their outlier columns out: (codes, scales, outlier columns [tokens, n] or None, their indices or None)."""
+    inliers, outliers, cols = x2, None, None
+    if layer.outlier_threshold is not None:
+        inliers, outliers, cols = split_outlier_columns(x2, layer.outlier_threshold)
+    codes, x_scale = layer.quantize_input(inliers)
+    return codes, x_scale, outliers, cols
+
+
 def w8a8_matmul(layer: "QuantLinear", x: Tensor, integer_weight: tuple[Tensor, Tensor] | None, dense_weight) -> Tensor:
     """x Wᵀ of a W8A8 layer in plain torch: x quantized as the layer says (per token or static per tensor), then
     the integer product with ``integer_weight`` ((codes − zero) and row scales, for row-scaled weights) or, for
     grouped weights, the fake-quantized x times ``dense_weight(dtype)``. LLM.int8() layers first take the outlier
     columns out of x and add their product with those columns of ``dense_weight`` in x's dtype."""
-    x2, lead = x.reshape(-1, x.shape[-1]), x.shape[:-1]
-    inliers, outliers, cols = x2, None, None
-    if layer.outlier_threshold is not None:
-        inliers, outliers, cols = split_outlier_columns(x2, layer.outlier_threshold)
-    codes, x_scale = layer.quantize_input(inliers)
+    lead = x.shape[:-1]
+    codes, x_scale, outliers, cols = quantized_rows(layer, x.reshape(-1, x.shape[-1]))
     if integer_weight is not None:
         y = integer_product(codes, x_scale, *integer_weight).to(x.dtype)
     else:
@@ -288,12 +295,15 @@ class _SharedInputCodes(threading.local):
     """The int8 form of the last input seen, so that Linears fed the same tensor (q, k and v; gate and up) quantize
     it once. A hit needs the very same tensor object, unchanged since (its version counter), and the same
     activation grid. Inference-mode tensors keep no version counter, so under ``torch.inference_mode`` nothing is
-    shared and every layer quantizes its own input."""
+    shared and every layer quantizes its own input; nor is anything shared while ``torch.compile`` traces (the
+    compiled graph fuses the quantization instead). The entry holds the last input until the next call."""
 
     def __init__(self) -> None:
         self.entry: tuple | None = None
 
     def get(self, x: Tensor, key: tuple, compute):
+        if torch.compiler.is_compiling():
+            return compute()
         try:
             version = x._version
         except RuntimeError:  # an inference tensor
@@ -344,18 +354,11 @@ class Int8GemmKernel(Kernel):
         static = None if layer.act_scale is None else float(layer.act_scale)
         self.input_key = (layer.act_granularity, static, layer.outlier_threshold)
 
-    def _quantized_input(self, x: Tensor):
-        layer = self.layer[0]
-        x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        inliers, outliers, cols = x2, None, None
-        if layer.outlier_threshold is not None:
-            inliers, outliers, cols = split_outlier_columns(x2, layer.outlier_threshold)
-        codes, x_scale = layer.quantize_input(inliers)
-        return codes, x_scale, outliers, cols
-
     def forward(self, x: Tensor) -> Tensor:
         lead = tuple(x.shape[:-1])
-        codes, x_scale, outliers, cols = SHARED_INPUT.get(x, self.input_key, lambda: self._quantized_input(x))
+        codes, x_scale, outliers, cols = SHARED_INPUT.get(
+            x, self.input_key, lambda: quantized_rows(self.layer[0], x.reshape(-1, x.shape[-1]).contiguous())
+        )
         # int32 -> fp32, then the scales in place, in integer_product's order (int32 * fp32 promotes 2x slower)
         y = torch._int_mm(codes, self.weight_t).float().mul_(x_scale).mul_(self.scale).to(x.dtype)
         if cols is not None and cols.numel():
@@ -382,9 +385,13 @@ class DequantizedKernel(Kernel):
             weight, scale = layer.integer_weight()
             self.register_buffer("int_weight", weight, persistent=False)
             self.register_buffer("int_scale", scale, persistent=False)
-        self.register_buffer("weight", layer.dequantize_weight(dtype), persistent=False)
+        # one [out, in] copy per layer: the integer form is enough for W8A8 layers without outlier columns
+        dense_needed = not self.integer or layer.outlier_threshold is not None
+        self.register_buffer("weight", layer.dequantize_weight(dtype) if dense_needed else None, persistent=False)
 
     def _dense(self, dtype: torch.dtype) -> Tensor:
+        if self.weight is None:
+            return self.layer[0].dequantize_weight(dtype)
         return self.weight if dtype == self.weight.dtype else self.weight.to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from quantlm.models.blocks import DecoderBlocks, find_decoder_blocks, quantizable_linears
+from quantlm.models.blocks import DecoderBlocks, find_decoder_blocks, quantizable_linears, tensor_key
 from quantlm.nn.qlinear import QuantLinear
 from quantlm.pipeline.activations import Batches
 from quantlm.pipeline.capture import BlockInputs, capture_block_inputs
@@ -215,8 +215,7 @@ class BlockContext:
         self.observe(modules, on_input, first_batch_only=True)
         groups: dict[tuple, list[str]] = {}
         for name, x in seen.items():  # dicts keep insertion order: the order the block called them
-            key_x = (x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape), tuple(x.stride()))
-            groups.setdefault(key_x, []).append(name)
+            groups.setdefault(tensor_key(x), []).append(name)
         never_called = [n for n in modules if n not in seen]
         result = list(groups.values()) + ([never_called] if never_called else [])
         _GROUP_CACHE[key] = [[n.removeprefix(prefix) for n in group] for group in result]
