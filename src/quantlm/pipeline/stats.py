@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
-
 import torch
 from torch import Tensor, nn
 
@@ -63,12 +61,11 @@ def collect_input_stats(
     *,
     sample_rows: int = 0,
     seed: int = 0,
-    on_input: Callable[[str, Tensor], None] | None = None,
 ) -> dict[str, InputStats]:
     """Run the block on the calibration set and gather ``InputStats`` of each of ``modules``' inputs.
 
     ``sample_rows``: keep about that many input rows per module, drawn uniformly at random (seeded) and spread
-    evenly over the mini-batches. ``on_input`` sees every input too (for statistics of a method's own)."""
+    evenly over the mini-batches."""
     n_batches = max(len(ctx.inputs.hidden), 1) if ctx.inputs is not None else 1
     per_batch = math.ceil(sample_rows / n_batches) if sample_rows > 0 else 0
     stats = {name: InputStats(_in_features(m)) for name, m in modules.items()}
@@ -76,8 +73,6 @@ def collect_input_stats(
 
     def record(name: str, x: Tensor) -> None:
         stats[name].add(x, per_batch, generator)
-        if on_input is not None:
-            on_input(name, x)
 
     ctx.observe(modules, record, stop_early=False)
     return stats
