@@ -105,18 +105,22 @@ def quantize(
     tokenizer=None,
     batch_size: int = 8,
     progress: bool = True,
+    kv_cache=None,
 ) -> nn.Module:
     """Apply ``recipe`` to ``model`` in place, layer by layer, and return it.
 
     ``calibration`` is a LongTensor [n, seqlen] of token ids, or a ``Calibration`` (then ``tokenizer`` is needed);
-    calibration-free recipes ignore it.
+    calibration-free recipes ignore it. ``kv_cache`` (a ``quantlm.nn.kv_cache.KVQuantConfig``) also quantizes the
+    KV cache at run time.
     """
+    from quantlm.nn.kv_cache import enable_kv_quantization
+
     recipe = parse_recipe(recipe)
     windows, calib_info = _calibration_windows(recipe, calibration, tokenizer)
     t0 = time.perf_counter()
     records = run_pipeline(model, recipe.steps, windows, batch_size=batch_size, progress=progress)
     _attach_run_info(model, recipe, records, calib_info, time.perf_counter() - t0)
-    return model
+    return enable_kv_quantization(model, kv_cache)
 
 
 def quantize_to_checkpoint(
@@ -132,6 +136,7 @@ def quantize_to_checkpoint(
     keep_work_dir: bool = False,
     offload_activations: bool = False,
     progress: bool = True,
+    kv_cache=None,
 ) -> Path:
     """Quantize the model at ``source`` into a checkpoint at ``out`` with memory near one decoder block.
 
@@ -140,6 +145,7 @@ def quantize_to_checkpoint(
     resumes at the next block and writes a byte-identical checkpoint. The work directory is removed at the end.
     With ``offload_activations`` the calibration activations are kept in files under the work directory instead
     of in memory (about 0.6 GB less for 128 x 2048 tokens of a 576-wide model, for some disk traffic).
+    ``kv_cache`` (a ``KVQuantConfig``) is recorded in the checkpoint: the loaded model quantizes its KV cache.
     """
     import shutil
 
@@ -175,6 +181,7 @@ def quantize_to_checkpoint(
             offload_dir=offload_dir,
         )
     _attach_run_info(model, recipe, records, calib_info, time.perf_counter() - t0)
+    model.quantlm_kv_config = kv_cache
     save(model, out, tokenizer=tokenizer, overwrite=overwrite, blocks=store)
     if not keep_work_dir:
         shutil.rmtree(work, ignore_errors=True)

@@ -105,6 +105,7 @@ def quantize(
     smooth_folds: str = typer.Option("norm,v-o,up-down", help="SmoothQuant: where scales are folded, a comma list of norm, v-o, up-down."),
     weights: WeightMethod = typer.Option(WeightMethod.rtn, help="SmoothQuant: how the smoothed weights are quantized (rtn or gptq)."),
     threshold: float = typer.Option(6.0, help="LLM.int8(): |x| from which an input column is an outlier kept in floating point."),
+    kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="Quantize the KV cache at run time to 8 or 4 bits (per token and head, symmetric) [default: off]."),
     lm_head: bool = typer.Option(False, "--lm-head", help="RTN: also quantize the output projection."),
     act_order: bool = typer.Option(False, "--act-order", help="GPTQ: columns by descending Hessian diagonal."),
     static_groups: bool = typer.Option(False, "--static-groups", help="GPTQ: group grids fixed from the original weight."),
@@ -185,6 +186,7 @@ def quantize(
         overwrite=overwrite,
         offload_activations=offload_activations,
         progress=not as_json,
+        kv_cache=_kv_config(kv_bits),
     )
     seconds = time.perf_counter() - t0
     qmodel = api.load(out)
@@ -207,6 +209,12 @@ def quantize(
     typer.echo(summarize_log(qmodel.quantlm_log))
     if evaluate:
         typer.echo(f"perplexity {summary['ppl']:.3f} over {summary['tokens']} tokens")
+
+
+def _kv_config(kv_bits: Optional[int]):
+    from quantlm.nn.kv_cache import KVQuantConfig
+
+    return None if kv_bits is None or kv_bits == 16 else KVQuantConfig(bits=kv_bits)
 
 
 # options that only some methods read, with their defaults
@@ -281,6 +289,7 @@ def eval_cmd(
     max_windows: int = typer.Option(32, help="Number of windows scored (0 = all)."),
     bos: Optional[bool] = typer.Option(None, "--bos/--no-bos", help="Prepend BOS to every window (default: per family)."),
     kernel: str = typer.Option("auto", help=KERNEL_HELP),
+    kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="Quantize the KV cache to 8 or 4 bits, or 16 for a float cache [default: as the checkpoint says]."),
     as_json: bool = typer.Option(False, "--json", help='Print {"ppl": ..., "tokens": ...} on stdout.'),
 ) -> None:
     """Perplexity per the benchmark protocol (non-overlapping windows)."""
@@ -293,15 +302,22 @@ def eval_cmd(
     _setup_threads()
     t0 = time.perf_counter()
     load_text(data, split)  # a bad text source fails before the model is loaded
+    kv = _kv_config(kv_bits)
     lm, kernels, _ = _load_for_inference(model, DType.float32, kernel, verbose=False)
+    if kv_bits is not None:
+        from quantlm.nn.kv_cache import enable_kv_quantization
+
+        enable_kv_quantization(lm, kv)
     result = api.evaluate(
         lm, tokenizer=api.load_tokenizer(model), data=data, split=split, seqlen=seqlen, max_windows=max_windows or None,
         add_bos=bos, progress=not as_json,
     )
     seconds = time.perf_counter() - t0
     if as_json:
+        kv_now = getattr(lm, "quantlm_kv_config", None)
         _print_json({"ppl": result.ppl, "tokens": result.tokens, "windows": result.windows, "seqlen": result.seqlen,
-                     "seconds": round(seconds, 2), "kernels": kernel_summary(kernels)})
+                     "seconds": round(seconds, 2), "kernels": kernel_summary(kernels),
+                     "kv_cache": None if kv_now is None else kv_now.describe()})
     else:
         typer.echo(f"perplexity {result.ppl:.4f} over {result.tokens} tokens ({result.windows} x {result.seqlen}) in {seconds:.1f}s")
 
@@ -459,6 +475,126 @@ def quickstart(
     _setup_threads()
     rows = qs.run(model=model, out=out, max_windows=max_windows, calib_samples=calib_samples)
     typer.echo(qs.rows_to_json(rows) if as_json else qs.format_table(rows))
+
+
+class GenMode(str, Enum):
+    hybrid = "hybrid"
+    greedy = "greedy"
+    sample = "sample"
+
+
+class Loss(str, Enum):
+    kd = "kd"
+    ce = "ce"
+
+
+@app.command("generate-data")
+@_friendly
+def generate_data(
+    model: str = typer.Argument(..., help="Alias, model directory, .gguf file or hub id (the full-precision model)."),
+    out: Path = typer.Option(..., "--out", "-o", help="The jsonl file to write (or to complete, when rerun)."),
+    samples: int = typer.Option(512, "--samples", help="How many samples."),
+    max_length: int = typer.Option(512, help="Tokens per sample at most (a sample also ends at end-of-sequence)."),
+    greedy_tokens: str = typer.Option("3-5", help="Top-1 tokens after the random first one: a count or a range (drawn per sample)."),
+    mode: GenMode = typer.Option(GenMode.hybrid, help="hybrid (greedy first tokens, then sampled: the paper's), greedy or sample."),
+    batch_size: int = typer.Option(64, help="Samples generated together."),
+    seed: int = typer.Option(0, help="Seed of the first tokens and of the sampling."),
+    dtype: DType = typer.Option(DType.bfloat16, help="Dtype the model generates in."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+) -> None:
+    """LLM-QAT's data-free training text: MODEL writes its own samples (token ids, one jsonl line each)."""
+    import torch
+
+    from quantlm.models.sources import load_float_model, load_tokenizer
+    from quantlm.qat.data import GenerationSettings, generate_training_data, parse_greedy_tokens, read_samples
+
+    settings = GenerationSettings(n_samples=samples, max_length=max_length, greedy_tokens=parse_greedy_tokens(greedy_tokens),
+                                  mode=mode.value, batch_size=batch_size, seed=seed)
+    _setup_threads()
+    tokenizer = load_tokenizer(model)
+    lm = load_float_model(model, dtype=getattr(torch, dtype.value))
+    t0 = time.perf_counter()
+    generate_training_data(lm, tokenizer, out, settings, progress=not as_json)
+    rows = read_samples(out)
+    summary = {"out": str(out), "samples": len(rows), "tokens": sum(len(r) for r in rows),
+               "seconds": round(time.perf_counter() - t0, 1), "settings": settings.to_dict()}
+    if as_json:
+        _print_json(summary)
+    else:
+        typer.echo(f"{summary['samples']} samples, {summary['tokens']} tokens -> {out} ({summary['seconds']}s)")
+
+
+@app.command()
+@_friendly
+def qat(
+    model: str = typer.Argument(..., help="Alias, model directory, .gguf file or hub id (the full-precision teacher)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output checkpoint directory (the converted quantized model)."),
+    data: str = typer.Option("enwiki", help="Training text: a jsonl file from generate-data, or a text source (its calibration split)."),
+    w_bits: int = typer.Option(4, "--w-bits", help="Weight bits (16: full precision)."),
+    a_bits: int = typer.Option(8, "--a-bits", help="Activation bits, per token (16: full precision)."),
+    kv_bits: int = typer.Option(4, "--kv-bits", help="KV-cache bits, per token (16: full precision)."),
+    group_size: int = typer.Option(-1, "--group-size", "-g", help="Weight columns per group; -1 = per output channel (the paper's)."),
+    sym: bool = typer.Option(True, "--sym/--asym", help="Symmetric (MinMax, the paper's) or asymmetric weight grids."),
+    learnable_clip: bool = typer.Option(False, "--learnable-clip", help="Train the weight scales too (LSQ-style clipping)."),
+    init: Optional[Path] = typer.Option(None, help="Start from this quantlm checkpoint (RTN or GPTQ of MODEL, same weight grid) instead of the float weights."),
+    steps: int = typer.Option(300, help="Optimizer steps."),
+    batch_size: int = typer.Option(4, help="Windows per micro-batch (per process)."),
+    grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step."),
+    seqlen: int = typer.Option(512, help="Tokens per training window."),
+    lr: float = typer.Option(5e-5, help="Peak learning rate (AdamW, cosine decay)."),
+    warmup: int = typer.Option(0, help="Linear warmup steps."),
+    weight_decay: float = typer.Option(0.0, help="AdamW weight decay."),
+    loss: Loss = typer.Option(Loss.kd, help="kd: distill the teacher's logits (the paper's); ce: next-token cross-entropy."),
+    bf16: bool = typer.Option(True, "--bf16/--fp32", help="bf16 autocast for the forward passes."),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Recompute activations in the backward pass (less memory, ~30% slower)."),
+    save_every: int = typer.Option(50, help="Save the training state every N steps (rerun to resume)."),
+    seed: int = typer.Option(0, help="Seed of the data order."),
+    overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
+    evaluate: bool = typer.Option(False, "--eval", help="Measure perplexity (enwiki eval) of the result."),
+    max_windows: int = typer.Option(32, help="With --eval: number of 2048-token windows."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+) -> None:
+    """LLM-QAT: train MODEL fake-quantized (W-A-KV bits) by distillation, then save it as a real quantized model.
+
+    Runs on many processes with torchrun (DDP; gloo on CPU, nccl on CUDA)."""
+    from quantlm import api
+    from quantlm.qat.fake_quant import QATBits, QATConfig
+    from quantlm.qat.run import qat_to_checkpoint
+    from quantlm.qat.trainer import TrainSettings
+
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"output directory {out} already exists: choose another path or pass --overwrite")
+    config = QATConfig(bits=QATBits(w_bits, a_bits, kv_bits), w_symmetric=sym, w_group_size=group_size,
+                       learnable_clip=learnable_clip)
+    settings = TrainSettings(steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_steps=warmup,
+                             weight_decay=weight_decay, loss=loss.value, bf16=bf16,
+                             gradient_checkpointing=gradient_checkpointing, save_every=save_every, seed=seed)
+    if not str(data).endswith(".jsonl"):
+        from quantlm.data import load_text
+
+        load_text(data, "calibration")
+    _setup_threads()
+    t0 = time.perf_counter()
+    qat_to_checkpoint(model, out, config, settings, data=data, seqlen=seqlen, init=init, overwrite=overwrite,
+                      progress=not as_json)
+    seconds = time.perf_counter() - t0
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    from quantlm.formats.native import read_quantization_config
+
+    recipe = read_quantization_config(out).get("recipe") or [{}]
+    summary = {"out": str(out), "bits": str(config.bits), "seconds": round(seconds, 1),
+               "training": recipe[0].get("training")}
+    if evaluate:
+        qmodel = api.load(out)
+        result = api.evaluate(qmodel, tokenizer=api.load_tokenizer(out), max_windows=max_windows, progress=not as_json)
+        summary.update(ppl=result.ppl, tokens=result.tokens)
+    if as_json:
+        _print_json(summary)
+        return
+    typer.echo(f"QAT {config.bits} in {seconds:.1f}s -> {out}")
+    if evaluate:
+        typer.echo(f"perplexity {summary['ppl']:.3f} over {summary['tokens']} tokens")
 
 
 def main() -> None:

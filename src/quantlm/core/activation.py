@@ -73,3 +73,65 @@ def split_outlier_columns(x2: Tensor, threshold: float) -> tuple[Tensor, Tensor,
     if cols.numel() == 0:
         return x2, x2[:, :0], cols
     return x2.index_fill(1, cols, 0), x2.index_select(1, cols), cols
+
+
+# ---------------------------------------------------------------------------------------------- any bit width
+# The per-token grids of quantization-aware training (LLM-QAT) and of the quantized KV cache, for 2..8 bits.
+# Symmetric (the paper's MinMax choice): codes in [-(2**(b-1) - 1), 2**(b-1) - 1], scale = max|x| / (2**(b-1) - 1);
+# at 8 bits this is exactly the int8 per-token grid above. Asymmetric: codes in [0, 2**b - 1] over
+# [min(x, 0), max(x, 0)], zero = round(-min / scale). Codes are returned as uint8 in offset form (symmetric codes
+# shifted by 2**(b-1)), so that both kinds pack with ``quantlm.core.packing`` and decode as (codes - zero) * scale.
+TOKEN_BITS = (2, 3, 4, 5, 6, 7, 8)
+
+
+def check_token_bits(bits) -> int:
+    if isinstance(bits, bool) or bits not in TOKEN_BITS:
+        raise ValueError(f"per-token quantization takes 2 to 8 bits, got {bits!r}")
+    return int(bits)
+
+
+def per_token_grid(x: Tensor, bits: int, symmetric: bool = True) -> tuple[Tensor, Tensor]:
+    """fp32 ``(scale, zero)`` of shape ``[..., 1]`` for each row of ``x [..., features]`` (computed on ``x`` as
+    given: pass ``x.detach()`` for a straight-through estimator)."""
+    bits = check_token_bits(bits)
+    xf = x.float()
+    if symmetric:
+        qmax = (1 << (bits - 1)) - 1
+        amax = xf.abs().amax(dim=-1, keepdim=True)
+        scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+        return scale, torch.full_like(scale, float(1 << (bits - 1)))
+    lo = xf.amin(dim=-1, keepdim=True).clamp(max=0)
+    hi = xf.amax(dim=-1, keepdim=True).clamp(min=0)
+    span = hi - lo
+    scale = torch.where(span > 0, span / ((1 << bits) - 1), torch.ones_like(span))
+    return scale, torch.round(-lo / scale)
+
+
+def _code_range(bits: int, symmetric: bool, zero: Tensor) -> tuple[Tensor | int, Tensor | int]:
+    if symmetric:
+        qmax = (1 << (bits - 1)) - 1
+        return -qmax, qmax
+    return -zero, ((1 << bits) - 1) - zero
+
+
+def quantize_per_token(x: Tensor, bits: int, symmetric: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """uint8 codes (offset form, shaped like ``x``), fp32 scale and zero ``[..., 1]``: x ≈ (codes - zero) * scale."""
+    scale, zero = per_token_grid(x, bits, symmetric)
+    lo, hi = _code_range(bits, symmetric, zero)
+    q = torch.clamp(torch.round(x.float() / scale), lo, hi)
+    return (q + zero).to(torch.uint8), scale, zero
+
+
+def dequantize_per_token(codes: Tensor, scale: Tensor, zero: Tensor, dtype: torch.dtype) -> Tensor:
+    return ((codes.float() - zero) * scale).to(dtype)
+
+
+def fake_quantize_per_token(x: Tensor, bits: int, symmetric: bool = True) -> Tensor:
+    """``x`` on its per-token grid, in its own dtype, with a straight-through gradient (1 inside the grid's
+    range, 0 where a value was clipped; the grid itself gets no gradient). The forward value equals
+    ``dequantize_per_token(*quantize_per_token(x, bits, symmetric), x.dtype)``."""
+    scale, zero = per_token_grid(x.detach(), bits, symmetric)
+    lo, hi = _code_range(bits, symmetric, zero)
+    t = x.float() / scale
+    q = torch.clamp(t + (torch.round(t) - t).detach(), lo, hi)
+    return (q * scale).to(x.dtype)

@@ -6,6 +6,7 @@ Layout of a checkpoint directory:
 - ``model.safetensors``: float tensors as they are in the model, and for each quantized module
   ``{name}.qweight`` (packed uint8 codes), ``{name}.scales``, ``{name}.zeros`` (and ``{name}.bias``); tensors
   shared by tied modules are stored once;
+- ``quantization_config.kv_cache`` (when the KV cache is quantized): its bits and grid;
 - ``quant_log.json``: the per-module log of the run (error, seconds, settings);
 - the tokenizer files and ``generation_config.json`` when known.
 The directory is written under a temporary name and renamed when complete.
@@ -26,6 +27,7 @@ from torch import nn
 from quantlm.errors import CheckpointError, QuantlmError
 from quantlm.formats.safetensors_io import write_streaming
 from quantlm.models.blocks import set_submodule
+from quantlm.nn.kv_cache import KVQuantConfig, enable_kv_quantization
 from quantlm.nn.qlinear import QuantLinear
 from quantlm.paths import atomic_directory
 
@@ -106,6 +108,9 @@ def save_checkpoint(
         "recipe": recipe or [],
         "modules": modules,
     }
+    kv = getattr(model, "quantlm_kv_config", None)
+    if kv is not None:
+        config["quantization_config"]["kv_cache"] = kv.to_dict()
     with atomic_directory(path, overwrite=overwrite) as tmp:
         write_streaming(tmp / WEIGHTS_FILE, layout, chunks, metadata={"format": "pt", "quantlm": __version__})
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
@@ -186,5 +191,7 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device | Non
         raise CheckpointError(f"{weights} lacks tensors: {', '.join(missing[:5])}: the checkpoint is incomplete")
     if device is not None:
         model = model.to(device)
+    kv = qc.get("kv_cache")
+    enable_kv_quantization(model, None if kv is None else KVQuantConfig.from_dict(kv))
     model.eval()
     return model

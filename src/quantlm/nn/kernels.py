@@ -246,8 +246,8 @@ class Int4PackKernel(Kernel):
 
 
 def _signed_codes(layer: "QuantLinear") -> Tensor:
-    """8-bit codes as int8 around the symmetric zero 128."""
-    return (layer.codes().to(torch.int16) - 128).to(torch.int8)
+    """Codes of a symmetric grid as int8 around its zero 2**(bits-1) (128 at 8 bits)."""
+    return (layer.codes().to(torch.int16) - (1 << (layer.spec.bits - 1))).to(torch.int8)
 
 
 def _per_channel_8bit(layer: "QuantLinear") -> str | None:
@@ -323,8 +323,9 @@ SHARED_INPUT = _SharedInputCodes()
 
 
 class Int8GemmKernel(Kernel):
-    """W8A8 on ``torch._int_mm``: int8 weights per output channel (symmetric) times int8 activations, quantized per
-    token on the fly or with the layer's static per-tensor scale, int32 accumulation, then both scales. LLM.int8()
+    """W8A8 (and W4A8 and the like) on ``torch._int_mm``: symmetric weights per output channel, as int8 codes, times
+    int8 activations, quantized per token on the fly or with the layer's static per-tensor scale, int32
+    accumulation, then both scales. LLM.int8()
     layers multiply their outlier columns in floating point with those columns of the dequantized weight."""
 
     name = "int8"
@@ -335,9 +336,8 @@ class Int8GemmKernel(Kernel):
             return "runs on CPU only (torch._int_mm on CUDA needs more than 16 rows)"
         if layer.act_bits != 8:
             return "needs a layer with 8-bit activations"
-        reason = _per_channel_8bit(layer)
-        if reason:
-            return reason
+        if layer.spec.granularity not in ("channel", "tensor"):
+            return f"needs one scale per output channel, the layer has {layer.spec.describe()}"
         if not layer.spec.symmetric:
             return "needs symmetric weights"
         return None

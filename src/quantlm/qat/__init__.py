@@ -1,0 +1,1 @@
+"""Quantization-aware training the LLM-QAT way: data-free generation, fake quantization, distillation, conversion."""

@@ -1,0 +1,195 @@
+"""Fake quantization for quantization-aware training (LLM-QAT, Liu et al. 2023, section 2.2).
+
+Bits are a W-A-KV triple such as 4-8-4; 16 turns a part off. During training:
+- weights: per output channel (or per group), symmetric MinMax by default, recomputed from the current weights on
+  every step; with ``learnable_clip`` the scales are parameters initialised from MinMax and trained with the
+  weights (LSQ-style gradient through ``quantlm.core.fake_quantize``). Scales are rounded to the dtype a checkpoint
+  stores them in, so the trained grid is exactly the one that is saved;
+- activations: the input of every Linear in the decoder blocks, per token, symmetric MinMax by default;
+- KV cache: keys (after RoPE) and values per token and head (``quantlm.nn.kv_cache``'s fake path).
+Every rounding has a straight-through gradient. :func:`prepare_qat` turns a float model into a fake-quantized
+one in place; ``quantlm.qat.convert`` turns that into packed QuantLinears afterwards.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from quantlm.core import QuantSpec, compute_qparams, fake_quantize
+from quantlm.core.activation import fake_quantize_per_token
+from quantlm.errors import InvalidSpecError
+from quantlm.methods.common import is_excluded
+from quantlm.models.blocks import find_decoder_blocks, is_linear, linear_weight, set_submodule
+from quantlm.nn.kv_cache import KVQuantConfig, enable_fake_kv_quantization
+from quantlm.nn.qlinear import storage_scale_dtype
+
+OFF = 16
+PART_BITS = (2, 3, 4, 5, 6, 7, 8, OFF)
+
+
+@dataclass(frozen=True)
+class QATBits:
+    """Bit widths of weights, activations and KV cache; 16 means that part stays in full precision."""
+
+    w: int = 4
+    a: int = 8
+    kv: int = 4
+
+    def __post_init__(self) -> None:
+        for part, bits in (("weight", self.w), ("activation", self.a), ("KV-cache", self.kv)):
+            if isinstance(bits, bool) or bits not in PART_BITS:
+                raise InvalidSpecError(f"{part} bits must be 2..8, or 16 for full precision, got {bits!r}")
+
+    @classmethod
+    def parse(cls, text: str) -> "QATBits":
+        """'4-8-4' -> QATBits(4, 8, 4)."""
+        m = re.fullmatch(r"\s*(\d+)-(\d+)-(\d+)\s*", str(text))
+        if not m:
+            raise InvalidSpecError(f"bits are written W-A-KV, such as 4-8-4 (16 = full precision), got {text!r}")
+        return cls(*(int(g) for g in m.groups()))
+
+    def __str__(self) -> str:
+        return f"{self.w}-{self.a}-{self.kv}"
+
+
+@dataclass(frozen=True)
+class QATConfig:
+    """What is fake-quantized and how. ``w_group_size`` -1 is per output channel (the paper's choice)."""
+
+    bits: QATBits = QATBits()
+    w_symmetric: bool = True
+    w_group_size: int = -1
+    a_symmetric: bool = True
+    kv_symmetric: bool = True
+    learnable_clip: bool = False
+    exclude: tuple[str, ...] = ()
+
+    @property
+    def weight_spec(self) -> QuantSpec | None:
+        if self.bits.w == OFF:
+            return None
+        return QuantSpec(bits=self.bits.w, symmetric=self.w_symmetric, group_size=self.w_group_size)
+
+    @property
+    def act_bits(self) -> int | None:
+        return None if self.bits.a == OFF else self.bits.a
+
+    @property
+    def kv_config(self) -> KVQuantConfig | None:
+        return None if self.bits.kv == OFF else KVQuantConfig(self.bits.kv, self.kv_symmetric)
+
+    def to_dict(self) -> dict:
+        spec = self.weight_spec
+        return {
+            "bits": str(self.bits),
+            "weight": spec.to_dict() if spec else None,
+            "act": None if self.act_bits is None else {"bits": self.act_bits, "symmetric": self.a_symmetric, "granularity": "token"},
+            "kv": None if self.kv_config is None else self.kv_config.to_dict(),
+            "learnable_clip": self.learnable_clip,
+            "exclude": list(self.exclude),
+        }
+
+    def __post_init__(self) -> None:
+        self.weight_spec  # validates the weight grid
+        if self.learnable_clip and self.bits.w == OFF:
+            raise InvalidSpecError("learnable clipping needs quantized weights: set the weight bits below 16")
+
+
+def _storage_rounded(scale: Tensor) -> Tensor:
+    """``scale`` rounded to the dtype a QuantLinear stores it in, with an identity gradient."""
+    stored = scale.detach().to(storage_scale_dtype(scale.detach())).float()
+    return scale + (stored - scale).detach()
+
+
+class FakeQuantLinear(nn.Module):
+    """A Linear whose weight and input are rounded onto their grids in the forward pass (straight-through)."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, spec: QuantSpec | None, act_bits: int | None,
+                 act_symmetric: bool = True, learnable_clip: bool = False) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(weight.detach().clone().contiguous())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        self.spec = spec
+        self.act_bits = act_bits
+        self.act_symmetric = act_symmetric
+        self.clip_scale: Tensor | None = None  # None: MinMax of the current weight on every call
+        self.clip_zero: Tensor | None = None
+        if learnable_clip and spec is not None:
+            scale, zero = compute_qparams(self.weight.detach().float(), spec)
+            self.set_grid(scale, zero, learnable=True)
+
+    def set_grid(self, scale: Tensor, zero: Tensor, learnable: bool) -> None:
+        """Use this grid from now on: trained with the weights (``learnable``, LSQ-style) or fixed."""
+        if self.spec is None:
+            raise InvalidSpecError("a layer with 16-bit weights has no weight grid")
+        for name in ("clip_scale", "clip_zero"):
+            if name in self._parameters:
+                del self._parameters[name]
+            if name in self._buffers:
+                del self._buffers[name]
+            self.__dict__.pop(name, None)
+        scale = scale.detach().float().clone()
+        if learnable:
+            self.clip_scale = nn.Parameter(scale)
+        else:
+            self.register_buffer("clip_scale", scale)
+        self.register_buffer("clip_zero", zero.detach().float().clone())
+
+    @property
+    def learnable_clip(self) -> bool:
+        return isinstance(self.clip_scale, nn.Parameter)
+
+    def grid(self) -> tuple[Tensor, Tensor]:
+        """The weight grid (scale, with its gradient when learnable; zero) as the forward pass uses it."""
+        if self.clip_scale is not None:
+            scale, zero = self.clip_scale.clamp(min=torch.finfo(torch.float16).tiny), self.clip_zero
+        else:
+            scale, zero = compute_qparams(self.weight.detach().float(), self.spec)
+        return _storage_rounded(scale), zero
+
+    def quantized_weight(self) -> Tensor:
+        if self.spec is None:
+            return self.weight
+        scale, zero = self.grid()
+        return fake_quantize(self.weight, self.spec, scale, zero)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.act_bits is not None:
+            x = fake_quantize_per_token(x, self.act_bits, self.act_symmetric)
+        w = self.quantized_weight()
+        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        w = self.spec.describe() if self.spec else "w16"
+        a = f"a{self.act_bits}" if self.act_bits else "a16"
+        return f"{self.in_features} -> {self.out_features}, {w}, {a}{', learnable clip' if self.learnable_clip else (', fixed grid' if self.clip_scale is not None else '')}"
+
+
+def fake_quant_linears(model: nn.Module) -> dict[str, FakeQuantLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, FakeQuantLinear)}
+
+
+def prepare_qat(model: nn.Module, config: QATConfig) -> nn.Module:
+    """Replace every Linear of the decoder blocks by a FakeQuantLinear and fake-quantize the KV cache, in place.
+
+    The output projection (lm_head) and embeddings stay in full precision, as in the paper. Returns ``model``
+    with ``model.quantlm_qat_config`` set."""
+    blocks = find_decoder_blocks(model)
+    spec = config.weight_spec
+    for i, block in enumerate(blocks.blocks):
+        for name, module in list(block.named_modules()):
+            full = f"{blocks.name(i)}.{name}"
+            if not is_linear(module) or is_excluded(full, config.exclude):
+                continue
+            fq = FakeQuantLinear(linear_weight(module), getattr(module, "bias", None), spec, config.act_bits,
+                                 config.a_symmetric, config.learnable_clip)
+            set_submodule(block, name, fq.to(module.weight.device))
+    enable_fake_kv_quantization(model, config.kv_config)
+    model.quantlm_qat_config = config
+    return model

@@ -1,0 +1,142 @@
+"""LLM-QAT end to end: training windows, a fake-quantized student and its teacher, training, conversion, checkpoint."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from quantlm.errors import CheckpointError, DataSourceError, InvalidSpecError
+from quantlm.qat.convert import convert_qat_model, convertible
+from quantlm.qat.data import pack_samples, read_samples
+from quantlm.qat.fake_quant import FakeQuantLinear, QATConfig, fake_quant_linears, prepare_qat
+from quantlm.qat.trainer import TrainResult, TrainSettings, train
+
+
+def training_windows(data: str, tokenizer, seqlen: int, max_windows: int | None = None) -> Tensor:
+    """Training windows ``[n, seqlen]`` from a generated jsonl file, or from a text source's calibration split
+    (``enwiki``, a local text file, ...), cut end to end."""
+    from quantlm.data import load_text, tokenize_text
+
+    if seqlen < 2:
+        raise InvalidSpecError(f"--seqlen must be at least 2 tokens, got {seqlen}")
+    if str(data).endswith(".jsonl"):
+        windows = pack_samples(read_samples(data), seqlen)
+    else:
+        tokens = tokenize_text(tokenizer, load_text(data, "calibration"))
+        n = tokens.numel() // seqlen
+        if n == 0:
+            raise DataSourceError(f"{data} has {tokens.numel()} tokens, fewer than one window of {seqlen}")
+        windows = tokens[: n * seqlen].view(n, seqlen)
+    return windows if max_windows is None else windows[:max_windows]
+
+
+def _grid_shape(spec) -> tuple:
+    """What must agree between a PTQ grid and a QAT grid (how the PTQ grid was searched, e.g. MSE clipping, need not)."""
+    return (spec.bits, spec.symmetric, spec.granularity, spec.group_size)
+
+
+def init_from_quantized(student: nn.Module, quantized: nn.Module) -> int:
+    """Start QAT from a post-training-quantized model: each FakeQuantLinear takes the PTQ layer's dequantized
+    weight and its grid (scales and zeros), so step 0 computes exactly what the PTQ model computes. The grid is
+    trained with learnable clipping and kept fixed otherwise. Returns the number of layers initialised."""
+    from quantlm.nn.qlinear import QuantLinear
+
+    targets = fake_quant_linears(student)
+    n = 0
+    for name, q in quantized.named_modules():
+        if not isinstance(q, QuantLinear) or name not in targets:
+            continue
+        fq: FakeQuantLinear = targets[name]
+        if fq.spec is None or _grid_shape(q.spec) != _grid_shape(fq.spec) or q.g_idx is not None:
+            raise InvalidSpecError(
+                f"{name}: the initial checkpoint's grid ({q.describe()}) differs from the QAT weight grid "
+                f"({fq.spec.describe() if fq.spec else 'w16'}): quantize it with the same bits, group size and symmetry, without act-order"
+            )
+        scale = q.scales.float().detach().clone()
+        zero = q.zeros.float().detach().clone()
+        with torch.no_grad():
+            fq.weight.copy_(q.dequantize_weight().to(fq.weight.dtype))
+        fq.set_grid(scale, zero, learnable=fq.learnable_clip)
+        n += 1
+    if n == 0:
+        raise InvalidSpecError("the initial checkpoint has no quantized layer where the QAT model has one")
+    return n
+
+
+def run_qat(
+    model: nn.Module,
+    tokenizer,
+    windows: Tensor,
+    config: QATConfig,
+    settings: TrainSettings,
+    *,
+    init: nn.Module | None = None,
+    state_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> tuple[nn.Module, TrainResult]:
+    """Fake-quantize a copy of ``model`` (the teacher, left untouched), optionally start it from the PTQ model
+    ``init``, and train it by distillation on ``windows``; returns the (still fake-quantized) student."""
+    teacher = model if settings.loss == "kd" else None
+    student = prepare_qat(copy.deepcopy(model), config)
+    if init is not None:
+        init_from_quantized(student, init)
+    signature = {"qat": config.to_dict(), "init": init is not None}
+    result = train(student, teacher, windows, settings, state_dir=state_dir, signature=signature, progress=progress)
+    return student, result
+
+
+def qat_to_checkpoint(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    config: QATConfig,
+    settings: TrainSettings,
+    *,
+    data: str = "enwiki",
+    seqlen: int = 512,
+    max_windows: int | None = None,
+    init: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    keep_work_dir: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Train the model at ``source`` with QAT and write the converted quantized model to ``out``.
+
+    The training state is kept in ``.{out}.work`` beside ``out`` every ``save_every`` steps; rerunning the same
+    command after an interruption resumes there. ``init`` is a quantlm checkpoint (RTN or GPTQ of the same model
+    and weight grid) to start from instead of the float weights."""
+    from quantlm import api
+    from quantlm.models.sources import load_float_model, load_tokenizer, resolve_model_dir
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"output directory {out} already exists: choose another path or pass --overwrite")
+    convertible(config)
+    model_dir = resolve_model_dir(source)
+    tokenizer = load_tokenizer(model_dir)
+    windows = training_windows(data, tokenizer, seqlen, max_windows)
+    init_model = api.load(init) if init is not None else None
+    model = load_float_model(model_dir, dtype=torch.float32)
+    work = out.parent / f".{out.name}.work"
+    student, result = run_qat(model, tokenizer, windows, config, settings, init=init_model, state_dir=work,
+                              progress=progress)
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    if not is_main:
+        return out
+    convert_qat_model(student)
+    student.quantlm_recipe = [{
+        "method": "qat", **config.to_dict(), "init": None if init is None else str(init),
+        "training": {**settings.to_dict(), "data": str(data), "seqlen": seqlen, "windows": windows.shape[0],
+                     "tokens": result.tokens, "seconds": round(result.seconds, 1),
+                     "first_loss": result.losses[0] if result.losses else None,
+                     "last_loss": result.losses[-1] if result.losses else None},
+    }]
+    student.quantlm_log = []
+    api.save(student, out, tokenizer=tokenizer, overwrite=overwrite)
+    if not keep_work_dir:
+        shutil.rmtree(work, ignore_errors=True)
+    return out

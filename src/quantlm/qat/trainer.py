@@ -1,0 +1,248 @@
+"""The distillation trainer of LLM-QAT: a fake-quantized student learns the frozen full-precision teacher's
+next-token distribution.
+
+Loss (``loss="kd"``, the paper's): at every position, the cross-entropy of the student's log-softmax against the
+teacher's softmax, averaged over positions (KL divergence plus the teacher's entropy, a constant). ``loss="ce"``
+is plain next-token cross-entropy on the training text, for the ablation. AdamW, linear warmup then cosine
+decay to zero, gradient accumulation, gradient-norm clipping, optional bf16 autocast and gradient checkpointing.
+
+Data order is a function of the step alone: epoch ``e`` visits the windows in ``randperm(seed + e)`` order, and
+optimizer step ``s``, micro-batch ``m`` of rank ``r`` takes the ``batch_size`` windows at position
+``((s * accum + m) * world + r) * batch_size`` of that order. So a resumed run sees exactly the windows it would
+have seen, and N processes with batch b train on the same global batches as one process with batch N * b.
+
+Scale-out: under ``torchrun`` (``WORLD_SIZE`` > 1) the student is wrapped in DistributedDataParallel (gloo on
+CPU, nccl on CUDA) and gradients are averaged across processes; rank 0 writes the checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from quantlm.errors import CheckpointError, InvalidSpecError
+
+LOSSES = ("kd", "ce")
+STATE_FILE = "train_state.pt"
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    steps: int = 300
+    batch_size: int = 4  # windows per micro-batch and process
+    grad_accum: int = 1
+    lr: float = 5e-5
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    loss: str = "kd"
+    bf16: bool = True
+    gradient_checkpointing: bool = False
+    save_every: int = 50
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise InvalidSpecError("--steps, --batch-size and --grad-accum must be at least 1")
+        if not self.lr > 0:
+            raise InvalidSpecError(f"the learning rate must be positive, got {self.lr}")
+        if self.loss not in LOSSES:
+            raise InvalidSpecError(f"the loss is 'kd' (logit distillation) or 'ce' (label cross-entropy), got {self.loss!r}")
+        if not 0 <= self.warmup_steps < self.steps:
+            raise InvalidSpecError(f"warmup steps must be between 0 and the number of steps, got {self.warmup_steps}")
+        if self.save_every < 1:
+            raise InvalidSpecError(f"--save-every must be at least 1, got {self.save_every}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    losses: list[float] = field(default_factory=list)  # mean loss of each optimizer step (this run's steps)
+    seconds: float = 0.0
+    tokens: int = 0  # tokens trained on in this run, all processes
+    resumed_from: int = 0
+
+
+# ---------------------------------------------------------------------------------------------- pieces
+def distillation_loss(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """Mean over positions of -sum_v softmax(teacher)_v * log_softmax(student)_v, in fp32."""
+    target = torch.softmax(teacher_logits.float(), dim=-1)
+    return -(target * torch.log_softmax(student_logits.float(), dim=-1)).sum(dim=-1).mean()
+
+
+def label_loss(student_logits: Tensor, input_ids: Tensor) -> Tensor:
+    """Next-token cross-entropy on the text itself."""
+    logits = student_logits[:, :-1].float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1))
+
+
+def cosine_lr(step: int, settings: TrainSettings) -> float:
+    """The learning-rate factor at optimizer step ``step`` (0-based): linear warmup, then cosine to zero."""
+    if step < settings.warmup_steps:
+        return (step + 1) / (settings.warmup_steps + 1)
+    progress = (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def window_indices(n_windows: int, step: int, micro: int, rank: int, world: int, settings: TrainSettings) -> Tensor:
+    """The windows (indices into the training set) of one micro-batch; see the module docstring."""
+    start = ((step * settings.grad_accum + micro) * world + rank) * settings.batch_size
+    idx = []
+    for pos in range(start, start + settings.batch_size):
+        epoch, offset = divmod(pos, n_windows)
+        order = torch.randperm(n_windows, generator=torch.Generator().manual_seed(settings.seed + epoch))
+        idx.append(int(order[offset]))
+    return torch.tensor(idx, dtype=torch.long)
+
+
+class _Distributed:
+    """The process group under torchrun (or none): rank, world size, and gradient averaging through DDP."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.owned = False
+        if self.world > 1 and not torch.distributed.is_initialized():
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            torch.distributed.init_process_group(backend=backend)
+            self.owned = True
+
+    def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
+        if self.world == 1:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device.index] if device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def close(self) -> None:
+        if self.owned:
+            torch.distributed.destroy_process_group()
+
+
+def _autocast(device: torch.device, enabled: bool):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def _save_state(path: Path, student: nn.Module, optimizer, scheduler, step: int, signature: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"step": step, "model": student.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "signature": signature}, tmp)
+    os.replace(tmp, path)
+
+
+def _load_state(path: Path, student: nn.Module, optimizer, scheduler, signature: dict) -> int:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"cannot read the training state {path}: {e}: delete it to start over") from None
+    if state.get("signature") != signature:
+        raise CheckpointError(
+            f"{path} belongs to a run with other settings: delete it (or choose another --out) to start over"
+        )
+    student.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return int(state["step"])
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+def train(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    windows: Tensor,
+    settings: TrainSettings,
+    *,
+    state_dir: str | os.PathLike | None = None,
+    signature: dict | None = None,
+    progress: bool = True,
+    on_step: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    """Train ``student`` in place on ``windows [n, seqlen]`` (token ids) for ``settings.steps`` optimizer steps.
+
+    ``teacher`` (frozen, same vocabulary) is needed for ``loss="kd"``. With ``state_dir`` the training state is
+    saved there every ``save_every`` steps and a run that finds one resumes from it (``signature`` must match).
+    """
+    if settings.loss == "kd" and teacher is None:
+        raise InvalidSpecError("logit distillation needs the full-precision teacher model")
+    device = next(student.parameters()).device
+    dist = _Distributed(device)
+    torch.manual_seed(settings.seed)
+    if teacher is not None:
+        teacher.eval()  # run under no_grad below; its parameters' flags are left as they are
+    if settings.gradient_checkpointing and hasattr(student, "gradient_checkpointing_enable"):
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    student.train()
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, settings))
+    signature = {"settings": settings.to_dict(), "windows": list(windows.shape), "world": dist.world, **(signature or {})}
+    state_path = Path(state_dir) / STATE_FILE if state_dir is not None else None
+    start = 0
+    if state_path is not None and state_path.exists():
+        start = _load_state(state_path, student, optimizer, scheduler, signature)
+    model = dist.wrap(student, device)
+    result = TrainResult(steps=settings.steps, resumed_from=start)
+    t0 = time.perf_counter()
+    bar = tqdm(total=settings.steps, initial=start, desc="qat", unit="step", disable=not progress or dist.rank != 0)
+    try:
+        for step in range(start, settings.steps):
+            step_loss = 0.0
+            for micro in range(settings.grad_accum):
+                ids = windows[window_indices(windows.shape[0], step, micro, dist.rank, dist.world, settings)].to(device)
+                sync = micro == settings.grad_accum - 1
+                ctx = model.no_sync() if dist.world > 1 and not sync else contextlib.nullcontext()
+                with ctx:
+                    with _autocast(device, settings.bf16):
+                        logits = model(input_ids=ids, use_cache=False).logits
+                        if settings.loss == "kd":
+                            with torch.no_grad():
+                                target = teacher(input_ids=ids, use_cache=False).logits
+                            loss = distillation_loss(logits, target)
+                        else:
+                            loss = label_loss(logits, ids)
+                    (loss / settings.grad_accum).backward()
+                step_loss += loss.item() / settings.grad_accum
+                result.tokens += ids.numel() * dist.world
+                del logits, loss
+            if settings.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            result.losses.append(step_loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            if on_step is not None:
+                on_step(step, step_loss)
+            done = step + 1
+            if state_path is not None and (done % settings.save_every == 0 or done == settings.steps):
+                if dist.rank == 0:
+                    state_path.parent.mkdir(parents=True, exist_ok=True)
+                    _save_state(state_path, student, optimizer, scheduler, done, signature)
+                dist.barrier()
+    finally:
+        bar.close()
+        if settings.gradient_checkpointing and hasattr(student, "gradient_checkpointing_disable"):
+            student.gradient_checkpointing_disable()
+        student.eval()
+        dist.close()
+    result.seconds = time.perf_counter() - t0
+    return result

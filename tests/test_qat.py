@@ -1,0 +1,275 @@
+"""LLM-QAT: fake quantization, the distillation trainer (resume, DDP), conversion, PTQ init, data, the CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import byte_tokenizer, tiny_model
+from quantlm import api
+from quantlm.cli import app
+from quantlm.core import QuantSpec
+from quantlm.errors import DataSourceError, InvalidSpecError
+from quantlm.methods import RTN
+from quantlm.nn.kv_cache import KVQuantConfig
+from quantlm.nn.qlinear import QuantLinear
+from quantlm.qat.convert import convert_qat_model
+from quantlm.qat.data import (
+    GenerationSettings,
+    generate_training_data,
+    pack_samples,
+    parse_greedy_tokens,
+    read_samples,
+    start_vocabulary,
+)
+from quantlm.qat.fake_quant import FakeQuantLinear, QATBits, QATConfig, fake_quant_linears, prepare_qat
+from quantlm.qat.run import init_from_quantized, run_qat
+from quantlm.qat.trainer import TrainSettings, cosine_lr, distillation_loss, train, window_indices
+
+runner = CliRunner()
+W4A8KV4 = QATConfig(bits=QATBits(4, 8, 4))
+
+
+def _windows(n=16, seqlen=32, seed=0):
+    return torch.randint(0, 256, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------------------------- settings
+def test_bits_parse_and_validate():
+    assert QATBits.parse("4-8-4") == QATBits(4, 8, 4) and str(QATBits(8, 8, 16)) == "8-8-16"
+    for bad in ("4-8", "w4a8kv4", "4-9-4", "1-8-8"):
+        with pytest.raises(InvalidSpecError):
+            QATBits.parse(bad)
+
+
+# ---------------------------------------------------------------------------------------------- fake quantization
+def test_prepare_qat_wraps_every_block_linear_and_leaves_the_head():
+    model = prepare_qat(tiny_model("llama"), W4A8KV4)
+    names = set(fake_quant_linears(model))
+    assert len(names) == 3 * 7 and not any("lm_head" in n for n in names)
+    assert model.config._attn_implementation == "quantlm_fake_kv"
+
+
+@pytest.mark.parametrize("kv,atol", [(16, 1e-5), (4, 5e-3)])
+def test_step_zero_is_rtn_with_the_same_activation_and_kv_grids(kv, atol):
+    """QAT starts from RTN: the fake-quantized model before training computes what PTQ RTN W4A8 (KV4) does (with
+    a 4-bit KV cache, float summation order can flip the odd code: hence the looser bound there)."""
+    model = tiny_model("llama")
+    ids = _windows(2, 24)
+    fake = prepare_qat(copy.deepcopy(model), QATConfig(bits=QATBits(4, 8, kv)))
+    rtn = api.quantize(copy.deepcopy(model), [RTN(QuantSpec(bits=4, group_size=-1, symmetric=True), act_bits=8)],
+                       kv_cache=None if kv == 16 else KVQuantConfig(kv), progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(fake(ids).logits, rtn(ids).logits, rtol=0, atol=atol)
+
+
+def test_gradients_reach_weights_through_the_rounding_and_learnable_scales():
+    model = prepare_qat(tiny_model("llama"), QATConfig(bits=QATBits(4, 8, 4), learnable_clip=True))
+    model(_windows(2, 16)).logits.pow(2).mean().backward()
+    fq = next(iter(fake_quant_linears(model).values()))
+    assert fq.weight.grad is not None and fq.weight.grad.abs().sum() > 0
+    assert fq.clip_scale.grad is not None and fq.clip_scale.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kv", [16, 4])
+def test_conversion_gives_packed_layers_that_compute_what_was_trained(kv, tmp_path):
+    model = tiny_model("llama")
+    config = QATConfig(bits=QATBits(4, 8, kv))
+    student, _ = run_qat(model, None, _windows(), config, TrainSettings(steps=3, batch_size=2, lr=1e-3, bf16=False),
+                         progress=False)
+    ids = _windows(2, 24, seed=1)
+    prompt = ids[:1, :6]
+    kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=258)
+    with torch.no_grad():
+        fake = student(ids).logits
+        fake_text = student.generate(prompt, **kwargs)
+        real = convert_qat_model(student)
+        assert not fake_quant_linears(real)
+        q = real.get_submodule("model.layers.0.mlp.down_proj")
+        assert isinstance(q, QuantLinear) and q.spec.bits == 4 and q.act_bits == 8
+        if kv == 16:  # with a 4-bit KV cache, summation order can flip the odd code
+            torch.testing.assert_close(real(ids).logits, fake, rtol=0, atol=1e-5)
+    api.save(real, tmp_path / "q")
+    loaded = api.load(tmp_path / "q")
+    assert loaded.quantlm_kv_config == (None if kv == 16 else KVQuantConfig(kv))
+    assert torch.equal(loaded.generate(prompt, **kwargs), fake_text)
+
+
+def test_settings_without_integer_kernels_train_but_do_not_convert():
+    model = prepare_qat(tiny_model("llama"), QATConfig(bits=QATBits(4, 4, 16)))
+    with pytest.raises(InvalidSpecError, match="activations"):
+        convert_qat_model(model)
+
+
+def test_init_from_a_ptq_checkpoint_starts_exactly_there(tmp_path):
+    model = tiny_model("llama")
+    ids = _windows(2, 24)
+    spec = QuantSpec(bits=4, group_size=-1, symmetric=True)
+    ptq = api.quantize(copy.deepcopy(model), [RTN(QuantSpec(bits=4, group_size=-1, symmetric=True, clip="mse"))],
+                       progress=False)
+    student = prepare_qat(copy.deepcopy(model), QATConfig(bits=QATBits(4, 16, 16)))
+    assert init_from_quantized(student, ptq) == 21
+    with torch.no_grad():
+        torch.testing.assert_close(student(ids).logits, ptq(ids).logits, rtol=0, atol=1e-5)
+    fq = student.get_submodule("model.layers.0.self_attn.q_proj")
+    assert isinstance(fq, FakeQuantLinear) and fq.clip_scale is not None and not fq.learnable_clip
+    other = prepare_qat(copy.deepcopy(model), QATConfig(bits=QATBits(4, 16, 16), w_group_size=16))
+    with pytest.raises(InvalidSpecError, match="same bits"):
+        init_from_quantized(other, ptq)
+    del spec
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+def test_distillation_loss_is_smallest_at_the_teacher():
+    t = torch.randn(2, 5, 11)
+    assert distillation_loss(t, t) < distillation_loss(t + torch.randn_like(t), t)
+
+
+def test_cosine_schedule_and_data_order():
+    s = TrainSettings(steps=10, warmup_steps=2, batch_size=3)
+    assert cosine_lr(0, s) < cosine_lr(1, s) < cosine_lr(2, s) == 1.0 and cosine_lr(10, s) == pytest.approx(0.0)
+    one = torch.cat([window_indices(20, 0, 0, 0, 1, TrainSettings(steps=2, batch_size=4))])
+    two = torch.cat([window_indices(20, 0, 0, r, 2, TrainSettings(steps=2, batch_size=2)) for r in range(2)])
+    assert torch.equal(one, two)  # 2 processes x 2 windows = the single process's batch of 4
+    assert sorted(torch.cat([window_indices(8, st, 0, 0, 1, TrainSettings(steps=4, batch_size=2)) for st in range(4)]).tolist()) == list(range(8))
+
+
+def test_training_brings_the_student_closer_to_the_teacher():
+    model = tiny_model("llama")
+    ids = _windows(4, 32, seed=3)
+
+    def kl_to_teacher(student):
+        with torch.no_grad():
+            t = model(ids).logits
+            return float(distillation_loss(student(ids).logits, t) - distillation_loss(t, t))
+
+    config = QATConfig(bits=QATBits(2, 8, 4))  # a random tiny model is near uniform: 2 bits make the gap visible
+    start = prepare_qat(copy.deepcopy(model), config)
+    trained, result = run_qat(model, None, _windows(), config,
+                              TrainSettings(steps=15, batch_size=4, lr=1e-3, bf16=False), progress=False)
+    assert len(result.losses) == 15 and result.tokens == 15 * 4 * 32
+    assert kl_to_teacher(trained) < 0.9 * kl_to_teacher(start)
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
+    model = tiny_model("llama")
+    windows = _windows()
+    settings = TrainSettings(steps=6, batch_size=2, lr=1e-3, bf16=False, save_every=3)
+    whole, _ = run_qat(model, None, windows, W4A8KV4, settings, progress=False)
+
+    class Stop(Exception):
+        pass
+
+    student = prepare_qat(copy.deepcopy(model), W4A8KV4)
+
+    def stop_after_four(step, loss):
+        if step == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(student, model, windows, settings, state_dir=tmp_path, on_step=stop_after_four, progress=False)
+    resumed = prepare_qat(copy.deepcopy(model), W4A8KV4)
+    result = train(resumed, model, windows, settings, state_dir=tmp_path, progress=False)
+    assert result.resumed_from == 3 and len(result.losses) == 3
+    for (name, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
+        assert (a - b).abs().max() <= 1e-6, (name, float((a - b).abs().max()))
+    with pytest.raises(Exception, match="other settings"):
+        train(prepare_qat(copy.deepcopy(model), W4A8KV4), model, windows,
+              TrainSettings(steps=6, batch_size=2, lr=2e-3, bf16=False, save_every=3), state_dir=tmp_path, progress=False)
+
+
+def _ddp_worker(rank, world, init_file, out_file):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1")
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    model = tiny_model("llama")
+    student, result = run_qat(model, model, _windows(), W4A8KV4,
+                              TrainSettings(steps=3, batch_size=2, lr=1e-3, bf16=False), progress=False)
+    if rank == 0:
+        torch.save({"weights": student.state_dict(), "tokens": result.tokens}, out_file)
+    torch.distributed.destroy_process_group()
+
+
+def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
+    out = tmp_path / "ddp.pt"
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
+    model = tiny_model("llama")
+    single, _ = run_qat(model, model, _windows(), W4A8KV4,
+                        TrainSettings(steps=3, batch_size=4, lr=1e-3, bf16=False), progress=False)
+    ddp = torch.load(out)
+    assert ddp["tokens"] == 3 * 4 * 32
+    # Adam's normalized steps turn summation-order noise in near-zero gradients into full-size steps of either
+    # sign, so a few entries differ by up to ~lr; all but a sliver must agree to 1e-5.
+    diff = torch.cat([(ddp["weights"][n] - t).abs().flatten() for n, t in single.state_dict().items()])
+    assert float((diff > 1e-5).float().mean()) < 0.01, float((diff > 1e-5).float().mean())
+
+
+# ---------------------------------------------------------------------------------------------- data
+def _generate(tmp_path, name="gen.jsonl", **kw):
+    settings = GenerationSettings(**{"n_samples": 6, "max_length": 12, "batch_size": 2, **kw})
+    model, tok = tiny_model("llama"), byte_tokenizer()
+    return generate_training_data(model, tok, tmp_path / name, settings, progress=False), model, tok
+
+
+def test_generated_samples_start_randomly_then_follow_the_model(tmp_path):
+    path, model, tok = _generate(tmp_path, greedy_tokens=(3, 3))
+    samples = read_samples(path)
+    assert len(samples) == 6 and all(2 <= len(s) <= 12 for s in samples)
+    special = set(tok.all_special_ids)
+    assert not any(s[0] in special for s in samples)
+    with torch.no_grad():
+        for s in samples:
+            logits = model(torch.tensor([s[:4]])).logits[0]
+            assert logits[:3].argmax(-1).tolist() == s[1:4]  # tokens 1-3 are top-1
+
+
+def test_generation_is_deterministic_and_resumes_without_duplicates(tmp_path):
+    path, _, _ = _generate(tmp_path, "a.jsonl")
+    whole = path.read_text()
+    lines = whole.splitlines(keepends=True)
+    broken = tmp_path / "b.jsonl"
+    broken.write_text("".join(lines[:3]) + lines[3][:7])  # killed in the middle of the second batch
+    (tmp_path / "b.jsonl.meta.json").write_text((tmp_path / "a.jsonl.meta.json").read_text())
+    _generate(tmp_path, "b.jsonl")
+    assert broken.read_text() == whole
+    with pytest.raises(DataSourceError, match="other settings"):
+        _generate(tmp_path, "a.jsonl", mode="sample")
+
+
+def test_generation_modes_and_helpers(tmp_path):
+    greedy, model, _ = _generate(tmp_path, "g.jsonl", mode="greedy")
+    with torch.no_grad():
+        for s in read_samples(greedy):
+            assert model(torch.tensor([s])).logits[0, :-1].argmax(-1).tolist() == s[1:]
+    assert parse_greedy_tokens("3-5") == (3, 5) and parse_greedy_tokens("4") == (4, 4)
+    with pytest.raises(InvalidSpecError):
+        GenerationSettings(greedy_tokens=(5, 3))
+    assert pack_samples([[1, 2, 3], [4, 5, 6, 7]], 3).tolist() == [[1, 2, 3], [4, 5, 6]]
+    assert 256 not in start_vocabulary(byte_tokenizer(), 260).tolist()
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def test_generate_data_then_qat_from_the_cli(tiny_model_dir, tmp_path):
+    data = tmp_path / "gen.jsonl"
+    r = runner.invoke(app, ["generate-data", str(tiny_model_dir), "--samples", "8", "--max-length", "40",
+                            "--batch-size", "4", "--dtype", "float32", "--out", str(data), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["samples"] == 8
+    out = tmp_path / "q"
+    r = runner.invoke(app, ["qat", str(tiny_model_dir), "--data", str(data), "--steps", "2", "--batch-size", "2",
+                            "--seqlen", "16", "--fp32", "--out", str(out), "--eval", "--max-windows", "1", "--json"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["bits"] == "4-8-4" and summary["training"]["steps"] == 2 and summary["ppl"] > 1
+    assert not (tmp_path / ".q.work").exists()
+    r = runner.invoke(app, ["qat", str(tiny_model_dir), "--data", str(data), "--out", str(out)])
+    assert r.exit_code == 2 and "already exists" in r.output
+    r = runner.invoke(app, ["qat", str(tiny_model_dir), "--a-bits", "4", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "--a-bits 8 or 16" in r.output
+    r = runner.invoke(app, ["qat", str(tiny_model_dir), "--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "y")])
+    assert r.exit_code == 2 and "generate-data" in r.output
