@@ -183,26 +183,30 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
               TrainSettings(steps=6, batch_size=2, lr=2e-3, bf16=False, save_every=3), state_dir=tmp_path, progress=False)
 
 
-def _ddp_worker(rank, world, init_file, out_file):
+def _ddp_worker(rank, world, init_file, out_file, fsdp=False):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1")
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     model = tiny_model("llama")
     student, result = run_qat(model, model, _windows(), W4A8KV4,
-                              TrainSettings(steps=3, batch_size=2, lr=1e-3, bf16=False), progress=False)
+                              TrainSettings(steps=3, batch_size=2, lr=1e-3, bf16=False, fsdp=fsdp), progress=False,
+                              state_dir=os.path.dirname(out_file))
     if rank == 0:
         torch.save({"weights": student.state_dict(), "tokens": result.tokens}, out_file)
     torch.distributed.destroy_process_group()
 
 
-def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_two_processes_train_like_one_with_the_same_global_batch(fsdp, tmp_path):
     out = tmp_path / "ddp.pt"
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(out), fsdp), nprocs=2, join=True)
     model = tiny_model("llama")
     single, _ = run_qat(model, model, _windows(), W4A8KV4,
                         TrainSettings(steps=3, batch_size=4, lr=1e-3, bf16=False), progress=False)
     ddp = torch.load(out)
     assert ddp["tokens"] == 3 * 4 * 32
+    saved = torch.load(tmp_path / "train_state.pt", weights_only=False)  # gathered whole, also when sharded
+    assert saved["step"] == 3 and torch.equal(saved["model"]["lm_head.weight"], ddp["weights"]["lm_head.weight"])
     # Adam's normalized steps turn summation-order noise in near-zero gradients into full-size steps of either
     # sign, so a few entries differ by up to ~lr; all but a sliver must agree to 1e-5.
     diff = torch.cat([(ddp["weights"][n] - t).abs().flatten() for n, t in single.state_dict().items()])

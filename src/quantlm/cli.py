@@ -548,6 +548,7 @@ def qat(
     bf16: bool = typer.Option(True, "--bf16/--fp32", help="bf16 autocast for the forward passes."),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Recompute activations in the backward pass (less memory, ~30% slower)."),
     save_every: int = typer.Option(50, help="Save the training state every N steps (rerun to resume)."),
+    fsdp: bool = typer.Option(False, "--fsdp", help="Under torchrun: shard the model across the processes (FSDP2) instead of DDP."),
     seed: int = typer.Option(0, help="Seed of the data order."),
     overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
     evaluate: bool = typer.Option(False, "--eval", help="Measure perplexity (enwiki eval) of the result."),
@@ -568,7 +569,7 @@ def qat(
                        learnable_clip=learnable_clip)
     settings = TrainSettings(steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_steps=warmup,
                              weight_decay=weight_decay, loss=loss.value, bf16=bf16,
-                             gradient_checkpointing=gradient_checkpointing, save_every=save_every, seed=seed)
+                             gradient_checkpointing=gradient_checkpointing, save_every=save_every, seed=seed, fsdp=fsdp)
     if not str(data).endswith(".jsonl"):
         from quantlm.data import load_text
 

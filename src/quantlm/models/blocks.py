@@ -48,8 +48,9 @@ def find_decoder_blocks(model: nn.Module) -> DecoderBlocks:
 
 
 def _is_linear_like(module: nn.Module) -> bool:
-    """A float linear layer, or one already quantized (anything holding packed weights)."""
-    return is_linear(module) or hasattr(module, "qweight")
+    """A float linear layer, one already quantized (anything holding packed weights), or one being trained
+    fake-quantized (marked ``quantlm_linear``)."""
+    return is_linear(module) or hasattr(module, "qweight") or getattr(module, "quantlm_linear", False)
 
 
 def _conv1d_types() -> tuple[type, ...]:

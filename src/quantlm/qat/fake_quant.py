@@ -109,6 +109,8 @@ def _storage_rounded(scale: Tensor) -> Tensor:
 class FakeQuantLinear(nn.Module):
     """A Linear whose weight and input are rounded onto their grids in the forward pass (straight-through)."""
 
+    quantlm_linear = True  # found as a linear layer by quantlm.models.blocks
+
     def __init__(self, weight: Tensor, bias: Tensor | None, spec: QuantSpec | None, act_bits: int | None,
                  act_symmetric: bool = True, learnable_clip: bool = False) -> None:
         super().__init__()

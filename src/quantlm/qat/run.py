@@ -87,6 +87,12 @@ def run_qat(
         init_from_quantized(student, init)
     signature = {"qat": config.to_dict(), "init": init is not None}
     result = train(student, teacher, windows, settings, state_dir=state_dir, signature=signature, progress=progress)
+    if result.full_state:  # FSDP left the student sharded: rebuild it whole from the gathered weights
+        student = prepare_qat(copy.deepcopy(model), config)
+        if init is not None:
+            init_from_quantized(student, init)
+        student.load_state_dict(result.full_state)
+        student.eval()
     return student, result
 
 

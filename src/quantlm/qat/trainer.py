@@ -12,7 +12,10 @@ optimizer step ``s``, micro-batch ``m`` of rank ``r`` takes the ``batch_size`` w
 have seen, and N processes with batch b train on the same global batches as one process with batch N * b.
 
 Scale-out: under ``torchrun`` (``WORLD_SIZE`` > 1) the student is wrapped in DistributedDataParallel (gloo on
-CPU, nccl on CUDA) and gradients are averaged across processes; rank 0 writes the checkpoints.
+CPU, nccl on CUDA) and gradients are averaged across processes; rank 0 writes the checkpoints. With ``fsdp`` the
+student is sharded instead (FSDP2 ``fully_shard`` per decoder block, then the whole model): each process holds a
+slice of the parameters, gradients and optimizer state, for models that do not fit one device; checkpoints are
+gathered into full state dicts.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ class TrainSettings:
     gradient_checkpointing: bool = False
     save_every: int = 50
     seed: int = 0
+    fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
@@ -74,6 +78,7 @@ class TrainResult:
     seconds: float = 0.0
     tokens: int = 0  # tokens trained on in this run, all processes
     resumed_from: int = 0
+    full_state: dict | None = None  # FSDP: the whole trained state dict (rank 0, CPU); the student stays sharded
 
 
 # ---------------------------------------------------------------------------------------------- pieces
@@ -120,8 +125,18 @@ class _Distributed:
             torch.distributed.init_process_group(backend=backend)
             self.owned = True
 
-    def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
-        if self.world == 1:
+    def shard(self, model: nn.Module) -> None:
+        """FSDP2: shard every decoder block, then the rest of the model (in place)."""
+        from torch.distributed.fsdp import fully_shard
+
+        from quantlm.models.blocks import find_decoder_blocks
+
+        for block in find_decoder_blocks(model).blocks:
+            fully_shard(block)
+        fully_shard(model)
+
+    def wrap(self, model: nn.Module, device: torch.device, sharded: bool) -> nn.Module:
+        if self.world == 1 or sharded:
             return model
         from torch.nn.parallel import DistributedDataParallel
 
@@ -141,14 +156,23 @@ def _autocast(device: torch.device, enabled: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def _save_state(path: Path, student: nn.Module, optimizer, scheduler, step: int, signature: dict) -> None:
+def _full_state(student: nn.Module, optimizer, sharded: bool) -> tuple[dict, dict]:
+    """Model and optimizer state dicts, gathered whole onto the CPU when sharded (a collective call)."""
+    if not sharded:
+        return student.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(student, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _save_state(path: Path, model_state: dict, optim_state: dict, scheduler, step: int, signature: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"step": step, "model": student.state_dict(), "optimizer": optimizer.state_dict(),
+    torch.save({"step": step, "model": model_state, "optimizer": optim_state,
                 "scheduler": scheduler.state_dict(), "signature": signature}, tmp)
     os.replace(tmp, path)
 
 
-def _load_state(path: Path, student: nn.Module, optimizer, scheduler, signature: dict) -> int:
+def _load_state(path: Path, student: nn.Module, optimizer, scheduler, signature: dict, sharded: bool) -> int:
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
@@ -157,8 +181,14 @@ def _load_state(path: Path, student: nn.Module, optimizer, scheduler, signature:
         raise CheckpointError(
             f"{path} belongs to a run with other settings: delete it (or choose another --out) to start over"
         )
-    student.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        set_state_dict(student, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                       options=StateDictOptions(full_state_dict=True))
+    else:
+        student.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return int(state["step"])
 
@@ -190,6 +220,9 @@ def train(
     if settings.gradient_checkpointing and hasattr(student, "gradient_checkpointing_enable"):
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     student.train()
+    sharded = settings.fsdp and dist.world > 1
+    if sharded:
+        dist.shard(student)
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, settings))
@@ -197,8 +230,8 @@ def train(
     state_path = Path(state_dir) / STATE_FILE if state_dir is not None else None
     start = 0
     if state_path is not None and state_path.exists():
-        start = _load_state(state_path, student, optimizer, scheduler, signature)
-    model = dist.wrap(student, device)
+        start = _load_state(state_path, student, optimizer, scheduler, signature, sharded)
+    model = dist.wrap(student, device, sharded)
     result = TrainResult(steps=settings.steps, resumed_from=start)
     t0 = time.perf_counter()
     bar = tqdm(total=settings.steps, initial=start, desc="qat", unit="step", disable=not progress or dist.rank != 0)
@@ -208,7 +241,11 @@ def train(
             for micro in range(settings.grad_accum):
                 ids = windows[window_indices(windows.shape[0], step, micro, dist.rank, dist.world, settings)].to(device)
                 sync = micro == settings.grad_accum - 1
-                ctx = model.no_sync() if dist.world > 1 and not sync else contextlib.nullcontext()
+                if sharded:
+                    model.set_requires_gradient_sync(sync)
+                    ctx = contextlib.nullcontext()
+                else:
+                    ctx = model.no_sync() if dist.world > 1 and not sync else contextlib.nullcontext()
                 with ctx:
                     with _autocast(device, settings.bf16):
                         logits = model(input_ids=ids, use_cache=False).logits
@@ -234,10 +271,13 @@ def train(
                 on_step(step, step_loss)
             done = step + 1
             if state_path is not None and (done % settings.save_every == 0 or done == settings.steps):
+                model_state, optim_state = _full_state(student, optimizer, sharded)
                 if dist.rank == 0:
                     state_path.parent.mkdir(parents=True, exist_ok=True)
-                    _save_state(state_path, student, optimizer, scheduler, done, signature)
+                    _save_state(state_path, model_state, optim_state, scheduler, done, signature)
                 dist.barrier()
+        if sharded:
+            result.full_state = _full_state(student, optimizer, sharded)[0]
     finally:
         bar.close()
         if settings.gradient_checkpointing and hasattr(student, "gradient_checkpointing_disable"):
