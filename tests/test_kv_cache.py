@@ -145,3 +145,25 @@ def test_ptq_with_a_quantized_kv_cache_round_trips_through_a_checkpoint(tmp_path
         fake_kv = enable_fake_kv_quantization(loaded, KVQuantConfig(4))(ids).logits
     assert torch.equal(quantized_kv, fake_kv)
     assert (quantized_kv - float_kv).abs().max() > 1e-4
+
+
+def test_kv_bits_from_the_cli(tiny_model_dir, text_file, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from quantlm.cli import app
+
+    run = CliRunner().invoke
+    out = tmp_path / "q"
+    r = run(app, ["quantize", str(tiny_model_dir), "--bits", "8", "--group-size", "-1", "--sym", "--kv-bits", "4",
+                  "--out", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["kv_cache"] == {"bits": 4, "symmetric": True}
+    common = ["--data", str(text_file), "--split", "eval", "--seqlen", "32", "--max-windows", "2", "--json"]
+    as_saved = json.loads(run(app, ["eval", str(out), *common]).stdout)
+    float_kv = json.loads(run(app, ["eval", str(out), "--kv-bits", "16", *common]).stdout)
+    assert as_saved["kv_cache"] == "kv4 per-token sym" and float_kv["kv_cache"] is None
+    assert as_saved["ppl"] != float_kv["ppl"]
+    r = run(app, ["quantize", str(tiny_model_dir), "--kv-bits", "12", "--out", str(tmp_path / "bad")])
+    assert r.exit_code == 2 and "KV-cache bits" in r.output and not (tmp_path / "bad").exists()
