@@ -20,12 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from quantlm.core import QuantSpec, compute_qparams, fake_quantize
-from quantlm.core.activation import fake_quantize_per_token
+from quantlm.core import QuantSpec, compute_qparams, fake_quantize, quantize
+from quantlm.core.activation import fake_quantize_per_token, quantize_per_token_int8
 from quantlm.errors import InvalidSpecError
 from quantlm.methods.common import is_excluded
 from quantlm.models.blocks import find_decoder_blocks, is_linear, linear_weight, set_submodule
 from quantlm.nn.kv_cache import KVQuantConfig, enable_fake_kv_quantization
+from quantlm.nn.kernels import integer_product
 from quantlm.nn.qlinear import storage_scale_dtype
 
 OFF = 16
@@ -161,7 +162,24 @@ class FakeQuantLinear(nn.Module):
         scale, zero = self.grid()
         return fake_quantize(self.weight, self.spec, scale, zero)
 
+    def _integer_path(self) -> bool:
+        return (not torch.is_grad_enabled() and self.act_bits == 8 and self.act_symmetric and self.spec is not None
+                and self.spec.granularity in ("channel", "tensor"))
+
+    def _integer_forward(self, x: Tensor) -> Tensor:
+        """Without gradients: the product as the converted QuantLinear computes it, integer sums then both scales
+        (``quantlm.nn.kernels.integer_product``), so a fake-quantized model and its conversion give the same
+        numbers and the same roundings downstream."""
+        scale, zero = (t.detach() for t in self.grid())
+        w_int = quantize(self.weight.detach().float(), scale, zero, self.spec).float() - zero
+        codes, x_scale = quantize_per_token_int8(x.reshape(-1, self.in_features))
+        y = integer_product(codes, x_scale, w_int, scale.reshape(-1).expand(self.out_features)).to(x.dtype)
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
     def forward(self, x: Tensor) -> Tensor:
+        if self._integer_path():
+            return self._integer_forward(x)
         if self.act_bits is not None:
             x = fake_quantize_per_token(x, self.act_bits, self.act_symmetric)
         w = self.quantized_weight()
