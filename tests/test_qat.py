@@ -109,7 +109,6 @@ def test_settings_without_integer_kernels_train_but_do_not_convert():
 def test_init_from_a_ptq_checkpoint_starts_exactly_there(tmp_path):
     model = tiny_model("llama")
     ids = _windows(2, 24)
-    spec = QuantSpec(bits=4, group_size=-1, symmetric=True)
     ptq = api.quantize(copy.deepcopy(model), [RTN(QuantSpec(bits=4, group_size=-1, symmetric=True, clip="mse"))],
                        progress=False)
     student = prepare_qat(copy.deepcopy(model), QATConfig(bits=QATBits(4, 16, 16)))
@@ -121,7 +120,6 @@ def test_init_from_a_ptq_checkpoint_starts_exactly_there(tmp_path):
     other = prepare_qat(copy.deepcopy(model), QATConfig(bits=QATBits(4, 16, 16), w_group_size=16))
     with pytest.raises(InvalidSpecError, match="same bits"):
         init_from_quantized(other, ptq)
-    del spec
 
 
 # ---------------------------------------------------------------------------------------------- trainer

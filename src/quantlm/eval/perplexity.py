@@ -43,7 +43,7 @@ def eval_windows(tokens: torch.Tensor, seqlen: int, max_windows: int | None) -> 
     if max_windows is not None and max_windows > 0:
         n = min(n, max_windows)
     if n == 0:
-        raise DataSourceError(f"the evaluation text has {tokens.numel()} tokens, fewer than one window of {seqlen}")
+        raise DataSourceError(f"the text has {tokens.numel()} tokens, fewer than one window of {seqlen}")
     return tokens[: n * seqlen].view(n, seqlen)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from quantlm.errors import CheckpointError, DataSourceError, InvalidSpecError
+from quantlm.errors import CheckpointError, InvalidSpecError
 from quantlm.qat.convert import convert_qat_model, convertible
 from quantlm.qat.data import pack_samples, read_samples
 from quantlm.qat.fake_quant import FakeQuantLinear, QATConfig, fake_quant_linears, prepare_qat
@@ -21,17 +21,14 @@ def training_windows(data: str, tokenizer, seqlen: int, max_windows: int | None 
     """Training windows ``[n, seqlen]`` from a generated jsonl file, or from a text source's calibration split
     (``enwiki``, a local text file, ...), cut end to end."""
     from quantlm.data import load_text, tokenize_text
+    from quantlm.eval.perplexity import eval_windows
 
     if seqlen < 2:
         raise InvalidSpecError(f"--seqlen must be at least 2 tokens, got {seqlen}")
     if str(data).endswith(".jsonl"):
         windows = pack_samples(read_samples(data), seqlen)
     else:
-        tokens = tokenize_text(tokenizer, load_text(data, "calibration"))
-        n = tokens.numel() // seqlen
-        if n == 0:
-            raise DataSourceError(f"{data} has {tokens.numel()} tokens, fewer than one window of {seqlen}")
-        windows = tokens[: n * seqlen].view(n, seqlen)
+        windows = eval_windows(tokenize_text(tokenizer, load_text(data, "calibration")), seqlen, None)
     return windows if max_windows is None else windows[:max_windows]
 
 
