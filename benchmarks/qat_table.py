@@ -8,7 +8,8 @@ Every row is one child process of the CLI (so its time and peak memory are its o
 - qat-W-A-KV: `quantlm qat --data DATA --w-bits W --a-bits A --kv-bits KV` with the training settings below;
 - fp-kvN: the float model evaluated with an N-bit KV cache (`quantlm eval --kv-bits N`);
 - ablation rows (abl-*): qat-4-8-4 with one thing changed: enwiki text instead of generated, pure sampling, label
-  cross-entropy instead of distillation.
+  cross-entropy instead of distillation; abl-hybrid is qat-4-8-4 itself under its own key, so the ablation can run
+  at fewer --steps than the main rows and still have its baseline at the same steps.
 Rows are merged into benchmarks/results/qat_smollm2.{md,json} (rerunning a row replaces it).
 
 Run: .venv/bin/python benchmarks/qat_table.py --rows rtn-4-8-4 qat-4-8-4 ... [--steps 120] [--list]
@@ -39,6 +40,7 @@ def _bits_rows() -> dict[str, tuple[str, str, dict]]:
         name = f"{w}-{a}-{kv}"
         rows[f"rtn-{name}"] = (f"RTN W{w}A{a}KV{kv}", "rtn", {"w": w, "a": a, "kv": kv})
         rows[f"qat-{name}"] = (f"QAT W{w}A{a}KV{kv}", "qat", {"w": w, "a": a, "kv": kv})
+    rows["abl-hybrid"] = ("QAT W4A8KV4, the ablation's baseline: hybrid generated text, logit distillation", "qat", {"w": 4, "a": 8, "kv": 4})
     rows["abl-enwiki"] = ("QAT W4A8KV4 on enwiki calibration text (not generated)", "qat", {"w": 4, "a": 8, "kv": 4, "data": "enwiki"})
     rows["abl-sample"] = ("QAT W4A8KV4 on purely sampled generated text", "qat", {"w": 4, "a": 8, "kv": 4, "data": "sample"})
     rows["abl-ce"] = ("QAT W4A8KV4 with label cross-entropy instead of logit distillation", "qat", {"w": 4, "a": 8, "kv": 4, "loss": "ce"})
@@ -88,7 +90,7 @@ def measure(key: str, args) -> dict:
     row = {
         "key": key, "setting": label, "ppl": ppl["ppl"], "tokens": ppl["tokens"], "kv_cache": ppl.get("kv_cache"),
         "kernels": ppl.get("kernels"), "process_wall_s": round(wall, 1), "peak_rss_gb": round(rss, 2),
-        "train_s": training.get("seconds"), "train_tokens": training.get("tokens"),
+        "steps": args.steps if kind == "qat" else None, "train_s": training.get("seconds"), "train_tokens": training.get("tokens"),
         "first_loss": training.get("first_loss"), "last_loss": training.get("last_loss"),
         "command": command, "cpu": os.cpu_count(),
     }
@@ -102,14 +104,14 @@ def to_markdown(rows: list[dict], fp_ppl: float | None) -> str:
         "Perplexity: enwiki eval split, windows of 2048 tokens (see `tokens`). W = weights per output channel,",
         "symmetric MinMax; A = activations per token; KV = keys (after RoPE) and values per token and head.",
         "Written by benchmarks/qat_table.py.", "",
-        "| setting | ppl | vs fp | train s | train tokens | loss first → last | peak RSS GB | command |",
-        "|---|---|---|---|---|---|---|---|",
+        "| setting | ppl | vs fp | steps | train s | train tokens | loss first → last | peak RSS GB | command |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         vs = f"{100 * (r['ppl'] / fp_ppl - 1):+.2f}%" if fp_ppl else "-"
         loss = f"{r['first_loss']:.3f} → {r['last_loss']:.3f}" if r.get("first_loss") is not None else "-"
         lines.append(
-            f"| {r['setting']} | {r['ppl']:.3f} | {vs} | {r.get('train_s') or '-'} | {r.get('train_tokens') or '-'} | "
+            f"| {r['setting']} | {r['ppl']:.3f} | {vs} | {r.get('steps') or '-'} | {r.get('train_s') or '-'} | {r.get('train_tokens') or '-'} | "
             f"{loss} | {r['peak_rss_gb'] or '-'} | `{r['command']}` |")
     return "\n".join(lines) + "\n"
 
