@@ -79,15 +79,18 @@ def run_qat(
     """Fake-quantize a copy of ``model`` (the teacher, left untouched), optionally start it from the PTQ model
     ``init``, and train it by distillation on ``windows``; returns the (still fake-quantized) student."""
     teacher = model if settings.loss == "kd" else None
-    student = prepare_qat(copy.deepcopy(model), config)
-    if init is not None:
-        init_from_quantized(student, init)
-    signature = {"qat": config.to_dict(), "init": init is not None}
-    result = train(student, teacher, windows, settings, state_dir=state_dir, signature=signature, progress=progress)
-    if result.full_state:  # FSDP left the student sharded: rebuild it whole from the gathered weights
+
+    def new_student() -> nn.Module:
         student = prepare_qat(copy.deepcopy(model), config)
         if init is not None:
             init_from_quantized(student, init)
+        return student
+
+    student = new_student()
+    signature = {"qat": config.to_dict(), "init": init is not None}
+    result = train(student, teacher, windows, settings, state_dir=state_dir, signature=signature, progress=progress)
+    if result.full_state:  # FSDP left the student sharded: rebuild it whole from the gathered weights
+        student = new_student()
         student.load_state_dict(result.full_state)
         student.eval()
     return student, result

@@ -235,6 +235,7 @@ def train(
     result = TrainResult(steps=settings.steps, resumed_from=start)
     t0 = time.perf_counter()
     bar = tqdm(total=settings.steps, initial=start, desc="qat", unit="step", disable=not progress or dist.rank != 0)
+    model_state = None  # the state gathered at the latest step, if it was saved
     try:
         for step in range(start, settings.steps):
             step_loss = 0.0
@@ -270,14 +271,15 @@ def train(
             if on_step is not None:
                 on_step(step, step_loss)
             done = step + 1
+            model_state = None
             if state_path is not None and (done % settings.save_every == 0 or done == settings.steps):
                 model_state, optim_state = _full_state(student, optimizer, sharded)
                 if dist.rank == 0:
                     state_path.parent.mkdir(parents=True, exist_ok=True)
                     _save_state(state_path, model_state, optim_state, scheduler, done, signature)
                 dist.barrier()
-        if sharded:
-            result.full_state = _full_state(student, optimizer, sharded)[0]
+        if sharded:  # the last step's gathered state when it was just saved, else gather it now
+            result.full_state = model_state if model_state is not None else _full_state(student, optimizer, sharded)[0]
     finally:
         bar.close()
         if settings.gradient_checkpointing and hasattr(student, "gradient_checkpointing_disable"):
