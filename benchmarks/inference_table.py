@@ -1,11 +1,13 @@
 """Inference speed of the default model, dense and quantized, in one run (../shared/BENCHMARKS.md protocol).
 
-Makes three checkpoints of SmolLM2-135M with RTN (the kernels do not care how the codes were found, so GPTQ
-checkpoints of the same layout run at the same speed): W4 g64 asym (W4A16), W8 per-channel sym (W8A16), and W8
-per-channel sym with int8 per-token activations (W8A8). Then every row is one `quantlm bench` in its own process
-(so its peak RSS is its own): prefill tokens/s of a 2048-token prompt and decode tokens/s of 128 new tokens after
-a 128-token prompt, medians of --repeats runs, in bf16 (the protocol's dense baseline) and fp32, eager and with
---compile. Ratios are to the dense bf16 eager row of the same run, which is transformers' plain eager `generate`.
+Makes checkpoints of SmolLM2-135M with RTN (the kernels do not care how the codes were found, so GPTQ checkpoints
+of the same layout run at the same speed): W4 g64 asym (W4A16), the same with its output projection in int8 or int4
+(`--head-bits`), W8 per-channel sym (W8A16), and W8 per-channel sym with int8 per-token activations (W8A8). Then
+every row is one `quantlm bench` in its own process (so its peak RSS is its own): prefill tokens/s of a 2048-token
+prompt and decode tokens/s of 128 new tokens after a 128-token prompt, medians of --repeats runs, in bf16 (the
+protocol's dense baseline), eager and with --compile, with transformers' SDPA attention or quantlm's default
+(`quantlm.nn.attention`). Ratios are to the 'dense-bf16' row of the same run: transformers' plain eager `generate`
+with its own attention.
 
 Run: .venv/bin/python benchmarks/inference_table.py [--repeats 3] [--rows dense-bf16 w4-bf16 ...] [--list]
 Writes benchmarks/results/inference_smollm2.{md,json}.
@@ -27,25 +29,31 @@ from quantlm.paths import atomic_write_text
 MODEL = "smollm2-135m"
 CHECKPOINTS = {
     "w4": ("W4A16 g64 asym", "--method rtn --bits 4 --group-size 64 --asym"),
+    "w4h8": ("W4A16 g64 asym, int8 head", "--method rtn --bits 4 --group-size 64 --asym --head-bits 8"),
+    "w4h4": ("W4A16 g64 asym, int4 g64 head", "--method rtn --bits 4 --group-size 64 --asym --head-bits 4"),
     "w8": ("W8A16 per-channel sym", "--method rtn --bits 8 --group-size -1 --sym"),
     "w8a8": ("W8A8 per-channel sym, int8 per-token activations", "--method rtn --bits 8 --group-size -1 --sym --a-bits 8"),
 }
-# row key: (checkpoint key or None for the dense model, dtype, extra bench flags)
+# row key: (checkpoint key or None for the dense model, dtype, extra bench flags). Rows without --attention run
+# quantlm's default (auto: decode steps of a bf16 model's attention in fp32, quantlm.nn.attention).
 ROWS = {
-    "dense-bf16": (None, "bfloat16", ""),
+    "dense-bf16": (None, "bfloat16", "--attention sdpa"),
+    "dense-bf16-fast-attention": (None, "bfloat16", ""),
     "dense-fp32": (None, "float32", ""),
+    "w4-bf16-sdpa": ("w4", "bfloat16", "--attention sdpa"),
     "w4-bf16": ("w4", "bfloat16", ""),
+    "w4h8-bf16": ("w4h8", "bfloat16", ""),
+    "w4h4-bf16": ("w4h4", "bfloat16", ""),
     "w4-fp32": ("w4", "float32", ""),
     "w8-bf16": ("w8", "bfloat16", ""),
-    "w8-fp32": ("w8", "float32", ""),
     "w8a8-bf16": ("w8a8", "bfloat16", ""),
-    "w8a8-fp32": ("w8a8", "float32", ""),
-    "w4-torch-fp32": ("w4", "float32", "--kernel torch"),
+    "w4-torch-bf16": ("w4", "bfloat16", "--kernel torch"),
     "dense-bf16-compiled": (None, "bfloat16", "--compile"),
-    "dense-fp32-compiled": (None, "float32", "--compile"),
-    "w4-fp32-compiled": ("w4", "float32", "--compile"),
     "w4-bf16-compiled": ("w4", "bfloat16", "--compile"),
+    "w4h8-bf16-compiled": ("w4h8", "bfloat16", "--compile"),
+    "w4h4-bf16-compiled": ("w4h4", "bfloat16", "--compile"),
 }
+DEFAULT_ROWS = [k for k in ROWS if k not in ("w4-torch-bf16",)]
 BASELINE = "dense-bf16"
 RESULTS = Path(__file__).parent / "results" / "inference_smollm2"
 WORK = Path("out/inference_bench")
@@ -81,9 +89,9 @@ def bench(key: str, repeats: int) -> dict:
 def table(rows: list[dict]) -> str:
     base = next((r for r in rows if r["key"] == BASELINE), None)
     lines = [
-        "| setting | kernels | prefill tok/s | x bf16 | decode tok/s | x bf16 | decode bound tok/s | weights MB | "
+        "| setting | kernels | attention | prefill tok/s | x bf16 | decode tok/s | x bf16 | decode bound tok/s | weights MB | "
         "quantized Linears vs bf16 | load s | peak RSS GB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         w = r["weight_bytes"]
@@ -91,7 +99,7 @@ def table(rows: list[dict]) -> str:
         dec = f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}" if base else "-"
         ratio = f"{w['quantized_linear'] / w['quantized_linear_bf16']:.3f}" if w["quantized_linear_bf16"] else "-"
         lines.append(
-            f"| {r['setting']} | {r['extra']['kernels']} | {r['prefill_tok_s']:.0f} | {pre} | {r['decode_tok_s']:.1f} | {dec} | "
+            f"| {r['setting']} | {r['extra']['kernels']} | {r['extra'].get('attention', 'sdpa')} | {r['prefill_tok_s']:.0f} | {pre} | {r['decode_tok_s']:.1f} | {dec} | "
             f"{r['decode_bound_tok_s']:.0f} | {w['total'] / 1e6:.0f} | {ratio} | {r['extra']['load_seconds']:.2f} | "
             f"{r['peak_rss_gb']:.2f} |"
         )
@@ -100,7 +108,7 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, choices=list(ROWS))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--list", action="store_true")
     args = parser.parse_args()
@@ -115,7 +123,7 @@ def main() -> None:
         f"prompt, {rows[0]['decode_tokens']} new tokens, greedy; medians of {args.repeats} runs after a warm-up; one "
         f"process per row, all in one run on {platform.processor() or platform.machine()} with {os.cpu_count()} threads "
         f"(torch CPU capability {cpu_capability()}); memory read bandwidth {bandwidth:.1f} GB/s. Ratios are to the "
-        f"'{BASELINE}' row (transformers' eager `generate`). Decode bound = bandwidth / bytes read per token.\n\n"
+        f"'{BASELINE}' row (transformers' plain eager `generate`, its SDPA attention). Decode bound = bandwidth / bytes read per token.\n\n"
     )
     text = header + table(rows) + "\n\nCommand: `.venv/bin/python benchmarks/inference_table.py --repeats " + f"{args.repeats}`\n"
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

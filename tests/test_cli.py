@@ -95,6 +95,26 @@ def test_recipe_file(tiny_model_dir, tmp_path):
     assert bad.exit_code == 2 and "unknown method 'magic'" in bad.stderr
 
 
+def test_head_bits_gives_the_output_projection_its_own_grid(tiny_model_dir, text_file, tmp_path):
+    import torch
+
+    import quantlm
+
+    out = tmp_path / "g"
+    result = _run("quantize", tiny_model_dir, "--method", "gptq", "--group-size", 32, "--head-bits", 8, "--calib", text_file,
+                  "--calib-samples", 2, "--calib-seqlen", 32, "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    recipe = json.loads(result.stdout)["recipe"]
+    assert [r["method"] for r in recipe] == ["gptq", "rtn"] and recipe[1]["blocks"] is False and recipe[1]["bits"] == 8
+    assert json.loads(result.stdout)["quantized_modules"] == 3 * 7 + 1
+    model = quantlm.load(out, dtype=torch.bfloat16)
+    assert model.quantlm_kernels["lm_head"] == "int8pack" and model.quantlm_kernels["model.layers.0.mlp.up_proj"] == "int4pack"
+    both = _run("quantize", tiny_model_dir, "--lm-head", "--head-bits", 8, "--out", tmp_path / "x")
+    assert both.exit_code == 2 and "pass one" in both.stderr and not (tmp_path / "x").exists()
+    bad = _run("quantize", tiny_model_dir, "--head-bits", 5, "--out", tmp_path / "x")
+    assert bad.exit_code == 2 and "head bits must be 8, 4, 3 or 2" in bad.stderr
+
+
 def test_gptq_from_the_cli_with_local_calibration_text(tiny_model_dir, text_file, tmp_path):
     out = tmp_path / "g"
     result = _run("quantize", tiny_model_dir, "--method", "gptq", "--bits", 4, "--group-size", 16, "--act-order",

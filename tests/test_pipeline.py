@@ -7,6 +7,7 @@ import torch
 
 from conftest import FAMILIES, VOCAB, tiny_model
 from quantlm.core import QuantSpec, compute_qparams, dequantize, quantize
+from quantlm.errors import InvalidSpecError
 from quantlm.methods import RTN
 from quantlm.models.blocks import find_decoder_blocks, linear_weight, quantizable_linears
 from quantlm.nn import QuantLinear
@@ -121,6 +122,27 @@ def test_rtn_lm_head_flag_unties_and_quantizes_the_output_projection():
     assert isinstance(model.lm_head, QuantLinear)
     assert not model.config.tie_word_embeddings
     torch.testing.assert_close(model.model.embed_tokens.weight, emb)  # input embeddings stay in full precision
+
+
+def test_head_step_quantizes_only_the_output_projection_after_another_step():
+    from quantlm.methods.rtn import head_spec, head_step
+
+    model = tiny_model("llama")
+    reference = tiny_model("llama")
+    run_pipeline(model, [RTN(QuantSpec(bits=4, group_size=16)), head_step(8)], progress=False)
+    assert isinstance(model.lm_head, QuantLinear) and model.lm_head.spec == head_spec(8)
+    assert not model.config.tie_word_embeddings
+    blocks = find_decoder_blocks(model).blocks
+    assert blocks[0].mlp.down_proj.spec == QuantSpec(bits=4, group_size=16)  # the first step's grid, not rounded again
+    w = reference.lm_head.weight.detach()
+    err = float((model.lm_head.dequantize_weight() - w).norm() / w.norm())
+    assert 0 < err < 0.01  # int8 per channel
+    step = head_step(4)
+    assert RTN.from_config(step.to_config()) == step and step.to_config()["blocks"] is False
+    with pytest.raises(InvalidSpecError, match="quantizes only the output projection"):
+        RTN(QuantSpec(bits=8), blocks=False)
+    with pytest.raises(InvalidSpecError, match="head bits must be 8, 4, 3 or 2"):
+        head_spec(6)
 
 
 def test_rtn_exclude_patterns():

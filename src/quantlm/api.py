@@ -77,14 +77,17 @@ def load(
     dtype: torch.dtype = torch.float32,
     device: str | None = None,
     kernel: str = "auto",
+    attention: str = "auto",
 ) -> nn.Module:
     """A quantlm checkpoint as a quantized model ready to run, or any other model source as a full-precision model.
 
     ``dtype`` is the compute dtype: the float parts of the model (embeddings, norms, unquantized Linears) are cast
     to it and the quantized Linears take activations in it. Every quantized Linear runs on ``kernel`` (``auto``: the
     fastest that can run it on ``device``; see ``quantlm.nn.kernels``); ``model.quantlm_kernels`` maps each one to
-    the kernel it got.
+    the kernel it got. ``attention`` is the attention implementation (``quantlm.nn.attention``; ``auto``: decode
+    steps of a bf16/fp16 model on the CPU in fp32, otherwise transformers' SDPA).
     """
+    from quantlm.nn.attention import use_attention
     from quantlm.nn.inference import cast_float_parts, prepare_kernels
 
     path = Path(str(source)).expanduser()
@@ -93,8 +96,10 @@ def load(
         cast_float_parts(model, dtype)
         model.quantlm_log = read_quant_log(path)
         model.quantlm_kernels = prepare_kernels(model, kernel, dtype)
-        return model
-    return load_float_model(source, dtype=dtype, device=device)
+    else:
+        model = load_float_model(source, dtype=dtype, device=device)
+    use_attention(model, attention)
+    return model
 
 
 def quantize(

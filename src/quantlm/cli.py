@@ -50,6 +50,7 @@ class Clip(str, Enum):
 
 
 KERNEL_HELP = "Matmul kernel of the quantized layers: auto (fastest that fits each layer), int4pack, int8pack, int8 (W8A8 int8 GEMM) or torch."
+ATTENTION_HELP = "Attention: auto (decode steps of a bf16/fp16 CPU model in fp32, which is faster there), quantlm_sdpa (that), sdpa or eager (transformers' own)."
 
 
 def _fail(message: str) -> None:
@@ -107,6 +108,7 @@ def quantize(
     threshold: float = typer.Option(6.0, help="LLM.int8(): |x| from which an input column is an outlier kept in floating point."),
     kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="Quantize the KV cache at run time to 8 or 4 bits (per token and head, symmetric) [default: off]."),
     lm_head: bool = typer.Option(False, "--lm-head", help="RTN: also quantize the output projection."),
+    head_bits: Optional[int] = typer.Option(None, "--head-bits", help="Any method: also round the output projection, weight-only: 8 (per channel, sym) or 4/3/2 (asym groups of 64). It is read whole for every decoded token [default: kept in float]."),
     act_order: bool = typer.Option(False, "--act-order", help="GPTQ: columns by descending Hessian diagonal."),
     static_groups: bool = typer.Option(False, "--static-groups", help="GPTQ: group grids fixed from the original weight."),
     damp: float = typer.Option(0.01, help="GPTQ: damping, a fraction of the mean Hessian diagonal."),
@@ -134,6 +136,7 @@ def quantize(
     from quantlm.core import QuantSpec
     from quantlm.formats.native import quantized_modules
     from quantlm.methods import GPTQ, RTN, LLMInt8, SmoothQuant, parse_recipe
+    from quantlm.methods.rtn import head_step
 
     if out.exists() and not overwrite:
         raise CheckpointError(f"output directory {out} already exists: choose another path or pass --overwrite")
@@ -169,7 +172,11 @@ def quantize(
             step_list = [gptq_step()]
         else:
             step_list = [RTN(spec, lm_head=lm_head, **act)]
+        if head_bits is not None and lm_head:
+            raise QuantlmError("--lm-head quantizes the output projection on the model's grid and --head-bits on its own: pass one")
         steps = parse_recipe(step_list)
+    if head_bits is not None:
+        steps.steps.append(head_step(head_bits))
     calibration = api.Calibration(source=calib, n_samples=calib_samples, seqlen=calib_seqlen, seed=calib_seed)
     if steps.needs_calibration:
         calibration.check()
@@ -322,24 +329,28 @@ def eval_cmd(
         typer.echo(f"perplexity {result.ppl:.4f} over {result.tokens} tokens ({result.windows} x {result.seqlen}) in {seconds:.1f}s")
 
 
-def _load_for_inference(model: str, dtype: "DType", kernel: str, verbose: bool):
-    """Load a model (quantized or dense) in ``dtype`` with ``kernel``; print each layer's kernel with ``verbose``."""
+def _load_for_inference(model: str, dtype: "DType", kernel: str, verbose: bool, attention: str = "auto"):
+    """Load a model (quantized or dense) in ``dtype`` with ``kernel`` and ``attention``; print each layer's kernel
+    with ``verbose``."""
     import torch
 
     from quantlm import api
     from quantlm.nn.inference import kernel_summary
+    from quantlm.nn.attention import ATTENTION_CHOICES
     from quantlm.nn.kernels import KERNEL_CHOICES
 
     if kernel not in KERNEL_CHOICES:
         raise QuantlmError(f"unknown kernel '{kernel}': choose one of {', '.join(KERNEL_CHOICES)}")
+    if attention not in ATTENTION_CHOICES:
+        raise QuantlmError(f"unknown attention '{attention}': choose one of {', '.join(ATTENTION_CHOICES)}")
     t0 = time.perf_counter()
-    lm = api.load(model, dtype=getattr(torch, dtype.value), kernel=kernel)
+    lm = api.load(model, dtype=getattr(torch, dtype.value), kernel=kernel, attention=attention)
     seconds = time.perf_counter() - t0
     kernels = getattr(lm, "quantlm_kernels", {})
     if verbose:
         for name, chosen in kernels.items():
             typer.echo(f"{name}\t{chosen}", err=True)
-        typer.echo(f"kernels: {kernel_summary(kernels)}; loaded in {seconds:.2f}s", err=True)
+        typer.echo(f"kernels: {kernel_summary(kernels)}; attention {lm.config._attn_implementation}; loaded in {seconds:.2f}s", err=True)
     return lm, kernels, seconds
 
 
@@ -355,6 +366,7 @@ def generate(
     seed: int = typer.Option(0, help="Random seed for sampling."),
     dtype: DType = typer.Option(DType.float32, help="Compute dtype (bfloat16 pays on CPUs with AMX)."),
     kernel: str = typer.Option("auto", help=KERNEL_HELP),
+    attention: str = typer.Option("auto", help=ATTENTION_HELP),
     compile: bool = typer.Option(False, "--compile", help="Static KV cache and a torch.compile'd forward (slow first call)."),
     verbose: bool = typer.Option(False, "--verbose", help="Print the kernel of every quantized layer (stderr)."),
     as_json: bool = typer.Option(False, "--json", help='Print {"text": ...} on stdout instead of streaming.'),
@@ -367,7 +379,7 @@ def generate(
         _fail(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     _setup_threads()
     tokenizer = api.load_tokenizer(model)
-    lm, _, _ = _load_for_inference(model, dtype, kernel, verbose)
+    lm, _, _ = _load_for_inference(model, dtype, kernel, verbose, attention)
     if not as_json:
         typer.echo(prompt, nl=False)
     text = generate_text(
@@ -386,6 +398,7 @@ def bench(
     model: str = typer.Argument(..., help="Alias, model directory or quantlm checkpoint."),
     dtype: DType = typer.Option(DType.bfloat16, help="Compute dtype (the protocol's dense baseline is bfloat16)."),
     kernel: str = typer.Option("auto", help=KERNEL_HELP),
+    attention: str = typer.Option("auto", help=ATTENTION_HELP),
     compile: bool = typer.Option(False, "--compile", help="Decode with a static KV cache and a torch.compile'd forward."),
     prefill_tokens: int = typer.Option(2048, help="Prompt length of the prefill measurement."),
     decode_prompt: int = typer.Option(128, help="Prompt length of the decode measurement."),
@@ -408,17 +421,18 @@ def bench(
     _setup_threads()
     tokenizer = api.load_tokenizer(model)
     load_text(data, "eval")  # a bad text source fails before the model is loaded
-    lm, kernels, load_seconds = _load_for_inference(model, dtype, kernel, verbose)
+    lm, kernels, load_seconds = _load_for_inference(model, dtype, kernel, verbose, attention)
     report = measure_speed(
         lm, tokenizer, prefill_tokens=prefill_tokens, decode_prompt=decode_prompt, decode_tokens=decode_tokens,
         repeats=repeats, compile=compile, text=data,
     )
-    report.extra.update(model=model, load_seconds=round(load_seconds, 3), kernels=kernel_summary(kernels))
+    report.extra.update(model=model, load_seconds=round(load_seconds, 3), kernels=kernel_summary(kernels),
+                        attention=lm.config._attn_implementation)
     if as_json:
         _print_json(report.to_dict())
         return
     w = report.weight_bytes
-    typer.echo(f"{model} ({report.dtype}, {report.extra['kernels']}, {report.threads} threads{', compiled' if compile else ''})")
+    typer.echo(f"{model} ({report.dtype}, {report.extra['kernels']}, attention {report.extra['attention']}, {report.threads} threads{', compiled' if compile else ''})")
     typer.echo(f"prefill {report.prefill_tok_s:8.1f} tok/s  ({report.prefill_tokens}-token prompt, median of {repeats})")
     typer.echo(
         f"decode  {report.decode_tok_s:8.1f} tok/s  ({report.decode_prompt}-token prompt, {report.decode_tokens} new, "
