@@ -216,9 +216,11 @@ class Int4PackKernel(Kernel):
         # 2- and 3-bit codes are moved to the middle of the 4-bit range (zero points with them), so the op's offset
         # m = (8 - zero) * scale stays small and its bf16 rounding does not cancel against (q - 8) * scale
         shift = 8 - (1 << (layer.spec.bits - 1))
-        codes = layer.codes().to(torch.int32) + shift
+        codes = layer.codes().to(torch.int32)
         scale = layer.scales.float()
-        zero = layer.zeros.float() + shift
+        zero = layer.zeros.float()
+        if shift:
+            codes, zero = codes + shift, zero + shift
         if order is not None:
             codes = codes[:, order]
         self.group = _int4pack_group(layer)
