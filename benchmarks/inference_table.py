@@ -53,7 +53,7 @@ ROWS = {
     "w4h8-bf16-compiled": ("w4h8", "bfloat16", "--compile"),
     "w4h4-bf16-compiled": ("w4h4", "bfloat16", "--compile"),
 }
-DEFAULT_ROWS = [k for k in ROWS if k not in ("w4-torch-bf16",)]
+DEFAULT_ROWS = [k for k in ROWS if k not in ("w4-torch-bf16", "w4h4-bf16")]
 BASELINE = "dense-bf16"
 RESULTS = Path(__file__).parent / "results" / "inference_smollm2"
 WORK = Path("out/inference_bench")
