@@ -125,7 +125,8 @@ def main() -> None:
         f"(torch CPU capability {cpu_capability()}); memory read bandwidth {bandwidth:.1f} GB/s. Ratios are to the "
         f"'{BASELINE}' row (transformers' plain eager `generate`, its SDPA attention). Decode bound = bandwidth / bytes read per token.\n\n"
     )
-    text = header + table(rows) + "\n\nCommand: `.venv/bin/python benchmarks/inference_table.py --repeats " + f"{args.repeats}`\n"
+    rows_flag = "" if args.rows == DEFAULT_ROWS else " --rows " + " ".join(args.rows)
+    text = header + table(rows) + f"\n\nCommand: `.venv/bin/python benchmarks/inference_table.py --repeats {args.repeats}{rows_flag}`\n"
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(RESULTS.with_suffix(".json"), json.dumps(rows, indent=1) + "\n")
     atomic_write_text(RESULTS.with_suffix(".md"), text)

@@ -26,25 +26,53 @@ def _qkv(q_len, kv_len, dtype):
     return q, k, v
 
 
-@pytest.mark.parametrize("q_len", [1, 3, SHORT_QUERY])
-def test_short_half_queries_are_exactly_fp32_sdpa(q_len):
-    q, k, v = _qkv(q_len, 40, torch.bfloat16)
+@pytest.mark.parametrize("q_len, dtype", [(1, torch.bfloat16), (3, torch.bfloat16), (SHORT_QUERY, torch.bfloat16), (1, torch.float16)])
+def test_short_half_queries_are_exactly_fp32_sdpa(q_len, dtype):
+    q, k, v = _qkv(q_len, 40, dtype)
     out, _ = fp32_short_query_attention(_Module(), q, k, v, None, scaling=0.25)
     ref, _ = sdpa_attention_forward(_Module(), q.float(), k.float(), v.float(), None, scaling=0.25)
-    assert out.dtype == torch.bfloat16
-    assert torch.equal(out, ref.to(torch.bfloat16))
+    assert out.dtype == dtype
+    assert torch.equal(out, ref.to(dtype))
 
 
-def test_short_queries_take_a_float_mask_in_fp32():
-    q, k, v = _qkv(1, 12, torch.bfloat16)
-    mask = torch.zeros(1, 1, 1, 12, dtype=torch.bfloat16)
-    mask[..., :4] = torch.finfo(torch.bfloat16).min  # the first 4 keys masked out
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.bfloat16])
+def test_short_queries_take_bool_and_float_masks(mask_dtype):
+    q, k, v = _qkv(2, 12, torch.bfloat16)
+    keep = torch.ones(1, 1, 2, 12, dtype=torch.bool)
+    keep[..., :4] = False  # the first 4 keys masked out
+    if mask_dtype == torch.bool:
+        mask, fp32_mask = keep, keep
+    else:
+        mask = torch.zeros(keep.shape, dtype=mask_dtype).masked_fill(~keep, torch.finfo(mask_dtype).min)
+        fp32_mask = mask.float()
     out, _ = fp32_short_query_attention(_Module(), q, k, v, mask, scaling=0.25)
-    ref, _ = sdpa_attention_forward(_Module(), q.float(), k[:, :, 4:].float(), v[:, :, 4:].float(), None, scaling=0.25)
-    torch.testing.assert_close(out.float(), ref.to(torch.bfloat16).float(), rtol=1e-2, atol=1e-2)
+    ref, _ = sdpa_attention_forward(_Module(), q.float(), k.float(), v.float(), fp32_mask, scaling=0.25)
+    assert torch.equal(out, ref.to(torch.bfloat16))
+    unmasked, _ = sdpa_attention_forward(_Module(), q.float(), k[:, :, 4:].float(), v[:, :, 4:].float(), None,
+                                         scaling=0.25, is_causal=False)
+    torch.testing.assert_close(out.float(), unmasked.to(torch.bfloat16).float(), rtol=1e-2, atol=1e-2)
 
 
-@pytest.mark.parametrize("q_len, dtype", [(SHORT_QUERY + 1, torch.bfloat16), (1, torch.float32), (64, torch.float32)])
+def test_float_keyword_tensors_are_cast_with_the_query():
+    seen = {}
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        seen.update(query=query.dtype, bias=kwargs["position_bias"].dtype)
+        return query, None
+
+    q, k, v = _qkv(1, 8, torch.bfloat16)
+    import transformers.integrations.sdpa_attention as sdpa
+
+    original = sdpa.sdpa_attention_forward
+    sdpa.sdpa_attention_forward = spy
+    try:
+        fp32_short_query_attention(_Module(), q, k, v, None, position_bias=torch.zeros(1, 4, 1, 8, dtype=torch.bfloat16))
+    finally:
+        sdpa.sdpa_attention_forward = original
+    assert seen == {"query": torch.float32, "bias": torch.float32}
+
+
+@pytest.mark.parametrize("q_len, dtype", [(SHORT_QUERY + 1, torch.bfloat16), (1, torch.float32), (64, torch.float32), (1, torch.float64)])
 def test_long_or_fp32_queries_are_transformers_sdpa_unchanged(q_len, dtype):
     q, k, v = _qkv(q_len, max(q_len, 40), dtype)
     out, _ = fp32_short_query_attention(_Module(), q, k, v, None, scaling=0.25)
@@ -66,6 +94,19 @@ def test_load_picks_the_attention_by_device_and_dtype(tmp_path):
     assert quantlm.load(path, dtype=torch.float32, attention="eager").config._attn_implementation == "eager"
     with pytest.raises(QuantlmError, match="unknown attention 'flash'"):
         quantlm.load(path, attention="flash")
+
+
+def test_bf16_decoding_actually_runs_the_fp32_path(tmp_path, monkeypatch):
+    import quantlm.nn.attention as attention
+
+    calls = []
+    real = attention._takes_fp32_path
+    monkeypatch.setattr(attention, "_takes_fp32_path", lambda q: calls.append(q.shape[-2]) or real(q))
+    model = quantlm.load(_saved(tmp_path), dtype=torch.bfloat16)
+    with torch.no_grad():
+        model.generate(torch.tensor([[5, 80, 17, 200]]), max_new_tokens=3, do_sample=False, pad_token_id=258)
+    layers = model.config.num_hidden_layers
+    assert calls == [4] * layers + [1] * (2 * layers)  # the prompt, then two decode steps
 
 
 def test_decoding_with_fp32_attention_stays_as_close_to_fp32_as_bf16_sdpa(tmp_path):
@@ -95,3 +136,26 @@ def test_use_attention_leaves_a_non_sdpa_model_alone_under_auto():
     model.set_attn_implementation("eager")
     assert use_attention(model, "auto") == "eager"
     assert use_attention(model, FAST_ATTENTION) == FAST_ATTENTION
+
+
+def test_a_model_that_cannot_switch_is_left_alone_or_refused(monkeypatch):
+    model = tiny_model("llama").to(torch.bfloat16)
+    monkeypatch.setattr(model, "_can_set_attn_implementation", lambda: False)
+    monkeypatch.setattr(model, "set_attn_implementation", lambda name: None)  # what transformers does: warn, keep
+    assert use_attention(model, "auto") == "sdpa"
+    with pytest.raises(QuantlmError, match="cannot use attention 'quantlm_sdpa'"):
+        use_attention(model, FAST_ATTENTION)
+    with pytest.raises(QuantlmError, match="needs a transformers model"):
+        use_attention(torch.nn.Linear(2, 2).to(torch.bfloat16), FAST_ATTENTION)
+
+
+def test_auto_skips_families_whose_code_tests_for_the_name_sdpa():
+    from transformers import FalconConfig, FalconForCausalLM
+
+    from quantlm.nn.attention import _modeling_code_tests_for_sdpa
+
+    falcon = FalconForCausalLM(FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4))
+    falcon = falcon.to(torch.bfloat16)
+    falcon.set_attn_implementation("sdpa")
+    assert _modeling_code_tests_for_sdpa(falcon) and not _modeling_code_tests_for_sdpa(tiny_model("llama"))
+    assert use_attention(falcon, "auto") == "sdpa"

@@ -113,6 +113,13 @@ def test_head_bits_gives_the_output_projection_its_own_grid(tiny_model_dir, text
     assert both.exit_code == 2 and "pass one" in both.stderr and not (tmp_path / "x").exists()
     bad = _run("quantize", tiny_model_dir, "--head-bits", 5, "--out", tmp_path / "x")
     assert bad.exit_code == 2 and "head bits must be 8, 4, 3 or 2" in bad.stderr
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps([{"method": "rtn", "bits": 4, "group_size": 32, "lm_head": True}]))
+    twice = _run("quantize", tiny_model_dir, "--recipe", recipe, "--head-bits", 8, "--out", tmp_path / "x")
+    assert twice.exit_code == 2 and "already quantizes the output projection" in twice.stderr
+    assert not (tmp_path / "x").exists()
+    attention = _run("generate", out, "--prompt", "The", "--max-new-tokens", 2, "--attention", "flash")
+    assert attention.exit_code == 2 and "unknown attention 'flash'" in attention.stderr
 
 
 def test_gptq_from_the_cli_with_local_calibration_text(tiny_model_dir, text_file, tmp_path):

@@ -143,6 +143,12 @@ def test_head_step_quantizes_only_the_output_projection_after_another_step():
         RTN(QuantSpec(bits=8), blocks=False)
     with pytest.raises(InvalidSpecError, match="head bits must be 8, 4, 3 or 2"):
         head_spec(6)
+    with pytest.raises(InvalidSpecError, match="quantized already"):
+        run_pipeline(model, [head_step(8)], progress=False)
+    headless = tiny_model("llama")
+    headless.get_output_embeddings = lambda: None
+    with pytest.raises(InvalidSpecError, match="has no output projection"):
+        run_pipeline(headless, [head_step(8)], progress=False)
 
 
 def test_rtn_exclude_patterns():

@@ -85,11 +85,12 @@ def load(
     to it and the quantized Linears take activations in it. Every quantized Linear runs on ``kernel`` (``auto``: the
     fastest that can run it on ``device``; see ``quantlm.nn.kernels``); ``model.quantlm_kernels`` maps each one to
     the kernel it got. ``attention`` is the attention implementation (``quantlm.nn.attention``; ``auto``: decode
-    steps of a bf16/fp16 model on the CPU in fp32, otherwise transformers' SDPA).
+    steps of a bf16/fp16 SDPA model on the CPU in fp32, any other model as it loads).
     """
-    from quantlm.nn.attention import use_attention
+    from quantlm.nn.attention import check_attention_name, use_attention
     from quantlm.nn.inference import cast_float_parts, prepare_kernels
 
+    check_attention_name(attention)
     path = Path(str(source)).expanduser()
     if is_quantlm_checkpoint(path):
         model = load_checkpoint(path, device=device)

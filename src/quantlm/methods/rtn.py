@@ -15,6 +15,7 @@ from quantlm.core import QuantSpec
 from quantlm.errors import InvalidSpecError
 from quantlm.methods.common import check_activation_settings, is_excluded, round_to_grid, static_act_scales
 from quantlm.models.blocks import output_embedding_name
+from quantlm.nn.qlinear import QuantLinear
 from quantlm.pipeline.runner import BlockContext, LayerRecord
 
 
@@ -57,8 +58,13 @@ class RTN:
             return []
         name = output_embedding_name(model)
         if name is None:
+            if not self.blocks:
+                raise InvalidSpecError(f"{type(model).__name__} has no output projection for a head-only step (--head-bits)")
             return []
-        record = self._quantize_module(model, name, model.get_submodule(name))
+        module = model.get_submodule(name)
+        if isinstance(module, QuantLinear):
+            raise InvalidSpecError(f"the output projection {name} is quantized already: quantize it in one step only")
+        record = self._quantize_module(model, name, module)
         if getattr(model.config, "tie_word_embeddings", False):
             model.config.tie_word_embeddings = False
         return [record]
@@ -69,6 +75,12 @@ class RTN:
             raise InvalidSpecError("the output projection gets no static activation scale: use per-token activations with lm_head")
         if not self.blocks and not self.lm_head:
             raise InvalidSpecError("an RTN step with blocks=False quantizes only the output projection: set lm_head=True")
+
+    def describe(self) -> str:
+        act = f" a{self.act_bits}" if self.act_bits else ""
+        per_tensor = " per-tensor" if self.act_bits and self.act_granularity == "tensor" else ""
+        where = "rtn-head" if not self.blocks else ("rtn+head" if self.lm_head else "rtn")
+        return f"{where}({self.spec.describe()}{act}{per_tensor})"
 
     def to_config(self) -> dict[str, Any]:
         config = {"method": self.name, **self.spec.to_dict(), "lm_head": self.lm_head, "exclude": list(self.exclude)}
