@@ -40,6 +40,8 @@ ROWS = {
     "sq-token-norm-vo": ("W8A8 per-token, SmoothQuant alpha 0.5, norm + v-o folds", "--method smoothquant --alpha 0.5 --smooth-folds norm,v-o"),
     "sq-token-norm-updown": ("W8A8 per-token, SmoothQuant alpha 0.5, norm + up-down folds", "--method smoothquant --alpha 0.5 --smooth-folds norm,up-down"),
     "sq-token-auto": ("W8A8 per-token, SmoothQuant alpha auto", "--method smoothquant --alpha auto"),
+    # the same row, meant for the protocol's full calibration: --rows sq-token-auto-c128 --calib-samples 128
+    "sq-token-auto-c128": ("W8A8 per-token, SmoothQuant alpha auto (128 calibration windows)", "--method smoothquant --alpha auto"),
     "w8a8-tensor": ("W8A8 per-tensor static, no smoothing", f"{W8A8} --a-granularity tensor"),
     "sq-tensor": ("W8A8 per-tensor static, SmoothQuant alpha 0.5", "--method smoothquant --alpha 0.5 --a-granularity tensor"),
     "sq-tensor-norm": ("W8A8 per-tensor static, SmoothQuant alpha 0.5, norm folds only", "--method smoothquant --alpha 0.5 --smooth-folds norm --a-granularity tensor"),
