@@ -172,12 +172,11 @@ def quantize(
             step_list = [gptq_step()]
         else:
             step_list = [RTN(spec, lm_head=lm_head, **act)]
-        if head_bits is not None and lm_head:
-            raise QuantlmError("--lm-head quantizes the output projection on the model's grid and --head-bits on its own: pass one")
         steps = parse_recipe(step_list)
     if head_bits is not None:
         if any(getattr(step, "lm_head", False) for step in steps.steps):
-            raise QuantlmError("the recipe already quantizes the output projection: drop --head-bits")
+            raise QuantlmError("the recipe already quantizes the output projection (--lm-head, or a step with lm_head) "
+                               "and --head-bits would round it again: pass one")
         steps.steps.append(head_step(head_bits))
     calibration = api.Calibration(source=calib, n_samples=calib_samples, seqlen=calib_seqlen, seed=calib_seed)
     if steps.needs_calibration:
@@ -338,12 +337,10 @@ def _load_for_inference(model: str, dtype: "DType", kernel: str, verbose: bool, 
 
     from quantlm import api
     from quantlm.nn.inference import kernel_summary
-    from quantlm.nn.attention import check_attention_name
     from quantlm.nn.kernels import KERNEL_CHOICES
 
     if kernel not in KERNEL_CHOICES:
         raise QuantlmError(f"unknown kernel '{kernel}': choose one of {', '.join(KERNEL_CHOICES)}")
-    check_attention_name(attention)
     t0 = time.perf_counter()
     lm = api.load(model, dtype=getattr(torch, dtype.value), kernel=kernel, attention=attention)
     seconds = time.perf_counter() - t0

@@ -40,7 +40,7 @@ class Recipe:
                 return step.name
             act = getattr(step, "act_bits", None)
             per_tensor = " per-tensor" if act and getattr(step, "act_granularity", "token") == "tensor" else ""
-            return f"{step.name}({step.spec.describe()}{f' a{act}' if act else ''}{per_tensor})"
+            return f"{getattr(step, 'label', step.name)}({step.spec.describe()}{f' a{act}' if act else ''}{per_tensor})"
 
         return " -> ".join(label(s) for s in self.steps)
 

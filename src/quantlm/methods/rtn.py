@@ -76,11 +76,10 @@ class RTN:
         if not self.blocks and not self.lm_head:
             raise InvalidSpecError("an RTN step with blocks=False quantizes only the output projection: set lm_head=True")
 
-    def describe(self) -> str:
-        act = f" a{self.act_bits}" if self.act_bits else ""
-        per_tensor = " per-tensor" if self.act_bits and self.act_granularity == "tensor" else ""
-        where = "rtn-head" if not self.blocks else ("rtn+head" if self.lm_head else "rtn")
-        return f"{where}({self.spec.describe()}{act}{per_tensor})"
+    @property
+    def label(self) -> str:
+        """The step's name in ``Recipe.describe``: says whether the output projection is rounded too, or alone."""
+        return "rtn-head" if not self.blocks else ("rtn+head" if self.lm_head else "rtn")
 
     def to_config(self) -> dict[str, Any]:
         config = {"method": self.name, **self.spec.to_dict(), "lm_head": self.lm_head, "exclude": list(self.exclude)}

@@ -16,6 +16,8 @@ cached tokens, and a very long context may gain less (``--attention sdpa`` turns
 
 from __future__ import annotations
 
+import functools
+import sys
 from pathlib import Path
 
 import torch
@@ -57,21 +59,22 @@ def register_attention() -> None:
     AttentionMaskInterface.register(FAST_ATTENTION, sdpa_mask)
 
 
+@functools.lru_cache(maxsize=None)
+def _source_tests_for_sdpa(path: str) -> bool:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError:
+        return False
+    return '_attn_implementation == "sdpa"' in text or '_attn_implementation != "sdpa"' in text
+
+
 def _modeling_code_tests_for_sdpa(model: nn.Module) -> bool:
     """Whether the model's own transformers code compares its attention name with "sdpa" (Falcon, Gemma 4, ...):
-    there another name changes more than the attention function, so ``auto`` leaves such models alone."""
-    import sys
-
+    there another name changes more than the attention function, so ``auto`` leaves such models alone. Each
+    modeling file is read once per process."""
     for cls in type(model).__mro__:
-        module = sys.modules.get(cls.__module__)
-        path = getattr(module, "__file__", None)
-        if not path or ".models." not in cls.__module__:
-            continue
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError:
-            continue
-        if '_attn_implementation == "sdpa"' in text or '_attn_implementation != "sdpa"' in text:
+        path = getattr(sys.modules.get(cls.__module__), "__file__", None)
+        if path and ".models." in cls.__module__ and _source_tests_for_sdpa(path):
             return True
     return False
 
