@@ -62,27 +62,56 @@ def test_replaying_settled_children_changes_nothing(family, monkeypatch):
     _same_state(replayed, plain)
 
 
-def test_replay_skips_the_attention_math_of_later_passes(monkeypatch):
-    from transformers.models.llama import modeling_llama
-
+def _count_calls(monkeypatch, cls, run) -> int:
     calls = []
-    original = modeling_llama.LlamaAttention.forward
+    original = cls.forward
 
     def counting(self, *args, **kwargs):
         calls.append(1)
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(modeling_llama.LlamaAttention, "forward", counting)
-    model = tiny_model("llama")
-    n_blocks = len(find_decoder_blocks(model).blocks)
-    quantlm.quantize(model, GPTQ(QuantSpec(bits=4, group_size=16)), calibration=_ids(), batch_size=4, progress=False)
-    with_replay = len(calls)
-    calls.clear()
+    monkeypatch.setattr(cls, "forward", counting)
+    run()
+    monkeypatch.setattr(cls, "forward", original)
+    return len(calls)
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_replay_computes_each_submodule_of_a_block_once(monkeypatch, tmp_path, offload):
+    from transformers.models.llama import modeling_llama
+
+    step = GPTQ(QuantSpec(bits=4, group_size=16))
+    n_blocks = len(find_decoder_blocks(tiny_model("llama")).blocks)
+
+    def run():
+        model = tiny_model("llama")
+        if offload:
+            with OffloadDirectory(tmp_path) as scratch:
+                run_pipeline(model, [step], _ids(), batch_size=4, progress=False, offload_dir=scratch)
+        else:
+            run_pipeline(model, [step], _ids(), batch_size=4, progress=False)
+
+    run()  # the block layout (input groups, tails) is found once per process; later runs reuse it
+    attention = _count_calls(monkeypatch, modeling_llama.LlamaAttention, run)
+    mlp = _count_calls(monkeypatch, modeling_llama.LlamaMLP, run)
+    # 2 mini-batches. The attention runs in the q/k/v pass (stopped at q_proj) and the o_proj pass; after that it
+    # replays as o_proj on o_proj's recorded input. The MLP runs in the gate/up and down_proj passes; the output
+    # pass replays it as down_proj on its recorded input only when activations are offloaded (its input is wider
+    # than the hidden states, so it is not kept in memory).
+    assert attention == 2 * 2 * n_blocks
+    assert mlp == 2 * 2 * n_blocks + (0 if offload else 2 * (n_blocks - 1))
     monkeypatch.setattr(BlockContext, "mark_final", lambda self, names: None)
-    quantlm.quantize(tiny_model("llama"), GPTQ(QuantSpec(bits=4, group_size=16)), calibration=_ids(), batch_size=4, progress=False)
-    # 2 mini-batches: once o_proj is final, the down_proj pass and the output pass (which the last block does not
-    # make) replay the attention module instead of calling it
-    assert len(calls) - with_replay == 2 * 2 * (n_blocks - 1) + 2
+    assert _count_calls(monkeypatch, modeling_llama.LlamaAttention, run) == 2 * 5 * (n_blocks - 1) + 2 * 4
+    assert _count_calls(monkeypatch, modeling_llama.LlamaMLP, run) == 2 * 3 * (n_blocks - 1) + 2 * 2
+
+
+def test_tails_are_the_last_linear_of_attention_and_mlp():
+    from quantlm.pipeline import capture_block_inputs
+
+    model = tiny_model("llama")
+    blocks = find_decoder_blocks(model)
+    ctx = BlockContext(model, blocks, 0, capture_block_inputs(model, blocks, _ids(), batch_size=4))
+    assert ctx.find_tails() == {"self_attn": ("model.layers.0.self_attn.o_proj", 2), "mlp": ("model.layers.0.mlp.down_proj", 0)}
 
 
 @pytest.mark.parametrize("step", [RTN(QuantSpec(bits=4, group_size=16)), GPTQ(QuantSpec(bits=3, group_size=16))])

@@ -63,11 +63,23 @@ class Batches:
         for i in range(len(self._items)):
             yield self[i]
 
+    def consume(self) -> Iterator[torch.Tensor]:
+        """Iterate once, dropping each tensor (and its file) as soon as it has been handed out."""
+        for i in range(len(self._items)):
+            tensor = self[i]
+            if self.directory is not None:
+                self._items[i][0].unlink(missing_ok=True)
+            self._items[i] = None
+            yield tensor
+        self._items = []
+        self.shapes = []
+
     def clear(self) -> None:
         """Drop every tensor (and its file)."""
         if self.directory is not None:
-            for path, _ in self._items:
-                path.unlink(missing_ok=True)
+            for item in self._items:
+                if item is not None:
+                    item[0].unlink(missing_ok=True)
         self._items = []
         self.shapes = []
 

@@ -11,6 +11,14 @@ Replay: a step that is done with some Linears marks them final (``ctx.mark_final
 the same output on every later pass; its output is recorded on the first full pass after that and replayed on the
 later ones instead of recomputed. For true-sequential GPTQ this skips the attention math on the last two of the
 five passes over a Llama block.
+
+Tail replay goes further. When a child's output is the output of its last Linear (its *tail*: o_proj of a Llama
+attention, down_proj of its MLP; found once per block layout by running one mini-batch), the tail's input is
+recorded on a pass where every Linear before it is final. Once the tail is final too, the child replays as the tail
+applied to that recorded input: one matmul instead of the child's math, and nothing more kept than the input. With
+true-sequential GPTQ each sub-module of a block is then computed once. An input wider than the block's hidden
+states (the MLP's) is only recorded when the activations are offloaded to disk, so replay never holds more than
+one extra hidden-state-sized set in memory.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from quantlm.models.blocks import DecoderBlocks, find_decoder_blocks, quantizable_linears, tensor_key
+from quantlm.models.blocks import DecoderBlocks, find_decoder_blocks, is_linear, linear_weight, quantizable_linears, tensor_key
 from quantlm.nn.qlinear import QuantLinear
 from quantlm.pipeline.activations import Batches
 from quantlm.pipeline.capture import BlockInputs, capture_block_inputs
@@ -49,6 +57,7 @@ class LayerRecord:
 
 
 _GROUP_CACHE: dict[tuple, list[list[str]]] = {}
+_TAIL_CACHE: dict[tuple, dict[str, tuple[str, int]]] = {}
 
 
 class _StopBlock(Exception):
@@ -74,6 +83,8 @@ class BlockContext:
     inputs: BlockInputs | None  # None for calibration-free runs
     final: set[str] = field(default_factory=set)  # Linears (full names) that no step will change again
     _recorded: dict[str, tuple[Batches, int]] = field(default_factory=dict)  # child -> (outputs, _output_arity)
+    tails: dict[str, tuple[str, int]] = field(default_factory=dict)  # from find_tails(); empty: no tail replay
+    _tail_inputs: dict[str, Batches] = field(default_factory=dict)  # tail Linear -> its (final) inputs
     _child_linears: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -105,6 +116,9 @@ class BlockContext:
         for batches, _ in self._recorded.values():
             batches.clear()
         self._recorded.clear()
+        for batches in self._tail_inputs.values():
+            batches.clear()
+        self._tail_inputs.clear()
 
     def _settled_children(self) -> list[tuple[str, nn.Module]]:
         """Direct children of the block with Linears, all final. Children run in registration order in every
@@ -116,16 +130,80 @@ class BlockContext:
             settled.append((child_name, getattr(self.block, child_name)))
         return settled
 
+    def find_tails(self) -> dict[str, tuple[str, int]]:
+        """Children whose output is their last Linear's output: child -> (that Linear's full name, output arity).
+
+        Found by running the first mini-batch and comparing tensor identities (no table per architecture); cached
+        by the block's layout like ``input_groups``. Call it before any step registers hooks on the block."""
+        prefix = f"{self.name}."
+        key = (type(self.block), tuple(n.removeprefix(prefix) for n in self.linears()))
+        cached = _TAIL_CACHE.get(key)
+        if cached is None:
+            linear_out: dict[str, Any] = {}
+            child_out: dict[str, Any] = {}
+            handles = [
+                m.register_forward_hook(lambda mod, args, out, n=n: linear_out.__setitem__(n, out))
+                for n, m in self.linears().items()
+            ]
+            handles += [
+                getattr(self.block, c).register_forward_hook(lambda mod, args, out, c=c: child_out.__setitem__(c, out))
+                for c in self._child_linears
+            ]
+            try:
+                with torch.no_grad():
+                    self._run(next(iter(self._require_inputs().hidden)))
+            finally:
+                for h in handles:
+                    h.remove()
+            cached = {}
+            for child_name, linears in self._child_linears.items():
+                if is_linear(getattr(self.block, child_name)):
+                    continue  # a Linear child (OPT's fc1): replaying it by itself would save nothing
+                out = child_out.get(child_name)
+                arity = _output_arity(out)
+                if arity is None:
+                    continue
+                tensor = out if arity == 0 else out[0]
+                last = linears[-1]
+                if linear_out.get(last) is tensor:
+                    cached[child_name] = (last.removeprefix(prefix), arity)
+            _TAIL_CACHE[key] = cached
+        return {child: (prefix + linear, arity) for child, (linear, arity) in cached.items()}
+
+    def _before_final(self, linear: str) -> bool:
+        """Every Linear of the block that runs before ``linear`` is final (so ``linear``'s input will not change)."""
+        for names in self._child_linears.values():
+            for name in names:
+                if name == linear:
+                    return True
+                if name not in self.final:
+                    return False
+        return False
+
     @contextlib.contextmanager
     def _replaying(self, full_pass: bool, observed: tuple[nn.Module, ...] = ()):
-        """Replay the settled children recorded earlier; record the others when this pass sees every batch.
-        A child holding an ``observed`` module always runs, so the module's hooks fire."""
-        n_batches = len(self._require_inputs().hidden)
-        patched, handles, recording = [], [], {}
+        """Replay the settled children recorded earlier (from their tail's input where there is one); record the
+        others, and the final inputs of tails, when this pass sees every batch. A child holding an ``observed``
+        module always runs, so the module's hooks fire."""
+        hidden = self._require_inputs().hidden
+        n_batches = len(hidden)
+        tails = self.tails
+        prefix = f"{self.name}."
+        linears = {linear: self.block.get_submodule(linear.removeprefix(prefix)) for linear, _ in tails.values()}
+        patched, handles, recording, tail_recording = [], [], {}, {}
         for name, child in self._settled_children():
             if any(m is o for m in child.modules() for o in observed):
                 continue
-            if name in self._recorded:
+            tail = tails.get(name)
+            if tail is not None and tail[0] in self._tail_inputs:
+                counter = itertools.count()
+
+                def replay_tail(*args, _linear=linears[tail[0]], _inputs=self._tail_inputs[tail[0]], _arity=tail[1], _counter=counter, **kwargs):
+                    return _rebuild_output(_linear(_inputs[next(_counter)]), _arity)
+
+                child.forward = replay_tail
+                patched.append(child)
+            elif name in self._recorded:
                 batches, arity = self._recorded[name]
                 counter = itertools.count()
 
@@ -135,7 +213,7 @@ class BlockContext:
                 child.forward = replay
                 patched.append(child)
             elif full_pass:
-                batches = self._require_inputs().hidden.empty_like()
+                batches = hidden.empty_like()
                 arities: set = set()
                 recording[name] = (batches, arities)
 
@@ -145,6 +223,21 @@ class BlockContext:
                         _batches.append(output if isinstance(output, torch.Tensor) else output[0])
 
                 handles.append(child.register_forward_hook(record))
+        if full_pass:
+            width = hidden.shapes[0][-1] if hidden.shapes else 0
+            for child_name, (linear, _) in tails.items():
+                if linear in self._tail_inputs or not self._before_final(linear):
+                    continue
+                if not hidden.offloaded and linear_in_features(linears[linear]) > width:
+                    continue
+                batches = hidden.empty_like()
+                tail_recording[linear] = batches
+                # prepended: an observing hook on the same Linear may stop the block right after it
+                handles.append(
+                    linears[linear].register_forward_pre_hook(
+                        lambda module, args, _batches=batches: _batches.append(args[0]), prepend=True
+                    )
+                )
         try:
             yield
         finally:
@@ -155,6 +248,11 @@ class BlockContext:
         for name, (batches, arities) in recording.items():
             if len(batches) == n_batches and len(arities) == 1:
                 self._recorded[name] = (batches, arities.pop())
+            else:
+                batches.clear()
+        for linear, batches in tail_recording.items():
+            if len(batches) == n_batches:
+                self._tail_inputs[linear] = batches
             else:
                 batches.clear()
 
@@ -238,16 +336,25 @@ class BlockContext:
         return self._run(next(iter(self._require_inputs().hidden)))
 
     @torch.no_grad()
-    def forward(self, keep_outputs: bool = False) -> Batches | None:
-        """Run the block on every calibration mini-batch (hooks registered by steps see each call)."""
+    def forward(self, keep_outputs: bool = False, consume_inputs: bool = False) -> Batches | None:
+        """Run the block on every calibration mini-batch (hooks registered by steps see each call).
+
+        ``consume_inputs``: drop each input mini-batch once it has been run (the last pass over a block: its
+        outputs then replace its inputs without both sets being held at once)."""
         hidden = self._require_inputs().hidden
         outputs = hidden.empty_like()
-        with self._replaying(full_pass=True):
-            for x in hidden:
+        with self._replaying(full_pass=not consume_inputs):
+            for x in hidden.consume() if consume_inputs else hidden:
                 out = self._run(x)
                 if keep_outputs:
                     outputs.append(out)
         return outputs if keep_outputs else None
+
+
+def linear_in_features(module: nn.Module) -> int:
+    if isinstance(module, QuantLinear):
+        return module.in_features
+    return linear_weight(module).shape[1]
 
 
 def _output_arity(output) -> int | None:
@@ -340,6 +447,8 @@ def run_pipeline(
         else:
             if weights is not None:
                 weights.materialize(index)
+            if inputs is not None:
+                ctx.tails = ctx.find_tails()
             block_records = []
             for step in steps:
                 ctx.reset_final()
@@ -349,7 +458,7 @@ def run_pipeline(
             records.extend(block_records)
         if inputs is not None and index + 1 < len(blocks):
             _dequantize_once(blocks.blocks[index], _block_dtype(model))
-            outputs = ctx.forward(keep_outputs=True)
+            outputs = ctx.forward(keep_outputs=True, consume_inputs=True)
             inputs.hidden.clear()
             inputs.hidden = outputs
         _drop_kernels(blocks.blocks[index])
