@@ -88,7 +88,8 @@ def test_true_sequential_changes_what_later_groups_see():
 
 def test_act_order_checkpoint_round_trip(tmp_path):
     calib = _ids(8, 32)
-    model = quantlm.quantize(tiny_model("llama"), GPTQ(QuantSpec(bits=4, group_size=16), act_order=True), calibration=calib, progress=False)
+    step = GPTQ(QuantSpec(bits=4, group_size=16), act_order=True, static_groups=False)
+    model = quantlm.quantize(tiny_model("llama"), step, calibration=calib, progress=False)
     assert model.model.layers[0].self_attn.q_proj.g_idx is not None
     quantlm.save(model, tmp_path / "ckpt")
     loaded = quantlm.load(tmp_path / "ckpt")
@@ -133,3 +134,17 @@ def test_sink_weight_changes_the_attention_solution():
     sink = quantlm.quantize(tiny_model("llama"), GPTQ(spec, sink_weight=100.0), calibration=calib, progress=False)
     a, b = plain.model.layers[0].self_attn.q_proj.qweight, sink.model.layers[0].self_attn.q_proj.qweight
     assert not torch.equal(a, b)
+
+
+def test_default_act_order_with_static_groups_keeps_the_plain_group_layout():
+    step = GPTQ(QuantSpec(bits=4, group_size=16))
+    assert step.act_order and step.static_groups
+    model = quantlm.quantize(tiny_model("llama"), step, calibration=_ids(8, 32), progress=False)
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert layers and all(m.g_idx is None for m in layers)  # column // group size: no runtime reordering
+    plain = quantlm.quantize(
+        tiny_model("llama"), GPTQ(QuantSpec(bits=4, group_size=16), act_order=False, static_groups=False),
+        calibration=_ids(8, 32), progress=False,
+    )
+    q = model.model.layers[0].self_attn.q_proj.qweight
+    assert not torch.equal(q, plain.model.layers[0].self_attn.q_proj.qweight)  # the order did change the solve
