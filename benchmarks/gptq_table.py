@@ -45,7 +45,8 @@ def write_results(rows: list[dict]) -> None:
     ]
     for r in rows:
         lines.append(
-            f"| {r['setting']} | {r['ppl']:.2f} | {r['quantize_s']:.0f} | {r['peak_rss_gb']:.2f} | {r['calib']} | `{r['command']}` |"
+            f"| {r['setting']}{' (' + r['note'] + ')' if r.get('note') else ''} | {r['ppl']:.2f} | {r['quantize_s']:.0f} "
+            f"| {r['peak_rss_gb']:.2f} | {r['calib']} | `{r['command']}` |"
         )
     atomic_write_text(RESULTS.with_suffix(".md"), "\n".join(lines) + "\n")
     atomic_write_text(RESULTS.with_suffix(".json"), json.dumps(rows, indent=2) + "\n")
