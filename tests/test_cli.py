@@ -124,15 +124,24 @@ def test_head_bits_gives_the_output_projection_its_own_grid(tiny_model_dir, text
 
 def test_gptq_from_the_cli_with_local_calibration_text(tiny_model_dir, text_file, tmp_path):
     out = tmp_path / "g"
-    result = _run("quantize", tiny_model_dir, "--method", "gptq", "--bits", 4, "--group-size", 16, "--act-order",
+    result = _run("quantize", tiny_model_dir, "--method", "gptq", "--bits", 4, "--group-size", 16,
                   "--calib", text_file, "--calib-samples", 4, "--calib-seqlen", 64, "--out", out, "--json")
     assert result.exit_code == 0, result.output
     recipe = json.loads(result.stdout)["recipe"][0]
-    assert recipe["method"] == "gptq" and recipe["act_order"] is True and recipe["damp"] == 0.01
+    assert recipe["method"] == "gptq" and recipe["damp"] == 0.01
+    assert recipe["act_order"] is True and recipe["static_groups"] is True  # the defaults
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert config["recipe"][0]["calibration"]["n_samples"] == 4
     log = json.loads((out / "quant_log.json").read_text())
     assert all(r["details"]["hessian_tokens"] == 4 * 64 for r in log)
+    in_order = _run("quantize", tiny_model_dir, "--method", "gptq", "--bits", 4, "--group-size", 16, "--no-act-order",
+                    "--no-static-groups", "--calib", text_file, "--calib-samples", 4, "--calib-seqlen", 64,
+                    "--out", tmp_path / "g3", "--json")
+    assert in_order.exit_code == 0, in_order.output
+    recipe = json.loads(in_order.stdout)["recipe"][0]
+    assert recipe["act_order"] is False and recipe["static_groups"] is False
+    rtn = _run("quantize", tiny_model_dir, "--no-act-order", "--out", tmp_path / "r")
+    assert rtn.exit_code != 0 and "--no-act-order does not apply to --method rtn" in rtn.stderr
     text = _run("quantize", tiny_model_dir, "--method", "gptq", "--group-size", 16, "--calib", text_file,
                 "--calib-samples", 2, "--calib-seqlen", 32, "--out", tmp_path / "g2")
     assert "Hessian samples: 64 tokens per module" in text.stdout

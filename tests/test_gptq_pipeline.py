@@ -142,9 +142,9 @@ def test_default_act_order_with_static_groups_keeps_the_plain_group_layout():
     model = quantlm.quantize(tiny_model("llama"), step, calibration=_ids(8, 32), progress=False)
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert layers and all(m.g_idx is None for m in layers)  # column // group size: no runtime reordering
-    plain = quantlm.quantize(
-        tiny_model("llama"), GPTQ(QuantSpec(bits=4, group_size=16), act_order=False, static_groups=False),
+    in_order = quantlm.quantize(
+        tiny_model("llama"), GPTQ(QuantSpec(bits=4, group_size=16), act_order=False, static_groups=True),
         calibration=_ids(8, 32), progress=False,
     )
     q = model.model.layers[0].self_attn.q_proj.qweight
-    assert not torch.equal(q, plain.model.layers[0].self_attn.q_proj.qweight)  # the order did change the solve
+    assert not torch.equal(q, in_order.model.layers[0].self_attn.q_proj.qweight)  # the order did change the solve

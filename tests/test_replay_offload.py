@@ -44,6 +44,20 @@ def test_batches_in_memory_and_on_disk_hold_the_same_tensors(tmp_path):
     assert len(on_disk) == 0 and len(list(tmp_path.iterdir())) == 1
 
 
+def test_consume_drops_each_batch_as_it_goes(tmp_path):
+    for directory in (None, tmp_path):
+        batches = Batches(directory)
+        for i in range(3):
+            batches.append(torch.full((2,), float(i)))
+        seen = []
+        for i, t in enumerate(batches.consume()):
+            seen.append(float(t[0]))
+            if directory is not None:
+                assert len(list(tmp_path.iterdir())) == 3 - i - 1  # this batch's file is gone already
+        assert seen == [0.0, 1.0, 2.0] and len(batches) == 0 and batches.shapes == []
+    assert not list(tmp_path.iterdir())
+
+
 def test_offload_directory_is_removed_even_on_errors(tmp_path):
     with pytest.raises(RuntimeError):
         with OffloadDirectory(tmp_path) as path:
@@ -52,14 +66,38 @@ def test_offload_directory_is_removed_even_on_errors(tmp_path):
     assert not path.exists() and tmp_path.exists()
 
 
+@pytest.mark.parametrize("true_sequential", [True, False])
 @pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "gpt_neox", "phi3", "gemma3_text"])
-def test_replaying_settled_children_changes_nothing(family, monkeypatch):
-    calib = _ids()
-    step = GPTQ(QuantSpec(bits=3, group_size=16))
-    replayed = quantlm.quantize(tiny_model(family), step, calibration=calib, batch_size=4, progress=False)
+def test_replaying_settled_children_changes_nothing(family, true_sequential, monkeypatch):
+    from quantlm.pipeline import capture_block_inputs
+
+    calib = _ids(n=10)  # mini-batches of 4, 4 and 2
+    model = tiny_model(family)
+    blocks = find_decoder_blocks(model)
+    ctx = BlockContext(model, blocks, 0, capture_block_inputs(model, blocks, calib, batch_size=4))
+    assert ctx.find_tails(), f"{family}: no tail found, so tail replay would not be tested"
+    step = GPTQ(QuantSpec(bits=3, group_size=16), true_sequential=true_sequential)
+    replayed = quantlm.quantize(model, step, calibration=calib, batch_size=4, progress=False)
     monkeypatch.setattr(BlockContext, "mark_final", lambda self, names: None)
     plain = quantlm.quantize(tiny_model(family), step, calibration=calib, batch_size=4, progress=False)
     _same_state(replayed, plain)
+
+
+def test_a_child_that_changes_its_tail_output_in_place_is_not_tail_replayed(monkeypatch):
+    from transformers.models.llama import modeling_llama
+    from quantlm.pipeline import capture_block_inputs
+
+    original = modeling_llama.LlamaMLP.forward
+
+    def scaled(self, x):
+        out = original(self, x)
+        return out.mul_(0.5)  # the very tensor down_proj made, changed after it
+
+    monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", scaled)
+    model = tiny_model("llama", rms_norm_eps=1.5e-6)  # a config of its own: not in the tail cache yet
+    blocks = find_decoder_blocks(model)
+    ctx = BlockContext(model, blocks, 0, capture_block_inputs(model, blocks, _ids(), batch_size=4))
+    assert set(ctx.find_tails()) == {"self_attn"}
 
 
 def _count_calls(monkeypatch, cls, run) -> int:
@@ -111,7 +149,12 @@ def test_tails_are_the_last_linear_of_attention_and_mlp():
     model = tiny_model("llama")
     blocks = find_decoder_blocks(model)
     ctx = BlockContext(model, blocks, 0, capture_block_inputs(model, blocks, _ids(), batch_size=4))
-    assert ctx.find_tails() == {"self_attn": ("model.layers.0.self_attn.o_proj", 2), "mlp": ("model.layers.0.mlp.down_proj", 0)}
+    p = "model.layers.0."
+    qkvo = tuple(p + f"self_attn.{n}_proj" for n in "qkvo")
+    assert ctx.find_tails() == {
+        "self_attn": (p + "self_attn.o_proj", 2, qkvo[:3]),
+        "mlp": (p + "mlp.down_proj", 0, qkvo + (p + "mlp.gate_proj", p + "mlp.up_proj")),
+    }
 
 
 @pytest.mark.parametrize("step", [RTN(QuantSpec(bits=4, group_size=16)), GPTQ(QuantSpec(bits=3, group_size=16))])

@@ -160,7 +160,8 @@ def quantize(
                         true_sequential=true_sequential, **act, **gptq_options)
 
         _reject_unused_options(method, lm_head=lm_head, alpha=alpha, smooth_folds=smooth_folds, weights=weights,
-                               threshold=threshold, a_granularity=a_granularity, clip=clip)
+                               threshold=threshold, a_granularity=a_granularity, clip=clip,
+                               act_order=act_order, static_groups=static_groups)
         if method == Method.llm_int8:
             if bits not in (None, 8) or group_size not in (None, -1) or sym is False or a_bits not in (None, 8):
                 raise QuantlmError("llm-int8 is 8-bit symmetric per-channel weights and int8 activations: drop --bits, --group-size, --asym and --a-bits")
@@ -234,6 +235,8 @@ _METHOD_OPTIONS = {
     "threshold": (6.0, "--threshold", {Method.llm_int8}),
     "a_granularity": (ActGranularity.token, "--a-granularity", {Method.rtn, Method.gptq, Method.smoothquant}),
     "clip": (Clip.none, "--clip", {Method.rtn, Method.gptq, Method.smoothquant}),
+    "act_order": (True, "--no-act-order", {Method.gptq, Method.smoothquant}),
+    "static_groups": (True, "--no-static-groups", {Method.gptq, Method.smoothquant}),
 }
 
 

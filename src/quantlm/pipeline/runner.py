@@ -9,16 +9,15 @@ ones. Steps never loop over the model themselves. Calibration-free recipes skip 
 Replay: a step that is done with some Linears marks them final (``ctx.mark_final``). A direct child of the block
 (an attention or MLP module) whose Linears are all final, and which runs after nothing that can still change, gives
 the same output on every later pass; its output is recorded on the first full pass after that and replayed on the
-later ones instead of recomputed. For true-sequential GPTQ this skips the attention math on the last two of the
-five passes over a Llama block.
+later ones instead of recomputed.
 
 Tail replay goes further. When a child's output is the output of its last Linear (its *tail*: o_proj of a Llama
 attention, down_proj of its MLP; found once per block layout by running one mini-batch), the tail's input is
 recorded on a pass where every Linear before it is final. Once the tail is final too, the child replays as the tail
 applied to that recorded input: one matmul instead of the child's math, and nothing more kept than the input. With
-true-sequential GPTQ each sub-module of a block is then computed once. An input wider than the block's hidden
-states (the MLP's) is only recorded when the activations are offloaded to disk, so replay never holds more than
-one extra hidden-state-sized set in memory.
+true-sequential GPTQ on a Llama block the attention then runs in two passes of five (the q/k/v pass stops inside
+it) and the MLP in three, or two when the activations are offloaded: an input wider than the block's hidden states
+(the MLP's) is only recorded on disk, never in memory.
 """
 
 from __future__ import annotations
@@ -57,7 +56,7 @@ class LayerRecord:
 
 
 _GROUP_CACHE: dict[tuple, list[list[str]]] = {}
-_TAIL_CACHE: dict[tuple, dict[str, tuple[str, int]]] = {}
+_TAIL_CACHE: dict[tuple, dict[str, tuple]] = {}
 
 
 class _StopBlock(Exception):
@@ -83,7 +82,7 @@ class BlockContext:
     inputs: BlockInputs | None  # None for calibration-free runs
     final: set[str] = field(default_factory=set)  # Linears (full names) that no step will change again
     _recorded: dict[str, tuple[Batches, int]] = field(default_factory=dict)  # child -> (outputs, _output_arity)
-    tails: dict[str, tuple[str, int]] = field(default_factory=dict)  # from find_tails(); empty: no tail replay
+    tails: dict[str, tuple[str, int, tuple[str, ...]]] = field(default_factory=dict)  # find_tails(); {}: no tail replay
     _tail_inputs: dict[str, Batches] = field(default_factory=dict)  # tail Linear -> its (final) inputs
     _child_linears: dict[str, list[str]] = field(default_factory=dict)
 
@@ -130,20 +129,31 @@ class BlockContext:
             settled.append((child_name, getattr(self.block, child_name)))
         return settled
 
-    def find_tails(self) -> dict[str, tuple[str, int]]:
-        """Children whose output is their last Linear's output: child -> (that Linear's full name, output arity).
+    def find_tails(self) -> dict[str, tuple[str, int, tuple[str, ...]]]:
+        """Children whose output is their last Linear's output: child -> (that Linear's full name, output arity,
+        the Linears called before it).
 
         Found by running the first mini-batch and comparing tensor identities (no table per architecture); cached
         by the block's layout like ``input_groups``. Call it before any step registers hooks on the block."""
         prefix = f"{self.name}."
-        key = (type(self.block), tuple(n.removeprefix(prefix) for n in self.linears()))
+        config = getattr(self.model, "config", None)
+        key = (
+            type(self.block),
+            tuple(n.removeprefix(prefix) for n in self.linears()),
+            tuple((c, type(getattr(self.block, c))) for c in self._child_linears),
+            config.to_json_string() if hasattr(config, "to_json_string") else None,
+            getattr(config, "_attn_implementation", None),
+        )
         cached = _TAIL_CACHE.get(key)
         if cached is None:
-            linear_out: dict[str, Any] = {}
+            linear_out: dict[str, Any] = {}  # name -> (output, a copy of it taken when it was made)
             child_out: dict[str, Any] = {}
+            def keep(name, out) -> None:  # a forward hook must return None, or it replaces the output
+                if name not in linear_out:
+                    linear_out[name] = (out, out.clone())
+
             handles = [
-                m.register_forward_hook(lambda mod, args, out, n=n: linear_out.__setitem__(n, out))
-                for n, m in self.linears().items()
+                m.register_forward_hook(lambda mod, args, out, n=n: keep(n, out)) for n, m in self.linears().items()
             ]
             handles += [
                 getattr(self.block, c).register_forward_hook(lambda mod, args, out, c=c: child_out.__setitem__(c, out))
@@ -156,6 +166,7 @@ class BlockContext:
                 for h in handles:
                     h.remove()
             cached = {}
+            run_order = [n.removeprefix(prefix) for n in linear_out]  # dicts keep insertion order: call order
             for child_name, linears in self._child_linears.items():
                 if is_linear(getattr(self.block, child_name)):
                     continue  # a Linear child (OPT's fc1): replaying it by itself would save nothing
@@ -165,20 +176,14 @@ class BlockContext:
                     continue
                 tensor = out if arity == 0 else out[0]
                 last = linears[-1]
-                if linear_out.get(last) is tensor:
-                    cached[child_name] = (last.removeprefix(prefix), arity)
+                made, copy = linear_out.get(last, (None, None))
+                # the very tensor, and not changed in place after the Linear made it
+                relative = last.removeprefix(prefix)
+                if made is tensor and torch.equal(copy, tensor) and relative in run_order:
+                    # the Linears called before it: its input is final once they are (calls, not registration, order)
+                    cached[child_name] = (relative, arity, tuple(run_order[: run_order.index(relative)]))
             _TAIL_CACHE[key] = cached
-        return {child: (prefix + linear, arity) for child, (linear, arity) in cached.items()}
-
-    def _before_final(self, linear: str) -> bool:
-        """Every Linear of the block that runs before ``linear`` is final (so ``linear``'s input will not change)."""
-        for names in self._child_linears.values():
-            for name in names:
-                if name == linear:
-                    return True
-                if name not in self.final:
-                    return False
-        return False
+        return {child: (prefix + linear, arity, tuple(prefix + b for b in before)) for child, (linear, arity, before) in cached.items()}
 
     @contextlib.contextmanager
     def _replaying(self, full_pass: bool, observed: tuple[nn.Module, ...] = ()):
@@ -189,8 +194,23 @@ class BlockContext:
         n_batches = len(hidden)
         tails = self.tails
         prefix = f"{self.name}."
-        linears = {linear: self.block.get_submodule(linear.removeprefix(prefix)) for linear, _ in tails.values()}
+        linears = {linear: self.block.get_submodule(linear.removeprefix(prefix)) for linear, _, _ in tails.values()}
         patched, handles, recording, tail_recording = [], [], {}, {}
+        if full_pass:
+            width = hidden.shapes[0][-1] if hidden.shapes else 0
+            for child_name, (linear, _, before) in tails.items():
+                if linear in self._tail_inputs or not all(n in self.final for n in before):
+                    continue
+                if not hidden.offloaded and linear_in_features(linears[linear]) > width:
+                    continue
+                batches = hidden.empty_like()
+                tail_recording[linear] = batches
+                # prepended: an observing hook on the same Linear may stop the block right after it
+                handles.append(
+                    linears[linear].register_forward_pre_hook(
+                        lambda module, args, _batches=batches: _batches.append(args[0]), prepend=True
+                    )
+                )
         for name, child in self._settled_children():
             if any(m is o for m in child.modules() for o in observed):
                 continue
@@ -212,7 +232,7 @@ class BlockContext:
 
                 child.forward = replay
                 patched.append(child)
-            elif full_pass:
+            elif full_pass and (tail is None or tail[0] not in tail_recording):  # else the tail replays it next time
                 batches = hidden.empty_like()
                 arities: set = set()
                 recording[name] = (batches, arities)
@@ -223,21 +243,6 @@ class BlockContext:
                         _batches.append(output if isinstance(output, torch.Tensor) else output[0])
 
                 handles.append(child.register_forward_hook(record))
-        if full_pass:
-            width = hidden.shapes[0][-1] if hidden.shapes else 0
-            for child_name, (linear, _) in tails.items():
-                if linear in self._tail_inputs or not self._before_final(linear):
-                    continue
-                if not hidden.offloaded and linear_in_features(linears[linear]) > width:
-                    continue
-                batches = hidden.empty_like()
-                tail_recording[linear] = batches
-                # prepended: an observing hook on the same Linear may stop the block right after it
-                handles.append(
-                    linears[linear].register_forward_pre_hook(
-                        lambda module, args, _batches=batches: _batches.append(args[0]), prepend=True
-                    )
-                )
         try:
             yield
         finally:
@@ -337,7 +342,8 @@ class BlockContext:
 
     @torch.no_grad()
     def forward(self, keep_outputs: bool = False, consume_inputs: bool = False) -> Batches | None:
-        """Run the block on every calibration mini-batch (hooks registered by steps see each call).
+        """Run the block on every calibration mini-batch (hooks registered by steps see each call, except calls of
+        modules inside a replayed child).
 
         ``consume_inputs``: drop each input mini-batch once it has been run (the last pass over a block: its
         outputs then replace its inputs without both sets being held at once)."""
