@@ -358,6 +358,7 @@ class BlockContext:
 
 
 def linear_in_features(module: nn.Module) -> int:
+    """in_features of a Linear (any layout) or of the QuantLinear that replaced it."""
     if isinstance(module, QuantLinear):
         return module.in_features
     return linear_weight(module).shape[1]

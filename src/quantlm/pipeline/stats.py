@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from quantlm.pipeline.runner import BlockContext
+from quantlm.pipeline.runner import BlockContext, linear_in_features
 
 
 @dataclass
@@ -68,7 +68,7 @@ def collect_input_stats(
     evenly over the mini-batches."""
     n_batches = max(len(ctx.inputs.hidden), 1) if ctx.inputs is not None else 1
     per_batch = math.ceil(sample_rows / n_batches) if sample_rows > 0 else 0
-    stats = {name: InputStats(_in_features(m)) for name, m in modules.items()}
+    stats = {name: InputStats(linear_in_features(m)) for name, m in modules.items()}
     generator = torch.Generator().manual_seed(seed)
 
     def record(name: str, x: Tensor) -> None:
@@ -77,8 +77,3 @@ def collect_input_stats(
     ctx.observe(modules, record, stop_early=False)
     return stats
 
-
-def _in_features(module: nn.Module) -> int:
-    from quantlm.models.blocks import linear_weight
-
-    return linear_weight(module).shape[1]
