@@ -49,9 +49,9 @@ ROWS = {
     "llm-int8": ("LLM.int8(), threshold 6.0", "--method llm-int8 --threshold 6.0"),
     "llm-int8-t4": ("LLM.int8(), threshold 4.0", "--method llm-int8 --threshold 4.0"),
     "llm-int8-t3": ("LLM.int8(), threshold 3.0", "--method llm-int8 --threshold 3.0"),
-    "sq-gptq-w8": ("W8A8 per-token, SmoothQuant alpha 0.5 then GPTQ W8", "--method smoothquant --alpha 0.5 --weights gptq"),
-    "sq-gptq-w4a8": ("W4 g64 asym A8 per-token, SmoothQuant alpha 0.5 then GPTQ", "--method smoothquant --alpha 0.5 --weights gptq --bits 4 --group-size 64 --asym"),
-    "gptq-w4a8": ("W4 g64 asym A8 per-token, GPTQ without smoothing", "--method gptq --bits 4 --group-size 64 --asym --a-bits 8"),
+    "sq-gptq-w8": ("W8A8 per-token, SmoothQuant alpha 0.5 then GPTQ W8 (act-order + static groups)", "--method smoothquant --alpha 0.5 --weights gptq"),
+    "sq-gptq-w4a8": ("W4 g64 asym A8 per-token, SmoothQuant alpha 0.5 then GPTQ (act-order + static groups)", "--method smoothquant --alpha 0.5 --weights gptq --bits 4 --group-size 64 --asym"),
+    "gptq-w4a8": ("W4 g64 asym A8 per-token, GPTQ (act-order + static groups) without smoothing", "--method gptq --bits 4 --group-size 64 --asym --a-bits 8"),
 }
 SPEED = {  # key: (label, quantize flags or None for the dense model)
     "dense-bf16": ("dense bf16 (transformers eager)", None),

@@ -216,21 +216,12 @@ class BlockContext:
                 continue
             tail = tails.get(name)
             if tail is not None and tail[0] in self._tail_inputs:
-                counter = itertools.count()
-
-                def replay_tail(*args, _linear=linears[tail[0]], _inputs=self._tail_inputs[tail[0]], _arity=tail[1], _counter=counter, **kwargs):
-                    return _rebuild_output(_linear(_inputs[next(_counter)]), _arity)
-
-                child.forward = replay_tail
+                tail_linear, tail_inputs = linears[tail[0]], self._tail_inputs[tail[0]]
+                _replay_as(child, lambda i, _f=tail_linear, _x=tail_inputs: _f(_x[i]), tail[1])
                 patched.append(child)
             elif name in self._recorded:
                 batches, arity = self._recorded[name]
-                counter = itertools.count()
-
-                def replay(*args, _batches=batches, _arity=arity, _counter=counter, **kwargs):
-                    return _rebuild_output(_batches[next(_counter)], _arity)
-
-                child.forward = replay
+                _replay_as(child, batches.__getitem__, arity)
                 patched.append(child)
             elif full_pass and (tail is None or tail[0] not in tail_recording):  # else the tail replays it next time
                 batches = hidden.empty_like()
@@ -372,6 +363,17 @@ def _output_arity(output) -> int | None:
     if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor) and all(o is None for o in output[1:]):
         return len(output)
     return None
+
+
+def _replay_as(child: nn.Module, output_of: Callable[[int], torch.Tensor], arity: int) -> None:
+    """Patch ``child.forward`` so that its i-th call (mini-batch i) returns ``output_of(i)`` in the child's own output
+    shape, ignoring its arguments; ``del child.forward`` undoes it."""
+    counter = itertools.count()
+
+    def replay(*args, **kwargs):
+        return _rebuild_output(output_of(next(counter)), arity)
+
+    child.forward = replay
 
 
 def _rebuild_output(tensor: torch.Tensor, arity: int):
