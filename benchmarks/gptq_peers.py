@@ -46,6 +46,7 @@ import json
 import math
 import os
 import platform
+import resource
 import shlex
 import subprocess
 import sys
@@ -404,6 +405,8 @@ def run_worker(peer: str, job_path: Path) -> int:
         calib = torch.load(job["calib_path"])["input_ids"]
         evaluation = torch.load(job["eval_path"])
         outcome = WORKERS[peer](job, calib)
+        # load + quantize (+ save and reload where the peer does that), before scoring adds its own memory
+        rss_before_scoring = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB
         log(f"{peer}: scoring {evaluation['input_ids'].shape[0]} windows")
         score = perplexity_on_windows(outcome["model"], evaluation["input_ids"], evaluation["bos_token_id"])
         result = {
@@ -411,6 +414,7 @@ def run_worker(peer: str, job_path: Path) -> int:
             **score,
             "load_s": outcome["load_s"],
             "quantize_s": outcome["quantize_s"],
+            "quantize_rss_gb": rss_before_scoring,
             "versions": outcome["versions"],
             "settings": outcome["settings"],
             "calib_digest": tensor_digest(calib),
@@ -658,26 +662,30 @@ def markdown_table(report: dict) -> str:
         f"{calib['seed']}, digest {calib['digest']}); evaluation: {evaluation['windows']} x {evaluation['seqlen']} "
         f"tokens (enwiki eval split, digest {evaluation['digest']}); batch size {report['args']['batch_size']}.",
         "",
-        "| peer | version | perplexity | vs fp32 | quantize | total | peak RSS (GB) | install | notes |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| peer | version | perplexity | vs fp32 | quantize | total | peak RSS to quantize (GB) | peak RSS (GB) "
+        "| install | notes |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if not r.get("ok"):
             lines.append(f"| {r['peer']} | {peer_version(r)} | failed: {r['error']} | - | - | "
-                         f"{format_seconds(r.get('total_s'))} | {cell(r.get('peak_rss_gb'), '.2f')} | "
+                         f"{format_seconds(r.get('total_s'))} | - | {cell(r.get('peak_rss_gb'), '.2f')} | "
                          f"{format_seconds(r['install_s'])} | |")
             continue
         vs_fp = f"{r['ppl'] / fp['ppl'] - 1:+.1%}" if fp and r is not fp else "-"
         notes = "; ".join(f"{k}={v}" for k, v in {"eval_dtype": r["eval_dtype"], **r["settings"]}.items()
                           if k != "scheme")
+        if r.get("kept_from"):
+            notes = f"**kept from the run of {r['kept_from']['date']} at {r['kept_from']['git']}**; " + notes
         lines.append(
             f"| {r['peer']} | {peer_version(r)} | {r['ppl']:.3f} | {vs_fp} | {format_seconds(r['quantize_s'])} | "
-            f"{format_seconds(r['total_s'])} | {r['peak_rss_gb']:.2f} | {format_seconds(r['install_s'])} | {notes} |"
+            f"{format_seconds(r['total_s'])} | {cell(r.get('quantize_rss_gb'), '.2f')} | {r['peak_rss_gb']:.2f} | "
+            f"{format_seconds(r['install_s'])} | {notes} |"
         )
     lines += [
         "",
         "quantize: the quantize call alone; total: the whole worker process (start-up, imports, load, quantize, "
-        "evaluation); peak RSS: that process's maximum resident set size; install: time to build the peer's venv "
+        "evaluation); peak RSS: that process's maximum resident set size (to quantize: up to the end of load, quantize and any save and reload, before scoring); install: time to build the peer's venv "
         "in this run (- when reused). Single run: see BENCHMARKS.md on timing noise.",
         "",
         f"Command: `{report['command']}`",
@@ -706,6 +714,27 @@ def check_consistency(rows: list[dict], tokens: dict) -> None:
             r.update(ok=False, error="read different calibration or evaluation tokens than were written")
 
 
+def with_kept_rows(rows: list[dict], args, tokens: dict) -> list[dict]:
+    """``rows`` plus the rows of the previous report at ``args.out`` for peers not run now, when that report has the
+    same setting and read the same tokens; each kept row says which run it is from. The previous order is kept."""
+    path = args.out.with_suffix(".json")
+    if not path.is_file():
+        return rows
+    previous = json.loads(path.read_text())
+    same = (previous.get("setting") == setting_label(args)
+            and previous["calibration"]["digest"] == tokens["calibration"]["digest"]
+            and previous["evaluation"]["digest"] == tokens["evaluation"]["digest"])
+    if not same:
+        log(f"--keep-rows: {path} is for another setting or other tokens; keeping none of its rows")
+        return rows
+    fresh = {r["peer"]: r for r in rows}
+    merged = [fresh.pop(r["peer"]) if r["peer"] in fresh else
+              {**r, "kept_from": r.get("kept_from") or {"date": previous["date"], "git": previous["git"],
+                                                        "command": previous["command"]}}
+              for r in previous["rows"]]
+    return merged + list(fresh.values())
+
+
 def run_benchmark(args) -> None:
     import quantlm
 
@@ -716,6 +745,8 @@ def run_benchmark(args) -> None:
     tokens = prepare_tokens(args, work_dir)
     rows = [run_peer(peer, args, tokens, work_dir) for peer in args.peers]
     check_consistency(rows, tokens)
+    if args.keep_rows:
+        rows = with_kept_rows(rows, args, tokens)
     report = {
         "setting": setting_label(args),
         "model": args.model,
@@ -782,6 +813,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="token files, jobs, per-peer results and logs [out/gptq_peers]")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT,
                    help="writes OUT.md and OUT.json [benchmarks/results/gptq_peers]")
+    p.add_argument("--keep-rows", action="store_true",
+                   help="keep the rows of OUT.json for peers not run now, if it has the same setting and tokens "
+                   "(each kept row says which run it is from)")
     p.add_argument("--worker", choices=ALL_PEERS, help=argparse.SUPPRESS)
     p.add_argument("--job", type=Path, help=argparse.SUPPRESS)
     return p.parse_args(argv)

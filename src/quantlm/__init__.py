@@ -2,6 +2,8 @@
 
 __version__ = "0.1.0"
 
+import quantlm.blas_threads  # noqa: E402,F401  first: before anything loads OpenBLAS
+
 from quantlm.api import Calibration, evaluate, load, quantize, save  # noqa: E402
 from quantlm.core import QuantSpec  # noqa: E402
 from quantlm.errors import QuantlmError  # noqa: E402

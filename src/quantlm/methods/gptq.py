@@ -203,7 +203,8 @@ class HessianAccumulator:
     n counts tokens, unweighted.
 
     On the CPU the sum is a BLAS symmetric rank-k update (half the work of a matmul; only the upper triangle is
-    accumulated and mirrored at the end); elsewhere a plain matmul.
+    accumulated and mirrored at the end); elsewhere a plain matmul. The CPU path needs OpenBLAS's threads to sleep
+    soon after each call (``quantlm.blas_threads``), and falls back to torch's matmul where that came too late.
     """
 
     def __init__(self, n_features: int, device: torch.device, first_token_weight: float = 1.0) -> None:
@@ -241,6 +242,10 @@ class HessianAccumulator:
 
 
 def _cpu_syrk():
+    from quantlm.blas_threads import syrk_would_spin
+
+    if syrk_would_spin():  # OpenBLAS's workers would busy-wait on torch's cores after every call
+        return None
     try:
         from scipy.linalg.blas import ssyrk
     except ImportError:  # scipy is a dependency; this keeps the CPU path working without it
