@@ -48,6 +48,7 @@ import os
 import platform
 import resource
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -336,6 +337,8 @@ def quantize_with_quantlm(job: dict, calib) -> dict:
         quantize_s = time.perf_counter() - t0
     else:
         out = Path(job["work_dir"]) / "quantlm-checkpoint"
+        # a timed run must not resume the blocks an interrupted earlier run left in the work directory
+        shutil.rmtree(out.parent / f".{out.name}.work", ignore_errors=True)
         t0 = time.perf_counter()
         quantize_to_checkpoint(job["model_dir"], step, out, calibration=calib, batch_size=job["batch_size"],
                                overwrite=True)
