@@ -337,11 +337,12 @@ def quantize_with_quantlm(job: dict, calib) -> dict:
         quantize_s = time.perf_counter() - t0
     else:
         out = Path(job["work_dir"]) / "quantlm-checkpoint"
+        blocks_dir = Path(job["work_dir"]) / "quantlm-blocks"
         # a timed run must not resume the blocks an interrupted earlier run left in the work directory
-        shutil.rmtree(out.parent / f".{out.name}.work", ignore_errors=True)
+        shutil.rmtree(blocks_dir, ignore_errors=True)
         t0 = time.perf_counter()
         quantize_to_checkpoint(job["model_dir"], step, out, calibration=calib, batch_size=job["batch_size"],
-                               overwrite=True)
+                               work_dir=blocks_dir, overwrite=True)
         quantize_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         model = quantlm.load(out)
@@ -688,8 +689,9 @@ def markdown_table(report: dict) -> str:
     lines += [
         "",
         "quantize: the quantize call alone; total: the whole worker process (start-up, imports, load, quantize, "
-        "evaluation); peak RSS: that process's maximum resident set size (to quantize: up to the end of load, quantize and any save and reload, before scoring); install: time to build the peer's venv "
-        "in this run (- when reused). Single run: see BENCHMARKS.md on timing noise.",
+        "evaluation); peak RSS: that process's maximum resident set size (to quantize: up to the end of load, "
+        "quantize and any save and reload, before scoring); install: time to build the peer's venv in this run "
+        "(- when reused). Single run: see BENCHMARKS.md on timing noise.",
         "",
         f"Command: `{report['command']}`",
         "",
@@ -719,16 +721,17 @@ def check_consistency(rows: list[dict], tokens: dict) -> None:
 
 def with_kept_rows(rows: list[dict], args, tokens: dict) -> list[dict]:
     """``rows`` plus the rows of the previous report at ``args.out`` for peers not run now, when that report has the
-    same setting and read the same tokens; each kept row says which run it is from. The previous order is kept."""
+    same setting, model, batch size and threads and read the same tokens; each kept row says which run it is from. The previous order is kept."""
     path = args.out.with_suffix(".json")
     if not path.is_file():
         return rows
     previous = json.loads(path.read_text())
     same = (previous.get("setting") == setting_label(args)
+            and all(previous["args"].get(k) == getattr(args, k) for k in ("batch_size", "threads", "model"))
             and previous["calibration"]["digest"] == tokens["calibration"]["digest"]
             and previous["evaluation"]["digest"] == tokens["evaluation"]["digest"])
     if not same:
-        log(f"--keep-rows: {path} is for another setting or other tokens; keeping none of its rows")
+        log(f"--keep-rows: {path} is for another setting, model, batch size, thread count or other tokens; keeping none of its rows")
         return rows
     fresh = {r["peer"]: r for r in rows}
     merged = [fresh.pop(r["peer"]) if r["peer"] in fresh else

@@ -3,7 +3,8 @@
 quantlm runs one BLAS routine outside torch: the Hessian sums of GPTQ are scipy's ``ssyrk`` (OpenBLAS), half the
 work of a matmul. After each call OpenBLAS's workers busy-wait for 2^28 cycles (its default, about 0.1 s) before
 they sleep, while torch's own threads already run the next op on the same cores. On a 2-core machine that stole
-a third of the calibration time (a 2-block GPTQ run at 48 x 2048 tokens: 54.4 s, 33.8 s with short waits).
+about a quarter of the calibration time (a 2-block GPTQ run at 48 x 2048 tokens: 49.8 s, 36.8 s with short
+waits).
 
 Importing quantlm therefore sets ``OPENBLAS_THREAD_TIMEOUT=4`` (OpenBLAS's shortest wait) unless it is set already.
 OpenBLAS reads it once, when the library loads, and scipy's copy loads with ``scipy.linalg``: if that happened
