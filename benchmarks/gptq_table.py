@@ -26,6 +26,7 @@ ROWS = {
     "w4-sym": ("GPTQ W4 g64 sym", "--method gptq --bits 4 --group-size 64 --sym"),
     "w4-sym-damp05": ("GPTQ W4 g64 sym, damp 0.05 (GPTQModel's default)", "--method gptq --bits 4 --group-size 64 --sym --damp 0.05"),
     "w3-asym": ("GPTQ W3 g64 asym", "--method gptq --bits 3 --group-size 64 --asym"),
+    "w3-asym-mse": ("GPTQ W3 g64 asym, defaults + MSE clip", "--method gptq --bits 3 --group-size 64 --asym --clip mse"),
     "w4-asym-offload": ("GPTQ W4 g64 asym, activations offloaded to disk", "--method gptq --bits 4 --group-size 64 --asym --offload-activations"),
 }
 RESULTS = Path(__file__).parent / "results" / "gptq_smollm2"

@@ -50,6 +50,7 @@ ROWS = {
     "llm-int8-t4": ("LLM.int8(), threshold 4.0", "--method llm-int8 --threshold 4.0"),
     "llm-int8-t3": ("LLM.int8(), threshold 3.0", "--method llm-int8 --threshold 3.0"),
     "sq-gptq-w8": ("W8A8 per-token, SmoothQuant alpha 0.5 then GPTQ W8 (act-order + static groups)", "--method smoothquant --alpha 0.5 --weights gptq"),
+    "sq-auto-gptq-w8": ("W8A8 per-token, SmoothQuant alpha auto then GPTQ W8 (act-order + static groups)", "--method smoothquant --alpha auto --weights gptq"),
     "sq-gptq-w4a8": ("W4 g64 asym A8 per-token, SmoothQuant alpha 0.5 then GPTQ (act-order + static groups)", "--method smoothquant --alpha 0.5 --weights gptq --bits 4 --group-size 64 --asym"),
     "gptq-w4a8": ("W4 g64 asym A8 per-token, GPTQ (act-order + static groups) without smoothing", "--method gptq --bits 4 --group-size 64 --asym --a-bits 8"),
 }

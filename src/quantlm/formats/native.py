@@ -27,6 +27,7 @@ from torch import nn
 from quantlm.errors import CheckpointError, QuantlmError
 from quantlm.formats.safetensors_io import write_streaming
 from quantlm.models.blocks import set_submodule
+from quantlm.models.skeleton import empty_model
 from quantlm.nn.kv_cache import KVQuantConfig, enable_kv_quantization
 from quantlm.nn.qlinear import QuantLinear
 from quantlm.paths import atomic_directory
@@ -150,8 +151,7 @@ def read_quant_log(path: str | os.PathLike) -> list[dict[str, Any]]:
 def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device | None = None) -> nn.Module:
     """Rebuild the quantized model of a quantlm checkpoint: the skeleton without weights, QuantLinears where the
     config lists them, then every tensor assigned from the safetensors file."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     path = Path(path)
     qc = read_quantization_config(path)
@@ -170,8 +170,7 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device | Non
         config = AutoConfig.from_pretrained(str(path))
         if hasattr(config, "quantization_config"):
             del config.quantization_config
-        with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config)
+        model = empty_model(config)
         for name, entry in qc.get("modules", {}).items():
             scales = tensors.get(f"{name}.scales")
             if scales is None:

@@ -23,6 +23,7 @@ from torch import nn
 
 from quantlm.formats.safetensors_io import TensorIndex
 from quantlm.models.blocks import DecoderBlocks, find_decoder_blocks, output_embedding_name
+from quantlm.models.skeleton import empty_model
 
 log = logging.getLogger(__name__)
 
@@ -80,14 +81,12 @@ class StreamedWeights:
 
 def streamed_model(model_dir: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, StreamedWeights] | None:
     """The model with every tensor outside the decoder blocks loaded and the blocks left empty (meta)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     model_dir = Path(model_dir)
     index = TensorIndex(model_dir)
     config = AutoConfig.from_pretrained(str(model_dir))
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = empty_model(config, dtype)
     model.eval()
     blocks = find_decoder_blocks(model)
     block_prefix = f"{blocks.path}."
