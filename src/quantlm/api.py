@@ -16,7 +16,7 @@ from quantlm.data import calibration_windows, load_text, tokenize_text
 from quantlm import __version__
 from quantlm.errors import CheckpointError, QuantlmError
 from quantlm.eval.perplexity import PerplexityResult, perplexity
-from quantlm.formats.native import is_quantlm_checkpoint, load_checkpoint, read_quant_log, save_checkpoint
+from quantlm.formats.native import WEIGHTS_FILE, is_quantlm_checkpoint, load_checkpoint, read_quant_log, save_checkpoint
 from quantlm.methods.recipe import Recipe, parse_recipe
 from quantlm.models.sources import load_float_model, load_tokenizer, resolve_model_dir
 from quantlm.pipeline.activations import OffloadDirectory
@@ -78,6 +78,7 @@ def load(
     device: str | None = None,
     kernel: str = "auto",
     attention: str = "auto",
+    kernel_cache: bool = True,
 ) -> nn.Module:
     """A quantlm checkpoint as a quantized model ready to run, or any other model source as a full-precision model.
 
@@ -85,7 +86,9 @@ def load(
     to it and the quantized Linears take activations in it. Every quantized Linear runs on ``kernel`` (``auto``: the
     fastest that can run it on ``device``; see ``quantlm.nn.kernels``); ``model.quantlm_kernels`` maps each one to
     the kernel it got. ``attention`` is the attention implementation (``quantlm.nn.attention``; ``auto``: decode
-    steps of a bf16/fp16 SDPA model on the CPU in fp32, any other model as it loads).
+    steps of a bf16/fp16 SDPA model on the CPU in fp32, any other model as it loads). ``kernel_cache``: reuse the
+    kernels' packed weights from an earlier load of the same checkpoint (``quantlm.nn.kernel_cache``; off also with
+    ``QUANTLM_KERNEL_CACHE=0``).
     """
     from quantlm.nn.attention import check_attention_name, use_attention
     from quantlm.nn.inference import cast_float_parts, prepare_kernels
@@ -96,7 +99,8 @@ def load(
         model = load_checkpoint(path, device=device)
         cast_float_parts(model, dtype)
         model.quantlm_log = read_quant_log(path)
-        model.quantlm_kernels = prepare_kernels(model, kernel, dtype)
+        cache_for = path / WEIGHTS_FILE if kernel_cache else None
+        model.quantlm_kernels = prepare_kernels(model, kernel, dtype, cache_for=cache_for)
     else:
         model = load_float_model(source, dtype=dtype, device=device)
     use_attention(model, attention)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from quantlm.nn import kernel_cache
+from quantlm.nn.kernels import choose_kernel
 from quantlm.nn.qlinear import QuantLinear
 
 
@@ -29,10 +32,23 @@ def cast_float_parts(model: nn.Module, dtype: torch.dtype) -> None:
         model.tie_weights()
 
 
-def prepare_kernels(model: nn.Module, kernel: str = "auto", dtype: torch.dtype = torch.float32) -> dict[str, str]:
+def prepare_kernels(
+    model: nn.Module, kernel: str = "auto", dtype: torch.dtype = torch.float32, cache_for: Path | None = None
+) -> dict[str, str]:
     """Give every QuantLinear its kernel (``auto``: the fastest that can run it) for activations of ``dtype``;
-    return {module name: kernel}."""
-    return {name: m.use_kernel(kernel, dtype) for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    return {module name: kernel}. ``cache_for``: the checkpoint weights file the model was loaded from, whose
+    prepared kernels are then read from (or written to) the kernel cache (``quantlm.nn.kernel_cache``)."""
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    chosen = {name: choose_kernel(m, kernel, m.qweight.device) for name, m in layers.items()}
+    entry = None
+    if cache_for is not None and kernel_cache.cache_enabled() and any(k.cacheable for k in chosen.values()):
+        entry = kernel_cache.entry_path(cache_for, dtype, {name: k.name for name, k in chosen.items()})
+    stored = kernel_cache.read_entry(entry) if entry is not None else {}
+    for name, m in layers.items():
+        m.use_kernel(chosen[name].name, dtype, stored.get(name))
+    if entry is not None and any(m.kernel.cacheable and not m.kernel.from_cache for m in layers.values()):
+        kernel_cache.write_entry(entry, {name: m.kernel.prepared() for name, m in layers.items() if m.kernel.cacheable})
+    return {name: k.name for name, k in chosen.items()}
 
 
 def kernel_summary(kernels: dict[str, str]) -> str:

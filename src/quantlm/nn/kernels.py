@@ -128,11 +128,17 @@ class Kernel(nn.Module):
     its bias)."""
 
     name = "?"
+    cacheable = False  # whether what it prepares is worth keeping on disk (quantlm.nn.kernel_cache)
 
     def __init__(self, layer: "QuantLinear", dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.out_features = layer.out_features
         self.layer = [layer]  # a list: not a submodule, so the layer is not registered inside itself
+        self.from_cache = False
+
+    def prepared(self) -> dict[str, Tensor]:
+        """What a kernel cache keeps of a cacheable kernel: the tensors it made from its layer, by name."""
+        return {}
 
     @classmethod
     def why_not(cls, layer: "QuantLinear", device: torch.device) -> str | None:  # pragma: no cover - interface
@@ -209,10 +215,39 @@ class Int4PackKernel(Kernel):
                 return "act-order groups of unequal size"
         return None
 
-    def __init__(self, layer: "QuantLinear", dtype: torch.dtype = torch.float32) -> None:
+    cacheable = True
+
+    def __init__(
+        self, layer: "QuantLinear", dtype: torch.dtype = torch.float32, prepared: dict[str, Tensor] | None = None
+    ) -> None:
+        """``prepared``: this layer's tensors from a kernel cache (``prepared()`` of an earlier kernel), used when
+        their shapes and dtypes fit the layer; otherwise the codes are packed here."""
         super().__init__(layer, dtype)
+        self.group = _int4pack_group(layer)
         order = _group_order(layer)
         self.register_buffer("order", order, persistent=False)
+        self.from_cache = prepared is not None and self._fits(layer, prepared)
+        tensors = prepared if self.from_cache else self._pack(layer, order)
+        self.register_buffer("packed", tensors["packed"], persistent=False)
+        # [K / group, N, 2]: scale and the float offset m = (8 - zero) * scale of each group
+        self.register_buffer("scale_offset", tensors["scale_offset"], persistent=False)
+
+    def _shapes(self, layer: "QuantLinear") -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        rows = layer.out_features + (-layer.out_features % INT4PACK_ROW_MULTIPLE)
+        k = layer.in_features
+        return {"packed": ((rows, k // 2), torch.uint8), "scale_offset": ((k // self.group, rows, 2), OP_DTYPE)}
+
+    def _fits(self, layer: "QuantLinear", prepared: dict[str, Tensor]) -> bool:
+        want = self._shapes(layer)
+        return set(prepared) == set(want) and all(
+            tuple(prepared[n].shape) == shape and prepared[n].dtype == dtype and prepared[n].device == layer.qweight.device
+            for n, (shape, dtype) in want.items()
+        )
+
+    def prepared(self) -> dict[str, Tensor]:
+        return {"packed": self.packed, "scale_offset": self.scale_offset}
+
+    def _pack(self, layer: "QuantLinear", order: Tensor | None) -> dict[str, Tensor]:
         # 2- and 3-bit codes are moved to the middle of the 4-bit range (zero points with them), so the op's offset
         # m = (8 - zero) * scale stays small and its bf16 rounding does not cancel against (q - 8) * scale
         shift = 8 - (1 << (layer.spec.bits - 1))
@@ -223,7 +258,6 @@ class Int4PackKernel(Kernel):
             codes, zero = codes + shift, zero + shift
         if order is not None:
             codes = codes[:, order]
-        self.group = _int4pack_group(layer)
         repeat = (layer.spec.group_size if layer.spec.granularity == "group" else layer.in_features) // self.group
         scale = scale.repeat_interleave(repeat, dim=1)
         zero = zero.repeat_interleave(repeat, dim=1)
@@ -232,10 +266,10 @@ class Int4PackKernel(Kernel):
             codes = F.pad(codes, (0, 0, 0, pad), value=8)
             scale = F.pad(scale, (0, 0, 0, pad))
             zero = F.pad(zero, (0, 0, 0, pad), value=8)
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1), persistent=False)
-        # [K / group, N, 2]: scale and the float offset m = (8 - zero) * scale of each group
-        scale_offset = torch.stack([scale.t(), ((8 - zero) * scale).t()], dim=-1).to(OP_DTYPE).contiguous()
-        self.register_buffer("scale_offset", scale_offset, persistent=False)
+        return {
+            "packed": torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1),
+            "scale_offset": torch.stack([scale.t(), ((8 - zero) * scale).t()], dim=-1).to(OP_DTYPE).contiguous(),
+        }
 
     def forward(self, x: Tensor) -> Tensor:
         x2, lead = _rows(x)

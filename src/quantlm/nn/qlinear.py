@@ -252,12 +252,14 @@ class QuantLinear(nn.Module):
             text += f" outliers>={self.outlier_threshold:g}"
         return text
 
-    def use_kernel(self, name: str = "auto", dtype: torch.dtype = torch.float32) -> str:
+    def use_kernel(
+        self, name: str = "auto", dtype: torch.dtype = torch.float32, prepared: dict[str, torch.Tensor] | None = None
+    ) -> str:
         """Prepare the matmul kernel ``name`` (``auto``: the fastest that can run this layer on its device) for
         activations of ``dtype``; return the name of the kernel chosen. Call it again after moving the layer to
-        another device."""
+        another device. ``prepared``: a cacheable kernel's tensors from a kernel cache (``quantlm.nn.kernel_cache``)."""
         kernel = choose_kernel(self, name, self.qweight.device)
-        self.kernel = kernel(self, dtype)
+        self.kernel = kernel(self, dtype, prepared) if kernel.cacheable and prepared else kernel(self, dtype)
         return kernel.name
 
     def row_scaled(self) -> bool:
