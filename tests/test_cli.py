@@ -147,6 +147,23 @@ def test_gptq_from_the_cli_with_local_calibration_text(tiny_model_dir, text_file
     assert "Hessian samples: 64 tokens per module" in text.stdout
 
 
+def test_hessian_clip_from_the_cli(tiny_model_dir, text_file, tmp_path):
+    common = ("--calib", text_file, "--calib-samples", 2, "--calib-seqlen", 32, "--json")
+    result = _run("quantize", tiny_model_dir, "--method", "gptq", "--group-size", 16, "--clip", "mse", "--hessian-clip",
+                  *common, "--out", tmp_path / "h")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["recipe"][0]["hessian_clip"] is True
+    no_mse = _run("quantize", tiny_model_dir, "--method", "gptq", "--group-size", 16, "--hessian-clip", *common,
+                  "--out", tmp_path / "n")
+    assert no_mse.exit_code != 0 and "--clip mse" in no_mse.stderr and "Traceback" not in no_mse.output
+    rtn = _run("quantize", tiny_model_dir, "--clip", "mse", "--hessian-clip", "--out", tmp_path / "r")
+    assert rtn.exit_code != 0 and "--hessian-clip does not apply to --method rtn" in rtn.stderr
+    sq = _run("quantize", tiny_model_dir, "--method", "smoothquant", "--clip", "mse", "--hessian-clip", *common,
+              "--out", tmp_path / "s")
+    assert sq.exit_code != 0 and "--weights gptq" in sq.stderr
+    assert not any((tmp_path / d).exists() for d in ("n", "r", "s"))
+
+
 def test_calibration_problems_are_caught_before_loading(tiny_model_dir, tmp_path):
     result = _run("quantize", tiny_model_dir, "--method", "gptq", "--calib", tmp_path / "none.txt", "--out", tmp_path / "g")
     assert result.exit_code == 2 and "text file not found" in result.stderr

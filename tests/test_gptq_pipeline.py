@@ -148,3 +148,12 @@ def test_default_act_order_with_static_groups_keeps_the_plain_group_layout():
     )
     q = model.model.layers[0].self_attn.q_proj.qweight
     assert not torch.equal(q, in_order.model.layers[0].self_attn.q_proj.qweight)  # the order did change the solve
+
+
+def test_hessian_clip_needs_mse_and_is_kept_in_the_recipe():
+    with pytest.raises(quantlm.errors.InvalidSpecError, match="clip='mse'"):
+        GPTQ(QuantSpec(bits=4, group_size=16), hessian_clip=True)
+    step = GPTQ(QuantSpec(bits=4, group_size=16, clip="mse"), hessian_clip=True)
+    again = GPTQ.from_config(step.to_config())
+    assert again.hessian_clip and again.to_config() == step.to_config()
+    assert "hessian_clip" not in GPTQ(QuantSpec(bits=4, group_size=16)).to_config()  # old recipes read the same

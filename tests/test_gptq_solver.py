@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -128,6 +129,28 @@ def test_mse_clipping_is_used_for_the_grid():
     plain = gptq_quantize(w, h, QuantSpec(bits=3))
     clipped = gptq_quantize(w, h, QuantSpec(bits=3, clip="mse"))
     assert not torch.equal(plain.scale, clipped.scale)
+
+
+def test_hessian_clip_weighs_the_grid_search_by_the_hessian_diagonal():
+    w, h, x = _problem()
+    w[:, 0] *= 20
+    spec = QuantSpec(bits=3, group_size=32, clip="mse")
+    plain = gptq_quantize(w, h, spec, static_groups=True)
+    weighted = gptq_quantize(w, h, spec, static_groups=True, hessian_clip=True)
+    assert not torch.equal(plain.scale, weighted.scale)
+    # static grids come from the original weight: each is the weighted search over its own columns
+    for g in range(3):
+        cols = slice(32 * g, 32 * (g + 1))
+        row_spec = QuantSpec(bits=3, group_size=-1, clip="mse")
+        s, z = compute_qparams(w[:, cols], row_spec, column_weights=torch.diag(h)[cols])
+        assert torch.equal(weighted.scale[:, g : g + 1], s) and torch.equal(weighted.zero[:, g : g + 1], z)
+    # a Hessian with an equal diagonal (a power of two: exact scaling) weighs every column alike: the plain grids
+    h_eq = h.clone()
+    h_eq.diagonal().fill_(2.0 ** math.ceil(math.log2(float(torch.diag(h).max()))))
+    assert torch.equal(
+        gptq_quantize(w, h_eq, spec, hessian_clip=True, act_order=True).codes,
+        gptq_quantize(w, h_eq, spec, act_order=True).codes,
+    )
 
 
 def test_more_damping_when_the_hessian_is_not_positive_definite(caplog):

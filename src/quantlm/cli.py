@@ -115,6 +115,7 @@ def quantize(
     block_size: int = typer.Option(128, help="GPTQ: columns per lazy update block."),
     true_sequential: bool = typer.Option(True, "--true-sequential/--no-true-sequential", help="GPTQ: recompute each group's inputs after the groups before it are quantized."),
     sink_weight: Optional[float] = typer.Option(None, help="GPTQ: weight of each window's first token (the attention sink) in the Hessians; 1 = plain GPTQ [default: quantlm.methods.gptq.SINK_WEIGHT]."),
+    hessian_clip: bool = typer.Option(False, "--hessian-clip", help="GPTQ with --clip mse: the clip search weighs each column's rounding error by its Hessian diagonal (the input's mean square)."),
     calib: str = typer.Option("enwiki", help="Calibration text: a built-in name, a .txt/.jsonl file, or hf:NAME[:CONFIG]."),
     calib_samples: int = typer.Option(128, help="Calibration windows."),
     calib_seqlen: int = typer.Option(2048, help="Tokens per calibration window."),
@@ -154,6 +155,8 @@ def quantize(
             a_bits = 8
         act = {"act_bits": a_bits, "act_granularity": a_granularity.value}
         gptq_options = {} if sink_weight is None else {"sink_weight": sink_weight}
+        if hessian_clip:
+            gptq_options["hessian_clip"] = True
 
         def gptq_step():
             return GPTQ(spec, block_size=block_size, damp=damp, act_order=act_order, static_groups=static_groups,
@@ -161,12 +164,14 @@ def quantize(
 
         _reject_unused_options(method, lm_head=lm_head, alpha=alpha, smooth_folds=smooth_folds, weights=weights,
                                threshold=threshold, a_granularity=a_granularity, clip=clip,
-                               act_order=act_order, static_groups=static_groups)
+                               act_order=act_order, static_groups=static_groups, hessian_clip=hessian_clip)
         if method == Method.llm_int8:
             if bits not in (None, 8) or group_size not in (None, -1) or sym is False or a_bits not in (None, 8):
                 raise QuantlmError("llm-int8 is 8-bit symmetric per-channel weights and int8 activations: drop --bits, --group-size, --asym and --a-bits")
             step_list = [LLMInt8(threshold=threshold)]
         elif method == Method.smoothquant:
+            if hessian_clip and weights != WeightMethod.gptq:
+                raise QuantlmError("--hessian-clip weighs GPTQ's clip search: add --weights gptq or drop it")
             smooth = SmoothQuant(alpha=alpha, folds=smooth_folds, search_granularity=a_granularity.value)
             step_list = [smooth, gptq_step() if weights == WeightMethod.gptq else RTN(spec, **act)]
         elif method == Method.gptq:
@@ -237,6 +242,7 @@ _METHOD_OPTIONS = {
     "clip": (Clip.none, "--clip", {Method.rtn, Method.gptq, Method.smoothquant}),
     "act_order": (True, "--no-act-order", {Method.gptq, Method.smoothquant}),
     "static_groups": (True, "--no-static-groups", {Method.gptq, Method.smoothquant}),
+    "hessian_clip": (False, "--hessian-clip", {Method.gptq, Method.smoothquant}),
 }
 
 

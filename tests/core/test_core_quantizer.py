@@ -227,6 +227,91 @@ def test_mse_choice_is_best_of_the_shrink_grid_and_never_worse_than_no_clip(x, s
         assert chosen <= best * (1 + 1e-4) + 1e-9 * unit
 
 
+# ---------------------------------------------------------------------------------------------- weighted mse
+def unit_weights_of(weights, x2, spec):
+    """Per-unit column weights (float64 lists) in the order of ``units_of``."""
+    rows, n = x2.shape
+    wd = weights.double().tolist()
+    if spec.granularity == "tensor":
+        return [wd * rows]
+    if spec.granularity in ("channel", "token"):
+        return [wd for _ in range(rows)]
+    return [wd[start : start + spec.group_size] for _ in range(rows) for start in range(0, n, spec.group_size)]
+
+
+def weighted_unit_err(vals, weights, s, z, maxq):
+    v32 = torch.tensor(vals, dtype=torch.float32)
+    s32 = torch.tensor(s, dtype=torch.float32)
+    q = torch.clamp(torch.round(v32 / s32) + z, 0, maxq)
+    e = (v32.double() - (q.double() - z) * float(s32)).abs() ** 2.4
+    return float((e * torch.tensor(weights, dtype=torch.float64)).sum())
+
+
+def brute_force_weighted_mse(vals, weights, spec):
+    maxq = spec.maxq
+    xmin, xmax = reference_range(vals, spec)
+    lo32, hi32 = torch.tensor(xmin, dtype=torch.float32), torch.tensor(xmax, dtype=torch.float32)
+    best = math.inf
+    for i in range(80):
+        p = 1 - i / 100
+        lo, hi = p * lo32, p * hi32
+        s = torch.clamp((hi - lo) / maxq, min=F32_TINY)
+        z = float(2 ** (spec.bits - 1)) if spec.symmetric else float(torch.round(-lo / s).clamp(0, maxq))
+        best = min(best, weighted_unit_err(vals, weights, float(s), z, maxq))
+    return best
+
+
+@given(matrices(max_rows=3, max_cols=20), specs(clip="mse"), st.integers(0, 2**31 - 1))
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_weighted_mse_choice_is_best_of_the_shrink_grid_for_the_weighted_error(x, spec, seed):
+    g = torch.Generator().manual_seed(seed)
+    weights = torch.rand(x.shape[1], generator=g) * 10 ** torch.randint(-3, 4, (x.shape[1],), generator=g).float()
+    scale, zero = compute_qparams(x, spec, column_weights=weights)
+    scale_u, zero_u = compute_qparams(x, spec)
+    for (r, gi, _, vals), wts in zip(units_of(x, spec), unit_weights_of(weights, x, spec)):
+        chosen = weighted_unit_err(vals, wts, float(scale[r, gi]), float(zero[r, gi]), spec.maxq)
+        uniform = weighted_unit_err(vals, wts, float(scale_u[r, gi]), float(zero_u[r, gi]), spec.maxq)
+        best = brute_force_weighted_mse(vals, wts, spec)
+        unit = float(scale_u[r, gi]) ** 2.4 * len(vals) * max(wts + [1e-30])
+        assert chosen <= uniform * (1 + 1e-4) + 1e-9 * unit
+        assert chosen <= best * (1 + 1e-4) + 1e-9 * unit
+
+
+@given(matrices(), specs(clip="mse"), st.integers(0, 10))
+@SETTINGS
+def test_equal_column_weights_give_the_unweighted_grid(x, spec, k):
+    # a power of two scales every candidate's error exactly, so not even a float tie can move the choice
+    scale, zero = compute_qparams(x, spec)
+    scale_w, zero_w = compute_qparams(x, spec, column_weights=torch.full((x.shape[1],), 2.0**k))
+    assert torch.equal(scale, scale_w) and torch.equal(zero, zero_w)
+
+
+def test_column_weights_steer_the_clip_toward_the_heavy_column():
+    # one row: a large value in column 0 and small ones elsewhere; plain mse clips column 0, a heavy weight
+    # on column 0 widens the range until it is (nearly) exact
+    x = torch.tensor([[4.0] + [0.1 * (i % 7 - 3) for i in range(63)]])
+    spec = QuantSpec(bits=3, clip="mse")
+    s_plain, _ = compute_qparams(x, spec)
+    heavy = torch.ones(64)
+    heavy[0] = 1e4
+    s_heavy, z_heavy = compute_qparams(x, spec, column_weights=heavy)
+    assert float(s_heavy[0, 0]) > float(s_plain[0, 0])
+    z_plain = compute_qparams(x, spec)[1]
+    err_plain = (dequantize(quantize(x, s_plain, z_plain, spec), s_plain, z_plain, spec) - x)[0, 0].abs()
+    err_heavy = (dequantize(quantize(x, s_heavy, z_heavy, spec), s_heavy, z_heavy, spec) - x)[0, 0].abs()
+    assert float(err_heavy) < float(err_plain) / 10
+
+
+@pytest.mark.parametrize(
+    "weights, match",
+    [(torch.ones(3), "one weight per column"), (torch.ones(4, 1), "one weight per column"),
+     (torch.tensor([1.0, -1.0, 1.0, 1.0]), "non-negative"), (torch.tensor([1.0, float("nan"), 1.0, 1.0]), "finite")],
+)
+def test_bad_column_weights_are_one_line_errors(weights, match):
+    with pytest.raises(QuantlmError, match=match):
+        compute_qparams(torch.randn(2, 4), QuantSpec(bits=4, clip="mse"), column_weights=weights)
+
+
 @pytest.mark.parametrize("sym, best_p", [(False, 0.45), (True, 0.21)])
 def test_mse_deep_shrink_reaches_end_of_grid(sym, best_p):
     # one outlier and many small values: the best 2-bit grid clips hard (p = 0.21 is the grid's last point)

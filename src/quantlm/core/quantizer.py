@@ -128,9 +128,13 @@ def _units(x2: Tensor, spec: QuantSpec) -> tuple[Tensor, tuple[int, int]]:
 
 
 def _mse_search(
-    units: Tensor, xmin: Tensor, xmax: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec
+    units: Tensor, xmin: Tensor, xmax: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec,
+    unit_weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """GPTQ-reference shrink search, vectorized over units (loop over the 80 grid points).
+
+    ``unit_weights`` (``[n_units, m]`` or ``[1, m]``, non-negative): each element's error is multiplied by its
+    weight before the sum (None: all 1, the reference).
 
     The error of each unit is measured in units of its unclipped scale (``|x - q(x)| / scale0``): a positive
     per-unit constant, so the argmin is unchanged, but float32 neither overflows (|x| ~ 1e30) nor underflows
@@ -146,6 +150,7 @@ def _mse_search(
     for start in range(0, n_units, chunk):
         sl = slice(start, start + chunk)
         x = units[sl]
+        w = None if unit_weights is None else (unit_weights if unit_weights.shape[0] == 1 else unit_weights[sl])
         lo, hi, s0, z0 = xmin[sl], xmax[sl], scale[sl], zero[sl]
         inv0 = (1.0 / s0).unsqueeze(1)
         best_err = None
@@ -161,6 +166,8 @@ def _mse_search(
             s_c, z_c = s.unsqueeze(1), z.unsqueeze(1)
             q = torch.clamp(torch.round(x / s_c) + z_c, 0, maxq)
             err = ((x - (q - z_c) * s_c).abs_() * inv0).pow_(MSE_NORM)
+            if w is not None:
+                err.mul_(w)
             err = err.sum(dim=1)
             if best_err is None:
                 best_err = err
@@ -175,24 +182,54 @@ def _mse_search(
 
 
 # ---------------------------------------------------------------------------------------------- public API
-def compute_qparams(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+def compute_qparams(x: Tensor, spec: QuantSpec, *, column_weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Scale and zero point of ``x`` for ``spec`` (float32, shape ``spec.qparams_shape(rows, n)``).
 
     ``x`` may have any shape with at least one dim; it is viewed as ``[rows, n]`` with ``n = x.shape[-1]``.
-    Raises :class:`QuantlmError` for non-floating, empty or non-finite input. The result carries no gradient.
+    ``column_weights`` ([n], finite, non-negative; only read when ``spec.clip == "mse"``): the MSE search weighs
+    each column's error by it, e.g. the Hessian diagonal (the inputs' second moments), so the clipping protects
+    the columns that reach the output most. Raises :class:`QuantlmError` for non-floating, empty or non-finite
+    input. The result carries no gradient.
     """
     _check_spec(spec)
-    return _qparams_2d(_as_rows(x), spec)
+    x2 = _as_rows(x)
+    if column_weights is not None:
+        column_weights = _check_column_weights(column_weights, x2.shape[1])
+    return _qparams_2d(x2, spec, column_weights)
+
+
+def _check_column_weights(weights: Tensor, n: int) -> Tensor:
+    if not isinstance(weights, Tensor) or weights.dim() != 1 or weights.shape[0] != n:
+        shape = list(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__
+        raise QuantlmError(f"column_weights must be a 1-D tensor with one weight per column ({n}), got {shape}")
+    weights = weights.detach().to(torch.float32)
+    if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+        raise QuantlmError("column_weights must be finite and non-negative")
+    return weights
+
+
+def _unit_weights(weights: Tensor, rows: int, spec: QuantSpec) -> Tensor:
+    """Per-column weights laid out like ``_units``: ``[1, n]`` per row, ``[rows * n_groups, gs]`` per group."""
+    if spec.granularity == "tensor":
+        return weights.repeat(rows).reshape(1, -1)
+    if spec.granularity in ("channel", "token"):
+        return weights.reshape(1, -1)
+    gs = spec.group_size
+    n_groups = spec.n_groups(weights.shape[0])
+    pad = n_groups * gs - weights.shape[0]
+    per_group = torch.nn.functional.pad(weights, (0, pad)).reshape(n_groups, gs)
+    return per_group.repeat(rows, 1)
 
 
 @torch.no_grad()
-def _qparams_2d(x2: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+def _qparams_2d(x2: Tensor, spec: QuantSpec, column_weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
     units, shape = _units(x2, spec)
     xmin = units.amin(dim=1).clamp(max=0.0)
     xmax = units.amax(dim=1).clamp(min=0.0)
     xmin, xmax, scale, zero = _grid(xmin, xmax, spec)
     if spec.clip == "mse":
-        scale, zero = _mse_search(units, xmin, xmax, scale, zero, spec)
+        weights = None if column_weights is None else _unit_weights(column_weights.to(units.device), x2.shape[0], spec)
+        scale, zero = _mse_search(units, xmin, xmax, scale, zero, spec, weights)
     return scale.reshape(shape).contiguous(), zero.reshape(shape).contiguous()
 
 

@@ -102,11 +102,15 @@ def gptq_quantize(
     act_order: bool = False,
     static_groups: bool = False,
     scale_dtype: torch.dtype | None = None,
+    hessian_clip: bool = False,
 ) -> GPTQResult:
     """Quantize ``weight`` [out, in] given the Hessian ``hessian`` [in, in] (= 2/n XᵀX) of its inputs.
 
     ``scale_dtype`` (e.g. torch.float16): round every grid's scale to the dtype it will be stored in before it is
     used, so the error GPTQ compensates is the error of the stored model. None keeps float32 scales.
+    ``hessian_clip`` (with ``spec.clip == "mse"``): the grid search weighs each column's rounding error by its
+    Hessian diagonal, the diagonal part of the output error ``(w - q)ᵀ H (w - q)``, instead of counting every
+    column alike as the reference does.
     """
     _check_inputs(weight, hessian, spec, block_size, damp)
     W = weight.detach().to(torch.float32).clone()
@@ -123,8 +127,11 @@ def gptq_quantize(
 
     scale = torch.zeros(n_out, n_groups, device=W.device)
     zero = torch.zeros(n_out, n_groups, device=W.device)
-    def grid(columns: Tensor) -> tuple[Tensor, Tensor]:
-        s, z = compute_qparams(columns, row_spec)
+    def grid(first: int) -> tuple[Tensor, Tensor]:
+        """The grid of the group of columns of W (in its current order) that starts at column ``first``."""
+        columns = W[:, first : first + group_size]
+        weights = torch.diag(H)[first : first + group_size] if hessian_clip else None
+        s, z = compute_qparams(columns, row_spec, column_weights=weights)
         if scale_dtype is not None:
             s = s.to(scale_dtype).to(torch.float32)
         return s, z
@@ -132,7 +139,7 @@ def gptq_quantize(
     fixed_grids = not grouped or static_groups
     if fixed_grids:  # every grid from the original (dead-zeroed) weight, before any permutation or update
         for g in range(n_groups):
-            scale[:, g : g + 1], zero[:, g : g + 1] = grid(W[:, g * group_size : (g + 1) * group_size])
+            scale[:, g : g + 1], zero[:, g : g + 1] = grid(g * group_size)
 
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else None
     if perm is not None:
@@ -160,7 +167,7 @@ def gptq_quantize(
             g = group_of[col]
             if not fixed_grids and col % group_size == 0:
                 # the reference reads the group from W, which holds this lazy block's start state
-                scale[:, g : g + 1], zero[:, g : g + 1] = grid(W[:, col : col + group_size])
+                scale[:, g : g + 1], zero[:, g : g + 1] = grid(col)
             s, z = scale[:, g : g + 1], zero[:, g : g + 1]
             w = W1[:, i : i + 1]
             c = quantize(w, s, z, row_spec)
@@ -274,6 +281,7 @@ class GPTQ:
     static_groups: bool = True
     true_sequential: bool = True
     sink_weight: float = SINK_WEIGHT
+    hessian_clip: bool = False  # with spec.clip "mse": the search weighs each column by its Hessian diagonal
     exclude: tuple[str, ...] = ()
     act_bits: int | None = None  # 8: W8A8 layers (int8 activations at run time)
     act_granularity: str = "token"  # with act_bits=8: "token" (dynamic) or "tensor" (static, from calibration)
@@ -288,6 +296,8 @@ class GPTQ:
             raise InvalidSpecError(f"damp must be positive (e.g. 0.01), got {self.damp}")
         if not self.sink_weight >= 1:
             raise InvalidSpecError(f"sink_weight must be at least 1 (1 = plain GPTQ), got {self.sink_weight}")
+        if self.hessian_clip and self.spec.clip != "mse":
+            raise InvalidSpecError("hessian_clip weighs the MSE clip search: use it with clip='mse' (--clip mse)")
         check_activation_settings(self.act_bits, self.act_granularity)
 
     def process_block(self, ctx: BlockContext) -> list[LayerRecord]:
@@ -337,6 +347,7 @@ class GPTQ:
             act_order=self.act_order,
             static_groups=self.static_groups,
             scale_dtype=scale_dtype,
+            hessian_clip=self.hessian_clip,
         )
         qlinear = QuantLinear.from_codes(
             result.codes, result.scale.to(scale_dtype), result.zero, self.spec, getattr(module, "bias", None), result.g_idx,
@@ -373,6 +384,7 @@ class GPTQ:
             "static_groups": self.static_groups,
             "true_sequential": self.true_sequential,
             "sink_weight": self.sink_weight,
+            **({"hessian_clip": True} if self.hessian_clip else {}),
             "exclude": list(self.exclude),
             **({} if self.act_bits is None else {"act_bits": self.act_bits}),
             **({} if self.act_granularity == "token" else {"act_granularity": self.act_granularity}),
@@ -383,6 +395,6 @@ class GPTQ:
         config = dict(config)
         config.pop("method", None)
         config.pop("calibration", None)
-        options = {k: config.pop(k) for k in ("block_size", "damp", "act_order", "static_groups", "true_sequential", "sink_weight", "act_bits", "act_granularity") if k in config}
+        options = {k: config.pop(k) for k in ("block_size", "damp", "act_order", "static_groups", "true_sequential", "sink_weight", "hessian_clip", "act_bits", "act_granularity") if k in config}
         exclude = tuple(config.pop("exclude", ()))
         return cls(spec=QuantSpec.from_dict(config), exclude=exclude, **options)
