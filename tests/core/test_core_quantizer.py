@@ -183,15 +183,19 @@ def test_mse_in_range_values_within_half_step_and_scale_is_shrunk(x, spec):
     assert bool((err[inside] <= s_e[inside] * (0.5 + 1e-4)).all())
 
 
-def unit_err(vals, s, z, maxq):
-    """Norm-2.4 error of one unit quantized with (s, z); codes in float32 like the spec, error in float64."""
+def unit_err(vals, s, z, maxq, weights=None):
+    """Norm-2.4 error of one unit quantized with (s, z), each element's term times its weight (default 1); codes
+    in float32 like the spec, error in float64."""
     v32 = torch.tensor(vals, dtype=torch.float32)
     s32 = torch.tensor(s, dtype=torch.float32)
     q = torch.clamp(torch.round(v32 / s32) + z, 0, maxq)
-    return norm24(v32.double() - (q.double() - z) * float(s32))
+    diff = v32.double() - (q.double() - z) * float(s32)
+    if weights is None:
+        return norm24(diff)
+    return float(((diff.abs() ** 2.4) * torch.tensor(weights, dtype=torch.float64)).sum())
 
 
-def brute_force_mse(vals, spec):
+def brute_force_mse(vals, spec, weights=None):
     """Best (error, p) over the GPTQ shrink grid p = 1 - i/100, i = 0..79, computed one p at a time."""
     maxq = spec.maxq
     xmin, xmax = reference_range(vals, spec)
@@ -203,7 +207,7 @@ def brute_force_mse(vals, spec):
         lo, hi = p * lo32, p * hi32
         s = torch.clamp((hi - lo) / maxq, min=F32_TINY)
         z = float(2 ** (spec.bits - 1)) if spec.symmetric else float(torch.round(-lo / s).clamp(0, maxq))
-        e = unit_err(vals, float(s), z, maxq)
+        e = unit_err(vals, float(s), z, maxq, weights)
         if e < best[0]:
             best = (e, p)
     return best
@@ -239,28 +243,6 @@ def unit_weights_of(weights, x2, spec):
     return [wd[start : start + spec.group_size] for _ in range(rows) for start in range(0, n, spec.group_size)]
 
 
-def weighted_unit_err(vals, weights, s, z, maxq):
-    v32 = torch.tensor(vals, dtype=torch.float32)
-    s32 = torch.tensor(s, dtype=torch.float32)
-    q = torch.clamp(torch.round(v32 / s32) + z, 0, maxq)
-    e = (v32.double() - (q.double() - z) * float(s32)).abs() ** 2.4
-    return float((e * torch.tensor(weights, dtype=torch.float64)).sum())
-
-
-def brute_force_weighted_mse(vals, weights, spec):
-    maxq = spec.maxq
-    xmin, xmax = reference_range(vals, spec)
-    lo32, hi32 = torch.tensor(xmin, dtype=torch.float32), torch.tensor(xmax, dtype=torch.float32)
-    best = math.inf
-    for i in range(80):
-        p = 1 - i / 100
-        lo, hi = p * lo32, p * hi32
-        s = torch.clamp((hi - lo) / maxq, min=F32_TINY)
-        z = float(2 ** (spec.bits - 1)) if spec.symmetric else float(torch.round(-lo / s).clamp(0, maxq))
-        best = min(best, weighted_unit_err(vals, weights, float(s), z, maxq))
-    return best
-
-
 @given(matrices(max_rows=3, max_cols=20), specs(clip="mse"), st.integers(0, 2**31 - 1))
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_weighted_mse_choice_is_best_of_the_shrink_grid_for_the_weighted_error(x, spec, seed):
@@ -269,9 +251,9 @@ def test_weighted_mse_choice_is_best_of_the_shrink_grid_for_the_weighted_error(x
     scale, zero = compute_qparams(x, spec, column_weights=weights)
     scale_u, zero_u = compute_qparams(x, spec)
     for (r, gi, _, vals), wts in zip(units_of(x, spec), unit_weights_of(weights, x, spec)):
-        chosen = weighted_unit_err(vals, wts, float(scale[r, gi]), float(zero[r, gi]), spec.maxq)
-        uniform = weighted_unit_err(vals, wts, float(scale_u[r, gi]), float(zero_u[r, gi]), spec.maxq)
-        best = brute_force_weighted_mse(vals, wts, spec)
+        chosen = unit_err(vals, float(scale[r, gi]), float(zero[r, gi]), spec.maxq, wts)
+        uniform = unit_err(vals, float(scale_u[r, gi]), float(zero_u[r, gi]), spec.maxq, wts)
+        best, _ = brute_force_mse(vals, spec, wts)
         unit = float(scale_u[r, gi]) ** 2.4 * len(vals) * max(wts + [1e-30])
         assert chosen <= uniform * (1 + 1e-4) + 1e-9 * unit
         assert chosen <= best * (1 + 1e-4) + 1e-9 * unit
