@@ -133,7 +133,7 @@ def _mse_search(
 ) -> tuple[Tensor, Tensor]:
     """GPTQ-reference shrink search, vectorized over units (loop over the 80 grid points).
 
-    ``unit_weights`` (``[n_units, m]`` or ``[1, m]``, non-negative): each element's error is multiplied by its
+    ``unit_weights`` (``[n_units, m]`` like ``units``, non-negative): each element's error is multiplied by its
     weight before the sum (None: all 1, the reference).
 
     The error of each unit is measured in units of its unclipped scale (``|x - q(x)| / scale0``): a positive
@@ -150,7 +150,7 @@ def _mse_search(
     for start in range(0, n_units, chunk):
         sl = slice(start, start + chunk)
         x = units[sl]
-        w = None if unit_weights is None else (unit_weights if unit_weights.shape[0] == 1 else unit_weights[sl])
+        w = None if unit_weights is None else unit_weights[sl]
         lo, hi, s0, z0 = xmin[sl], xmax[sl], scale[sl], zero[sl]
         inv0 = (1.0 / s0).unsqueeze(1)
         best_err = None
@@ -208,19 +208,6 @@ def _check_column_weights(weights: Tensor, n: int) -> Tensor:
     return weights
 
 
-def _unit_weights(weights: Tensor, rows: int, spec: QuantSpec) -> Tensor:
-    """Per-column weights laid out like ``_units``: ``[1, n]`` per row, ``[rows * n_groups, gs]`` per group."""
-    if spec.granularity == "tensor":
-        return weights.repeat(rows).reshape(1, -1)
-    if spec.granularity in ("channel", "token"):
-        return weights.reshape(1, -1)
-    gs = spec.group_size
-    n_groups = spec.n_groups(weights.shape[0])
-    pad = n_groups * gs - weights.shape[0]
-    per_group = torch.nn.functional.pad(weights, (0, pad)).reshape(n_groups, gs)
-    return per_group.repeat(rows, 1)
-
-
 @torch.no_grad()
 def _qparams_2d(x2: Tensor, spec: QuantSpec, column_weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
     units, shape = _units(x2, spec)
@@ -228,7 +215,8 @@ def _qparams_2d(x2: Tensor, spec: QuantSpec, column_weights: Tensor | None = Non
     xmax = units.amax(dim=1).clamp(min=0.0)
     xmin, xmax, scale, zero = _grid(xmin, xmax, spec)
     if spec.clip == "mse":
-        weights = None if column_weights is None else _unit_weights(column_weights.to(units.device), x2.shape[0], spec)
+        # the weights laid out like the values: one per element of each unit (0 on a partial group's padding)
+        weights = None if column_weights is None else _units(column_weights.to(units.device).expand_as(x2), spec)[0]
         scale, zero = _mse_search(units, xmin, xmax, scale, zero, spec, weights)
     return scale.reshape(shape).contiguous(), zero.reshape(shape).contiguous()
 
