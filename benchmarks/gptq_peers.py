@@ -34,7 +34,8 @@ Run (from the repository root, with the project's venv; progress goes to stderr)
 On a machine that is busy with other work, pass ``--threads 1``: with OpenMP threads competing for cores, the
 GPTQ solvers' many small operations slow down by an order of magnitude.
 
-It writes benchmarks/results/gptq_peers.{md,json} (or ``--out``). A peer that cannot be installed or fails is
+It writes benchmarks/results/gptq_peers.{md,json} (or ``--out``), again after every peer, so a run that is stopped
+keeps the rows it measured (the report names the peers still to run). A peer that cannot be installed or fails is
 recorded as ``failed: <reason>`` and the others still run.
 """
 
@@ -695,8 +696,11 @@ def markdown_table(report: dict) -> str:
         "",
         f"Command: `{report['command']}`",
         "",
-        f"quantlm {report['quantlm_version']} at {report['git']}, {report['date']}.",
+        f"quantlm {report['quantlm_version']} at {report['git']}, {report['date']}"
+        + (f" (run started {report['started']})." if report.get("started") else "."),
     ]
+    if report.get("pending"):
+        lines += ["", f"**Partial report**: this run had not yet run {', '.join(report['pending'])}."]
     return "\n".join(lines) + "\n"
 
 
@@ -742,14 +746,24 @@ def with_kept_rows(rows: list[dict], args, tokens: dict) -> list[dict]:
 
 
 def run_benchmark(args) -> None:
-    import quantlm
-
     work_dir = args.work_dir.resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
     log(f"tokenizing: calibration {args.calib_samples} x {args.calib_seqlen}, "
         f"evaluation {args.eval_windows} x {args.eval_seqlen}")
     tokens = prepare_tokens(args, work_dir)
-    rows = [run_peer(peer, args, tokens, work_dir) for peer in args.peers]
+    started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    rows: list[dict] = []
+    for peer in args.peers:
+        rows.append(run_peer(peer, args, tokens, work_dir))
+        # after every peer: a run stopped later still leaves the rows it measured (and says which are missing)
+        table = write_report(args, tokens, rows, started, pending=args.peers[len(rows):])
+    print(table, end="")
+
+
+def write_report(args, tokens: dict, rows: list[dict], started: str, pending: list[str]) -> str:
+    """Write OUT.json and OUT.md for the rows measured so far; ``pending``: the peers of this run not run yet."""
+    import quantlm
+
     check_consistency(rows, tokens)
     if args.keep_rows:
         rows = with_kept_rows(rows, args, tokens)
@@ -763,7 +777,9 @@ def run_benchmark(args) -> None:
         "command": shlex.join([os.path.relpath(sys.executable, REPO), *sys.argv]),
         "quantlm_version": quantlm.__version__,
         "git": git_revision(),
+        "started": started,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "pending": list(pending),
         "cpu_count": os.cpu_count(),
         "machine": platform.platform(),
         "rows": rows,
@@ -771,8 +787,8 @@ def run_benchmark(args) -> None:
     table = markdown_table(report)
     write_json_atomically(args.out.with_suffix(".json"), report)
     write_text_atomically(args.out.with_suffix(".md"), table)
-    log(f"wrote {args.out.with_suffix('.md')} and .json")
-    print(table, end="")
+    log(f"wrote {args.out.with_suffix('.md')} and .json" + (f" (still to run: {', '.join(pending)})" if pending else ""))
+    return table
 
 
 def parse_peers(text: str) -> list[str]:
