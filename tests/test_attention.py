@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import LlamaForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import quantlm
+import quantlm.nn.attention as attention
 from quantlm.errors import QuantlmError
 from quantlm.nn.attention import FAST_ATTENTION, SHORT_QUERY, fp32_short_query_attention, use_attention
 
@@ -149,13 +151,65 @@ def test_a_model_that_cannot_switch_is_left_alone_or_refused(monkeypatch):
         use_attention(torch.nn.Linear(2, 2).to(torch.bfloat16), FAST_ATTENTION)
 
 
-def test_auto_skips_families_whose_code_tests_for_the_name_sdpa():
-    from transformers import FalconConfig, FalconForCausalLM
+class _BranchesOnTheName(LlamaForCausalLM):
+    """A family whose code does more than look up the attention function: it changes its output for any name but
+    "sdpa" (as Falcon's and Gemma 4's code did for some transformers releases)."""
 
-    from quantlm.nn.attention import _modeling_code_tests_for_sdpa
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        if self.config._attn_implementation != "sdpa":
+            out.logits = out.logits + 1
+        return out
 
-    falcon = FalconForCausalLM(FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4))
-    falcon = falcon.to(torch.bfloat16)
-    falcon.set_attn_implementation("sdpa")
-    assert _modeling_code_tests_for_sdpa(falcon) and not _modeling_code_tests_for_sdpa(tiny_model("llama"))
-    assert use_attention(falcon, "auto") == "sdpa"
+
+def _bf16_sdpa(model):
+    model = model.to(torch.bfloat16).eval()
+    model.set_attn_implementation("sdpa")
+    return model
+
+
+def test_auto_leaves_a_family_alone_whose_output_changes_with_the_name():
+    model = _bf16_sdpa(_BranchesOnTheName(tiny_model("llama").config))
+    assert not attention.switches_cleanly(model)
+    assert use_attention(model, "auto") == "sdpa"
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_auto_leaves_a_family_alone_that_never_calls_the_attention_function(monkeypatch):
+    model = _bf16_sdpa(tiny_model("llama"))
+    monkeypatch.setattr(attention, "_probe_attention", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("x")))
+    attention._PROBE_RESULTS.clear()
+    assert use_attention(model, "auto") == "sdpa"  # the probe raised: leave it
+    attention._PROBE_RESULTS.clear()
+
+
+def test_the_probe_runs_once_per_model_class_and_config(monkeypatch):
+    attention._PROBE_RESULTS.clear()
+    runs = []
+    real = attention._run_probe
+    monkeypatch.setattr(attention, "_run_probe", lambda m: runs.append(1) or real(m))
+    for _ in range(3):
+        model = _bf16_sdpa(tiny_model("llama"))
+        assert use_attention(model, "auto") == FAST_ATTENTION
+    assert runs == [1]
+
+
+@pytest.mark.parametrize("family", ["falcon", "gemma3_text", "qwen3", "gpt_neox", "opt"])
+def test_auto_switches_a_family_only_where_the_output_stays_the_same(family):
+    """Whatever the installed transformers does with a family, ``auto`` must never change what a prefill computes:
+    a query longer than SHORT_QUERY runs plain SDPA under either name."""
+    if family == "falcon":
+        from transformers import FalconConfig, FalconForCausalLM
+
+        model = FalconForCausalLM(FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4))
+    else:
+        model = tiny_model(family)
+    model = _bf16_sdpa(model)
+    ids = torch.arange(SHORT_QUERY + 4).remainder(model.config.vocab_size).unsqueeze(0)
+    with torch.no_grad():
+        before = model(ids).logits
+        chosen = use_attention(model, "auto")
+        after = model(ids).logits
+    assert chosen in (FAST_ATTENTION, "sdpa")
+    assert (chosen == FAST_ATTENTION) == attention.switches_cleanly(model)
+    assert torch.equal(before, after)

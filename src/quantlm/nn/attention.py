@@ -8,17 +8,16 @@ bf16 kernel is as fast) and every non-CPU device go straight to transformers' SD
 same attention in a wider dtype: nothing is approximated.
 
 ``use_attention(model, name)`` switches a loaded model: ``auto`` takes ``quantlm_sdpa`` for a CPU model in bf16 or
-fp16 that runs transformers' SDPA and can switch, unless its modeling code tests for the name "sdpa" (Falcon,
-Gemma 4), and leaves any other model as it is; ``sdpa`` and ``eager`` are
-transformers' own. Every decode step casts the cached keys and values to fp32; that was measured at a few hundred
-cached tokens, and a very long context may gain less (``--attention sdpa`` turns it off).
+fp16 that runs transformers' SDPA, can switch, and passes a one-off probe: under a probe name whose function *is*
+transformers' SDPA, a short forward must call that function and give bit-identical logits. A family whose
+modeling code does more than look up the attention function by name (it branches on the name "sdpa", or refuses
+an unknown one) fails the probe and is left as it is. The probe judges what the code does, not what its source
+says, so it holds when a transformers release moves such a test. ``sdpa`` and ``eager`` are transformers' own.
+Every decode step casts the cached keys and values to fp32; that was measured at a few hundred cached tokens, and
+a very long context may gain less (``--attention sdpa`` turns it off).
 """
 
 from __future__ import annotations
-
-import functools
-import sys
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -59,24 +58,69 @@ def register_attention() -> None:
     AttentionMaskInterface.register(FAST_ATTENTION, sdpa_mask)
 
 
-@functools.lru_cache(maxsize=None)
-def _source_tests_for_sdpa(path: str) -> bool:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError:
+PROBE_ATTENTION = "quantlm_probe"  # transformers' SDPA under another name: what a family does with a new name
+_PROBE_TOKENS = 5
+_probe_calls = 0
+
+
+def _probe_attention(module, query, key, value, attention_mask, **kwargs):
+    global _probe_calls
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    _probe_calls += 1
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _probe_key(model: nn.Module) -> tuple:
+    config = model.config
+    to_json = getattr(config, "to_json_string", None)
+    return type(model), to_json(use_diff=False) if to_json else repr(config)
+
+
+_PROBE_RESULTS: dict[tuple, bool] = {}
+
+
+def switches_cleanly(model: nn.Module) -> bool:
+    """Whether the model computes exactly the same logits when SDPA runs under another attention name, calling it
+    in its attention layers (a one-off probe on a few tokens, remembered per model class and config). A model that
+    raises, never calls the function, or changes its output, branches on the name and is not switched by ``auto``."""
+    key = _probe_key(model)
+    if key not in _PROBE_RESULTS:
+        _PROBE_RESULTS[key] = _run_probe(model)
+    return _PROBE_RESULTS[key]
+
+
+def _run_probe(model: nn.Module) -> bool:
+    global _probe_calls
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(PROBE_ATTENTION, _probe_attention)
+    AttentionMaskInterface.register(PROBE_ATTENTION, sdpa_mask)
+    params = next(model.parameters())
+    vocab = int(getattr(model.config, "vocab_size", 0) or 0)
+    if vocab < 2:
         return False
-    return '_attn_implementation == "sdpa"' in text or '_attn_implementation != "sdpa"' in text
-
-
-def _modeling_code_tests_for_sdpa(model: nn.Module) -> bool:
-    """Whether the model's own transformers code compares its attention name with "sdpa" (Falcon, Gemma 4, ...):
-    there another name changes more than the attention function, so ``auto`` leaves such models alone. Each
-    modeling file is read once per process."""
-    for cls in type(model).__mro__:
-        path = getattr(sys.modules.get(cls.__module__), "__file__", None)
-        if path and ".models." in cls.__module__ and _source_tests_for_sdpa(path):
-            return True
-    return False
+    ids = torch.arange(1, _PROBE_TOKENS + 1, device=params.device).remainder(vocab).unsqueeze(0)
+    original = model.config._attn_implementation
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            reference = model(ids, use_cache=False).logits
+            model.set_attn_implementation(PROBE_ATTENTION)
+            if model.config._attn_implementation != PROBE_ATTENTION:
+                return False
+            _probe_calls = 0
+            probed = model(ids, use_cache=False).logits
+            return _probe_calls > 0 and torch.equal(reference, probed)
+    except Exception:  # noqa: BLE001 - any failure under another name means: leave the model as it is
+        return False
+    finally:
+        try:
+            model.set_attn_implementation(original)
+        finally:
+            model.train(was_training)
 
 
 def check_attention_name(name: str) -> None:
@@ -96,7 +140,7 @@ def use_attention(model: nn.Module, name: str = "auto") -> str:
             p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters()
         )
         can_switch = getattr(model, "_can_set_attn_implementation", lambda: True)()
-        if not half_on_cpu or current != "sdpa" or not can_switch or _modeling_code_tests_for_sdpa(model):
+        if not half_on_cpu or current != "sdpa" or not can_switch or not switches_cleanly(model):
             return current
         name = FAST_ATTENTION
     if name == current:
