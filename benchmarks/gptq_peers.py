@@ -2,7 +2,7 @@
 
 What it measures, per peer: the wall time of the quantize call alone, the wall time of the whole process (start-up,
 model load, quantization, evaluation), the process's peak resident set size, and the perplexity of the quantized
-model on the benchmark protocol's evaluation windows (../shared/BENCHMARKS.md).
+model on the benchmark protocol's evaluation windows (docs/benchmarks.md).
 
 How it keeps the comparison fair:
 - The calibration windows (quantlm's ``Calibration``: enwiki calibration split, seed 0) and the evaluation windows
@@ -692,7 +692,7 @@ def markdown_table(report: dict) -> str:
         "quantize: the quantize call alone; total: the whole worker process (start-up, imports, load, quantize, "
         "evaluation); peak RSS: that process's maximum resident set size (to quantize: up to the end of load, "
         "quantize and any save and reload, before scoring); install: time to build the peer's venv in this run "
-        "(- when reused). Single run: see BENCHMARKS.md on timing noise.",
+        "(- when reused). Single run: see docs/benchmarks.md on timing noise.",
         "",
         f"Command: `{report['command']}`",
         "",

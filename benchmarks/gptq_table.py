@@ -1,4 +1,4 @@
-"""GPTQ on the default model, per ../shared/BENCHMARKS.md: perplexity, quantization wall time and peak memory.
+"""GPTQ on the default model, per docs/benchmarks.md: perplexity, quantization wall time and peak memory.
 
 Every row is one `quantlm quantize` command (128 x 2048 enwiki calibration tokens unless the row says otherwise),
 run as a child process so its peak resident memory (ru_maxrss) is its own, followed by `quantlm eval` of the

@@ -1,4 +1,4 @@
-"""Inference speed of the default model, dense and quantized, in one run (../shared/BENCHMARKS.md protocol).
+"""Inference speed of the default model, dense and quantized, in one run (docs/benchmarks.md protocol).
 
 Makes checkpoints of SmolLM2-135M with RTN (the kernels do not care how the codes were found, so GPTQ checkpoints
 of the same layout run at the same speed): W4 g64 asym (W4A16), the same with its output projection in int8 or int4

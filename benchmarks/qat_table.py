@@ -1,4 +1,4 @@
-"""LLM-QAT on the default model (../shared/BENCHMARKS.md protocol): QAT against RTN at the same W-A-KV bits, the
+"""LLM-QAT on the default model (docs/benchmarks.md protocol): QAT against RTN at the same W-A-KV bits, the
 KV-cache rows, and the ablations.
 
 Every row is one child process of the CLI (so its time and peak memory are its own), then `quantlm eval`

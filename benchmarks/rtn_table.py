@@ -1,4 +1,4 @@
-"""RTN on the default model, per ../shared/BENCHMARKS.md: fp and RTN W4 g64 asym/sym, W3 g64 asym, W8 per-channel.
+"""RTN on the default model, per docs/benchmarks.md: fp and RTN W4 g64 asym/sym, W3 g64 asym, W8 per-channel.
 
 Writes benchmarks/results/rtn_smollm2.{md,json}. Each row can be reproduced alone with the command it lists.
 Run: .venv/bin/python benchmarks/rtn_table.py [--max-windows 32]

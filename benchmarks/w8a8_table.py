@@ -1,4 +1,4 @@
-"""W8A8 on the default model (../shared/BENCHMARKS.md protocol): SmoothQuant, static and dynamic int8 activations,
+"""W8A8 on the default model (docs/benchmarks.md protocol): SmoothQuant, static and dynamic int8 activations,
 LLM.int8(); perplexity per row, and prefill speed of the real int8 GEMM against dense bf16 in one run.
 
 Quality: every row is `quantlm quantize` in its own process, then `quantlm eval` (32 x 2048 eval windows) of the

@@ -54,7 +54,7 @@ def quantized_checkpoint(case: str, out: Path) -> Path:
     import quantlm
     from conftest import byte_tokenizer, tiny_model
     from quantlm.methods import parse_recipe
-    from quantlm.methods.rtn import head_step
+    from quantlm.methods.head import head_step
 
     recipe = parse_recipe(CASES[case])
     if case in HEAD_BITS:

@@ -129,23 +129,27 @@ def test_w8a8_recipe_round_trips_and_refuses_other_activation_bits(tmp_path):
         RTN(QuantSpec(bits=8), act_bits=4)
 
 
-def test_pipeline_keeps_no_dequantized_copies_after_a_block(text_file):
+def test_pipeline_keeps_no_dequantized_copies_after_a_block(text_file, monkeypatch):
     """Finished layers run on a dequantized copy while their block is calibrated; the copy goes with the block."""
     from quantlm.methods import GPTQ
+    from quantlm.pipeline.dequantized import DequantizedCopy
 
     model = tiny_model("llama")
-    seen = []
-    original = QuantLinear.use_kernel
+    copies, kernels = [], []
+    original_copy, original_kernel = DequantizedCopy.__init__, QuantLinear.use_kernel
 
-    def spy(self, name="auto", dtype=torch.float32):
-        seen.append(name)
-        return original(self, name, dtype)
+    def copy_spy(self, layer, dtype=torch.float32):
+        copies.append(dtype)
+        original_copy(self, layer, dtype)
 
-    QuantLinear.use_kernel = spy
-    try:
-        quantlm.quantize(model, GPTQ(QuantSpec(bits=4, group_size=32)), torch.randint(0, 256, (4, 32)), progress=False)
-    finally:
-        QuantLinear.use_kernel = original
-    assert seen and set(seen) == {"dequantized"}
+    def kernel_spy(self, *args, **kwargs):
+        kernels.append(args)
+        return original_kernel(self, *args, **kwargs)
+
+    monkeypatch.setattr(DequantizedCopy, "__init__", copy_spy)
+    monkeypatch.setattr(QuantLinear, "use_kernel", kernel_spy)
+    quantlm.quantize(model, GPTQ(QuantSpec(bits=4, group_size=32)), torch.randint(0, 256, (4, 32)), progress=False)
+    assert copies and set(copies) == {torch.float32}  # in the model's dtype
+    assert not kernels  # the pipeline takes no inference kernel
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert len(layers) == 21 and all(m.kernel is None for m in layers)

@@ -171,7 +171,7 @@ def test_qat_converts_to_a_model_with_the_same_greedy_text_and_kv8_costs_little(
         data = generate_training_data(model, tokenizer, f"{tmp}/gen.jsonl",
                                       GenerationSettings(n_samples=4, max_length=64, batch_size=4), progress=False)
         windows = pack_samples(read_samples(data), 32)
-    student, result = run_qat(model, tokenizer, windows, QATConfig(bits=QATBits(4, 8, 4)),
+    student, result = run_qat(model, tokenizer, windows, QATConfig.from_bits(QATBits(4, 8, 4)),
                               TrainSettings(steps=2, batch_size=2, lr=1e-5), progress=False)
     assert len(result.losses) == 2 and all(math.isfinite(x) for x in result.losses)
     ids = torch.tensor([tokenizer("The history of the city begins", add_special_tokens=False).input_ids])

@@ -16,8 +16,9 @@ from hypothesis import strategies as st
 from quantlm.core import QuantSpec, dequantize
 from quantlm.core.activation import fake_quantize_per_token_int8, quantize_per_token_int8
 from quantlm.errors import QuantlmError
-from quantlm.nn.kernels import DEQUANT_MIN_ROWS, KERNELS, choose_kernel, cpu_has_fast_int8
+from quantlm.nn.kernels import DEQUANT_MIN_ROWS, KERNEL_CHOICES, KERNELS, choose_kernel, cpu_has_fast_int8
 from quantlm.nn.qlinear import QuantLinear
+from quantlm.pipeline.dequantized import run_dequantized
 
 EXACT, BF16 = 1e-5, 2e-2
 
@@ -111,11 +112,13 @@ def test_auto_takes_int_mm_only_where_the_cpu_has_int8_dot_products():
     assert choose_kernel(layer).name == ("int8" if cpu_has_fast_int8() else "torch")
 
 
-def test_dequantized_kernel_gives_the_reference_numbers():
-    layer = make_layer(40, 100, 3, 32, act_bits=None)
-    check_kernel(layer, "dequantized", torch.float32, 3, "dequantized")
-    w8a8 = make_layer(48, 96, 8, -1, sym=True, act_bits=8)
-    check_kernel(w8a8, "dequantized", torch.float32, 3, "dequantized")
+def test_pipeline_dequantized_copy_gives_the_reference_numbers():
+    for layer in (make_layer(40, 100, 3, 32, act_bits=None), make_layer(48, 96, 8, -1, sym=True, act_bits=8)):
+        x = torch.randn(2, 3, layer.in_features)
+        ref = layer(x)  # no kernel chosen yet: the reference path
+        run_dequantized(layer, torch.float32)
+        assert layer.kernel.name == "dequantized"
+        torch.testing.assert_close(layer(x), ref, rtol=0, atol=0)
 
 
 def test_w8a8_with_asymmetric_weights_falls_back():
@@ -133,7 +136,10 @@ def test_named_kernel_that_cannot_run_says_why():
 
 
 def test_every_kernel_is_reachable_by_name():
-    assert set(KERNELS) == {"int4pack", "int8pack", "int8", "torch", "dequantized"}
+    assert set(KERNELS) == {"int4pack", "int8pack", "int8", "torch"}
+    assert "dequantized" not in KERNEL_CHOICES  # the pipeline's copies (quantlm.pipeline.dequantized), not a kernel
+    with pytest.raises(QuantlmError, match="unknown kernel"):
+        make_layer(32, 100, 4, 64).use_kernel("dequantized")
 
 
 def test_kernel_tensors_are_not_saved():

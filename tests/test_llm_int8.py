@@ -23,6 +23,7 @@ from quantlm.errors import QuantlmError
 from quantlm.methods import LLMInt8, RTN
 from quantlm.nn import QuantLinear
 from quantlm.nn.kernels import SHARED_INPUT
+from quantlm.pipeline.dequantized import run_dequantized
 
 from conftest import byte_tokenizer, tiny_model
 
@@ -153,7 +154,7 @@ def test_llm_int8_step_reports_outliers_and_round_trips(tmp_path):
     with torch.no_grad():
         reference = model(ids).logits
     quantlm.quantize(model, [LLMInt8(6.0)], ids, batch_size=2, progress=False)
-    q_proj = next(r for r in model.quantlm_log if r["module"] == "model.layers.0.self_attn.q_proj")
+    q_proj = next(r for r in model.quantlm_record.log if r["module"] == "model.layers.0.self_attn.q_proj")
     assert q_proj["details"]["outlier_columns_any"] >= 1
     assert 0 < q_proj["details"]["outlier_fraction_mean"] <= q_proj["details"]["outlier_fraction_any"] <= 1
     assert q_proj["details"]["spec"] == "w8 per-channel sym a8 outliers>=6"
@@ -174,16 +175,16 @@ def test_cli_llm_int8(tiny_model_dir, text_file, tmp_path):
     assert result.exit_code == 0, result.output
     assert "outlier input columns" in result.stdout
     bad = runner.invoke(app, args[:-2] + ["--bits", "4", "--out", str(tmp_path / "bad")])
-    assert bad.exit_code == 2 and "llm-int8 is 8-bit" in bad.stderr
+    assert bad.exit_code == 2 and "--bits does not apply to --method llm-int8" in bad.stderr
 
 
 def test_pipeline_copy_of_a_w8a8_layer_keeps_one_weight():
     layer = _layer()
-    layer.use_kernel("dequantized")
+    run_dequantized(layer, torch.float32)
     assert layer.kernel.weight is None and layer.kernel.int_weight is not None
     x = _input()
     torch.testing.assert_close(layer(x), layer.reference_forward(x) + layer.bias, rtol=0, atol=0)
     mixed = _layer(outlier_threshold=6.0)
-    mixed.use_kernel("dequantized")
+    run_dequantized(mixed, torch.float32)
     assert mixed.kernel.weight is not None  # LLM.int8() needs the dense columns of its outliers
     torch.testing.assert_close(mixed(x), mixed.reference_forward(x) + mixed.bias, rtol=0, atol=0)

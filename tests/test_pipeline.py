@@ -125,7 +125,8 @@ def test_rtn_lm_head_flag_unties_and_quantizes_the_output_projection():
 
 
 def test_head_step_quantizes_only_the_output_projection_after_another_step():
-    from quantlm.methods.rtn import head_spec, head_step
+    from quantlm.methods import parse_recipe
+    from quantlm.methods.head import head_spec, head_step
 
     model = tiny_model("llama")
     reference = tiny_model("llama")
@@ -138,9 +139,7 @@ def test_head_step_quantizes_only_the_output_projection_after_another_step():
     err = float((model.lm_head.dequantize_weight() - w).norm() / w.norm())
     assert 0 < err < 0.01  # int8 per channel
     step = head_step(4)
-    assert RTN.from_config(step.to_config()) == step and step.to_config()["blocks"] is False
-    with pytest.raises(InvalidSpecError, match="quantizes only the output projection"):
-        RTN(QuantSpec(bits=8), blocks=False)
+    assert parse_recipe(step.to_config()).steps == [step] and step.to_config()["method"] == "rtn-head"
     with pytest.raises(InvalidSpecError, match="head bits must be 8, 4, 3 or 2"):
         head_spec(6)
     with pytest.raises(InvalidSpecError, match="quantized already"):

@@ -32,7 +32,7 @@ from quantlm.qat.run import init_from_quantized, run_qat
 from quantlm.qat.trainer import TrainSettings, cosine_lr, distillation_loss, train, window_indices
 
 runner = CliRunner()
-W4A8KV4 = QATConfig(bits=QATBits(4, 8, 4))
+W4A8KV4 = QATConfig.from_bits(QATBits(4, 8, 4))
 
 
 def _windows(n=16, seqlen=32, seed=0):
@@ -61,7 +61,7 @@ def test_step_zero_is_rtn_with_the_same_activation_and_kv_grids(kv, atol):
     a 4-bit KV cache, float summation order can flip the odd code: hence the looser bound there)."""
     model = tiny_model("llama")
     ids = _windows(2, 24)
-    fake = prepare_qat(copy.deepcopy(model), QATConfig(bits=QATBits(4, 8, kv)))
+    fake = prepare_qat(copy.deepcopy(model), QATConfig.from_bits(QATBits(4, 8, kv)))
     rtn = api.quantize(copy.deepcopy(model), [RTN(QuantSpec(bits=4, group_size=-1, symmetric=True), act_bits=8)],
                        kv_cache=None if kv == 16 else KVQuantConfig(kv), progress=False)
     with torch.no_grad():
@@ -69,7 +69,7 @@ def test_step_zero_is_rtn_with_the_same_activation_and_kv_grids(kv, atol):
 
 
 def test_gradients_reach_weights_through_the_rounding_and_learnable_scales():
-    model = prepare_qat(tiny_model("llama"), QATConfig(bits=QATBits(4, 8, 4), learnable_clip=True))
+    model = prepare_qat(tiny_model("llama"), QATConfig.from_bits("4-8-4", learnable_clip=True))
     model(_windows(2, 16)).logits.pow(2).mean().backward()
     fq = next(iter(fake_quant_linears(model).values()))
     assert fq.weight.grad is not None and fq.weight.grad.abs().sum() > 0
@@ -79,7 +79,7 @@ def test_gradients_reach_weights_through_the_rounding_and_learnable_scales():
 @pytest.mark.parametrize("kv", [16, 4])
 def test_conversion_gives_packed_layers_that_compute_what_was_trained(kv, tmp_path):
     model = tiny_model("llama")
-    config = QATConfig(bits=QATBits(4, 8, kv))
+    config = QATConfig.from_bits(QATBits(4, 8, kv))
     student, _ = run_qat(model, None, _windows(), config, TrainSettings(steps=3, batch_size=2, lr=1e-3, bf16=False),
                          progress=False)
     ids = _windows(2, 24, seed=1)
@@ -101,7 +101,7 @@ def test_conversion_gives_packed_layers_that_compute_what_was_trained(kv, tmp_pa
 
 
 def test_settings_without_integer_kernels_train_but_do_not_convert():
-    model = prepare_qat(tiny_model("llama"), QATConfig(bits=QATBits(4, 4, 16)))
+    model = prepare_qat(tiny_model("llama"), QATConfig.from_bits(QATBits(4, 4, 16)))
     with pytest.raises(InvalidSpecError, match="activations"):
         convert_qat_model(model)
 
@@ -111,13 +111,13 @@ def test_init_from_a_ptq_checkpoint_starts_exactly_there(tmp_path):
     ids = _windows(2, 24)
     ptq = api.quantize(copy.deepcopy(model), [RTN(QuantSpec(bits=4, group_size=-1, symmetric=True, clip="mse"))],
                        progress=False)
-    student = prepare_qat(copy.deepcopy(model), QATConfig(bits=QATBits(4, 16, 16)))
+    student = prepare_qat(copy.deepcopy(model), QATConfig.from_bits(QATBits(4, 16, 16)))
     assert init_from_quantized(student, ptq) == 21
     with torch.no_grad():
         torch.testing.assert_close(student(ids).logits, ptq(ids).logits, rtol=0, atol=1e-5)
     fq = student.get_submodule("model.layers.0.self_attn.q_proj")
     assert isinstance(fq, FakeQuantLinear) and fq.clip_scale is not None and not fq.learnable_clip
-    other = prepare_qat(copy.deepcopy(model), QATConfig(bits=QATBits(4, 16, 16), w_group_size=16))
+    other = prepare_qat(copy.deepcopy(model), QATConfig.from_bits("4-16-16", group_size=16))
     with pytest.raises(InvalidSpecError, match="same bits"):
         init_from_quantized(other, ptq)
 
@@ -146,7 +146,7 @@ def test_training_brings_the_student_closer_to_the_teacher():
             t = model(ids).logits
             return float(distillation_loss(student(ids).logits, t) - distillation_loss(t, t))
 
-    config = QATConfig(bits=QATBits(2, 8, 4))  # a random tiny model is near uniform: 2 bits make the gap visible
+    config = QATConfig.from_bits(QATBits(2, 8, 4))  # a random tiny model is near uniform: 2 bits make the gap visible
     start = prepare_qat(copy.deepcopy(model), config)
     trained, result = run_qat(model, None, _windows(), config,
                               TrainSettings(steps=15, batch_size=4, lr=1e-3, bf16=False), progress=False)

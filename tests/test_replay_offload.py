@@ -75,7 +75,7 @@ def test_replaying_settled_children_changes_nothing(family, true_sequential, mon
     model = tiny_model(family)
     blocks = find_decoder_blocks(model)
     ctx = BlockContext(model, blocks, 0, capture_block_inputs(model, blocks, calib, batch_size=4))
-    assert ctx.find_tails(), f"{family}: no tail found, so tail replay would not be tested"
+    assert ctx.replay.find_tails(), f"{family}: no tail found, so tail replay would not be tested"
     step = GPTQ(QuantSpec(bits=3, group_size=16), true_sequential=true_sequential)
     replayed = quantlm.quantize(model, step, calibration=calib, batch_size=4, progress=False)
     monkeypatch.setattr(BlockContext, "mark_final", lambda self, names: None)
@@ -97,7 +97,7 @@ def test_a_child_that_changes_its_tail_output_in_place_is_not_tail_replayed(monk
     model = tiny_model("llama", rms_norm_eps=1.5e-6)  # a config of its own: not in the tail cache yet
     blocks = find_decoder_blocks(model)
     ctx = BlockContext(model, blocks, 0, capture_block_inputs(model, blocks, _ids(), batch_size=4))
-    assert set(ctx.find_tails()) == {"self_attn"}
+    assert set(ctx.replay.find_tails()) == {"self_attn"}
 
 
 def _count_calls(monkeypatch, cls, run) -> int:
@@ -129,18 +129,20 @@ def test_replay_computes_each_submodule_of_a_block_once(monkeypatch, tmp_path, o
         else:
             run_pipeline(model, [step], _ids(), batch_size=4, progress=False)
 
-    run()  # the block layout (input groups, tails) is found once per process; later runs reuse it
+    # Each run finds its blocks' layout once, on the first block's first mini-batch: the tails (a full run of the
+    # block) and the input groups (a run stopped at down_proj, inside the MLP).
+    layout = 2
     attention = _count_calls(monkeypatch, modeling_llama.LlamaAttention, run)
     mlp = _count_calls(monkeypatch, modeling_llama.LlamaMLP, run)
     # 2 mini-batches. The attention runs in the q/k/v pass (stopped at q_proj) and the o_proj pass; after that it
     # replays as o_proj on o_proj's recorded input. The MLP runs in the gate/up and down_proj passes; the output
     # pass replays it as down_proj on its recorded input only when activations are offloaded (its input is wider
     # than the hidden states, so it is not kept in memory).
-    assert attention == 2 * 2 * n_blocks
-    assert mlp == 2 * 2 * n_blocks + (0 if offload else 2 * (n_blocks - 1))
+    assert attention == 2 * 2 * n_blocks + layout
+    assert mlp == 2 * 2 * n_blocks + (0 if offload else 2 * (n_blocks - 1)) + layout
     monkeypatch.setattr(BlockContext, "mark_final", lambda self, names: None)
-    assert _count_calls(monkeypatch, modeling_llama.LlamaAttention, run) == 2 * 5 * (n_blocks - 1) + 2 * 4
-    assert _count_calls(monkeypatch, modeling_llama.LlamaMLP, run) == 2 * 3 * (n_blocks - 1) + 2 * 2
+    assert _count_calls(monkeypatch, modeling_llama.LlamaAttention, run) == 2 * 5 * (n_blocks - 1) + 2 * 4 + layout
+    assert _count_calls(monkeypatch, modeling_llama.LlamaMLP, run) == 2 * 3 * (n_blocks - 1) + 2 * 2 + layout
 
 
 def test_tails_are_the_last_linear_of_attention_and_mlp():
@@ -151,7 +153,7 @@ def test_tails_are_the_last_linear_of_attention_and_mlp():
     ctx = BlockContext(model, blocks, 0, capture_block_inputs(model, blocks, _ids(), batch_size=4))
     p = "model.layers.0."
     qkvo = tuple(p + f"self_attn.{n}_proj" for n in "qkvo")
-    assert ctx.find_tails() == {
+    assert ctx.replay.find_tails() == {
         "self_attn": (p + "self_attn.o_proj", 2, qkvo[:3]),
         "mlp": (p + "mlp.down_proj", 0, qkvo + (p + "mlp.gate_proj", p + "mlp.up_proj")),
     }
@@ -189,7 +191,7 @@ def test_observing_a_module_inside_a_replayed_child_still_sees_its_inputs():
     ctx = BlockContext(model, blocks, 0, capture_block_inputs(model, blocks, _ids(), batch_size=4))
     ctx.mark_final(n for n in ctx.linears() if ".self_attn." in n)
     ctx.forward()  # records the attention module
-    assert "self_attn" in ctx._recorded
+    assert "self_attn" in ctx.replay.recorded
     seen = []
     ctx.observe({"o": ctx.block.self_attn.o_proj}, lambda n, x: seen.append(x.shape))
     assert len(seen) == 2

@@ -56,25 +56,25 @@ def test_smoothing_keeps_the_float_model_unchanged(family):
     reference = _logits(model)
     quantlm.quantize(model, [SmoothQuant(alpha=0.5)], IDS, batch_size=2, progress=False)
     assert _rel(_logits(model), reference) < 1e-4
-    kinds = {r["details"]["kind"] for r in model.quantlm_log}
+    kinds = {r["details"]["kind"] for r in model.quantlm_record.log}
     assert "norm" in kinds
     if family in ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "opt"):
         assert kinds == {"norm", "v-o", "up-down"}
     # smoothing changed the weights (it is not a no-op that passes trivially)
-    assert any(r["details"]["scale_max"] > 1.01 or r["details"]["scale_min"] < 0.99 for r in model.quantlm_log)
+    assert any(r["details"]["scale_max"] > 1.01 or r["details"]["scale_min"] < 0.99 for r in model.quantlm_record.log)
 
 
 def test_norm_groups_found_generically_for_llama_and_gpt2():
     model = tiny_model("llama")
     quantlm.quantize(model, [SmoothQuant(folds=("norm",))], IDS, batch_size=2, progress=False)
-    groups = {r["module"]: r["details"]["targets"] for r in model.quantlm_log if r["module"].startswith("model.layers.0.")}
+    groups = {r["module"]: r["details"]["targets"] for r in model.quantlm_record.log if r["module"].startswith("model.layers.0.")}
     assert groups == {
         "model.layers.0.input_layernorm": [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"],
         "model.layers.0.post_attention_layernorm": ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"],
     }
     gpt2 = tiny_model("gpt2")
     quantlm.quantize(gpt2, [SmoothQuant(folds=("norm",))], IDS, batch_size=2, progress=False)
-    groups = {r["module"]: r["details"]["targets"] for r in gpt2.quantlm_log if r["module"].startswith("transformer.h.0.")}
+    groups = {r["module"]: r["details"]["targets"] for r in gpt2.quantlm_record.log if r["module"].startswith("transformer.h.0.")}
     assert groups == {"transformer.h.0.ln_1": ["transformer.h.0.attn.c_attn"], "transformer.h.0.ln_2": ["transformer.h.0.mlp.c_fc"]}
 
 
@@ -136,7 +136,7 @@ def test_smoothing_lowers_the_w8a8_error_on_outlier_channels():
 def test_auto_alpha_records_its_search_and_beats_no_smoothing():
     model = with_outliers()
     quantlm.quantize(model, [SmoothQuant("auto", search_tokens=64)], IDS, batch_size=2, progress=False)
-    record = model.quantlm_log[0]
+    record = model.quantlm_record.log[0]
     assert record["details"]["alpha"] in [float(a) for a in record["details"]["search"]]
     assert record["error"] == min(record["details"]["search"].values())
     assert record["error"] <= record["details"]["error_unsmoothed"]
@@ -178,7 +178,7 @@ def test_all_zero_channels_give_finite_results():
             layer.post_attention_layernorm.weight[2] = 0.0
     quantlm.quantize(model, [SmoothQuant(0.5), RTN(W8, act_bits=8)], IDS, batch_size=2, progress=False)
     assert bool(torch.isfinite(_logits(model)).all())
-    assert any(r["details"].get("dead_channels", 0) > 0 for r in model.quantlm_log)
+    assert any(r["details"].get("dead_channels", 0) > 0 for r in model.quantlm_record.log)
 
 
 class _PostNormBlock(nn.Module):

@@ -48,7 +48,7 @@ def test_streamed_quantization_equals_the_in_memory_one(tmp_path, family, step):
     ids = _ids(2, 16, seed=5)
     assert torch.equal(_logits(quantlm.load(out), ids), _logits(in_memory, ids))
     log = json.loads((out / "quant_log.json").read_text())
-    assert len(log) == len(in_memory.quantlm_log) and log[0]["method"] == step.name
+    assert len(log) == len(in_memory.quantlm_record.log) and log[0]["method"] == step.name
 
 
 class _OneBlockInMemory:

@@ -1,8 +1,7 @@
 """quantlm: quantize Hugging Face causal language models to 2-8 bits, and keep them accurate."""
 
-__version__ = "0.1.0"
-
-import quantlm.blas_threads  # noqa: E402,F401  first: before anything loads OpenBLAS
+import quantlm.blas_threads  # noqa: F401  first: before anything loads OpenBLAS
+from quantlm._version import __version__  # noqa: E402
 
 from quantlm.api import Calibration, evaluate, load, quantize, save  # noqa: E402
 from quantlm.core import QuantSpec  # noqa: E402

@@ -13,11 +13,20 @@ import torch
 from torch import nn
 
 from quantlm.data import calibration_windows, load_text, tokenize_text
-from quantlm import __version__
+from quantlm._version import __version__
 from quantlm.errors import CheckpointError, QuantlmError
 from quantlm.eval.perplexity import PerplexityResult, perplexity
-from quantlm.formats.native import WEIGHTS_FILE, is_quantlm_checkpoint, load_checkpoint, read_quant_log, save_checkpoint
-from quantlm.methods.recipe import Recipe, parse_recipe
+from quantlm.formats.native import (
+    WEIGHTS_FILE,
+    is_quantlm_checkpoint,
+    load_checkpoint,
+    quantized_modules,
+    read_record,
+    save_checkpoint,
+)
+from quantlm.formats.record import QuantizationRecord
+from quantlm.methods.head import head_step
+from quantlm.methods.recipe import Recipe, add_head_step, parse_recipe, recipe_from_options
 from quantlm.models.sources import load_float_model, load_tokenizer, resolve_model_dir
 from quantlm.pipeline.activations import OffloadDirectory
 from quantlm.pipeline.runner import run_pipeline
@@ -64,11 +73,18 @@ def _calibration_windows(recipe: Recipe, calibration, tokenizer) -> tuple[torch.
     return calibration, None
 
 
-def _attach_run_info(model: nn.Module, recipe: Recipe, records, calib_info: dict | None, seconds: float) -> None:
-    model.quantlm_recipe = recipe.to_config()
-    model.quantlm_log = [r.to_dict() for r in records]
-    model.quantlm_calibration = calib_info
-    model.quantlm_seconds = seconds
+def _parse_pipeline_recipe(recipe) -> Recipe:
+    recipe = parse_recipe(recipe)
+    if recipe.trained:
+        raise QuantlmError(f"{recipe.describe()} trains the whole model: run it with quantlm qat (quantlm.qat)")
+    return recipe
+
+
+def _run_record(recipe: Recipe, records, calib_info: dict | None, seconds: float, kv_cache) -> QuantizationRecord:
+    return QuantizationRecord(
+        recipe=recipe.to_config(), calibration=calib_info, log=[r.to_dict() for r in records], seconds=seconds,
+        kv_cache=kv_cache,
+    )
 
 
 def load(
@@ -98,7 +114,6 @@ def load(
     if is_quantlm_checkpoint(path):
         model = load_checkpoint(path, device=device)
         cast_float_parts(model, dtype)
-        model.quantlm_log = read_quant_log(path)
         cache_for = path / WEIGHTS_FILE if kernel_cache else None
         model.quantlm_kernels = prepare_kernels(model, kernel, dtype, cache_for=cache_for)
     else:
@@ -121,15 +136,15 @@ def quantize(
 
     ``calibration`` is a LongTensor [n, seqlen] of token ids, or a ``Calibration`` (then ``tokenizer`` is needed);
     calibration-free recipes ignore it. ``kv_cache`` (a ``quantlm.nn.kv_cache.KVQuantConfig``) also quantizes the
-    KV cache at run time.
+    KV cache at run time. ``model.quantlm_record`` then says how the model was made (what ``save`` writes).
     """
     from quantlm.nn.kv_cache import enable_kv_quantization
 
-    recipe = parse_recipe(recipe)
+    recipe = _parse_pipeline_recipe(recipe)
     windows, calib_info = _calibration_windows(recipe, calibration, tokenizer)
     t0 = time.perf_counter()
     records = run_pipeline(model, recipe.steps, windows, batch_size=batch_size, progress=progress)
-    _attach_run_info(model, recipe, records, calib_info, time.perf_counter() - t0)
+    model.quantlm_record = _run_record(recipe, records, calib_info, time.perf_counter() - t0, kv_cache)
     return enable_kv_quantization(model, kv_cache)
 
 
@@ -165,7 +180,7 @@ def quantize_to_checkpoint(
     out = Path(out)
     if out.exists() and not overwrite:
         raise CheckpointError(f"output directory {out} already exists: choose another path or pass --overwrite")
-    recipe = parse_recipe(recipe)
+    recipe = _parse_pipeline_recipe(recipe)
     model_dir = resolve_model_dir(source)
     tokenizer = load_tokenizer(model_dir)
     windows, calib_info = _calibration_windows(recipe, calibration, tokenizer)
@@ -190,9 +205,8 @@ def quantize_to_checkpoint(
             model, recipe.steps, windows, batch_size=batch_size, progress=progress, weights=weights, store=store,
             offload_dir=offload_dir,
         )
-    _attach_run_info(model, recipe, records, calib_info, time.perf_counter() - t0)
-    model.quantlm_kv_config = kv_cache
-    save(model, out, tokenizer=tokenizer, overwrite=overwrite, blocks=store)
+    record = _run_record(recipe, records, calib_info, time.perf_counter() - t0, kv_cache)
+    save(model, out, record=record, tokenizer=tokenizer, overwrite=overwrite, blocks=store)
     if not keep_work_dir:
         shutil.rmtree(work, ignore_errors=True)
     return out
@@ -202,26 +216,21 @@ def save(
     model: nn.Module,
     path: str | os.PathLike,
     *,
+    record: QuantizationRecord | None = None,
     tokenizer=None,
     overwrite: bool = False,
     format: str = "quantlm",
     blocks=None,
 ) -> Path:
-    """Write ``model`` to ``path`` (a directory, written atomically)."""
+    """Write ``model`` to ``path`` (a directory, written atomically) with ``record``: how it was made (default: the
+    one ``quantize``, ``load`` or QAT left on the model as ``model.quantlm_record``)."""
     if format != "quantlm":
         raise QuantlmError(f"unknown format '{format}': this version writes 'quantlm'")
-    recipe = getattr(model, "quantlm_recipe", None)
-    if recipe is not None and getattr(model, "quantlm_calibration", None):
-        recipe = [{**step, "calibration": model.quantlm_calibration} for step in recipe]
-    return save_checkpoint(
-        model,
-        path,
-        tokenizer=tokenizer,
-        recipe=recipe,
-        quant_log=getattr(model, "quantlm_log", None),
-        overwrite=overwrite,
-        blocks=blocks,
-    )
+    if record is None:
+        record = getattr(model, "quantlm_record", None)
+    if record is None:  # QuantLinears put in by hand: no recipe to tell, only the KV-cache setting it runs with
+        record = QuantizationRecord(kv_cache=getattr(model, "quantlm_kv_config", None))
+    return save_checkpoint(model, path, record=record, tokenizer=tokenizer, overwrite=overwrite, blocks=blocks)
 
 
 def evaluate(
@@ -247,13 +256,20 @@ def evaluate(
 
 
 __all__ = [
+    "add_head_step",
     "Calibration",
+    "QuantizationRecord",
     "Recipe",
     "evaluate",
+    "head_step",
     "load",
     "load_tokenizer",
+    "parse_recipe",
+    "quantized_modules",
+    "read_record",
     "quantize",
     "quantize_to_checkpoint",
+    "recipe_from_options",
     "resolve_model_dir",
     "save",
 ]

@@ -21,32 +21,10 @@ from quantlm.errors import CheckpointError, QuantlmError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Quantize Hugging Face causal LMs and measure them.")
 
 
-class Method(str, Enum):
-    rtn = "rtn"
-    gptq = "gptq"
-    smoothquant = "smoothquant"
-    llm_int8 = "llm-int8"
-
-
-class WeightMethod(str, Enum):
-    rtn = "rtn"
-    gptq = "gptq"
-
-
-class ActGranularity(str, Enum):
-    token = "token"
-    tensor = "tensor"
-
-
 class DType(str, Enum):
     float32 = "float32"
     bfloat16 = "bfloat16"
     float16 = "float16"
-
-
-class Clip(str, Enum):
-    none = "none"
-    mse = "mse"
 
 
 KERNEL_HELP = "Matmul kernel of the quantized layers: auto (fastest that fits each layer), int4pack, int8pack, int8 (W8A8 int8 GEMM) or torch."
@@ -90,32 +68,61 @@ def _print_json(data) -> None:
     typer.echo(json.dumps(data, indent=2, default=str))
 
 
+def _method_settings():
+    """The command line's face of every pipeline method's settings, from the method registry."""
+    from quantlm.methods.base import cli_settings, registered_methods
+
+    return cli_settings(c for c in registered_methods().values() if c.pipeline)
+
+
+def _with_method_options(fn):
+    """Give a command one option for each method setting in the registry (flags, types and help from the settings'
+    dataclass fields); the command receives the ones the user gave as ``options`` (key -> value; None: not given).
+    A new method or setting therefore needs no change here."""
+    import inspect
+    from typing import Optional as Opt
+
+    table = _method_settings()
+    own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name != "options"]
+    extra = [
+        inspect.Parameter(
+            key, inspect.Parameter.KEYWORD_ONLY, annotation=Opt[entry.kind],
+            default=typer.Option(None, *entry.flags, help=f"{', '.join(sorted({c.name for c, _ in entry.targets}))}: "
+                                 f"{entry.help}", rich_help_panel="Method settings (defaults: docs/methods.md)"),
+        )
+        for key, entry in table.items()
+    ]
+
+    @functools.wraps(fn)
+    def wrapper(**kwargs):
+        options = {key: kwargs.pop(key) for key in table}
+        return fn(**kwargs, options=options)
+
+    wrapper.__signature__ = inspect.Signature(own + extra)
+    wrapper.__annotations__ = {p.name: p.annotation for p in own + extra}
+    return wrapper
+
+
+def _offered_methods() -> list[str]:
+    from quantlm.methods.recipe import offered_methods
+
+    return list(offered_methods())
+
+
+MethodName = Enum("MethodName", {name: name for name in _offered_methods()}, type=str)
+
+
 @app.command()
 @_friendly
+@_with_method_options
 def quantize(
     model: str = typer.Argument(..., help="Alias, model directory, .gguf file or hub id."),
     out: Path = typer.Option(..., "--out", "-o", help="Output checkpoint directory."),
-    method: Method = typer.Option(Method.rtn, help="Quantization method."),
-    bits: Optional[int] = typer.Option(None, "--bits", "--w-bits", help="Weight bits, 2-8 [default: 4; 8 with smoothquant and llm-int8]."),
-    group_size: Optional[int] = typer.Option(None, "--group-size", "-g", help="Columns per group; -1 = one scale per output channel [default: 64; -1 with smoothquant and llm-int8]."),
-    sym: Optional[bool] = typer.Option(None, "--sym/--asym", help="Symmetric or asymmetric grid [default: asym; sym with smoothquant and llm-int8]."),
-    clip: Clip = typer.Option(Clip.none, help="Grid clipping: none or an MSE search."),
-    a_bits: Optional[int] = typer.Option(None, "--a-bits", help="8: W8A8, activations quantized to int8 at run time (use with --bits 8 --group-size -1 --sym for the int8 GEMM kernel) [default: 8 with smoothquant]."),
-    a_granularity: ActGranularity = typer.Option(ActGranularity.token, "--a-granularity", help="With --a-bits 8: token (dynamic per-token scales) or tensor (one static scale per layer from calibration)."),
-    alpha: str = typer.Option("0.5", help="SmoothQuant: migration strength in [0, 1], or auto (searched per layer group)."),
-    smooth_folds: str = typer.Option("norm,v-o,up-down", help="SmoothQuant: where scales are folded, a comma list of norm, v-o, up-down."),
-    weights: WeightMethod = typer.Option(WeightMethod.rtn, help="SmoothQuant: how the smoothed weights are quantized (rtn or gptq)."),
-    threshold: float = typer.Option(6.0, help="LLM.int8(): |x| from which an input column is an outlier kept in floating point."),
-    kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="Quantize the KV cache at run time to 8 or 4 bits (per token and head, symmetric) [default: off]."),
-    lm_head: bool = typer.Option(False, "--lm-head", help="RTN: also quantize the output projection."),
+    method: MethodName = typer.Option("rtn", help="Quantization method."),
+    weights: Optional[MethodName] = typer.Option(None, help="With a method that only smooths (smoothquant): the method that quantizes the weights after it [default: rtn]."),
     head_bits: Optional[int] = typer.Option(None, "--head-bits", help="Any method: also round the output projection, weight-only: 8 (per channel, sym) or 4/3/2 (asym groups of 64). It is read whole for every decoded token [default: kept in float]."),
-    act_order: bool = typer.Option(True, "--act-order/--no-act-order", help="GPTQ: columns by descending Hessian diagonal."),
-    static_groups: bool = typer.Option(True, "--static-groups/--no-static-groups", help="GPTQ: group grids fixed from the original weight (with --act-order the checkpoint keeps the plain group layout, so no runtime reorders columns)."),
-    damp: float = typer.Option(0.01, help="GPTQ: damping, a fraction of the mean Hessian diagonal."),
-    block_size: int = typer.Option(128, help="GPTQ: columns per lazy update block."),
-    true_sequential: bool = typer.Option(True, "--true-sequential/--no-true-sequential", help="GPTQ: recompute each group's inputs after the groups before it are quantized."),
-    sink_weight: Optional[float] = typer.Option(None, help="GPTQ: weight of each window's first token (the attention sink) in the Hessians; 1 = plain GPTQ [default: quantlm.methods.gptq.SINK_WEIGHT]."),
-    hessian_clip: bool = typer.Option(False, "--hessian-clip", help="GPTQ with --clip mse: the clip search weighs each column's rounding error by its Hessian diagonal (the input's mean square)."),
+    kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="Quantize the KV cache at run time to 8 or 4 bits (per token and head, symmetric) [default: off]."),
+    recipe: Optional[Path] = typer.Option(None, help="A JSON/YAML recipe file (instead of --method and its settings)."),
     calib: str = typer.Option("enwiki", help="Calibration text: a built-in name, a .txt/.jsonl file, or hf:NAME[:CONFIG]."),
     calib_samples: int = typer.Option(128, help="Calibration windows."),
     calib_seqlen: int = typer.Option(2048, help="Tokens per calibration window."),
@@ -123,67 +130,29 @@ def quantize(
     batch_size: int = typer.Option(8, help="Calibration windows per forward pass."),
     offload_activations: bool = typer.Option(False, "--offload-activations", help="Keep calibration activations in files (under the work dir) instead of memory."),
     dtype: DType = typer.Option(DType.float32, help="Dtype the model is loaded and calibrated in (bfloat16 is much faster on CPUs with AMX)."),
-    recipe: Optional[Path] = typer.Option(None, help="A JSON/YAML recipe file (overrides --method and its settings)."),
     work_dir: Optional[Path] = typer.Option(None, help="Where finished blocks go (default .OUT.work); rerun to resume."),
     overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
     evaluate: bool = typer.Option(False, "--eval", help="Measure perplexity (enwiki eval) afterwards."),
     max_windows: int = typer.Option(32, help="With --eval: number of 2048-token windows."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+    options: Optional[dict] = None,
 ) -> None:
     """Quantize MODEL and write a checkpoint to OUT."""
     import torch
 
     from quantlm import api
-    from quantlm.core import QuantSpec
-    from quantlm.formats.native import quantized_modules
-    from quantlm.methods import GPTQ, RTN, LLMInt8, SmoothQuant, parse_recipe
-    from quantlm.methods.rtn import head_step
 
     if out.exists() and not overwrite:
         raise CheckpointError(f"output directory {out} already exists: choose another path or pass --overwrite")
+    given = {k: v for k, v in (options or {}).items() if v is not None}
     if recipe is not None:
-        steps = parse_recipe(recipe)
+        if given or weights is not None or method.value != "rtn":
+            raise QuantlmError("--recipe replaces --method and its settings: pass one or the other")
+        steps = api.add_head_step(api.parse_recipe(recipe), head_bits)
     else:
-        w8a8 = method in (Method.smoothquant, Method.llm_int8)
-        spec = QuantSpec(
-            bits=bits if bits is not None else (8 if w8a8 else 4),
-            group_size=group_size if group_size is not None else (-1 if w8a8 else 64),
-            symmetric=sym if sym is not None else w8a8,
-            clip=clip.value,
+        steps = api.recipe_from_options(
+            method.value, given, weights=None if weights is None else weights.value, head_bits=head_bits
         )
-        if method == Method.smoothquant and a_bits is None:
-            a_bits = 8
-        act = {"act_bits": a_bits, "act_granularity": a_granularity.value}
-        gptq_options = {} if sink_weight is None else {"sink_weight": sink_weight}
-        if hessian_clip:
-            gptq_options["hessian_clip"] = True
-
-        def gptq_step():
-            return GPTQ(spec, block_size=block_size, damp=damp, act_order=act_order, static_groups=static_groups,
-                        true_sequential=true_sequential, **act, **gptq_options)
-
-        _reject_unused_options(method, lm_head=lm_head, alpha=alpha, smooth_folds=smooth_folds, weights=weights,
-                               threshold=threshold, a_granularity=a_granularity, clip=clip,
-                               act_order=act_order, static_groups=static_groups, hessian_clip=hessian_clip)
-        if method == Method.llm_int8:
-            if bits not in (None, 8) or group_size not in (None, -1) or sym is False or a_bits not in (None, 8):
-                raise QuantlmError("llm-int8 is 8-bit symmetric per-channel weights and int8 activations: drop --bits, --group-size, --asym and --a-bits")
-            step_list = [LLMInt8(threshold=threshold)]
-        elif method == Method.smoothquant:
-            if hessian_clip and weights != WeightMethod.gptq:
-                raise QuantlmError("--hessian-clip weighs GPTQ's clip search: add --weights gptq or drop it")
-            smooth = SmoothQuant(alpha=alpha, folds=smooth_folds, search_granularity=a_granularity.value)
-            step_list = [smooth, gptq_step() if weights == WeightMethod.gptq else RTN(spec, **act)]
-        elif method == Method.gptq:
-            step_list = [gptq_step()]
-        else:
-            step_list = [RTN(spec, lm_head=lm_head, **act)]
-        steps = parse_recipe(step_list)
-    if head_bits is not None:
-        if any(getattr(step, "lm_head", False) for step in steps.steps):
-            raise QuantlmError("the recipe already quantizes the output projection (--lm-head, or a step with lm_head) "
-                               "and --head-bits would round it again: pass one")
-        steps.steps.append(head_step(head_bits))
     calibration = api.Calibration(source=calib, n_samples=calib_samples, seqlen=calib_seqlen, seed=calib_seed)
     if steps.needs_calibration:
         calibration.check()
@@ -204,7 +173,7 @@ def quantize(
     )
     seconds = time.perf_counter() - t0
     qmodel = api.load(out)
-    modules = quantized_modules(qmodel)
+    modules = api.quantized_modules(qmodel)
     summary = {
         "out": str(out),
         "recipe": steps.to_config(),
@@ -220,7 +189,7 @@ def quantize(
         _print_json(summary)
         return
     typer.echo(f"{steps.describe()}: {len(modules)} modules in {seconds:.1f}s -> {out} ({summary['checkpoint_mb']:.1f} MB)")
-    typer.echo(summarize_log(qmodel.quantlm_log))
+    typer.echo(summarize_log(qmodel.quantlm_record.log))
     if evaluate:
         typer.echo(f"perplexity {summary['ppl']:.3f} over {summary['tokens']} tokens")
 
@@ -229,30 +198,6 @@ def _kv_config(kv_bits: Optional[int]):
     from quantlm.nn.kv_cache import KVQuantConfig
 
     return None if kv_bits is None or kv_bits == 16 else KVQuantConfig(bits=kv_bits)
-
-
-# options that only some methods read, with their defaults
-_METHOD_OPTIONS = {
-    "lm_head": (False, "--lm-head", {Method.rtn}),
-    "alpha": ("0.5", "--alpha", {Method.smoothquant}),
-    "smooth_folds": ("norm,v-o,up-down", "--smooth-folds", {Method.smoothquant}),
-    "weights": (WeightMethod.rtn, "--weights", {Method.smoothquant}),
-    "threshold": (6.0, "--threshold", {Method.llm_int8}),
-    "a_granularity": (ActGranularity.token, "--a-granularity", {Method.rtn, Method.gptq, Method.smoothquant}),
-    "clip": (Clip.none, "--clip", {Method.rtn, Method.gptq, Method.smoothquant}),
-    "act_order": (True, "--no-act-order", {Method.gptq, Method.smoothquant}),
-    "static_groups": (True, "--no-static-groups", {Method.gptq, Method.smoothquant}),
-    "hessian_clip": (False, "--hessian-clip", {Method.gptq, Method.smoothquant}),
-}
-
-
-def _reject_unused_options(method: "Method", **given) -> None:
-    """An option the chosen method ignores is an error, not a silent no-op."""
-    for name, value in given.items():
-        default, flag, methods = _METHOD_OPTIONS[name]
-        if value != default and method not in methods:
-            users = ", ".join(sorted(m.value for m in methods))
-            raise QuantlmError(f"{flag} does not apply to --method {method.value} (only to {users}): drop it")
 
 
 def summarize_log(records: list[dict]) -> str:
@@ -415,7 +360,7 @@ def bench(
     verbose: bool = typer.Option(False, "--verbose", help="Print the kernel of every quantized layer (stderr)."),
     as_json: bool = typer.Option(False, "--json", help="Print the whole report as JSON on stdout."),
 ) -> None:
-    """Prefill and decode tokens/s, weight bytes and peak memory of a model (../shared/BENCHMARKS.md protocol)."""
+    """Prefill and decode tokens/s, weight bytes and peak memory of a model (docs/benchmarks.md protocol)."""
     from quantlm import api
     from quantlm.data import load_text
     from quantlm.eval.speed import measure_speed
@@ -464,6 +409,24 @@ def models(as_json: bool = typer.Option(False, "--json")) -> None:
     else:
         for a in ALIASES.values():
             typer.echo(f"{a.name}\t{a.description}")
+
+
+@app.command()
+@_friendly
+def methods(
+    markdown: bool = typer.Option(False, "--markdown", help="Print docs/methods.md (every method's settings)."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """List the quantization methods and their settings (from the method registry)."""
+    from quantlm.methods.catalog import catalog, catalog_markdown
+
+    if markdown:
+        typer.echo(catalog_markdown())
+    elif as_json:
+        _print_json(catalog())
+    else:
+        for name, entry in catalog().items():
+            typer.echo(f"{name}\t{entry['summary']}")
 
 
 @app.command()
@@ -551,11 +514,11 @@ def qat(
     model: str = typer.Argument(..., help="Alias, model directory, .gguf file or hub id (the full-precision teacher)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output checkpoint directory (the converted quantized model)."),
     data: str = typer.Option("enwiki", help="Training text: a jsonl file from generate-data, or a text source (its calibration split)."),
-    w_bits: int = typer.Option(4, "--w-bits", help="Weight bits (16: full precision)."),
-    a_bits: int = typer.Option(8, "--a-bits", help="Activation bits, per token (16: full precision)."),
-    kv_bits: int = typer.Option(4, "--kv-bits", help="KV-cache bits, per token (16: full precision)."),
-    group_size: int = typer.Option(-1, "--group-size", "-g", help="Weight columns per group; -1 = per output channel (the paper's)."),
-    sym: bool = typer.Option(True, "--sym/--asym", help="Symmetric (MinMax, the paper's) or asymmetric weight grids."),
+    w_bits: Optional[int] = typer.Option(None, "--w-bits", help="Weight bits (16: full precision) [default: 4]."),
+    a_bits: Optional[int] = typer.Option(None, "--a-bits", help="Activation bits, per token (16: full precision) [default: 8]."),
+    kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="KV-cache bits, per token (16: full precision) [default: 4]."),
+    group_size: Optional[int] = typer.Option(None, "--group-size", "-g", help="Weight columns per group; -1 = per output channel (the paper's) [default: -1]."),
+    sym: Optional[bool] = typer.Option(None, "--sym/--asym", help="Symmetric (MinMax, the paper's) or asymmetric weight grids [default: sym]."),
     learnable_clip: bool = typer.Option(False, "--learnable-clip", help="Train the weight scales too (LSQ-style clipping)."),
     init: Optional[Path] = typer.Option(None, help="Start from this quantlm checkpoint (RTN or GPTQ of MODEL, same weight grid) instead of the float weights."),
     steps: int = typer.Option(300, help="Optimizer steps."),
@@ -580,14 +543,14 @@ def qat(
 
     Runs on many processes with torchrun (DDP; gloo on CPU, nccl on CUDA)."""
     from quantlm import api
-    from quantlm.qat.fake_quant import QATBits, QATConfig
+    from quantlm.methods.qat import QATConfig
     from quantlm.qat.run import qat_to_checkpoint
     from quantlm.qat.trainer import TrainSettings
 
     if out.exists() and not overwrite:
         raise CheckpointError(f"output directory {out} already exists: choose another path or pass --overwrite")
-    config = QATConfig(bits=QATBits(w_bits, a_bits, kv_bits), w_symmetric=sym, w_group_size=group_size,
-                       learnable_clip=learnable_clip)
+    config = QATConfig.from_options(w_bits=w_bits, a_bits=a_bits, kv_bits=kv_bits, group_size=group_size,
+                                    symmetric=sym, learnable_clip=learnable_clip)
     settings = TrainSettings(steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_steps=warmup,
                              weight_decay=weight_decay, loss=loss.value, bf16=bf16,
                              gradient_checkpointing=gradient_checkpointing, save_every=save_every, seed=seed, fsdp=fsdp)
@@ -602,11 +565,8 @@ def qat(
     seconds = time.perf_counter() - t0
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    from quantlm.formats.native import read_quantization_config
-
-    recipe = read_quantization_config(out).get("recipe") or [{}]
     summary = {"out": str(out), "bits": str(config.bits), "seconds": round(seconds, 1),
-               "training": recipe[0].get("training")}
+               "training": api.read_record(out).training}
     if evaluate:
         qmodel = api.load(out)
         result = api.evaluate(qmodel, tokenizer=api.load_tokenizer(out), max_windows=max_windows, progress=not as_json)

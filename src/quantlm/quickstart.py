@@ -12,7 +12,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from quantlm import __version__, api
+from quantlm import api
+from quantlm._version import __version__
 from quantlm.core import QuantSpec
 from quantlm.methods import GPTQ
 from quantlm.models.sources import DEFAULT_MODEL, resolve_model_dir

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from quantlm.errors import InvalidSpecError
@@ -39,11 +39,15 @@ class QuantSpec:
     ``group_size > 0`` else "channel". ``clip``: "none" | "mse" (GPTQ-style shrink search, norm 2.4).
     """
 
-    bits: int = 4
-    symmetric: bool = False
-    group_size: int = -1
+    # ``metadata``: how the command line offers a field (``quantlm.methods.base.cli_settings``): its help, and the
+    # flag's name where it is not ``--field-name``; a field without help is not offered.
+    bits: int = field(default=4, metadata={"help": "Weight bits, 2-8.", "flag": "--bits", "aliases": ("--w-bits",)})
+    symmetric: bool = field(default=False, metadata={"help": "Symmetric or asymmetric grid.", "flag": "--sym/--asym"})
+    group_size: int = field(
+        default=-1, metadata={"help": "Columns per group; -1 = one scale per output channel.", "aliases": ("-g",)}
+    )
     granularity: str | None = None
-    clip: str = "none"
+    clip: str = field(default="none", metadata={"help": "Grid clipping: none, or mse (a search over shrunk ranges)."})
 
     def __post_init__(self) -> None:
         bits = self.bits

@@ -1,6 +1,6 @@
 """Where text comes from: the built-in enwiki corpus, local .txt/.jsonl files, Hugging Face datasets.
 
-``load_text(source, split)`` returns one string. The built-in ``enwiki`` follows ../shared/BENCHMARKS.md exactly:
+``load_text(source, split)`` returns one string. The built-in ``enwiki`` follows docs/benchmarks.md exactly:
 the Wikipedia sample shipped with gensim 4.4.0, cleaned with gensim's ``filter_wiki``; its last 20 articles are the
 ``eval`` split and all earlier ones the ``calibration`` split, joined with blank lines.
 """

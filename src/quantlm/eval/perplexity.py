@@ -1,4 +1,4 @@
-"""Perplexity, the GPTQ paper's protocol (../shared/BENCHMARKS.md).
+"""Perplexity, the GPTQ paper's protocol (docs/benchmarks.md).
 
 The evaluation text is tokenized once without special tokens and cut into non-overlapping windows of ``seqlen``
 tokens (a trailing partial window is dropped); the first ``max_windows`` are scored. Families that need it

@@ -1,4 +1,4 @@
-"""Speed and memory of a model, the protocol of ../shared/BENCHMARKS.md.
+"""Speed and memory of a model, the protocol of docs/benchmarks.md.
 
 - Prefill: batch 1, a 2048-token prompt of enwiki eval text, one forward that returns only the last position's
   logits (as ``generate`` does); tokens/s.

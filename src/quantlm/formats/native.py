@@ -2,7 +2,8 @@
 
 Layout of a checkpoint directory:
 - ``config.json``: the model's transformers config plus ``quantization_config``: quant_method "quantlm", the
-  format version, the quantlm version, the recipe, and for every quantized module its QuantSpec;
+  format version, the quantlm version, the recipe and its calibration (``quantlm.formats.record``), and for every
+  quantized module its QuantSpec;
 - ``model.safetensors``: float tensors as they are in the model, and for each quantized module
   ``{name}.qweight`` (packed uint8 codes), ``{name}.scales``, ``{name}.zeros`` (and ``{name}.bias``); tensors
   shared by tied modules are stored once;
@@ -25,15 +26,16 @@ from safetensors.torch import load_file
 from torch import nn
 
 from quantlm.errors import CheckpointError, QuantlmError
+from quantlm.formats.record import QuantizationRecord
 from quantlm.formats.safetensors_io import write_streaming
 from quantlm.models.blocks import set_submodule
 from quantlm.models.skeleton import empty_model
-from quantlm.nn.kv_cache import KVQuantConfig, enable_kv_quantization
+from quantlm.nn.kv_cache import enable_kv_quantization
 from quantlm.nn.qlinear import QuantLinear
 from quantlm.paths import atomic_directory
 
 FORMAT_NAME = "quantlm"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the calibration once per recipe, head-only and QAT steps in the method registry's terms
 WEIGHTS_FILE = "model.safetensors"
 LOG_FILE = "quant_log.json"
 
@@ -74,16 +76,13 @@ def save_checkpoint(
     model: nn.Module,
     path: str | os.PathLike,
     *,
+    record: QuantizationRecord,
     tokenizer=None,
-    recipe: list[dict[str, Any]] | None = None,
-    quant_log: list[dict[str, Any]] | None = None,
     overwrite: bool = False,
     blocks: BlockSource | None = None,
 ) -> Path:
-    """Write ``model`` as a quantlm checkpoint. With ``blocks``, the decoder blocks' tensors are streamed from
-    there one block at a time (the model's own copies of them may be empty)."""
-    from quantlm import __version__
-
+    """Write ``model`` as a quantlm checkpoint, with ``record`` saying how it was made. With ``blocks``, the decoder
+    blocks' tensors are streamed from there one block at a time (the model's own copies of them may be empty)."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise CheckpointError(f"output directory {path} already exists: choose another path or pass --overwrite")
@@ -105,17 +104,13 @@ def save_checkpoint(
     config["quantization_config"] = {
         "quant_method": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
-        "quantlm_version": __version__,
-        "recipe": recipe or [],
+        **record.config_entries(),
         "modules": modules,
     }
-    kv = getattr(model, "quantlm_kv_config", None)
-    if kv is not None:
-        config["quantization_config"]["kv_cache"] = kv.to_dict()
     with atomic_directory(path, overwrite=overwrite) as tmp:
-        write_streaming(tmp / WEIGHTS_FILE, layout, chunks, metadata={"format": "pt", "quantlm": __version__})
+        write_streaming(tmp / WEIGHTS_FILE, layout, chunks, metadata={"format": "pt", "quantlm": record.version})
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
-        (tmp / LOG_FILE).write_text(json.dumps(quant_log or [], indent=1) + "\n")
+        (tmp / LOG_FILE).write_text(json.dumps(record.log, indent=1) + "\n")
         generation_config = getattr(model, "generation_config", None)
         if generation_config is not None:
             generation_config.save_pretrained(tmp)
@@ -146,6 +141,14 @@ def read_quant_log(path: str | os.PathLike) -> list[dict[str, Any]]:
         return json.loads((Path(path) / LOG_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return []
+
+
+def read_record(path: str | os.PathLike) -> QuantizationRecord:
+    """How the checkpoint at ``path`` was made (any format version)."""
+    qc = read_quantization_config(path)
+    if qc is None:
+        raise CheckpointError(f"{path} is not a quantlm checkpoint (no quantization_config with quant_method quantlm)")
+    return QuantizationRecord.from_config_entries(qc, read_quant_log(path))
 
 
 def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device | None = None) -> nn.Module:
@@ -190,7 +193,7 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device | Non
         raise CheckpointError(f"{weights} lacks tensors: {', '.join(missing[:5])}: the checkpoint is incomplete")
     if device is not None:
         model = model.to(device)
-    kv = qc.get("kv_cache")
-    enable_kv_quantization(model, None if kv is None else KVQuantConfig.from_dict(kv))
+    model.quantlm_record = QuantizationRecord.from_config_entries(qc, read_quant_log(path))
+    enable_kv_quantization(model, model.quantlm_record.kv_cache)
     model.eval()
     return model

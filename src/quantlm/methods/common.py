@@ -9,11 +9,35 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from quantlm.errors import InvalidSpecError
-
+from quantlm.core import QuantSpec
 from quantlm.core.activation import static_int8_scale
-from quantlm.models.blocks import linear_weight, set_submodule
+from quantlm.errors import InvalidSpecError
+from quantlm.methods.base import setting
+from quantlm.models.blocks import linear_weight, output_embedding_name, set_submodule
 from quantlm.nn.qlinear import QuantLinear, check_act_bits, check_act_granularity
+from quantlm.pipeline.dequantized import run_dequantized
+
+
+# -- settings several methods take (each call makes a new field) ------------------------------------------------
+def exclude_setting():
+    return setting((), "Comma list of fnmatch patterns of module names to leave in float (e.g. '*.o_proj').")
+
+
+def act_bits_setting():
+    return setting(
+        None,
+        "8: W8A8, activations quantized to int8 at run time (use with --bits 8 --group-size -1 --sym for the "
+        "int8 GEMM kernel).",
+        flag="--a-bits",
+    )
+
+
+def act_granularity_setting():
+    return setting(
+        "token",
+        "With --a-bits 8: token (dynamic per-token scales) or tensor (one static scale per layer from calibration).",
+        flag="--a-granularity",
+    )
 
 
 def is_excluded(name: str, patterns: Sequence[str]) -> bool:
@@ -30,10 +54,10 @@ def relative_weight_error(reference: torch.Tensor, quantized: torch.Tensor) -> f
 
 def swap_in(root: nn.Module, name: str, qlinear: QuantLinear, original: nn.Module) -> QuantLinear:
     """Put ``qlinear`` where ``original`` was, on its device, running on its weight dequantized once (the pipeline
-    still runs it on the calibration batch; ``quantlm.pipeline.runner`` drops that copy when the block is done)."""
+    still runs it on the calibration batch; ``quantlm.pipeline.dequantized.drop_dequantized`` drops that copy when
+    the block is done)."""
     weight = linear_weight(original)
-    qlinear = qlinear.to(weight.device)
-    qlinear.use_kernel("dequantized", weight.dtype)
+    qlinear = run_dequantized(qlinear.to(weight.device), weight.dtype)
     set_submodule(root, name, qlinear)
     return qlinear
 
@@ -52,6 +76,23 @@ def round_to_grid(root: nn.Module, name: str, module: nn.Module, spec, method: s
         module=name, method=method, seconds=time.perf_counter() - t0, error=error,
         details={"shape": list(weight.shape), "spec": q.describe(), **(details or {})},
     )
+
+
+def round_output_projection(model: nn.Module, spec: QuantSpec, method: str, act_bits=None, *, required: bool):
+    """Round the output projection (lm_head) onto ``spec``'s grid and untie it from tied input embeddings (which
+    stay in float); ``required``: a model without one is an error instead of nothing to do."""
+    name = output_embedding_name(model)
+    if name is None:
+        if required:
+            raise InvalidSpecError(f"{type(model).__name__} has no output projection for a head-only step (--head-bits)")
+        return []
+    module = model.get_submodule(name)
+    if isinstance(module, QuantLinear):
+        raise InvalidSpecError(f"the output projection {name} is quantized already: quantize it in one step only")
+    record = round_to_grid(model, name, module, spec, method, act_bits=act_bits)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.config.tie_word_embeddings = False
+    return [record]
 
 
 def check_activation_settings(act_bits, act_granularity: str) -> None:

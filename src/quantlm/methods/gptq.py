@@ -27,7 +27,16 @@ from torch import Tensor
 from quantlm.core import QuantSpec, compute_qparams, dequantize, quantize
 from quantlm.errors import InvalidSpecError, QuantlmError
 from quantlm.core.activation import static_int8_scale
-from quantlm.methods.common import check_activation_settings, is_excluded, relative_weight_error, swap_in
+from quantlm.methods.base import Method, register, setting
+from quantlm.methods.common import (
+    act_bits_setting,
+    act_granularity_setting,
+    check_activation_settings,
+    exclude_setting,
+    is_excluded,
+    relative_weight_error,
+    swap_in,
+)
 from quantlm.models.blocks import linear_weight
 from quantlm.nn.qlinear import QuantLinear, storage_scale_dtype
 from quantlm.pipeline.runner import BlockContext, LayerRecord
@@ -260,8 +269,9 @@ def _cpu_syrk():
     return ssyrk
 
 
-@dataclass
-class GPTQ:
+@register
+@dataclass(frozen=True)
+class GPTQ(Method):
     """GPTQ as a pipeline step: Hessians of each Linear's inputs on the calibration batch, then the solver.
 
     The defaults process columns in act-order with static groups: every group's grid is fixed from the original
@@ -274,17 +284,30 @@ class GPTQ:
     Hessian.
     """
 
-    spec: QuantSpec = dataclasses.field(default_factory=lambda: QuantSpec(bits=4, group_size=64))
-    block_size: int = 128
-    damp: float = 0.01
-    act_order: bool = True  # defaults measured in docs/gptq.md: act-order with static groups beats plain order
-    static_groups: bool = True
-    true_sequential: bool = True
-    sink_weight: float = SINK_WEIGHT
-    hessian_clip: bool = False  # with spec.clip "mse": the search weighs each column by its Hessian diagonal
-    exclude: tuple[str, ...] = ()
-    act_bits: int | None = None  # 8: W8A8 layers (int8 activations at run time)
-    act_granularity: str = "token"  # with act_bits=8: "token" (dynamic) or "tensor" (static, from calibration)
+    spec: QuantSpec = QuantSpec(bits=4, group_size=64)
+    block_size: int = setting(128, "Columns per lazy update block.")
+    damp: float = setting(0.01, "Damping, a fraction of the mean Hessian diagonal.")
+    # defaults measured in docs/gptq.md: act-order with static groups beats plain order
+    act_order: bool = setting(True, "Columns by descending Hessian diagonal.", flag="--act-order/--no-act-order")
+    static_groups: bool = setting(
+        True,
+        "Group grids fixed from the original weight (with --act-order the checkpoint keeps the plain group layout, "
+        "so no runtime reorders columns).",
+        flag="--static-groups/--no-static-groups",
+    )
+    true_sequential: bool = setting(
+        True, "Recompute each group's inputs after the groups before it are quantized.",
+        flag="--true-sequential/--no-true-sequential",
+    )
+    sink_weight: float = setting(
+        SINK_WEIGHT, "Weight of each window's first token (the attention sink) in the Hessians; 1 = plain GPTQ."
+    )
+    hessian_clip: bool = setting(
+        False, "With --clip mse: the clip search weighs each column's rounding error by its Hessian diagonal."
+    )
+    exclude: tuple[str, ...] = exclude_setting()
+    act_bits: int | None = act_bits_setting()
+    act_granularity: str = act_granularity_setting()
 
     name = "gptq"
     needs_calibration = True
@@ -370,31 +393,3 @@ class GPTQ:
                 "hessian_tokens": acc.tokens,
             },
         )
-
-    def finalize(self, model) -> list[LayerRecord]:
-        return []
-
-    def to_config(self) -> dict:
-        return {
-            "method": self.name,
-            **self.spec.to_dict(),
-            "block_size": self.block_size,
-            "damp": self.damp,
-            "act_order": self.act_order,
-            "static_groups": self.static_groups,
-            "true_sequential": self.true_sequential,
-            "sink_weight": self.sink_weight,
-            **({"hessian_clip": True} if self.hessian_clip else {}),
-            "exclude": list(self.exclude),
-            **({} if self.act_bits is None else {"act_bits": self.act_bits}),
-            **({} if self.act_granularity == "token" else {"act_granularity": self.act_granularity}),
-        }
-
-    @classmethod
-    def from_config(cls, config: dict) -> "GPTQ":
-        config = dict(config)
-        config.pop("method", None)
-        config.pop("calibration", None)
-        options = {k: config.pop(k) for k in ("block_size", "damp", "act_order", "static_groups", "true_sequential", "sink_weight", "hessian_clip", "act_bits", "act_granularity") if k in config}
-        exclude = tuple(config.pop("exclude", ()))
-        return cls(spec=QuantSpec.from_dict(config), exclude=exclude, **options)

@@ -22,7 +22,8 @@ from torch import Tensor, nn
 
 from quantlm.core import QuantSpec
 from quantlm.errors import InvalidSpecError
-from quantlm.methods.common import is_excluded, round_to_grid
+from quantlm.methods.base import Method, register, setting
+from quantlm.methods.common import exclude_setting, is_excluded, round_to_grid
 from quantlm.models.blocks import linear_weight
 from quantlm.nn.qlinear import check_outlier_threshold
 from quantlm.pipeline.runner import BlockContext, LayerRecord
@@ -54,13 +55,14 @@ class _OutlierCounter:
         }
 
 
-@dataclass
-class LLMInt8:
+@register
+@dataclass(frozen=True)
+class LLMInt8(Method):
     """LLM.int8() as a pipeline step: int8 weights per output channel, int8 activations per token with outlier
     columns (``|x| >= threshold``) in floating point. ``exclude``: fnmatch patterns of modules to leave alone."""
 
-    threshold: float = 6.0
-    exclude: tuple[str, ...] = ()
+    threshold: float = setting(6.0, "|x| from which an input column is an outlier kept in floating point.")
+    exclude: tuple[str, ...] = exclude_setting()
 
     name = "llm-int8"
     needs_calibration = True  # for the outlier report only
@@ -68,8 +70,7 @@ class LLMInt8:
     def __post_init__(self) -> None:
         if self.threshold is None:
             raise InvalidSpecError("LLM.int8() needs an outlier threshold, e.g. 6.0")
-        self.threshold = check_outlier_threshold(self.threshold)
-        self.exclude = tuple(self.exclude)
+        object.__setattr__(self, "threshold", check_outlier_threshold(self.threshold))
 
     def process_block(self, ctx: BlockContext) -> list[LayerRecord]:
         targets = {n: m for n, m in ctx.linears().items() if not is_excluded(n, self.exclude)}
@@ -90,18 +91,5 @@ class LLMInt8:
             root, name, module, WEIGHT_SPEC, self.name, report, act_bits=8, outlier_threshold=self.threshold
         )
 
-    def finalize(self, model: nn.Module) -> list[LayerRecord]:
-        return []
-
     def describe(self) -> str:
         return f"{self.name}(threshold {self.threshold:g})"
-
-    def to_config(self) -> dict[str, Any]:
-        return {"method": self.name, "threshold": self.threshold, "exclude": list(self.exclude)}
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "LLMInt8":
-        config = dict(config)
-        config.pop("method", None)
-        config.pop("calibration", None)
-        return cls(threshold=config.pop("threshold", 6.0), exclude=tuple(config.pop("exclude", ())), **config)

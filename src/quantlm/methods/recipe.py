@@ -1,7 +1,8 @@
 """A recipe: the ordered list of steps of one quantization run, as Python objects or as plain data.
 
-As data it is a list of dicts, each with a ``method`` key and that method's settings, e.g.
+As data it is a list of dicts, each with a ``method`` key (a registered method) and that method's settings, e.g.
 ``[{"method": "rtn", "bits": 4, "group_size": 64, "symmetric": false}]``; JSON or YAML files hold the same list.
+``recipe_from_options`` makes one from a method name and the options a user gave on the command line.
 """
 
 from __future__ import annotations
@@ -12,18 +13,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from quantlm.errors import InvalidSpecError
-from quantlm.methods.gptq import GPTQ
-from quantlm.methods.llm_int8 import LLMInt8
-from quantlm.methods.rtn import RTN
-from quantlm.methods.smoothquant import SmoothQuant
-from quantlm.pipeline.runner import Step
-
-METHODS: dict[str, type] = {"rtn": RTN, "gptq": GPTQ, "smoothquant": SmoothQuant, "llm-int8": LLMInt8}
+from quantlm.methods.base import cli_settings, method_class, registered_methods, settings_from_flags
+from quantlm.methods.head import head_step
 
 
 @dataclass
 class Recipe:
-    steps: list[Step]
+    steps: list
 
     def to_config(self) -> list[dict[str, Any]]:
         return [step.to_config() for step in self.steps]
@@ -32,52 +28,47 @@ class Recipe:
     def needs_calibration(self) -> bool:
         return any(s.needs_calibration for s in self.steps)
 
+    @property
+    def trained(self) -> bool:
+        """A recipe of a method that trains the whole model (QAT) instead of running the layer-wise pipeline."""
+        return any(not getattr(s, "pipeline", True) for s in self.steps)
+
     def describe(self) -> str:
-        def label(step) -> str:
-            if hasattr(step, "describe"):
-                return step.describe()
-            if not hasattr(step, "spec"):
-                return step.name
-            act = getattr(step, "act_bits", None)
-            per_tensor = " per-tensor" if act and getattr(step, "act_granularity", "token") == "tensor" else ""
-            return f"{getattr(step, 'label', step.name)}({step.spec.describe()}{f' a{act}' if act else ''}{per_tensor})"
-
-        return " -> ".join(label(s) for s in self.steps)
+        return " -> ".join(s.describe() for s in self.steps)
 
 
-def _step_from_dict(d: dict[str, Any]) -> Step:
+def _step_from_dict(d: dict[str, Any]):
     if not isinstance(d, dict) or "method" not in d:
         raise InvalidSpecError(f'each recipe step must be a mapping with a "method" key, got {d!r}')
-    method = METHODS.get(d["method"])
-    if method is None:
-        raise InvalidSpecError(f"unknown method '{d['method']}': choose one of {', '.join(sorted(METHODS))}")
+    return method_class(d["method"]).from_config(d)
+
+
+def _read_recipe_file(path: Path) -> Any:
+    if not path.is_file():
+        raise InvalidSpecError(f"recipe file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise InvalidSpecError("YAML recipes need PyYAML (pip install pyyaml), or write the recipe as JSON") from None
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise InvalidSpecError(f"{path} is not valid YAML ({first}): fix the file") from None
     try:
-        return method.from_config(d)
-    except TypeError as e:
-        raise InvalidSpecError(f"bad settings for {d['method']}: {e}") from None
+        return json.loads(text)
+    except ValueError as e:
+        raise InvalidSpecError(f"{path} is not valid JSON: {e}") from None
 
 
-def parse_recipe(recipe: "Recipe | Step | Sequence[Step | dict] | dict | str | Path") -> Recipe:
+def parse_recipe(recipe: "Recipe | Any | Sequence[Any | dict] | dict | str | Path") -> Recipe:
     """Accept a Recipe, one step, a list of steps or dicts, or a path to a JSON/YAML recipe file."""
     if isinstance(recipe, Recipe):
         return recipe
     if isinstance(recipe, (str, Path)):
-        path = Path(recipe)
-        if not path.is_file():
-            raise InvalidSpecError(f"recipe file not found: {path}")
-        text = path.read_text(encoding="utf-8")
-        if path.suffix in (".yaml", ".yml"):
-            try:
-                import yaml
-            except ImportError:
-                raise InvalidSpecError("YAML recipes need PyYAML (pip install pyyaml), or write the recipe as JSON") from None
-            data = yaml.safe_load(text)
-        else:
-            try:
-                data = json.loads(text)
-            except ValueError as e:
-                raise InvalidSpecError(f"{path} is not valid JSON: {e}") from None
-        return parse_recipe(data)
+        return parse_recipe(_read_recipe_file(Path(recipe)))
     if isinstance(recipe, dict):
         recipe = [recipe]
     if not isinstance(recipe, (list, tuple)):
@@ -89,9 +80,71 @@ def parse_recipe(recipe: "Recipe | Step | Sequence[Step | dict] | dict | str | P
     return Recipe(steps)
 
 
-def _check_order(steps: list[Step]) -> None:
-    """Smoothing changes float Linears, so it must come before the step that quantizes them."""
-    quantizing = [i for i, s in enumerate(steps) if s.name != SmoothQuant.name]
-    smoothing = [i for i, s in enumerate(steps) if s.name == SmoothQuant.name]
-    if quantizing and smoothing and max(smoothing) > min(quantizing):
-        raise InvalidSpecError("smoothquant must come before the step that quantizes the weights (e.g. smoothquant -> rtn)")
+def _check_order(steps: list) -> None:
+    """A step that only changes float weights (smoothing) must come before the step that quantizes them; a trained
+    method (QAT) is a recipe of its own."""
+    if any(not getattr(s, "pipeline", True) for s in steps) and len(steps) > 1:
+        raise InvalidSpecError("QAT trains the whole model: it cannot be combined with other steps in one recipe")
+    quantizing = [i for i, s in enumerate(steps) if getattr(s, "quantizes_weights", True)]
+    preparing = [i for i, s in enumerate(steps) if not getattr(s, "quantizes_weights", True)]
+    if quantizing and preparing and max(preparing) > min(quantizing):
+        late = steps[max(preparing)].name
+        raise InvalidSpecError(f"{late} must come before the step that quantizes the weights (e.g. {late} -> rtn)")
+
+
+def offered_methods() -> dict[str, type]:
+    """The methods ``quantlm quantize --method`` offers."""
+    return {n: c for n, c in registered_methods().items() if c.offered and c.pipeline}
+
+
+def recipe_from_options(
+    method: str, options: dict[str, Any], *, weights: str | None = None, head_bits: int | None = None
+) -> Recipe:
+    """The recipe the command line means: ``method`` with the options the user gave (keys as in
+    ``cli_settings``: ``bits``, ``sym``, ``a_bits``, ...). A method that does not quantize weights (smoothquant) is
+    followed by ``weights`` (default rtn) with the method's ``next_step_defaults``; ``head_bits`` adds a step that
+    rounds the output projection. An option no step of the recipe takes is an error that names the flag."""
+    first = method_class(method)
+    classes = [first]
+    if not first.quantizes_weights:
+        classes.append(method_class(weights or "rtn"))
+    elif weights is not None:
+        raise InvalidSpecError(f"--weights applies to methods that do not quantize weights themselves, not {method}")
+    table = cli_settings(registered_methods().values())
+    given = {k: v for k, v in options.items() if v is not None}
+    unknown = sorted(k for k in given if k not in table)
+    if unknown:
+        raise InvalidSpecError(f"unknown option(s) {', '.join(unknown)}")
+    steps, used = [], set()
+    defaults: dict[str, Any] = {}
+    for cls in classes:
+        data, took = settings_from_flags(cls, given, table)
+        steps.append(cls.from_config({**defaults, **data}))
+        used |= took
+        defaults = dict(cls.next_step_defaults)
+    unused = sorted(set(given) - used)
+    if unused:
+        entry = table[unused[0]]
+        takers = sorted({c.name for c, _ in entry.targets if c.offered})
+        hint = ""
+        if len(classes) > 1:
+            weights_takers = [t for t in takers if method_class(t).quantizes_weights]
+            hint = f", or add --weights {weights_takers[0]}" if weights_takers else ""
+        raise InvalidSpecError(
+            f"{entry.flag} does not apply to --method {method}"
+            + (f" with --weights {classes[-1].name}" if len(classes) > 1 else "")
+            + f" (only to {', '.join(takers)}): drop it{hint}"
+        )
+    return add_head_step(parse_recipe(steps), head_bits)
+
+
+def add_head_step(recipe: Recipe, head_bits: int | None) -> Recipe:
+    """``recipe`` with a last step that rounds the output projection to ``head_bits`` (None: as it is)."""
+    if head_bits is None:
+        return recipe
+    if any(getattr(step, "lm_head", False) for step in recipe.steps):
+        raise InvalidSpecError(
+            "the recipe already quantizes the output projection (--lm-head, or a step with lm_head) "
+            "and --head-bits would round it again: pass one"
+        )
+    return parse_recipe([*recipe.steps, head_step(head_bits)])

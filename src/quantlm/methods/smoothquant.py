@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from quantlm.core import QuantSpec, fake_quantize
 from quantlm.core.activation import ACT_GRANULARITIES, fake_quantize_int8, static_int8_scale
 from quantlm.errors import InvalidSpecError, QuantlmError
+from quantlm.methods.base import Method, register, setting
 from quantlm.models.blocks import linear_weight
 from quantlm.models.smoothing import (
     FOLD_KINDS,
@@ -79,8 +80,9 @@ def w8a8_output_error(x: Tensor, weights: list[Tensor], s: Tensor, granularity: 
     return err / ref if ref > 0 else 0.0
 
 
-@dataclass
-class SmoothQuant:
+@register
+@dataclass(frozen=True)
+class SmoothQuant(Method):
     """SmoothQuant as a pipeline step: per block, gather max|x| per input channel of every smoothable group of
     Linears, compute s, fold 1/s into the producer and s into the Linears. Weights stay in floating point; put a
     quantizing step (``RTN``/``GPTQ`` with ``act_bits=8``) after it in the recipe.
@@ -89,29 +91,37 @@ class SmoothQuant:
     with activations per ``search_granularity``, on ``search_tokens`` calibration tokens drawn with ``seed``).
     ``folds``: which producers to fold into (``FOLD_KINDS``)."""
 
-    alpha: float | str = 0.5
-    folds: tuple[str, ...] = FOLD_KINDS
-    search_granularity: str = "token"
+    alpha: float | str = setting(0.5, "Migration strength in [0, 1], or auto (searched per layer group).")
+    folds: tuple[str, ...] = setting(
+        FOLD_KINDS, "Where scales are folded, a comma list of norm, v-o, up-down.", flag="--smooth-folds"
+    )
+    search_granularity: str = setting(
+        "token", "With --a-bits 8: token (dynamic per-token scales) or tensor (one static scale per layer).",
+        flag="--a-granularity",
+    )
     search_tokens: int = 2048
     seed: int = 0
 
     name = "smoothquant"
     needs_calibration = True
+    quantizes_weights = False
+    # the command line's --method smoothquant: W8A8 per-channel symmetric weights after the smoothing
+    next_step_defaults = {"bits": 8, "group_size": -1, "symmetric": True, "act_bits": 8}
 
     def __post_init__(self) -> None:
-        if isinstance(self.alpha, str):
-            if self.alpha != "auto":
-                try:
-                    self.alpha = float(self.alpha)
-                except ValueError:
-                    raise InvalidSpecError(f"alpha must be a number in [0, 1] or 'auto', got {self.alpha!r}") from None
-        if self.alpha != "auto" and (isinstance(self.alpha, bool) or not 0 <= float(self.alpha) <= 1):
+        alpha = self.alpha
+        if isinstance(alpha, str) and alpha != "auto":
+            try:
+                alpha = float(alpha)
+            except ValueError:
+                raise InvalidSpecError(f"alpha must be a number in [0, 1] or 'auto', got {self.alpha!r}") from None
+        if alpha != "auto" and (isinstance(alpha, bool) or not 0 <= float(alpha) <= 1):
             raise InvalidSpecError(f"alpha must be a number in [0, 1] or 'auto', got {self.alpha!r}")
-        if self.alpha != "auto":
-            self.alpha = float(self.alpha)
-        if isinstance(self.folds, str):
-            self.folds = tuple(f.strip() for f in self.folds.split(",") if f.strip())
-        self.folds = tuple(self.folds)
+        object.__setattr__(self, "alpha", alpha if alpha == "auto" else float(alpha))
+        folds = self.folds
+        if isinstance(folds, str):
+            folds = tuple(f.strip() for f in folds.split(",") if f.strip())
+        object.__setattr__(self, "folds", tuple(folds))
         unknown = [f for f in self.folds if f not in FOLD_KINDS]
         if unknown or not self.folds:
             raise InvalidSpecError(f"folds must be some of {', '.join(FOLD_KINDS)}, got {', '.join(self.folds) or 'none'}")
@@ -243,32 +253,10 @@ class SmoothQuant:
             f"{together:.1e} (more than float rounding, {tolerance:g}): calibrate in float32 (--dtype float32)"
         )
 
-    def finalize(self, model: nn.Module) -> list[LayerRecord]:
-        return []
-
     def describe(self) -> str:
         alpha = self.alpha if self.alpha == "auto" else f"{self.alpha:g}"
         folds = "" if self.folds == FOLD_KINDS else f", folds {'+'.join(self.folds)}"
         return f"{self.name}(alpha {alpha}{folds})"
-
-    def to_config(self) -> dict[str, Any]:
-        return {
-            "method": self.name,
-            "alpha": self.alpha,
-            "folds": list(self.folds),
-            "search_granularity": self.search_granularity,
-            "search_tokens": self.search_tokens,
-            "seed": self.seed,
-        }
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "SmoothQuant":
-        config = dict(config)
-        config.pop("method", None)
-        config.pop("calibration", None)
-        if "folds" in config:
-            config["folds"] = tuple(config["folds"]) if not isinstance(config["folds"], str) else config["folds"]
-        return cls(**config)
 
 
 def _relative_change(y: Tensor, reference: Tensor) -> float:

@@ -17,9 +17,10 @@ Kernels (y = x Wᵀ + b, W = (q − zero) · scale, as ``quantlm.core`` defines 
   activations, quantized per token on the fly or with the layer's static per-tensor scale: ``torch._int_mm`` with
   int32 accumulation, then both scales. LLM.int8() layers add their outlier columns in floating point. Layers
   fed the same input tensor (q, k, v; gate, up) quantize it once (``SHARED_INPUT``).
-- ``torch``: dequantize, then ``F.linear``; any device, any layer. It is the reference the others are tested against.
-- ``dequantized``: the weight dequantized once and kept; the same numbers as ``torch`` at dense memory and speed
-  (what the quantization pipeline uses for finished layers; only by name).
+- ``torch``: the reference math of ``quantlm.nn.reference`` (dequantize, then ``F.linear``; W8A8 as the integer
+  product); any device, any layer. It is what the others are tested against.
+(The quantization pipeline runs finished layers on a weight dequantized once: ``quantlm.pipeline.dequantized``, not
+a kernel of this registry.)
 
 The two weight-only ops take bf16 activations (W4A16, W8A16): their fp32 paths are about 8x slower on an AVX2 CPU,
 so a few rows (decode) are rounded to bf16 for the op. From DEQUANT_MIN_ROWS rows on (prefill) they dequantize the
@@ -39,8 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from quantlm.core.activation import split_outlier_columns
 from quantlm.errors import QuantlmError
+from quantlm.nn.reference import dense_matmul, quantized_rows, reference_matmul
 
 if TYPE_CHECKING:
     from quantlm.nn.qlinear import QuantLinear
@@ -73,45 +74,13 @@ def cpu_has_fast_int8() -> bool:
     return bool(_cpu_flags() & {"amx_int8", "avx512_vnni", "avx_vnni"})
 
 
-def dense_matmul(layer: "QuantLinear", x2: Tensor) -> Tensor:
+def _prefill_matmul(layer: "QuantLinear", x2: Tensor) -> Tensor:
     """x2 Wᵀ with the weight dequantized once: for many rows (prefill) the dense GEMM beats the weight-only ops,
     and the dequantization costs little next to it. bf16 inputs are multiplied in fp32 on CPUs without fast bf16."""
     dtype = x2.dtype
     if dtype != torch.float32 and x2.device.type == "cpu" and not cpu_has_fast_bf16():
         dtype = torch.float32
-    return F.linear(x2.to(dtype), layer.dequantize_weight(dtype)).to(x2.dtype)
-
-
-def integer_product(codes: Tensor, x_scale: Tensor, weight: Tensor, row_scale: Tensor) -> Tensor:
-    """W8A8 with row-scaled weights: (Σ q_x q_w) · s_x · s_w in fp32, the integer sum in fp32 (exact below 2^24),
-    scaled in the same order as the int8 GEMM's result, so both give the same numbers."""
-    return F.linear(codes.float(), weight) * x_scale * row_scale
-
-
-def quantized_rows(layer: "QuantLinear", x2: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-    """A W8A8 layer's input rows ``x2 [tokens, features]`` as int8 codes and scales, after LLM.int8() layers took
-    their outlier columns out: (codes, scales, outlier columns [tokens, n] or None, their indices or None)."""
-    inliers, outliers, cols = x2, None, None
-    if layer.outlier_threshold is not None:
-        inliers, outliers, cols = split_outlier_columns(x2, layer.outlier_threshold)
-    codes, x_scale = layer.quantize_input(inliers)
-    return codes, x_scale, outliers, cols
-
-
-def w8a8_matmul(layer: "QuantLinear", x: Tensor, integer_weight: tuple[Tensor, Tensor] | None, dense_weight) -> Tensor:
-    """x Wᵀ of a W8A8 layer in plain torch: x quantized as the layer says (per token or static per tensor), then
-    the integer product with ``integer_weight`` ((codes − zero) and row scales, for row-scaled weights) or, for
-    grouped weights, the fake-quantized x times ``dense_weight(dtype)``. LLM.int8() layers first take the outlier
-    columns out of x and add their product with those columns of ``dense_weight`` in x's dtype."""
-    lead = x.shape[:-1]
-    codes, x_scale, outliers, cols = quantized_rows(layer, x.reshape(-1, x.shape[-1]))
-    if integer_weight is not None:
-        y = integer_product(codes, x_scale, *integer_weight).to(x.dtype)
-    else:
-        y = F.linear((codes.float() * x_scale).to(x.dtype), dense_weight(x.dtype))
-    if cols is not None and cols.numel():
-        y = y + F.linear(outliers, dense_weight(x.dtype).index_select(1, cols))
-    return y.reshape(*lead, layer.out_features)
+    return dense_matmul(layer, x2, dtype)
 
 
 def _op_input(x2: Tensor) -> Tensor:
@@ -163,7 +132,7 @@ class TorchDequantKernel(Kernel):
         return None
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.layer[0].reference_forward(x)
+        return reference_matmul(self.layer[0], x)
 
 
 def _int4pack_group(layer: "QuantLinear") -> int | None:
@@ -274,7 +243,7 @@ class Int4PackKernel(Kernel):
     def forward(self, x: Tensor) -> Tensor:
         x2, lead = _rows(x)
         if x2.shape[0] >= DEQUANT_MIN_ROWS:
-            return dense_matmul(self.layer[0], x2).reshape(*lead, self.out_features)
+            return _prefill_matmul(self.layer[0], x2).reshape(*lead, self.out_features)
         if self.order is not None:
             x2 = x2.index_select(1, self.order)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(_op_input(x2), self.packed, self.group, self.scale_offset)
@@ -320,7 +289,7 @@ class Int8PackKernel(Kernel):
     def forward(self, x: Tensor) -> Tensor:
         x2, lead = _rows(x)
         if x2.shape[0] >= DEQUANT_MIN_ROWS:
-            return dense_matmul(self.layer[0], x2).reshape(*lead, self.out_features)
+            return _prefill_matmul(self.layer[0], x2).reshape(*lead, self.out_features)
         y = torch.ops.aten._weight_int8pack_mm(_op_input(x2), self.weight, self.scale).to(x.dtype)
         if self.offset is not None:
             y = y + (x2.float().sum(dim=1, keepdim=True) * self.offset).to(y.dtype)
@@ -395,7 +364,8 @@ class Int8GemmKernel(Kernel):
         codes, x_scale, outliers, cols = SHARED_INPUT.get(
             x, self.input_key, lambda: quantized_rows(self.layer[0], x.reshape(-1, x.shape[-1]).contiguous())
         )
-        # int32 -> fp32, then the scales in place, in integer_product's order (int32 * fp32 promotes 2x slower)
+        # int32 -> fp32, then the scales in place, in the order of reference.integer_product (int32 * fp32
+        # promotes 2x slower)
         y = torch._int_mm(codes, self.weight_t).float().mul_(x_scale).mul_(self.scale).to(x.dtype)
         if cols is not None and cols.numel():
             columns = (self.weight_t.index_select(0, cols).float() * self.scale).to(x.dtype)  # [n_outliers, out]
@@ -403,42 +373,8 @@ class Int8GemmKernel(Kernel):
         return y.reshape(*lead, self.out_features)
 
 
-class DequantizedKernel(Kernel):
-    """The weight dequantized once and kept in the compute dtype: dense-GEMM speed at a dense layer's memory. The
-    quantization pipeline runs finished layers on it while their block is still being calibrated; never ``auto``."""
-
-    name = "dequantized"
-
-    @classmethod
-    def why_not(cls, layer, device):
-        return None
-
-    def __init__(self, layer: "QuantLinear", dtype: torch.dtype = torch.float32) -> None:
-        super().__init__(layer, dtype)
-        self.act_bits = layer.act_bits
-        self.integer = layer.act_bits == 8 and layer.row_scaled()
-        if self.integer:  # W8A8: the same integer product as the reference (QuantLinear.reference_forward)
-            weight, scale = layer.integer_weight()
-            self.register_buffer("int_weight", weight, persistent=False)
-            self.register_buffer("int_scale", scale, persistent=False)
-        # one [out, in] copy per layer: the integer form is enough for W8A8 layers without outlier columns
-        dense_needed = not self.integer or layer.outlier_threshold is not None
-        self.register_buffer("weight", layer.dequantize_weight(dtype) if dense_needed else None, persistent=False)
-
-    def _dense(self, dtype: torch.dtype) -> Tensor:
-        if self.weight is None:
-            return self.layer[0].dequantize_weight(dtype)
-        return self.weight if dtype == self.weight.dtype else self.weight.to(dtype)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.act_bits == 8:
-            integer = (self.int_weight, self.int_scale) if self.integer else None
-            return w8a8_matmul(self.layer[0], x, integer, self._dense)
-        return F.linear(x, self._dense(x.dtype))
-
-
 KERNELS: dict[str, type[Kernel]] = {
-    k.name: k for k in (Int4PackKernel, Int8PackKernel, Int8GemmKernel, TorchDequantKernel, DequantizedKernel)
+    k.name: k for k in (Int4PackKernel, Int8PackKernel, Int8GemmKernel, TorchDequantKernel)
 }
 KERNEL_ALIASES = {"int8-dynamic": "int8"}  # the int8 kernel's name before it took static and LLM.int8() layers
 AUTO_ORDER = ("int8", "int4pack", "int8pack", "torch")

@@ -14,20 +14,21 @@ own (``act_granularity="token"``, dynamic) or per tensor with the calibrated sca
 |x| >= threshold are multiplied in floating point (with the dequantized weight columns), the rest in int8.
 
 The matmul is done by a kernel (``quantlm.nn.kernels``) chosen with :meth:`QuantLinear.use_kernel`; until one is
-chosen it is the plain-torch fallback (dequantize, then matmul), always correct on any device.
+chosen it is the plain-torch reference (``quantlm.nn.reference``: dequantize, then matmul), correct on any device.
+Imports go one way: qlinear -> kernels -> reference, and qlinear -> reference.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from quantlm.core import QuantSpec, compute_qparams, dequantize, pack, quantize, unpack
 from quantlm.core.activation import ACT_GRANULARITIES, quantize_int8
 from quantlm.core.packing import packed_length
 from quantlm.errors import InvalidSpecError
-from quantlm.nn.kernels import Kernel, choose_kernel, w8a8_matmul
+from quantlm.nn.kernels import Kernel, choose_kernel
+from quantlm.nn.reference import reference_matmul
 
 ACT_BITS = (None, 8)
 
@@ -282,16 +283,9 @@ class QuantLinear(nn.Module):
         return quantize_int8(x, self.act_granularity, self.act_scale)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x Wᵀ without the bias, by dequantizing the weight: the plain-torch path.
-
-        W8A8 layers quantize x (per token or per tensor); with row-scaled weights the integer product is summed
-        first and scaled after, (Σ q_x q_w) · s_x · s_w, as the int8 GEMM does (fp32 sums of these integer products
-        are exact below 2^24), so both give the same numbers: activation rounding is discontinuous, and a last-bit
-        difference upstream would otherwise flip roundings downstream. LLM.int8() layers first take the outlier
-        columns out of x and add their product with the dequantized weight columns in x's dtype."""
-        if self.act_bits != 8:
-            return F.linear(x, self.dequantize_weight(x.dtype))
-        return w8a8_matmul(self, x, self.integer_weight() if self.row_scaled() else None, self.dequantize_weight)
+        """x Wᵀ without the bias, by dequantizing the weight: the plain-torch path (``quantlm.nn.reference``, whose
+        docstring says how W8A8 and LLM.int8() layers compute)."""
+        return reference_matmul(self, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.kernel(x) if self.kernel is not None else self.reference_forward(x)

@@ -1,4 +1,4 @@
-"""The layer-wise pipeline (../shared/DESIGN.md): one decoder block at a time.
+"""The layer-wise pipeline (docs/architecture.md): one decoder block at a time.
 
 For each block: (1) its inputs for the calibration batch are at hand; (2)-(3) every recipe step gets a
 ``BlockContext`` through which it observes the block (``ctx.forward()`` runs the block on the calibration inputs,
@@ -6,23 +6,13 @@ with whatever hooks the step has registered) and transforms it (smooths, solves,
 (4) the transformed block is run to produce the next block's inputs, so later blocks see the errors of earlier
 ones. Steps never loop over the model themselves. Calibration-free recipes skip the capture entirely.
 
-Replay: a step that is done with some Linears marks them final (``ctx.mark_final``). A direct child of the block
-(an attention or MLP module) whose Linears are all final, and which runs after nothing that can still change, gives
-the same output on every later pass; its output is recorded on the first full pass after that and replayed on the
-later ones instead of recomputed.
-
-Tail replay goes further. When a child's output is the output of its last Linear (its *tail*: o_proj of a Llama
-attention, down_proj of its MLP; found once per block layout by running one mini-batch), the tail's input is
-recorded on a pass where every Linear before it is final. Once the tail is final too, the child replays as the tail
-applied to that recorded input: one matmul instead of the child's math, and nothing more kept than the input. With
-true-sequential GPTQ on a Llama block the attention then runs in two passes of five (the q/k/v pass stops inside
-it) and the MLP in three, or two when the activations are offloaded: an input wider than the block's hidden states
-(the MLP's) is only recorded on disk, never in memory.
+Replay (``quantlm.pipeline.replay``): passes over a block skip the parts of it that no step can change any more,
+and replay their recorded outputs instead. What a run finds about its blocks' layout (input groups, tails) is kept
+in a ``LayoutCache`` of that run.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import time
@@ -33,10 +23,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from quantlm.models.blocks import DecoderBlocks, find_decoder_blocks, is_linear, linear_weight, quantizable_linears, tensor_key
-from quantlm.nn.qlinear import QuantLinear
+from quantlm.models.blocks import DecoderBlocks, find_decoder_blocks, quantizable_linears, tensor_key
 from quantlm.pipeline.activations import Batches
 from quantlm.pipeline.capture import BlockInputs, capture_block_inputs
+from quantlm.pipeline.dequantized import dequantize_block, drop_dequantized
+from quantlm.pipeline.replay import LayoutCache, Replay, linear_in_features  # noqa: F401 (stats imports it here)
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +44,6 @@ class LayerRecord:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-_GROUP_CACHE: dict[tuple, list[list[str]]] = {}
-_TAIL_CACHE: dict[tuple, dict[str, tuple]] = {}
 
 
 class _StopBlock(Exception):
@@ -81,17 +68,12 @@ class BlockContext:
     index: int
     inputs: BlockInputs | None  # None for calibration-free runs
     final: set[str] = field(default_factory=set)  # Linears (full names) that no step will change again
-    _recorded: dict[str, tuple[Batches, int]] = field(default_factory=dict)  # child -> (outputs, _output_arity)
-    tails: dict[str, tuple[str, int, tuple[str, ...]]] = field(default_factory=dict)  # find_tails(); {}: no tail replay
-    _tail_inputs: dict[str, Batches] = field(default_factory=dict)  # tail Linear -> its (final) inputs
-    _child_linears: dict[str, list[str]] = field(default_factory=dict)
+    # the run's layouts (input groups, tails); a context built by itself gets one of its own
+    layout_cache: LayoutCache = field(default_factory=LayoutCache, repr=False, compare=False)
+    replay: Replay = field(init=False, repr=False, compare=False)  # recorded outputs of the block's children
 
     def __post_init__(self) -> None:
-        # taken before any step swaps a Linear for a quantized module
-        for child_name, child in self.block.named_children():
-            names = [".".join(filter(None, (self.name, child_name, n))) for n in quantizable_linears(child)]
-            if names:
-                self._child_linears[child_name] = names
+        self.replay = Replay(self)
 
     @property
     def block(self) -> nn.Module:
@@ -112,145 +94,7 @@ class BlockContext:
     def reset_final(self) -> None:
         """Forget the promises and recorded outputs (a new step may change anything)."""
         self.final.clear()
-        for batches, _ in self._recorded.values():
-            batches.clear()
-        self._recorded.clear()
-        for batches in self._tail_inputs.values():
-            batches.clear()
-        self._tail_inputs.clear()
-
-    def _settled_children(self) -> list[tuple[str, nn.Module]]:
-        """Direct children of the block with Linears, all final. Children run in registration order in every
-        supported block, and a child is only settled when every Linear registered before it is final too."""
-        settled = []
-        for child_name, linears in self._child_linears.items():
-            if not all(n in self.final for n in linears):
-                break
-            settled.append((child_name, getattr(self.block, child_name)))
-        return settled
-
-    def find_tails(self) -> dict[str, tuple[str, int, tuple[str, ...]]]:
-        """Children whose output is their last Linear's output: child -> (that Linear's full name, output arity,
-        the Linears called before it).
-
-        Found by running the first mini-batch and comparing tensor identities (no table per architecture); cached
-        by the block's layout like ``input_groups``. Call it before any step registers hooks on the block."""
-        prefix = f"{self.name}."
-        config = getattr(self.model, "config", None)
-        key = (
-            type(self.block),
-            tuple(n.removeprefix(prefix) for n in self.linears()),
-            tuple((c, type(getattr(self.block, c))) for c in self._child_linears),
-            config.to_json_string() if hasattr(config, "to_json_string") else None,
-            getattr(config, "_attn_implementation", None),
-        )
-        cached = _TAIL_CACHE.get(key)
-        if cached is None:
-            linear_out: dict[str, Any] = {}  # name -> (output, a copy of it taken when it was made)
-            child_out: dict[str, Any] = {}
-            def keep(name, out) -> None:  # a forward hook must return None, or it replaces the output
-                if name not in linear_out:
-                    linear_out[name] = (out, out.clone())
-
-            handles = [
-                m.register_forward_hook(lambda mod, args, out, n=n: keep(n, out)) for n, m in self.linears().items()
-            ]
-            handles += [
-                getattr(self.block, c).register_forward_hook(lambda mod, args, out, c=c: child_out.__setitem__(c, out))
-                for c in self._child_linears
-            ]
-            try:
-                with torch.no_grad():
-                    self._run(next(iter(self._require_inputs().hidden)))
-            finally:
-                for h in handles:
-                    h.remove()
-            cached = {}
-            run_order = [n.removeprefix(prefix) for n in linear_out]  # dicts keep insertion order: call order
-            for child_name, linears in self._child_linears.items():
-                if is_linear(getattr(self.block, child_name)):
-                    continue  # a Linear child (OPT's fc1): replaying it by itself would save nothing
-                out = child_out.get(child_name)
-                arity = _output_arity(out)
-                if arity is None:
-                    continue
-                tensor = out if arity == 0 else out[0]
-                last = linears[-1]
-                made, copy = linear_out.get(last, (None, None))
-                # the very tensor, and not changed in place after the Linear made it
-                relative = last.removeprefix(prefix)
-                if made is tensor and torch.equal(copy, tensor) and relative in run_order:
-                    # the Linears called before it: its input is final once they are (calls, not registration, order)
-                    cached[child_name] = (relative, arity, tuple(run_order[: run_order.index(relative)]))
-            _TAIL_CACHE[key] = cached
-        return {child: (prefix + linear, arity, tuple(prefix + b for b in before)) for child, (linear, arity, before) in cached.items()}
-
-    @contextlib.contextmanager
-    def _replaying(self, full_pass: bool, observed: tuple[nn.Module, ...] = ()):
-        """Replay the settled children recorded earlier (from their tail's input where there is one); record the
-        others, and the final inputs of tails, when this pass sees every batch. A child holding an ``observed``
-        module always runs, so the module's hooks fire."""
-        hidden = self._require_inputs().hidden
-        n_batches = len(hidden)
-        tails = self.tails
-        prefix = f"{self.name}."
-        linears = {linear: self.block.get_submodule(linear.removeprefix(prefix)) for linear, _, _ in tails.values()}
-        patched, handles, recording, tail_recording = [], [], {}, {}
-        if full_pass:
-            width = hidden.shapes[0][-1] if hidden.shapes else 0
-            for child_name, (linear, _, before) in tails.items():
-                if linear in self._tail_inputs or not all(n in self.final for n in before):
-                    continue
-                if not hidden.offloaded and linear_in_features(linears[linear]) > width:
-                    continue
-                batches = hidden.empty_like()
-                tail_recording[linear] = batches
-                # prepended: an observing hook on the same Linear may stop the block right after it
-                handles.append(
-                    linears[linear].register_forward_pre_hook(
-                        lambda module, args, _batches=batches: _batches.append(args[0]), prepend=True
-                    )
-                )
-        for name, child in self._settled_children():
-            if any(m is o for m in child.modules() for o in observed):
-                continue
-            tail = tails.get(name)
-            if tail is not None and tail[0] in self._tail_inputs:
-                tail_linear, tail_inputs = linears[tail[0]], self._tail_inputs[tail[0]]
-                _replay_as(child, lambda i, _f=tail_linear, _x=tail_inputs: _f(_x[i]), tail[1])
-                patched.append(child)
-            elif name in self._recorded:
-                batches, arity = self._recorded[name]
-                _replay_as(child, batches.__getitem__, arity)
-                patched.append(child)
-            elif full_pass and (tail is None or tail[0] not in tail_recording):  # else the tail replays it next time
-                batches = hidden.empty_like()
-                arities: set = set()
-                recording[name] = (batches, arities)
-
-                def record(module, args, output, _batches=batches, _arities=arities):
-                    _arities.add(_output_arity(output))
-                    if None not in _arities:
-                        _batches.append(output if isinstance(output, torch.Tensor) else output[0])
-
-                handles.append(child.register_forward_hook(record))
-        try:
-            yield
-        finally:
-            for child in patched:
-                del child.forward
-            for h in handles:
-                h.remove()
-        for name, (batches, arities) in recording.items():
-            if len(batches) == n_batches and len(arities) == 1:
-                self._recorded[name] = (batches, arities.pop())
-            else:
-                batches.clear()
-        for linear, batches in tail_recording.items():
-            if len(batches) == n_batches:
-                self._tail_inputs[linear] = batches
-            else:
-                batches.clear()
+        self.replay.clear()
 
     @torch.no_grad()
     def observe(
@@ -278,7 +122,7 @@ class BlockContext:
         handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in modules.items()]
         try:
             batches = self._require_inputs().hidden
-            with self._replaying(full_pass=not first_batch_only, observed=tuple(modules.values())):
+            with self.replay.replaying(batches, full_pass=not first_batch_only, observed=tuple(modules.values())):
                 for hidden in itertools.islice(batches, 1) if first_batch_only else batches:
                     pending.update(modules)
                     try:
@@ -294,11 +138,11 @@ class BlockContext:
         """``modules`` grouped by the input they share (q/k/v, gate/up), groups in the order the block runs them.
 
         Found by running the first calibration mini-batch (up to the last of ``modules``), so it needs no
-        per-architecture table. Blocks of one model share their layout, so the answer is cached by the block's
-        module names relative to the block."""
+        per-architecture table. Blocks of one model share their layout, so the answer is kept for the run
+        (``LayoutCache``), by the block's module names relative to the block and the model's config."""
         prefix = f"{self.name}."
-        key = (type(self.block), tuple(n.removeprefix(prefix) for n in modules))
-        cached = _GROUP_CACHE.get(key)
+        key = LayoutCache.key(self.model, self.block, (n.removeprefix(prefix) for n in modules))
+        cached = self.layout_cache.groups.get(key)
         if cached is not None:
             return [[prefix + n for n in group] for group in cached]
         seen: dict[str, torch.Tensor] = {}  # the inputs are kept alive, so no two can share an address
@@ -312,7 +156,7 @@ class BlockContext:
             groups.setdefault(tensor_key(x), []).append(name)
         never_called = [n for n in modules if n not in seen]
         result = list(groups.values()) + ([never_called] if never_called else [])
-        _GROUP_CACHE[key] = [[n.removeprefix(prefix) for n in group] for group in result]
+        self.layout_cache.groups[key] = [[n.removeprefix(prefix) for n in group] for group in result]
         return result
 
     def _require_inputs(self) -> BlockInputs:
@@ -340,44 +184,12 @@ class BlockContext:
         outputs then replace its inputs without both sets being held at once)."""
         hidden = self._require_inputs().hidden
         outputs = hidden.empty_like()
-        with self._replaying(full_pass=not consume_inputs):
+        with self.replay.replaying(hidden, full_pass=not consume_inputs):
             for x in hidden.consume() if consume_inputs else hidden:
                 out = self._run(x)
                 if keep_outputs:
                     outputs.append(out)
         return outputs if keep_outputs else None
-
-
-def linear_in_features(module: nn.Module) -> int:
-    """in_features of a Linear (any layout) or of the QuantLinear that replaced it."""
-    if isinstance(module, QuantLinear):
-        return module.in_features
-    return linear_weight(module).shape[1]
-
-
-def _output_arity(output) -> int | None:
-    """How a child's output can be recorded: 0 for a tensor, n for a tuple of a tensor and n-1 Nones (attention
-    modules that return no weights), None for anything else (never replayed)."""
-    if isinstance(output, torch.Tensor):
-        return 0
-    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor) and all(o is None for o in output[1:]):
-        return len(output)
-    return None
-
-
-def _replay_as(child: nn.Module, output_of: Callable[[int], torch.Tensor], arity: int) -> None:
-    """Patch ``child.forward`` so that its i-th call (mini-batch i) returns ``output_of(i)`` in the child's own output
-    shape, ignoring its arguments; ``del child.forward`` undoes it."""
-    counter = itertools.count()
-
-    def replay(*args, **kwargs):
-        return _rebuild_output(output_of(next(counter)), arity)
-
-    child.forward = replay
-
-
-def _rebuild_output(tensor: torch.Tensor, arity: int):
-    return tensor if arity == 0 else (tensor,) + (None,) * (arity - 1)
 
 
 class WeightSource(Protocol):
@@ -398,25 +210,18 @@ class FinishedBlocks(Protocol):
     def restore(self, i: int, blocks: DecoderBlocks) -> list[LayerRecord]: ...
 
 
-def _quantized_layers(block: nn.Module) -> list[QuantLinear]:
-    return [m for m in block.modules() if isinstance(m, QuantLinear)]
-
-
 def _block_dtype(model: nn.Module) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 def _dequantize_once(block: nn.Module, dtype: torch.dtype) -> None:
     """Layers of ``block`` without a kernel (restored from a store) run on their weight dequantized once."""
-    for m in _quantized_layers(block):
-        if m.kernel is None:
-            m.use_kernel("dequantized", dtype)
+    dequantize_block(block, dtype)
 
 
 def _drop_kernels(block: nn.Module) -> None:
     """Forget the dequantized copies of a finished block's weights (its memory must not outlive the block)."""
-    for m in _quantized_layers(block):
-        m.kernel = None
+    drop_dequantized(block)
 
 
 def run_pipeline(
@@ -447,9 +252,10 @@ def run_pipeline(
         inputs = capture_block_inputs(model, blocks, calibration, batch_size, offload_dir)
         log.info("captured %d calibration samples in %.1fs", inputs.n_samples, time.perf_counter() - t0)
     records: list[LayerRecord] = []
+    layout_cache = LayoutCache()  # this run's: nothing found about one model's layout outlives its run
     bar = tqdm(range(len(blocks)), desc="quantizing", unit="block", disable=not progress)
     for index in bar:
-        ctx = BlockContext(model, blocks, index, inputs)
+        ctx = BlockContext(model, blocks, index, inputs, layout_cache=layout_cache)
         if store is not None and store.has(index):
             records.extend(store.restore(index, blocks))
             bar.set_postfix_str("resumed")
@@ -457,7 +263,7 @@ def run_pipeline(
             if weights is not None:
                 weights.materialize(index)
             if inputs is not None:
-                ctx.tails = ctx.find_tails()
+                ctx.replay.tails = ctx.replay.find_tails()
             block_records = []
             for step in steps:
                 ctx.reset_final()

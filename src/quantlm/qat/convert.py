@@ -26,7 +26,7 @@ def convertible(config) -> None:
             f"{'symmetric' if config.a_symmetric else 'asymmetric'} activation grid can be trained and evaluated "
             "but not converted: use --a-bits 8 or 16"
         )
-    if config.act_bits is not None and config.weight_spec is None:
+    if config.act_bits is not None and config.weight is None:
         raise InvalidSpecError("8-bit activations with 16-bit weights have no kernel here: quantize the weights too")
 
 

@@ -13,9 +13,6 @@ one in place; ``quantlm.qat.convert`` turns that into packed QuantLinears afterw
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -25,81 +22,10 @@ from quantlm.core.activation import fake_quantize_per_token, quantize_per_token_
 from quantlm.errors import InvalidSpecError
 from quantlm.methods.common import is_excluded
 from quantlm.models.blocks import find_decoder_blocks, is_linear, linear_weight, set_submodule
-from quantlm.nn.kv_cache import KVQuantConfig, enable_fake_kv_quantization
-from quantlm.nn.kernels import integer_product
+from quantlm.methods.qat import QATBits, QATConfig  # noqa: F401  (QATBits: re-exported for callers)
+from quantlm.nn.kv_cache import enable_fake_kv_quantization
+from quantlm.nn.reference import integer_product
 from quantlm.nn.qlinear import storage_scale_dtype
-
-OFF = 16
-PART_BITS = (2, 3, 4, 5, 6, 7, 8, OFF)
-
-
-@dataclass(frozen=True)
-class QATBits:
-    """Bit widths of weights, activations and KV cache; 16 means that part stays in full precision."""
-
-    w: int = 4
-    a: int = 8
-    kv: int = 4
-
-    def __post_init__(self) -> None:
-        for part, bits in (("weight", self.w), ("activation", self.a), ("KV-cache", self.kv)):
-            if isinstance(bits, bool) or bits not in PART_BITS:
-                raise InvalidSpecError(f"{part} bits must be 2..8, or 16 for full precision, got {bits!r}")
-
-    @classmethod
-    def parse(cls, text: str) -> "QATBits":
-        """'4-8-4' -> QATBits(4, 8, 4)."""
-        m = re.fullmatch(r"\s*(\d+)-(\d+)-(\d+)\s*", str(text))
-        if not m:
-            raise InvalidSpecError(f"bits are written W-A-KV, such as 4-8-4 (16 = full precision), got {text!r}")
-        return cls(*(int(g) for g in m.groups()))
-
-    def __str__(self) -> str:
-        return f"{self.w}-{self.a}-{self.kv}"
-
-
-@dataclass(frozen=True)
-class QATConfig:
-    """What is fake-quantized and how. ``w_group_size`` -1 is per output channel (the paper's choice)."""
-
-    bits: QATBits = QATBits()
-    w_symmetric: bool = True
-    w_group_size: int = -1
-    a_symmetric: bool = True
-    kv_symmetric: bool = True
-    learnable_clip: bool = False
-    exclude: tuple[str, ...] = ()
-
-    @property
-    def weight_spec(self) -> QuantSpec | None:
-        if self.bits.w == OFF:
-            return None
-        return QuantSpec(bits=self.bits.w, symmetric=self.w_symmetric, group_size=self.w_group_size)
-
-    @property
-    def act_bits(self) -> int | None:
-        return None if self.bits.a == OFF else self.bits.a
-
-    @property
-    def kv_config(self) -> KVQuantConfig | None:
-        return None if self.bits.kv == OFF else KVQuantConfig(self.bits.kv, self.kv_symmetric)
-
-    def to_dict(self) -> dict:
-        spec = self.weight_spec
-        return {
-            "bits": str(self.bits),
-            "weight": spec.to_dict() if spec else None,
-            "act": None if self.act_bits is None else {"bits": self.act_bits, "symmetric": self.a_symmetric, "granularity": "token"},
-            "kv": None if self.kv_config is None else self.kv_config.to_dict(),
-            "learnable_clip": self.learnable_clip,
-            "exclude": list(self.exclude),
-        }
-
-    def __post_init__(self) -> None:
-        self.weight_spec  # validates the weight grid
-        if self.learnable_clip and self.bits.w == OFF:
-            raise InvalidSpecError("learnable clipping needs quantized weights: set the weight bits below 16")
-
 
 def _storage_rounded(scale: Tensor) -> Tensor:
     """``scale`` rounded to the dtype a QuantLinear stores it in, with an identity gradient."""
@@ -168,7 +94,7 @@ class FakeQuantLinear(nn.Module):
 
     def _integer_forward(self, x: Tensor) -> Tensor:
         """Without gradients: the product as the converted QuantLinear computes it, integer sums then both scales
-        (``quantlm.nn.kernels.integer_product``), so a fake-quantized model and its conversion give the same
+        (``quantlm.nn.reference.integer_product``), so a fake-quantized model and its conversion give the same
         numbers and the same roundings downstream."""
         scale, zero = (t.detach() for t in self.grid())
         w_int = quantize(self.weight.detach().float(), scale, zero, self.spec).float() - zero
@@ -201,7 +127,7 @@ def prepare_qat(model: nn.Module, config: QATConfig) -> nn.Module:
     The output projection (lm_head) and embeddings stay in full precision, as in the paper. Returns ``model``
     with ``model.quantlm_qat_config`` set."""
     blocks = find_decoder_blocks(model)
-    spec = config.weight_spec
+    spec = config.weight
     for i, block in enumerate(blocks.blocks):
         for name, module in list(block.named_modules()):
             full = f"{blocks.name(i)}.{name}"

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from quantlm.errors import CheckpointError, InvalidSpecError
+from quantlm.formats.record import QuantizationRecord
 from quantlm.qat.convert import convert_qat_model, convertible
 from quantlm.qat.data import pack_samples, read_samples
 from quantlm.qat.fake_quant import FakeQuantLinear, QATConfig, fake_quant_linears, prepare_qat
@@ -87,7 +88,7 @@ def run_qat(
         return student
 
     student = new_student()
-    signature = {"qat": config.to_dict(), "init": init is not None}
+    signature = {"qat": config.to_config(), "init": init is not None}
     result = train(student, teacher, windows, settings, state_dir=state_dir, signature=signature, progress=progress)
     if result.full_state:  # FSDP left the student sharded: rebuild it whole from the gathered weights
         student = new_student()
@@ -134,15 +135,16 @@ def qat_to_checkpoint(
     if not is_main:
         return out
     convert_qat_model(student)
-    student.quantlm_recipe = [{
-        "method": "qat", **config.to_dict(), "init": None if init is None else str(init),
-        "training": {**settings.to_dict(), "data": str(data), "seqlen": seqlen, "windows": windows.shape[0],
-                     "tokens": result.tokens, "seconds": round(result.seconds, 1),
-                     "first_loss": result.losses[0] if result.losses else None,
-                     "last_loss": result.losses[-1] if result.losses else None},
-    }]
-    student.quantlm_log = []
-    api.save(student, out, tokenizer=tokenizer, overwrite=overwrite)
+    record = QuantizationRecord(
+        recipe=[config.to_config()],
+        seconds=result.seconds,
+        kv_cache=config.kv_config,
+        training={**settings.to_dict(), "data": str(data), "seqlen": seqlen, "windows": windows.shape[0],
+                  "tokens": result.tokens, "first_loss": result.losses[0] if result.losses else None,
+                  "last_loss": result.losses[-1] if result.losses else None,
+                  "init": None if init is None else str(init)},
+    )
+    api.save(student, out, record=record, tokenizer=tokenizer, overwrite=overwrite)
     if not keep_work_dir:
         shutil.rmtree(work, ignore_errors=True)
     return out

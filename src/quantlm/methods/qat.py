@@ -1,0 +1,110 @@
+"""LLM-QAT's settings (Liu et al., 2023): what is fake-quantized while the whole model trains, and how.
+
+QAT is not a step of the layer-wise pipeline: it trains the whole model end to end (``quantlm.qat``), so it is
+registered as a method whose recipe is read back from a checkpoint, but which ``quantize`` refuses. Weights use the
+same grid vocabulary as every other method (a ``QuantSpec``); activations are per token, the KV cache per token and
+head. Bits are often written as a W-A-KV triple such as 4-8-4, where 16 leaves a part in full precision.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from quantlm.core import QuantSpec
+from quantlm.errors import InvalidSpecError
+from quantlm.methods.base import Method, register, spec_with
+from quantlm.methods.common import exclude_setting
+from quantlm.nn.kv_cache import KVQuantConfig
+
+OFF = 16
+PART_BITS = (2, 3, 4, 5, 6, 7, 8)
+
+
+@dataclass(frozen=True)
+class QATBits:
+    """Bit widths of weights, activations and KV cache; 16 means that part stays in full precision."""
+
+    w: int = 4
+    a: int = 8
+    kv: int = 4
+
+    def __post_init__(self) -> None:
+        for part, bits in (("weight", self.w), ("activation", self.a), ("KV-cache", self.kv)):
+            if isinstance(bits, bool) or bits not in PART_BITS + (OFF,):
+                raise InvalidSpecError(f"{part} bits must be 2..8, or 16 for full precision, got {bits!r}")
+
+    @classmethod
+    def parse(cls, text: "str | QATBits") -> "QATBits":
+        """'4-8-4' -> QATBits(4, 8, 4)."""
+        if isinstance(text, QATBits):
+            return text
+        m = re.fullmatch(r"\s*(\d+)-(\d+)-(\d+)\s*", str(text))
+        if not m:
+            raise InvalidSpecError(f"bits are written W-A-KV, such as 4-8-4 (16 = full precision), got {text!r}")
+        return cls(*(int(g) for g in m.groups()))
+
+    def __str__(self) -> str:
+        return f"{self.w}-{self.a}-{self.kv}"
+
+
+def _on(bits: int) -> int | None:
+    return None if bits == OFF else bits
+
+
+@register
+@dataclass(frozen=True)
+class QATConfig(Method):
+    """What is fake-quantized during QAT. ``weight``: the weight grid (None: full precision; per output channel,
+    symmetric MinMax is the paper's); ``act_bits``: per-token activations (None: full precision); ``kv_bits``: the
+    KV cache per token and head (None: full precision); ``learnable_clip``: the weight scales are trained too."""
+
+    weight: QuantSpec | None = QuantSpec(bits=4, symmetric=True)
+    act_bits: int | None = 8
+    kv_bits: int | None = 4
+    a_symmetric: bool = True
+    kv_symmetric: bool = True
+    learnable_clip: bool = False
+    exclude: tuple[str, ...] = exclude_setting()
+
+    name = "qat"
+    pipeline = False
+
+    def __post_init__(self) -> None:
+        for part, bits in (("activation", self.act_bits), ("KV-cache", self.kv_bits)):
+            if bits is not None and (isinstance(bits, bool) or bits not in PART_BITS):
+                raise InvalidSpecError(f"{part} bits must be 2..8, or None for full precision, got {bits!r}")
+        if self.weight is not None and not isinstance(self.weight, QuantSpec):
+            raise InvalidSpecError(f"the QAT weight grid must be a QuantSpec or None, got {self.weight!r}")
+        if self.learnable_clip and self.weight is None:
+            raise InvalidSpecError("learnable clipping needs quantized weights: set the weight bits below 16")
+
+    @classmethod
+    def from_bits(cls, bits: "str | QATBits", **settings) -> "QATConfig":
+        """The settings for a W-A-KV triple (``"4-8-4"``); ``settings``: the weight grid's other keys (``symmetric``,
+        ``group_size``, ``clip``) and this class's other fields."""
+        bits = QATBits.parse(bits)
+        grid = {k: settings.pop(k) for k in ("symmetric", "group_size", "clip") if k in settings}
+        weight = None if bits.w == OFF else spec_with(cls().weight, {"bits": bits.w, **grid})
+        return cls(weight=weight, act_bits=_on(bits.a), kv_bits=_on(bits.kv), **settings)
+
+    @classmethod
+    def from_options(cls, *, w_bits=None, a_bits=None, kv_bits=None, **settings) -> "QATConfig":
+        """The settings from command-line style options: bits per part (16: full precision) and the weight grid's
+        ``symmetric``/``group_size``; an option left None takes this class's default."""
+        default = cls().bits
+        given = {k: v for k, v in settings.items() if v is not None}
+        bits = QATBits(w_bits or default.w, a_bits or default.a, kv_bits or default.kv)
+        return cls.from_bits(bits, **given)
+
+    @property
+    def bits(self) -> QATBits:
+        return QATBits(self.weight.bits if self.weight else OFF, self.act_bits or OFF, self.kv_bits or OFF)
+
+    @property
+    def kv_config(self) -> KVQuantConfig | None:
+        return None if self.kv_bits is None else KVQuantConfig(self.kv_bits, self.kv_symmetric)
+
+    def describe(self) -> str:
+        grid = f", {self.weight.describe()}" if self.weight else ""
+        return f"qat({self.bits}{grid}{', learnable clip' if self.learnable_clip else ''})"
