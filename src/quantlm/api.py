@@ -255,6 +255,49 @@ def evaluate(
     return perplexity(model, tokenizer, text, seqlen=seqlen, max_windows=max_windows, add_bos=add_bos, progress=progress)
 
 
+# The rest of the public surface (what the command line runs), imported when first used so that ``import
+# quantlm`` stays light: ``quantlm.api.NAME`` for each name below.
+_ON_DEMAND = {
+    "GenerationSettings": "quantlm.qat.data",
+    "generate_training_data": "quantlm.qat.data",
+    "parse_greedy_tokens": "quantlm.qat.data",
+    "read_samples": "quantlm.qat.data",
+    "TrainSettings": "quantlm.qat.trainer",
+    "qat_to_checkpoint": "quantlm.qat.run",
+    "QATConfig": "quantlm.methods.qat",
+    "generate_text": "quantlm.generation",
+    "measure_speed": "quantlm.eval.speed",
+    "kernel_summary": "quantlm.nn.inference",
+    "KERNEL_CHOICES": "quantlm.nn.kernels",
+    "KVQuantConfig": "quantlm.nn.kv_cache",
+    "enable_kv_quantization": "quantlm.nn.kv_cache",
+    "ALIASES": "quantlm.models.sources",
+    "load_float_model": "quantlm.models.sources",
+    "BUILTIN_TEXTS": "quantlm.data.texts",
+    "catalog": "quantlm.methods.catalog",
+    "catalog_markdown": "quantlm.methods.catalog",
+    "cli_settings": "quantlm.methods.base",
+    "registered_methods": "quantlm.methods.base",
+    "offered_methods": "quantlm.methods.recipe",
+}
+
+
+def __getattr__(name: str):
+    module = _ON_DEMAND.get(name)
+    if module is None:
+        raise AttributeError(f"module 'quantlm.api' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+
+def kv_cache_setting(bits: int | None):
+    """The KV-cache setting for ``bits`` (8, 4, ...; None or 16: a float cache)."""
+    from quantlm.nn.kv_cache import KVQuantConfig
+
+    return None if bits is None or bits == 16 else KVQuantConfig(bits=bits)
+
+
 __all__ = [
     "add_head_step",
     "Calibration",
@@ -262,6 +305,8 @@ __all__ = [
     "Recipe",
     "evaluate",
     "head_step",
+    "kv_cache_setting",
+    "load_text",
     "load",
     "load_tokenizer",
     "parse_recipe",

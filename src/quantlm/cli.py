@@ -16,6 +16,7 @@ from typing import Optional
 
 import typer
 
+from quantlm import api
 from quantlm.errors import CheckpointError, QuantlmError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Quantize Hugging Face causal LMs and measure them.")
@@ -70,9 +71,7 @@ def _print_json(data) -> None:
 
 def _method_settings():
     """The command line's face of every pipeline method's settings, from the method registry."""
-    from quantlm.methods.base import cli_settings, registered_methods
-
-    return cli_settings(c for c in registered_methods().values() if c.pipeline)
+    return api.cli_settings(c for c in api.registered_methods().values() if c.pipeline)
 
 
 def _with_method_options(fn):
@@ -104,9 +103,7 @@ def _with_method_options(fn):
 
 
 def _offered_methods() -> list[str]:
-    from quantlm.methods.recipe import offered_methods
-
-    return list(offered_methods())
+    return list(api.offered_methods())
 
 
 MethodName = Enum("MethodName", {name: name for name in _offered_methods()}, type=str)
@@ -140,8 +137,6 @@ def quantize(
     """Quantize MODEL and write a checkpoint to OUT."""
     import torch
 
-    from quantlm import api
-
     if out.exists() and not overwrite:
         raise CheckpointError(f"output directory {out} already exists: choose another path or pass --overwrite")
     given = {k: v for k, v in (options or {}).items() if v is not None}
@@ -169,7 +164,7 @@ def quantize(
         overwrite=overwrite,
         offload_activations=offload_activations,
         progress=not as_json,
-        kv_cache=_kv_config(kv_bits),
+        kv_cache=api.kv_cache_setting(kv_bits),
     )
     seconds = time.perf_counter() - t0
     qmodel = api.load(out)
@@ -192,12 +187,6 @@ def quantize(
     typer.echo(summarize_log(qmodel.quantlm_record.log))
     if evaluate:
         typer.echo(f"perplexity {summary['ppl']:.3f} over {summary['tokens']} tokens")
-
-
-def _kv_config(kv_bits: Optional[int]):
-    from quantlm.nn.kv_cache import KVQuantConfig
-
-    return None if kv_bits is None or kv_bits == 16 else KVQuantConfig(bits=kv_bits)
 
 
 def summarize_log(records: list[dict]) -> str:
@@ -255,21 +244,16 @@ def eval_cmd(
     as_json: bool = typer.Option(False, "--json", help='Print {"ppl": ..., "tokens": ...} on stdout.'),
 ) -> None:
     """Perplexity per the benchmark protocol (non-overlapping windows)."""
-    from quantlm import api
-    from quantlm.data import load_text
-    from quantlm.nn.inference import kernel_summary
 
     if seqlen < 2:
         _fail(f"--seqlen must be at least 2, got {seqlen}")
     _setup_threads()
     t0 = time.perf_counter()
-    load_text(data, split)  # a bad text source fails before the model is loaded
-    kv = _kv_config(kv_bits)
+    api.load_text(data, split)  # a bad text source fails before the model is loaded
+    kv = api.kv_cache_setting(kv_bits)
     lm, kernels, _ = _load_for_inference(model, DType.float32, kernel, verbose=False)
     if kv_bits is not None:
-        from quantlm.nn.kv_cache import enable_kv_quantization
-
-        enable_kv_quantization(lm, kv)
+        api.enable_kv_quantization(lm, kv)
     result = api.evaluate(
         lm, tokenizer=api.load_tokenizer(model), data=data, split=split, seqlen=seqlen, max_windows=max_windows or None,
         add_bos=bos, progress=not as_json,
@@ -278,7 +262,7 @@ def eval_cmd(
     if as_json:
         kv_now = getattr(lm, "quantlm_kv_config", None)
         _print_json({"ppl": result.ppl, "tokens": result.tokens, "windows": result.windows, "seqlen": result.seqlen,
-                     "seconds": round(seconds, 2), "kernels": kernel_summary(kernels),
+                     "seconds": round(seconds, 2), "kernels": api.kernel_summary(kernels),
                      "kv_cache": None if kv_now is None else kv_now.describe()})
     else:
         typer.echo(f"perplexity {result.ppl:.4f} over {result.tokens} tokens ({result.windows} x {result.seqlen}) in {seconds:.1f}s")
@@ -289,12 +273,9 @@ def _load_for_inference(model: str, dtype: "DType", kernel: str, verbose: bool, 
     with ``verbose``."""
     import torch
 
-    from quantlm import api
-    from quantlm.nn.inference import kernel_summary
-    from quantlm.nn.kernels import KERNEL_CHOICES
 
-    if kernel not in KERNEL_CHOICES:
-        raise QuantlmError(f"unknown kernel '{kernel}': choose one of {', '.join(KERNEL_CHOICES)}")
+    if kernel not in api.KERNEL_CHOICES:
+        raise QuantlmError(f"unknown kernel '{kernel}': choose one of {', '.join(api.KERNEL_CHOICES)}")
     t0 = time.perf_counter()
     lm = api.load(model, dtype=getattr(torch, dtype.value), kernel=kernel, attention=attention)
     seconds = time.perf_counter() - t0
@@ -302,7 +283,7 @@ def _load_for_inference(model: str, dtype: "DType", kernel: str, verbose: bool, 
     if verbose:
         for name, chosen in kernels.items():
             typer.echo(f"{name}\t{chosen}", err=True)
-        typer.echo(f"kernels: {kernel_summary(kernels)}; attention {lm.config._attn_implementation}; loaded in {seconds:.2f}s", err=True)
+        typer.echo(f"kernels: {api.kernel_summary(kernels)}; attention {lm.config._attn_implementation}; loaded in {seconds:.2f}s", err=True)
     return lm, kernels, seconds
 
 
@@ -324,8 +305,6 @@ def generate(
     as_json: bool = typer.Option(False, "--json", help='Print {"text": ...} on stdout instead of streaming.'),
 ) -> None:
     """Continue a prompt with a full-precision or quantized model, streaming the tokens."""
-    from quantlm import api
-    from quantlm.generation import generate_text
 
     if max_new_tokens < 1:
         _fail(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
@@ -334,7 +313,7 @@ def generate(
     lm, _, _ = _load_for_inference(model, dtype, kernel, verbose, attention)
     if not as_json:
         typer.echo(prompt, nl=False)
-    text = generate_text(
+    text = api.generate_text(
         lm, tokenizer, prompt, max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, top_p=top_p,
         seed=seed, stream=not as_json, compile=compile,
     )
@@ -361,10 +340,6 @@ def bench(
     as_json: bool = typer.Option(False, "--json", help="Print the whole report as JSON on stdout."),
 ) -> None:
     """Prefill and decode tokens/s, weight bytes and peak memory of a model (docs/benchmarks.md protocol)."""
-    from quantlm import api
-    from quantlm.data import load_text
-    from quantlm.eval.speed import measure_speed
-    from quantlm.nn.inference import kernel_summary
 
     for flag, value, least in (("--prefill-tokens", prefill_tokens, 1), ("--decode-prompt", decode_prompt, 1),
                                ("--decode-tokens", decode_tokens, 2), ("--repeats", repeats, 1)):
@@ -372,13 +347,13 @@ def bench(
             _fail(f"{flag} must be at least {least}, got {value}")
     _setup_threads()
     tokenizer = api.load_tokenizer(model)
-    load_text(data, "eval")  # a bad text source fails before the model is loaded
+    api.load_text(data, "eval")  # a bad text source fails before the model is loaded
     lm, kernels, load_seconds = _load_for_inference(model, dtype, kernel, verbose, attention)
-    report = measure_speed(
+    report = api.measure_speed(
         lm, tokenizer, prefill_tokens=prefill_tokens, decode_prompt=decode_prompt, decode_tokens=decode_tokens,
         repeats=repeats, compile=compile, text=data,
     )
-    report.extra.update(model=model, load_seconds=round(load_seconds, 3), kernels=kernel_summary(kernels),
+    report.extra.update(model=model, load_seconds=round(load_seconds, 3), kernels=api.kernel_summary(kernels),
                         attention=lm.config._attn_implementation)
     if as_json:
         _print_json(report.to_dict())
@@ -402,12 +377,10 @@ def bench(
 @_friendly
 def models(as_json: bool = typer.Option(False, "--json")) -> None:
     """List the built-in model aliases."""
-    from quantlm.models.sources import ALIASES
-
     if as_json:
-        _print_json({a.name: a.description for a in ALIASES.values()})
+        _print_json({a.name: a.description for a in api.ALIASES.values()})
     else:
-        for a in ALIASES.values():
+        for a in api.ALIASES.values():
             typer.echo(f"{a.name}\t{a.description}")
 
 
@@ -418,14 +391,12 @@ def methods(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """List the quantization methods and their settings (from the method registry)."""
-    from quantlm.methods.catalog import catalog, catalog_markdown
-
     if markdown:
-        typer.echo(catalog_markdown())
+        typer.echo(api.catalog_markdown())
     elif as_json:
-        _print_json(catalog())
+        _print_json(api.catalog())
     else:
-        for name, entry in catalog().items():
+        for name, entry in api.catalog().items():
             typer.echo(f"{name}\t{entry['summary']}")
 
 
@@ -433,12 +404,10 @@ def methods(
 @_friendly
 def data(as_json: bool = typer.Option(False, "--json")) -> None:
     """List the built-in text sources."""
-    from quantlm.data.texts import BUILTIN_TEXTS
-
     if as_json:
-        _print_json({t.name: t.description for t in BUILTIN_TEXTS.values()})
+        _print_json({t.name: t.description for t in api.BUILTIN_TEXTS.values()})
     else:
-        for t in BUILTIN_TEXTS.values():
+        for t in api.BUILTIN_TEXTS.values():
             typer.echo(f"{t.name}\t{t.description}")
 
 
@@ -452,7 +421,7 @@ def quickstart(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Quantize the default model with the best recipe and print size, perplexity and time."""
-    from quantlm import quickstart as qs
+    from quantlm import quickstart as qs  # the main job of a fresh checkout
 
     if calib_samples < 1:
         raise QuantlmError(f"--calib-samples must be at least 1, got {calib_samples}")
@@ -489,17 +458,15 @@ def generate_data(
     """LLM-QAT's data-free training text: MODEL writes its own samples (token ids, one jsonl line each)."""
     import torch
 
-    from quantlm.models.sources import load_float_model, load_tokenizer
-    from quantlm.qat.data import GenerationSettings, generate_training_data, parse_greedy_tokens, read_samples
 
-    settings = GenerationSettings(n_samples=samples, max_length=max_length, greedy_tokens=parse_greedy_tokens(greedy_tokens),
+    settings = api.GenerationSettings(n_samples=samples, max_length=max_length, greedy_tokens=api.parse_greedy_tokens(greedy_tokens),
                                   mode=mode.value, batch_size=batch_size, seed=seed)
     _setup_threads()
-    tokenizer = load_tokenizer(model)
-    lm = load_float_model(model, dtype=getattr(torch, dtype.value))
+    tokenizer = api.load_tokenizer(model)
+    lm = api.load_float_model(model, dtype=getattr(torch, dtype.value))
     t0 = time.perf_counter()
-    generate_training_data(lm, tokenizer, out, settings, progress=not as_json)
-    rows = read_samples(out)
+    api.generate_training_data(lm, tokenizer, out, settings, progress=not as_json)
+    rows = api.read_samples(out)
     summary = {"out": str(out), "samples": len(rows), "tokens": sum(len(r) for r in rows),
                "seconds": round(time.perf_counter() - t0, 1), "settings": settings.to_dict()}
     if as_json:
@@ -542,25 +509,19 @@ def qat(
     """LLM-QAT: train MODEL fake-quantized (W-A-KV bits) by distillation, then save it as a real quantized model.
 
     Runs on many processes with torchrun (DDP; gloo on CPU, nccl on CUDA)."""
-    from quantlm import api
-    from quantlm.methods.qat import QATConfig
-    from quantlm.qat.run import qat_to_checkpoint
-    from quantlm.qat.trainer import TrainSettings
 
     if out.exists() and not overwrite:
         raise CheckpointError(f"output directory {out} already exists: choose another path or pass --overwrite")
-    config = QATConfig.from_options(w_bits=w_bits, a_bits=a_bits, kv_bits=kv_bits, group_size=group_size,
+    config = api.QATConfig.from_options(w_bits=w_bits, a_bits=a_bits, kv_bits=kv_bits, group_size=group_size,
                                     symmetric=sym, learnable_clip=learnable_clip)
-    settings = TrainSettings(steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_steps=warmup,
+    settings = api.TrainSettings(steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_steps=warmup,
                              weight_decay=weight_decay, loss=loss.value, bf16=bf16,
                              gradient_checkpointing=gradient_checkpointing, save_every=save_every, seed=seed, fsdp=fsdp)
     if not str(data).endswith(".jsonl"):
-        from quantlm.data import load_text
-
-        load_text(data, "calibration")
+        api.load_text(data, "calibration")
     _setup_threads()
     t0 = time.perf_counter()
-    qat_to_checkpoint(model, out, config, settings, data=data, seqlen=seqlen, init=init, overwrite=overwrite,
+    api.qat_to_checkpoint(model, out, config, settings, data=data, seqlen=seqlen, init=init, overwrite=overwrite,
                       progress=not as_json)
     seconds = time.perf_counter() - t0
     if int(os.environ.get("RANK", "0")) != 0:
