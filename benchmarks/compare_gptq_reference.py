@@ -69,10 +69,11 @@ def main() -> None:
         ref_codes = torch.clamp(torch.round(q_ref / ours.scale[:, idx]) + ours.zero[:, idx], 0, spec.maxq)
         same = (ref_codes == ours.codes.float()).float().mean().item()
 
-        def output_error(q):
+        def output_error(q, x=x, w=w):
             return ((x @ q.T - x @ w.T).norm() / (x @ w.T).norm()).item()
 
-        label = f"w{bits} {'sym' if sym else 'asym'} g{gs}{' act-order' if act else ''}{' static' if static else ''}{' mse' if mse else ''}"
+        options = [name for name, on in (("act-order", act), ("static", static), ("mse", mse)) if on]
+        label = " ".join([f"w{bits} {'sym' if sym else 'asym'} g{gs}", *options])
         print(
             f"| {label} | {same:.3%} | {(q_ref - ours.dequantized).abs().max().item():.1e} "
             f"| {output_error(ours.dequantized):.6f} | {output_error(q_ref):.6f} |"

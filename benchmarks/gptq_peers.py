@@ -55,7 +55,7 @@ import sys
 import time
 import traceback
 from collections import deque
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -342,8 +342,15 @@ def quantize_with_quantlm(job: dict, calib) -> dict:
         # a timed run must not resume the blocks an interrupted earlier run left in the work directory
         shutil.rmtree(blocks_dir, ignore_errors=True)
         t0 = time.perf_counter()
-        quantize_to_checkpoint(job["model_dir"], step, out, calibration=calib, batch_size=job["batch_size"],
-                               work_dir=blocks_dir, overwrite=True)
+        quantize_to_checkpoint(
+            job["model_dir"],
+            step,
+            out,
+            calibration=calib,
+            batch_size=job["batch_size"],
+            work_dir=blocks_dir,
+            overwrite=True,
+        )
         quantize_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         model = quantlm.load(out)
@@ -569,8 +576,12 @@ def prepare_tokens(args, work_dir: Path) -> dict:
         **paths,
         "calibration": {**calibration.to_dict(), "digest": tensor_digest(calib)},
         "evaluation": {
-            "source": "enwiki", "split": "eval", "windows": evaluation.shape[0], "seqlen": evaluation.shape[1],
-            "bos_token_id": bos, "digest": tensor_digest(evaluation),
+            "source": "enwiki",
+            "split": "eval",
+            "windows": evaluation.shape[0],
+            "seqlen": evaluation.shape[1],
+            "bos_token_id": bos,
+            "digest": tensor_digest(evaluation),
         },
     }
 
@@ -622,8 +633,10 @@ def run_peer(peer: str, args, tokens: dict, work_dir: Path) -> dict:
         if not result["ok"]:
             raise PeerFailure(result["error"])
         row.update(result)
-        log(f"{peer}: ppl {result['ppl']:.3f}, quantize {format_seconds(result['quantize_s'])}, "
-            f"total {run['wall_s']:.1f}s, peak RSS {run['peak_rss_gb']:.2f} GB")
+        log(
+            f"{peer}: ppl {result['ppl']:.3f}, quantize {format_seconds(result['quantize_s'])}, "
+            f"total {run['wall_s']:.1f}s, peak RSS {run['peak_rss_gb']:.2f} GB"
+        )
     except (PeerFailure, OSError) as e:
         row.update(ok=False, error=str(e) if isinstance(e, PeerFailure) else f"{type(e).__name__}: {e}")
         log(f"{peer}: failed: {e}")
@@ -661,7 +674,8 @@ def markdown_table(report: dict) -> str:
     fp = next((r for r in rows if r["peer"] == "fp32" and r.get("ok")), None)
     calib, evaluation = report["calibration"], report["evaluation"]
     lines = [
-        f"GPTQ {report['setting']} on `{report['model']}`, CPU ({report['cpu_count']} cores, {report['args']['threads']} "
+        f"GPTQ {report['setting']} on `{report['model']}`, "
+        f"CPU ({report['cpu_count']} cores, {report['args']['threads']} "
         "threads per worker); calibration and solvers in float32, each model's scoring dtype in its notes.",
         f"Calibration: {calib['n_samples']} x {calib['seqlen']} tokens (enwiki calibration split, seed "
         f"{calib['seed']}, digest {calib['digest']}); evaluation: {evaluation['windows']} x {evaluation['seqlen']} "
@@ -673,13 +687,16 @@ def markdown_table(report: dict) -> str:
     ]
     for r in rows:
         if not r.get("ok"):
-            lines.append(f"| {r['peer']} | {peer_version(r)} | failed: {r['error']} | - | - | "
-                         f"{format_seconds(r.get('total_s'))} | - | {cell(r.get('peak_rss_gb'), '.2f')} | "
-                         f"{format_seconds(r['install_s'])} | |")
+            lines.append(
+                f"| {r['peer']} | {peer_version(r)} | failed: {r['error']} | - | - | "
+                f"{format_seconds(r.get('total_s'))} | - | {cell(r.get('peak_rss_gb'), '.2f')} | "
+                f"{format_seconds(r['install_s'])} | |"
+            )
             continue
         vs_fp = f"{r['ppl'] / fp['ppl'] - 1:+.1%}" if fp and r is not fp else "-"
-        notes = "; ".join(f"{k}={v}" for k, v in {"eval_dtype": r["eval_dtype"], **r["settings"]}.items()
-                          if k != "scheme")
+        notes = "; ".join(
+            f"{k}={v}" for k, v in {"eval_dtype": r["eval_dtype"], **r["settings"]}.items() if k != "scheme"
+        )
         if r.get("kept_from"):
             notes = f"**kept from the run of {r['kept_from']['date']} at {r['kept_from']['git']}**; " + notes
         lines.append(
@@ -707,8 +724,9 @@ def markdown_table(report: dict) -> str:
 def git_revision() -> str:
     """The commit, with '+dirty' when the working tree has changes."""
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout
         return head + ("+dirty" if dirty.strip() else "")
     except (OSError, subprocess.CalledProcessError):
@@ -718,45 +736,60 @@ def git_revision() -> str:
 def check_consistency(rows: list[dict], tokens: dict) -> None:
     """Every peer must have read the very tokens this script wrote."""
     for r in rows:
-        if r.get("ok") and (r["calib_digest"] != tokens["calibration"]["digest"]
-                            or r["eval_digest"] != tokens["evaluation"]["digest"]):
+        if r.get("ok") and (
+            r["calib_digest"] != tokens["calibration"]["digest"] or r["eval_digest"] != tokens["evaluation"]["digest"]
+        ):
             r.update(ok=False, error="read different calibration or evaluation tokens than were written")
 
 
 def with_kept_rows(rows: list[dict], args, tokens: dict) -> list[dict]:
     """``rows`` plus the rows of the previous report at ``args.out`` for peers not run now, when that report has the
-    same setting, model, batch size and threads and read the same tokens; each kept row says which run it is from. The previous order is kept."""
+    same setting, model, batch size and threads and read the same tokens; each kept row says which run it is from.
+    The previous order is kept."""
     path = args.out.with_suffix(".json")
     if not path.is_file():
         return rows
     previous = json.loads(path.read_text())
-    same = (previous.get("setting") == setting_label(args)
-            and all(previous["args"].get(k) == getattr(args, k) for k in ("batch_size", "threads", "model"))
-            and previous["calibration"]["digest"] == tokens["calibration"]["digest"]
-            and previous["evaluation"]["digest"] == tokens["evaluation"]["digest"])
+    same = (
+        previous.get("setting") == setting_label(args)
+        and all(previous["args"].get(k) == getattr(args, k) for k in ("batch_size", "threads", "model"))
+        and previous["calibration"]["digest"] == tokens["calibration"]["digest"]
+        and previous["evaluation"]["digest"] == tokens["evaluation"]["digest"]
+    )
     if not same:
-        log(f"--keep-rows: {path} is for another setting, model, batch size, thread count or other tokens; keeping none of its rows")
+        log(
+            f"--keep-rows: {path} is for another setting, model, batch size, thread count or other tokens; "
+            "keeping none of its rows"
+        )
         return rows
     fresh = {r["peer"]: r for r in rows}
-    merged = [fresh.pop(r["peer"]) if r["peer"] in fresh else
-              {**r, "kept_from": r.get("kept_from") or {"date": previous["date"], "git": previous["git"],
-                                                        "command": previous["command"]}}
-              for r in previous["rows"]]
+    merged = [
+        fresh.pop(r["peer"])
+        if r["peer"] in fresh
+        else {
+            **r,
+            "kept_from": r.get("kept_from")
+            or {"date": previous["date"], "git": previous["git"], "command": previous["command"]},
+        }
+        for r in previous["rows"]
+    ]
     return merged + list(fresh.values())
 
 
 def run_benchmark(args) -> None:
     work_dir = args.work_dir.resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
-    log(f"tokenizing: calibration {args.calib_samples} x {args.calib_seqlen}, "
-        f"evaluation {args.eval_windows} x {args.eval_seqlen}")
+    log(
+        f"tokenizing: calibration {args.calib_samples} x {args.calib_seqlen}, "
+        f"evaluation {args.eval_windows} x {args.eval_seqlen}"
+    )
     tokens = prepare_tokens(args, work_dir)
-    started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     rows: list[dict] = []
     for peer in args.peers:
         rows.append(run_peer(peer, args, tokens, work_dir))
         # after every peer: a run stopped later still leaves the rows it measured (and says which are missing)
-        table = write_report(args, tokens, rows, started, pending=args.peers[len(rows):])
+        table = write_report(args, tokens, rows, started, pending=args.peers[len(rows) :])
     print(table, end="")
 
 
@@ -778,7 +811,7 @@ def write_report(args, tokens: dict, rows: list[dict], started: str, pending: li
         "quantlm_version": quantlm.__version__,
         "git": git_revision(),
         "started": started,
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "pending": list(pending),
         "cpu_count": os.cpu_count(),
         "machine": platform.platform(),
@@ -787,7 +820,9 @@ def write_report(args, tokens: dict, rows: list[dict], started: str, pending: li
     table = markdown_table(report)
     write_json_atomically(args.out.with_suffix(".json"), report)
     write_text_atomically(args.out.with_suffix(".md"), table)
-    log(f"wrote {args.out.with_suffix('.md')} and .json" + (f" (still to run: {', '.join(pending)})" if pending else ""))
+    log(
+        f"wrote {args.out.with_suffix('.md')} and .json" + (f" (still to run: {', '.join(pending)})" if pending else "")
+    )
     return table
 
 
@@ -801,11 +836,16 @@ def parse_peers(text: str) -> list[str]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--peers", type=parse_peers, default="gptqmodel,llmcompressor,quantlm",
-                   help=f"comma-separated, run one after another in this order; from {', '.join(ALL_PEERS)} "
-                   "(fp32 = the unquantized reference) [%(default)s]")
-    p.add_argument("--model", default="smollm2-135m", help="quantlm model source: alias, HF directory or .gguf "
-                   "[%(default)s]")
+    p.add_argument(
+        "--peers",
+        type=parse_peers,
+        default="gptqmodel,llmcompressor,quantlm",
+        help=f"comma-separated, run one after another in this order; from {', '.join(ALL_PEERS)} "
+        "(fp32 = the unquantized reference) [%(default)s]",
+    )
+    p.add_argument(
+        "--model", default="smollm2-135m", help="quantlm model source: alias, HF directory or .gguf [%(default)s]"
+    )
     p.add_argument("--calib-samples", type=int, default=128, help="calibration windows [%(default)s]")
     p.add_argument("--calib-seqlen", type=int, default=2048, help="tokens per calibration window [%(default)s]")
     p.add_argument("--eval-windows", type=int, default=32, help="evaluation windows [%(default)s]")
@@ -814,30 +854,54 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--group-size", type=int, default=64, help="-1 = one scale per output channel [%(default)s]")
     p.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric grid (the default)")
     p.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid")
-    p.add_argument("--damp", type=float, default=0.05,
-                   help="damping as a fraction of the mean Hessian diagonal [%(default)s, GPTQModel's]")
+    p.add_argument(
+        "--damp",
+        type=float,
+        default=0.05,
+        help="damping as a fraction of the mean Hessian diagonal [%(default)s, GPTQModel's]",
+    )
     p.add_argument("--act-order", action="store_true", help="quantize columns by descending Hessian diagonal")
-    p.add_argument("--static-groups", action="store_true",
-                   help="group grids from the original weights (quantlm, GPTQModel; llm-compressor always does this)")
+    p.add_argument(
+        "--static-groups",
+        action="store_true",
+        help="group grids from the original weights (quantlm, GPTQModel; llm-compressor always does this)",
+    )
     p.add_argument("--gptqmodel-gar", action="store_true", help="GPTQModel: keep its group-aware reordering (GAR)")
-    p.add_argument("--batch-size", type=int, default=1,
-                   help="calibration windows per forward pass, for every peer [%(default)s]")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                   help="torch/OpenMP threads of every worker [all cores, as the protocol says]")
-    p.add_argument("--quantlm-mode", choices=("memory", "streamed"), default="memory",
-                   help="quantlm: the whole model in memory like the peers, or streamed block by block into a "
-                   "checkpoint [%(default)s]")
+    p.add_argument(
+        "--batch-size", type=int, default=1, help="calibration windows per forward pass, for every peer [%(default)s]"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="torch/OpenMP threads of every worker [all cores, as the protocol says]",
+    )
+    p.add_argument(
+        "--quantlm-mode",
+        choices=("memory", "streamed"),
+        default="memory",
+        help="quantlm: the whole model in memory like the peers, or streamed block by block into a "
+        "checkpoint [%(default)s]",
+    )
     p.add_argument("--gptqmodel-version", default=PEER_VERSIONS["gptqmodel"], help="[%(default)s]")
     p.add_argument("--llmcompressor-version", default=PEER_VERSIONS["llmcompressor"], help="[%(default)s]")
     p.add_argument("--skip-install", action="store_true", help="use the peers' venvs as they are; never pip install")
     p.add_argument("--venv-root", type=Path, default=None, help="[$QUANTLM_HOME/peer-venvs]")
-    p.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR,
-                   help="token files, jobs, per-peer results and logs [out/gptq_peers]")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                   help="writes OUT.md and OUT.json [benchmarks/results/gptq_peers]")
-    p.add_argument("--keep-rows", action="store_true",
-                   help="keep the rows of OUT.json for peers not run now, if it has the same setting and tokens "
-                   "(each kept row says which run it is from)")
+    p.add_argument(
+        "--work-dir",
+        type=Path,
+        default=DEFAULT_WORK_DIR,
+        help="token files, jobs, per-peer results and logs [out/gptq_peers]",
+    )
+    p.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help="writes OUT.md and OUT.json [benchmarks/results/gptq_peers]"
+    )
+    p.add_argument(
+        "--keep-rows",
+        action="store_true",
+        help="keep the rows of OUT.json for peers not run now, if it has the same setting and tokens "
+        "(each kept row says which run it is from)",
+    )
     p.add_argument("--worker", choices=ALL_PEERS, help=argparse.SUPPRESS)
     p.add_argument("--job", type=Path, help=argparse.SUPPRESS)
     return p.parse_args(argv)

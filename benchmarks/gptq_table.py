@@ -14,22 +14,52 @@ import argparse
 import json
 from pathlib import Path
 
-from quantlm.paths import atomic_write_text
 from quality_rows import measure_row, merge_rows
+from quantlm.paths import atomic_write_text
 
 ROWS = {
-    "w4-asym": ("GPTQ W4 g64 asym (defaults: act-order + static groups)", "--method gptq --bits 4 --group-size 64 --asym"),
-    "w4-asym-best": ("GPTQ W4 g64 asym, defaults + MSE clip + damp 0.003", "--method gptq --bits 4 --group-size 64 --asym --clip mse --damp 0.003"),
-    "w4-asym-mse": ("GPTQ W4 g64 asym, act-order + static groups + MSE clip", "--method gptq --bits 4 --group-size 64 --asym --act-order --static-groups --clip mse"),
-    "w4-asym-hmse": ("GPTQ W4 g64 asym, defaults + MSE clip weighted by the Hessian diagonal", "--method gptq --bits 4 --group-size 64 --asym --clip mse --hessian-clip"),
-    "w4-asym-in-order": ("GPTQ W4 g64 asym, columns in order (the defaults before act-order)", "--method gptq --bits 4 --group-size 64 --asym --no-act-order --no-static-groups"),
-    "w4-asym-plain": ("GPTQ W4 g64 asym, in order, sink weight 1 (plain GPTQ)", "--method gptq --bits 4 --group-size 64 --asym --no-act-order --no-static-groups --sink-weight 1"),
+    "w4-asym": (
+        "GPTQ W4 g64 asym (defaults: act-order + static groups)",
+        "--method gptq --bits 4 --group-size 64 --asym",
+    ),
+    "w4-asym-best": (
+        "GPTQ W4 g64 asym, defaults + MSE clip + damp 0.003",
+        "--method gptq --bits 4 --group-size 64 --asym --clip mse --damp 0.003",
+    ),
+    "w4-asym-mse": (
+        "GPTQ W4 g64 asym, act-order + static groups + MSE clip",
+        "--method gptq --bits 4 --group-size 64 --asym --act-order --static-groups --clip mse",
+    ),
+    "w4-asym-hmse": (
+        "GPTQ W4 g64 asym, defaults + MSE clip weighted by the Hessian diagonal",
+        "--method gptq --bits 4 --group-size 64 --asym --clip mse --hessian-clip",
+    ),
+    "w4-asym-in-order": (
+        "GPTQ W4 g64 asym, columns in order (the defaults before act-order)",
+        "--method gptq --bits 4 --group-size 64 --asym --no-act-order --no-static-groups",
+    ),
+    "w4-asym-plain": (
+        "GPTQ W4 g64 asym, in order, sink weight 1 (plain GPTQ)",
+        "--method gptq --bits 4 --group-size 64 --asym --no-act-order --no-static-groups --sink-weight 1",
+    ),
     "w4-sym": ("GPTQ W4 g64 sym", "--method gptq --bits 4 --group-size 64 --sym"),
-    "w4-sym-damp05": ("GPTQ W4 g64 sym, damp 0.05 (GPTQModel's default)", "--method gptq --bits 4 --group-size 64 --sym --damp 0.05"),
+    "w4-sym-damp05": (
+        "GPTQ W4 g64 sym, damp 0.05 (GPTQModel's default)",
+        "--method gptq --bits 4 --group-size 64 --sym --damp 0.05",
+    ),
     "w3-asym": ("GPTQ W3 g64 asym", "--method gptq --bits 3 --group-size 64 --asym"),
-    "w3-asym-mse": ("GPTQ W3 g64 asym, defaults + MSE clip", "--method gptq --bits 3 --group-size 64 --asym --clip mse"),
-    "w3-asym-hmse": ("GPTQ W3 g64 asym, defaults + MSE clip weighted by the Hessian diagonal", "--method gptq --bits 3 --group-size 64 --asym --clip mse --hessian-clip"),
-    "w4-asym-offload": ("GPTQ W4 g64 asym, activations offloaded to disk", "--method gptq --bits 4 --group-size 64 --asym --offload-activations"),
+    "w3-asym-mse": (
+        "GPTQ W3 g64 asym, defaults + MSE clip",
+        "--method gptq --bits 3 --group-size 64 --asym --clip mse",
+    ),
+    "w3-asym-hmse": (
+        "GPTQ W3 g64 asym, defaults + MSE clip weighted by the Hessian diagonal",
+        "--method gptq --bits 3 --group-size 64 --asym --clip mse --hessian-clip",
+    ),
+    "w4-asym-offload": (
+        "GPTQ W4 g64 asym, activations offloaded to disk",
+        "--method gptq --bits 4 --group-size 64 --asym --offload-activations",
+    ),
 }
 RESULTS = Path(__file__).parent / "results" / "gptq_smollm2"
 
@@ -48,7 +78,8 @@ def write_results(rows: list[dict]) -> None:
     ]
     for r in rows:
         lines.append(
-            f"| {r['setting']}{' (' + r['note'] + ')' if r.get('note') else ''} | {r['ppl']:.2f} | {r['quantize_s']:.0f} "
+            f"| {r['setting']}{' (' + r['note'] + ')' if r.get('note') else ''} | {r['ppl']:.2f} "
+            f"| {r['quantize_s']:.0f} "
             f"| {r['peak_rss_gb']:.2f} | {r['calib']} | `{r['command']}` |"
         )
     atomic_write_text(RESULTS.with_suffix(".md"), "\n".join(lines) + "\n")

@@ -32,7 +32,10 @@ CHECKPOINTS = {
     "w4h8": ("W4A16 g64 asym, int8 head", "--method rtn --bits 4 --group-size 64 --asym --head-bits 8"),
     "w4h4": ("W4A16 g64 asym, int4 g64 head", "--method rtn --bits 4 --group-size 64 --asym --head-bits 4"),
     "w8": ("W8A16 per-channel sym", "--method rtn --bits 8 --group-size -1 --sym"),
-    "w8a8": ("W8A8 per-channel sym, int8 per-token activations", "--method rtn --bits 8 --group-size -1 --sym --a-bits 8"),
+    "w8a8": (
+        "W8A8 per-channel sym, int8 per-token activations",
+        "--method rtn --bits 8 --group-size -1 --sym --a-bits 8",
+    ),
 }
 # row key: (checkpoint key or None for the dense model, dtype, extra bench flags). Rows without --attention run
 # quantlm's default (auto: decode steps of a bf16 model's attention in fp32, quantlm.nn.attention).
@@ -89,7 +92,8 @@ def bench(key: str, repeats: int) -> dict:
 def table(rows: list[dict]) -> str:
     base = next((r for r in rows if r["key"] == BASELINE), None)
     lines = [
-        "| setting | kernels | attention | prefill tok/s | x bf16 | decode tok/s | x bf16 | decode bound tok/s | weights MB | "
+        "| setting | kernels | attention | prefill tok/s | x bf16 | decode tok/s | x bf16 | decode bound tok/s "
+        "| weights MB | "
         "quantized Linears vs bf16 | load s | peak RSS GB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -99,7 +103,8 @@ def table(rows: list[dict]) -> str:
         dec = f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}" if base else "-"
         ratio = f"{w['quantized_linear'] / w['quantized_linear_bf16']:.3f}" if w["quantized_linear_bf16"] else "-"
         lines.append(
-            f"| {r['setting']} | {r['extra']['kernels']} | {r['extra'].get('attention', 'sdpa')} | {r['prefill_tok_s']:.0f} | {pre} | {r['decode_tok_s']:.1f} | {dec} | "
+            f"| {r['setting']} | {r['extra']['kernels']} | {r['extra'].get('attention', 'sdpa')} "
+            f"| {r['prefill_tok_s']:.0f} | {pre} | {r['decode_tok_s']:.1f} | {dec} | "
             f"{r['decode_bound_tok_s']:.0f} | {w['total'] / 1e6:.0f} | {ratio} | {r['extra']['load_seconds']:.2f} | "
             f"{r['peak_rss_gb']:.2f} |"
         )
@@ -119,14 +124,21 @@ def main() -> None:
     rows = [bench(key, args.repeats) for key in args.rows]
     bandwidth = sorted(r["bandwidth_gb_s"] for r in rows)[len(rows) // 2]
     header = (
-        f"{MODEL}, batch 1; prefill: {rows[0]['prefill_tokens']}-token prompt; decode: {rows[0]['decode_prompt']}-token "
+        f"{MODEL}, batch 1; prefill: {rows[0]['prefill_tokens']}-token prompt; "
+        f"decode: {rows[0]['decode_prompt']}-token "
         f"prompt, {rows[0]['decode_tokens']} new tokens, greedy; medians of {args.repeats} runs after a warm-up; one "
-        f"process per row, all in one run on {platform.processor() or platform.machine()} with {os.cpu_count()} threads "
+        f"process per row, all in one run on {platform.processor() or platform.machine()} "
+        f"with {os.cpu_count()} threads "
         f"(torch CPU capability {cpu_capability()}); memory read bandwidth {bandwidth:.1f} GB/s. Ratios are to the "
-        f"'{BASELINE}' row (transformers' plain eager `generate`, its SDPA attention). Decode bound = bandwidth / bytes read per token.\n\n"
+        f"'{BASELINE}' row (transformers' plain eager `generate`, its SDPA attention). "
+        "Decode bound = bandwidth / bytes read per token.\n\n"
     )
     rows_flag = "" if args.rows == DEFAULT_ROWS else " --rows " + " ".join(args.rows)
-    text = header + table(rows) + f"\n\nCommand: `.venv/bin/python benchmarks/inference_table.py --repeats {args.repeats}{rows_flag}`\n"
+    text = (
+        header
+        + table(rows)
+        + f"\n\nCommand: `.venv/bin/python benchmarks/inference_table.py --repeats {args.repeats}{rows_flag}`\n"
+    )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(RESULTS.with_suffix(".json"), json.dumps(rows, indent=1) + "\n")
     atomic_write_text(RESULTS.with_suffix(".md"), text)

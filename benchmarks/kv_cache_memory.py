@@ -21,9 +21,12 @@ def main() -> None:
     args = ap.parse_args()
     ids = torch.randint(100, 40000, (1, args.tokens), generator=torch.Generator().manual_seed(0))
     print(f"| cache | MB at {args.tokens} tokens |\n|---|---|")
-    for label, dtype, bits in (("fp32", torch.float32, None), ("bf16", torch.bfloat16, None),
-                               ("int8 + fp32 scale per token and head", torch.bfloat16, 8),
-                               ("int4 (packed) + fp32 scale", torch.bfloat16, 4)):
+    for label, dtype, bits in (
+        ("fp32", torch.float32, None),
+        ("bf16", torch.bfloat16, None),
+        ("int8 + fp32 scale per token and head", torch.bfloat16, 8),
+        ("int4 (packed) + fp32 scale", torch.bfloat16, 4),
+    ):
         model = load_float_model(args.model, dtype=dtype).eval()
         enable_kv_quantization(model, None if bits is None else KVQuantConfig(bits))
         with torch.no_grad():

@@ -54,8 +54,14 @@ print(json.dumps({"import_s": imported, "first_s": times[0], "warm_s": times[1:]
 
 def run_child(target: str, cached: bool, loads: int) -> dict:
     env = dict(os.environ, QUANTLM_KERNEL_CACHE="1" if cached else "0")
-    done = subprocess.run([sys.executable, "-c", CHILD, target, str(loads)], env=env, check=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, target, str(loads)],
+        env=env,
+        check=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     return json.loads(done.stdout)
 
 
@@ -69,15 +75,23 @@ def main() -> None:
         run_child(targets[key], cached, 0)
     runs: dict[str, list[dict]] = {key: [] for key in SETTINGS}
     for r in range(args.rounds):
-        for key, (label, _, cached) in SETTINGS.items():
+        for key, (label, _, _cached) in SETTINGS.items():
             runs[key].append(run_child(targets[key], cached, args.loads))
             print(f"round {r + 1}: {label}: warm {min(runs[key][-1]['warm_s']):.3f} s", file=sys.stderr, flush=True)
     rows = []
-    for key, (label, _, cached) in SETTINGS.items():
+    for key, (label, _, _cached) in SETTINGS.items():
         warm = [t for run in runs[key] for t in run["warm_s"]]
         first = [run["first_s"] for run in runs[key]]
-        rows.append({"key": key, "setting": label, "warm_median_s": statistics.median(warm), "warm_s": warm,
-                     "first_median_s": statistics.median(first), "first_s": first})
+        rows.append(
+            {
+                "key": key,
+                "setting": label,
+                "warm_median_s": statistics.median(warm),
+                "warm_s": warm,
+                "first_median_s": statistics.median(first),
+                "first_s": first,
+            }
+        )
     dense = rows[0]
     lines = [
         f"SmolLM2-135M, `quantlm.load(..., dtype=torch.bfloat16)`; {args.rounds} rounds of one process per setting, "

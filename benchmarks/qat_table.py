@@ -26,24 +26,43 @@ import sys
 import tempfile
 from pathlib import Path
 
-from quantlm.paths import atomic_write_text
 from quality_rows import merge_rows, quantlm_command, run_child
+from quantlm.paths import atomic_write_text
 
 MODEL = "smollm2-135m"
 RESULTS = Path(__file__).parent / "results"
 
 
 def _bits_rows() -> dict[str, tuple[str, str, dict]]:
-    rows = {"fp32": ("fp32", "eval", {}), "fp-kv8": ("fp32 weights, KV cache int8", "eval", {"kv": 8}),
-            "fp-kv4": ("fp32 weights, KV cache int4", "eval", {"kv": 4})}
+    rows = {
+        "fp32": ("fp32", "eval", {}),
+        "fp-kv8": ("fp32 weights, KV cache int8", "eval", {"kv": 8}),
+        "fp-kv4": ("fp32 weights, KV cache int4", "eval", {"kv": 4}),
+    }
     for w, a, kv in ((4, 8, 4), (4, 8, 8), (8, 8, 8), (4, 16, 16)):
         name = f"{w}-{a}-{kv}"
         rows[f"rtn-{name}"] = (f"RTN W{w}A{a}KV{kv}", "rtn", {"w": w, "a": a, "kv": kv})
         rows[f"qat-{name}"] = (f"QAT W{w}A{a}KV{kv}", "qat", {"w": w, "a": a, "kv": kv})
-    rows["abl-hybrid"] = ("QAT W4A8KV4, the ablation's baseline: hybrid generated text, logit distillation", "qat", {"w": 4, "a": 8, "kv": 4})
-    rows["abl-enwiki"] = ("QAT W4A8KV4 on enwiki calibration text (not generated)", "qat", {"w": 4, "a": 8, "kv": 4, "data": "enwiki"})
-    rows["abl-sample"] = ("QAT W4A8KV4 on purely sampled generated text", "qat", {"w": 4, "a": 8, "kv": 4, "data": "sample"})
-    rows["abl-ce"] = ("QAT W4A8KV4 with label cross-entropy instead of logit distillation", "qat", {"w": 4, "a": 8, "kv": 4, "loss": "ce"})
+    rows["abl-hybrid"] = (
+        "QAT W4A8KV4, the ablation's baseline: hybrid generated text, logit distillation",
+        "qat",
+        {"w": 4, "a": 8, "kv": 4},
+    )
+    rows["abl-enwiki"] = (
+        "QAT W4A8KV4 on enwiki calibration text (not generated)",
+        "qat",
+        {"w": 4, "a": 8, "kv": 4, "data": "enwiki"},
+    )
+    rows["abl-sample"] = (
+        "QAT W4A8KV4 on purely sampled generated text",
+        "qat",
+        {"w": 4, "a": 8, "kv": 4, "data": "sample"},
+    )
+    rows["abl-ce"] = (
+        "QAT W4A8KV4 with label cross-entropy instead of logit distillation",
+        "qat",
+        {"w": 4, "a": 8, "kv": 4, "loss": "ce"},
+    )
     return rows
 
 
@@ -76,23 +95,50 @@ def measure(key: str, args) -> dict:
                 cmd = ["quantize", MODEL, *_bits_flags(kind, p)]
             else:
                 data = {"enwiki": "enwiki", "sample": args.sample_data}.get(p.get("data"), args.data)
-                cmd = ["qat", MODEL, "--data", data, *_bits_flags(kind, p), "--steps", str(args.steps),
-                       "--batch-size", str(args.batch_size), "--seqlen", str(args.seqlen), "--lr", str(args.lr),
-                       "--warmup", str(args.warmup), "--loss", p.get("loss", "kd")]
+                cmd = [
+                    "qat",
+                    MODEL,
+                    "--data",
+                    data,
+                    *_bits_flags(kind, p),
+                    "--steps",
+                    str(args.steps),
+                    "--batch-size",
+                    str(args.batch_size),
+                    "--seqlen",
+                    str(args.seqlen),
+                    "--lr",
+                    str(args.lr),
+                    "--warmup",
+                    str(args.warmup),
+                    "--loss",
+                    p.get("loss", "kd"),
+                ]
             command = "quantlm " + " ".join(cmd) + " --out OUT"
             print(f"[{key}] {command}", file=sys.stderr, flush=True)
             out, wall, rss = run_child([*quantlm_command(), *cmd, "--out", target, "--json"])
             summary = json.loads(out)
         eval_out, eval_wall, _ = run_child(
-            [*quantlm_command(), "eval", target, "--max-windows", str(args.max_windows), *eval_flags, "--json"])
+            [*quantlm_command(), "eval", target, "--max-windows", str(args.max_windows), *eval_flags, "--json"]
+        )
         ppl = json.loads(eval_out)
     training = summary.get("training") or {}
     row = {
-        "key": key, "setting": label, "ppl": ppl["ppl"], "tokens": ppl["tokens"], "kv_cache": ppl.get("kv_cache"),
-        "kernels": ppl.get("kernels"), "process_wall_s": round(wall, 1), "peak_rss_gb": round(rss, 2),
-        "steps": args.steps if kind == "qat" else None, "train_s": training.get("seconds"), "train_tokens": training.get("tokens"),
-        "first_loss": training.get("first_loss"), "last_loss": training.get("last_loss"),
-        "command": command, "cpu": os.cpu_count(),
+        "key": key,
+        "setting": label,
+        "ppl": ppl["ppl"],
+        "tokens": ppl["tokens"],
+        "kv_cache": ppl.get("kv_cache"),
+        "kernels": ppl.get("kernels"),
+        "process_wall_s": round(wall, 1),
+        "peak_rss_gb": round(rss, 2),
+        "steps": args.steps if kind == "qat" else None,
+        "train_s": training.get("seconds"),
+        "train_tokens": training.get("tokens"),
+        "first_loss": training.get("first_loss"),
+        "last_loss": training.get("last_loss"),
+        "command": command,
+        "cpu": os.cpu_count(),
     }
     print(f"[{key}] ppl {row['ppl']:.3f}, wall {wall:.0f}s, peak RSS {rss:.2f} GB", file=sys.stderr, flush=True)
     return row
@@ -100,10 +146,12 @@ def measure(key: str, args) -> dict:
 
 def to_markdown(rows: list[dict], fp_ppl: float | None) -> str:
     lines = [
-        "# LLM-QAT on SmolLM2-135M", "",
+        "# LLM-QAT on SmolLM2-135M",
+        "",
         "Perplexity: enwiki eval split, windows of 2048 tokens (see `tokens`). W = weights per output channel,",
         "symmetric MinMax; A = activations per token; KV = keys (after RoPE) and values per token and head.",
-        "Written by benchmarks/qat_table.py.", "",
+        "Written by benchmarks/qat_table.py.",
+        "",
         "| setting | ppl | vs fp | steps | train s | train tokens | loss first → last | peak RSS GB | command |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -111,8 +159,10 @@ def to_markdown(rows: list[dict], fp_ppl: float | None) -> str:
         vs = f"{100 * (r['ppl'] / fp_ppl - 1):+.2f}%" if fp_ppl else "-"
         loss = f"{r['first_loss']:.3f} → {r['last_loss']:.3f}" if r.get("first_loss") is not None else "-"
         lines.append(
-            f"| {r['setting']} | {r['ppl']:.3f} | {vs} | {r.get('steps') or '-'} | {r.get('train_s') or '-'} | {r.get('train_tokens') or '-'} | "
-            f"{loss} | {r['peak_rss_gb'] or '-'} | `{r['command']}` |")
+            f"| {r['setting']} | {r['ppl']:.3f} | {vs} | {r.get('steps') or '-'} | {r.get('train_s') or '-'} "
+            f"| {r.get('train_tokens') or '-'} | "
+            f"{loss} | {r['peak_rss_gb'] or '-'} | `{r['command']}` |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -58,7 +58,9 @@ def measure_row(key: str, label: str, flags: str | None, model: str, max_windows
         "peak_rss_gb": rss_gb,
         "calib": f"{calib_samples} x 2048" if flags is not None else "-",
         "checkpoint_mb": summary.get("checkpoint_mb"),
-        "command": f"quantlm quantize {model} {flags}{' ' + ' '.join(calib) if calib else ''} --out OUT" if flags is not None else f"quantlm eval {model}",
+        "command": f"quantlm quantize {model} {flags}{' ' + ' '.join(calib) if calib else ''} --out OUT"
+        if flags is not None
+        else f"quantlm eval {model}",
         "cpu": os.cpu_count(),
     }
     print(f"[{key}] ppl {row['ppl']:.3f}, quantize {row['quantize_s']:.0f}s, peak RSS {rss_gb:.2f} GB", file=sys.stderr)

@@ -39,8 +39,16 @@ def main() -> None:
     rows = []
     t0 = time.perf_counter()
     fp = quantlm.evaluate(quantlm.load(args.model), tokenizer=tokenizer, max_windows=args.max_windows)
-    rows.append({"setting": "fp32", "ppl": fp.ppl, "tokens": fp.tokens, "eval_s": time.perf_counter() - t0,
-                 "quantized_weight_mb": None, "command": f"quantlm eval {args.model}"})
+    rows.append(
+        {
+            "setting": "fp32",
+            "ppl": fp.ppl,
+            "tokens": fp.tokens,
+            "eval_s": time.perf_counter() - t0,
+            "quantized_weight_mb": None,
+            "command": f"quantlm eval {args.model}",
+        }
+    )
     print(f"fp32: {fp.ppl:.3f}", flush=True)
     for label, spec, flags in SETTINGS:
         model = quantlm.load(args.model)
@@ -50,16 +58,30 @@ def main() -> None:
         t0 = time.perf_counter()
         result = quantlm.evaluate(model, tokenizer=tokenizer, max_windows=args.max_windows)
         qbytes = sum(m.weight_bytes for m in model.modules() if isinstance(m, QuantLinear))
-        rows.append({"setting": f"RTN {label}", "ppl": result.ppl, "tokens": result.tokens, "quantize_s": quantize_s,
-                     "eval_s": time.perf_counter() - t0, "quantized_weight_mb": qbytes / 1e6,
-                     "command": f"quantlm quantize {args.model} --method rtn {flags} --out out/rtn --eval"})
+        rows.append(
+            {
+                "setting": f"RTN {label}",
+                "ppl": result.ppl,
+                "tokens": result.tokens,
+                "quantize_s": quantize_s,
+                "eval_s": time.perf_counter() - t0,
+                "quantized_weight_mb": qbytes / 1e6,
+                "command": f"quantlm quantize {args.model} --method rtn {flags} --out out/rtn --eval",
+            }
+        )
         print(f"{label}: {result.ppl:.3f}", flush=True)
 
-    lines = [f"SmolLM2-135M, enwiki eval, {args.max_windows} x 2048 tokens ({rows[0]['tokens']} predicted tokens).", "",
-             "| setting | perplexity | vs fp | quantized Linear weights (MB) | command |", "|---|---|---|---|---|"]
+    lines = [
+        f"SmolLM2-135M, enwiki eval, {args.max_windows} x 2048 tokens ({rows[0]['tokens']} predicted tokens).",
+        "",
+        "| setting | perplexity | vs fp | quantized Linear weights (MB) | command |",
+        "|---|---|---|---|---|",
+    ]
     for r in rows:
         mb = "-" if r["quantized_weight_mb"] is None else f"{r['quantized_weight_mb']:.1f}"
-        lines.append(f"| {r['setting']} | {r['ppl']:.2f} | {r['ppl'] / rows[0]['ppl'] - 1:+.1%} | {mb} | `{r['command']}` |")
+        lines.append(
+            f"| {r['setting']} | {r['ppl']:.2f} | {r['ppl'] / rows[0]['ppl'] - 1:+.1%} | {mb} | `{r['command']}` |"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     args.out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")

@@ -25,8 +25,15 @@ CASES: dict[str, list[dict]] = {
         {"method": "gptq", "bits": 4, "group_size": 16, "symmetric": False, "act_order": True, "static_groups": True}
     ],
     "gptq-w4-g16-mse-hessian-clip": [
-        {"method": "gptq", "bits": 4, "group_size": 16, "clip": "mse", "hessian_clip": True, "act_order": False,
-         "static_groups": False}
+        {
+            "method": "gptq",
+            "bits": 4,
+            "group_size": 16,
+            "clip": "mse",
+            "hessian_clip": True,
+            "act_order": False,
+            "static_groups": False,
+        }
     ],
     "gptq-w8a8-static": [
         {"method": "gptq", "bits": 8, "group_size": -1, "symmetric": True, "act_bits": 8, "act_granularity": "tensor"}
@@ -71,7 +78,9 @@ def tensor_hashes(checkpoint: Path) -> dict[str, str]:
     with safe_open(str(checkpoint / "model.safetensors"), framework="pt") as f:
         for name in sorted(f.keys()):
             t = f.get_tensor(name)
-            digest = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode() + t.contiguous().view(torch.uint8).numpy().tobytes())
+            digest = hashlib.sha256(
+                f"{t.dtype}{tuple(t.shape)}".encode() + t.contiguous().view(torch.uint8).numpy().tobytes()
+            )
             hashes[name] = digest.hexdigest()
     return hashes
 

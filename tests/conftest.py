@@ -25,22 +25,48 @@ def tiny_config(family: str, **overrides):
 
     common = dict(vocab_size=VOCAB, bos_token_id=256, eos_token_id=257, pad_token_id=258)
     if family in ("llama", "mistral", "qwen2", "qwen3", "phi3"):
-        cfg = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
-                   num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True)
+        cfg = dict(
+            hidden_size=64,
+            intermediate_size=160,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            tie_word_embeddings=True,
+        )
         if family == "qwen3":
             cfg["head_dim"] = 16
     elif family == "gemma3_text":
-        cfg = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=4, num_attention_heads=4,
-                   num_key_value_heads=2, head_dim=16, max_position_embeddings=512, sliding_window=8,
-                   layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"])
+        cfg = dict(
+            hidden_size=64,
+            intermediate_size=160,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            max_position_embeddings=512,
+            sliding_window=8,
+            layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
+        )
     elif family == "gpt2":
         cfg = dict(n_embd=64, n_layer=3, n_head=4, n_positions=512)
     elif family == "opt":
-        cfg = dict(hidden_size=64, ffn_dim=160, num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=512,
-                   word_embed_proj_dim=64)
+        cfg = dict(
+            hidden_size=64,
+            ffn_dim=160,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=512,
+            word_embed_proj_dim=64,
+        )
     elif family == "gpt_neox":
-        cfg = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
-                   max_position_embeddings=512)
+        cfg = dict(
+            hidden_size=64,
+            intermediate_size=160,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=512,
+        )
     else:
         raise ValueError(family)
     cfg.update(common)

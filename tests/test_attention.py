@@ -9,10 +9,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import quantlm
 import quantlm.nn.attention as attention
+from conftest import tiny_model
 from quantlm.errors import QuantlmError
 from quantlm.nn.attention import FAST_ATTENTION, SHORT_QUERY, fp32_short_query_attention, use_attention
-
-from conftest import tiny_model
 
 
 class _Module(torch.nn.Module):
@@ -28,7 +27,9 @@ def _qkv(q_len, kv_len, dtype):
     return q, k, v
 
 
-@pytest.mark.parametrize("q_len, dtype", [(1, torch.bfloat16), (3, torch.bfloat16), (SHORT_QUERY, torch.bfloat16), (1, torch.float16)])
+@pytest.mark.parametrize(
+    "q_len, dtype", [(1, torch.bfloat16), (3, torch.bfloat16), (SHORT_QUERY, torch.bfloat16), (1, torch.float16)]
+)
 def test_short_half_queries_are_exactly_fp32_sdpa(q_len, dtype):
     q, k, v = _qkv(q_len, 40, dtype)
     out, _ = fp32_short_query_attention(_Module(), q, k, v, None, scaling=0.25)
@@ -50,8 +51,9 @@ def test_short_queries_take_bool_and_float_masks(mask_dtype):
     out, _ = fp32_short_query_attention(_Module(), q, k, v, mask, scaling=0.25)
     ref, _ = sdpa_attention_forward(_Module(), q.float(), k.float(), v.float(), fp32_mask, scaling=0.25)
     assert torch.equal(out, ref.to(torch.bfloat16))
-    unmasked, _ = sdpa_attention_forward(_Module(), q.float(), k[:, :, 4:].float(), v[:, :, 4:].float(), None,
-                                         scaling=0.25, is_causal=False)
+    unmasked, _ = sdpa_attention_forward(
+        _Module(), q.float(), k[:, :, 4:].float(), v[:, :, 4:].float(), None, scaling=0.25, is_causal=False
+    )
     torch.testing.assert_close(out.float(), unmasked.to(torch.bfloat16).float(), rtol=1e-2, atol=1e-2)
 
 
@@ -68,13 +70,17 @@ def test_float_keyword_tensors_are_cast_with_the_query():
     original = sdpa.sdpa_attention_forward
     sdpa.sdpa_attention_forward = spy
     try:
-        fp32_short_query_attention(_Module(), q, k, v, None, position_bias=torch.zeros(1, 4, 1, 8, dtype=torch.bfloat16))
+        fp32_short_query_attention(
+            _Module(), q, k, v, None, position_bias=torch.zeros(1, 4, 1, 8, dtype=torch.bfloat16)
+        )
     finally:
         sdpa.sdpa_attention_forward = original
     assert seen == {"query": torch.float32, "bias": torch.float32}
 
 
-@pytest.mark.parametrize("q_len, dtype", [(SHORT_QUERY + 1, torch.bfloat16), (1, torch.float32), (64, torch.float32), (1, torch.float64)])
+@pytest.mark.parametrize(
+    "q_len, dtype", [(SHORT_QUERY + 1, torch.bfloat16), (1, torch.float32), (64, torch.float32), (1, torch.float64)]
+)
 def test_long_or_fp32_queries_are_transformers_sdpa_unchanged(q_len, dtype):
     q, k, v = _qkv(q_len, max(q_len, 40), dtype)
     out, _ = fp32_short_query_attention(_Module(), q, k, v, None, scaling=0.25)
@@ -201,7 +207,9 @@ def test_auto_switches_a_family_only_where_the_output_stays_the_same(family):
     if family == "falcon":
         from transformers import FalconConfig, FalconForCausalLM
 
-        model = FalconForCausalLM(FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4))
+        model = FalconForCausalLM(
+            FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
+        )
     else:
         model = tiny_model(family)
     model = _bf16_sdpa(model)

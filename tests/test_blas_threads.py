@@ -36,8 +36,9 @@ print(json.dumps({{
 def _probe(before: str = "", **env) -> dict:
     environ = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
     environ.update(env)
-    out = subprocess.run([sys.executable, "-c", PROBE.format(before=before)], env=environ, capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE.format(before=before)], env=environ, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 

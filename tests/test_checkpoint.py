@@ -27,7 +27,9 @@ def _logits(model, seed=0):
         return model(input_ids=ids).logits
 
 
-@pytest.mark.parametrize("family,rtn", [("llama", {}), ("llama", {"lm_head": True}), ("gpt2", {}), ("opt", {}), ("phi3", {})])
+@pytest.mark.parametrize(
+    "family,rtn", [("llama", {}), ("llama", {"lm_head": True}), ("gpt2", {}), ("opt", {}), ("phi3", {})]
+)
 def test_save_then_load_gives_identical_logits(tmp_path, family, rtn):
     model = _quantized(family, **rtn)
     quantlm.save(model, tmp_path / "ckpt", tokenizer=byte_tokenizer())

@@ -28,11 +28,22 @@ def test_quantize_eval_generate_on_a_tiny_model(tiny_model_dir, text_file, tmp_p
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["quantized_modules"] == 3 * 7 and (out / "model.safetensors").is_file()
-    assert summary["recipe"][0] == {"method": "rtn", "bits": 4, "symmetric": False, "group_size": 16,
-                                    "granularity": "group", "clip": "none", "lm_head": False, "exclude": [],
-                                    "act_bits": None, "act_granularity": "token"}
+    assert summary["recipe"][0] == {
+        "method": "rtn",
+        "bits": 4,
+        "symmetric": False,
+        "group_size": 16,
+        "granularity": "group",
+        "clip": "none",
+        "lm_head": False,
+        "exclude": [],
+        "act_bits": None,
+        "act_granularity": "token",
+    }
 
-    fp = json.loads(_run("eval", tiny_model_dir, "--data", text_file, "--seqlen", 64, "--max-windows", 3, "--json").stdout)
+    fp = json.loads(
+        _run("eval", tiny_model_dir, "--data", text_file, "--seqlen", 64, "--max-windows", 3, "--json").stdout
+    )
     q = json.loads(_run("eval", out, "--data", text_file, "--seqlen", 64, "--max-windows", 3, "--json").stdout)
     assert fp["tokens"] == q["tokens"] == 3 * 63
     assert q["ppl"] != fp["ppl"] and q["ppl"] > 1
@@ -102,14 +113,34 @@ def test_head_bits_gives_the_output_projection_its_own_grid(tiny_model_dir, text
     import quantlm
 
     out = tmp_path / "g"
-    result = _run("quantize", tiny_model_dir, "--method", "gptq", "--group-size", 32, "--head-bits", 8, "--calib", text_file,
-                  "--calib-samples", 2, "--calib-seqlen", 32, "--out", out, "--json")
+    result = _run(
+        "quantize",
+        tiny_model_dir,
+        "--method",
+        "gptq",
+        "--group-size",
+        32,
+        "--head-bits",
+        8,
+        "--calib",
+        text_file,
+        "--calib-samples",
+        2,
+        "--calib-seqlen",
+        32,
+        "--out",
+        out,
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     recipe = json.loads(result.stdout)["recipe"]
     assert [r["method"] for r in recipe] == ["gptq", "rtn-head"] and recipe[1]["bits"] == 8
     assert json.loads(result.stdout)["quantized_modules"] == 3 * 7 + 1
     model = quantlm.load(out, dtype=torch.bfloat16)
-    assert model.quantlm_kernels["lm_head"] == "int8pack" and model.quantlm_kernels["model.layers.0.mlp.up_proj"] == "int4pack"
+    assert (
+        model.quantlm_kernels["lm_head"] == "int8pack"
+        and model.quantlm_kernels["model.layers.0.mlp.up_proj"] == "int4pack"
+    )
     both = _run("quantize", tiny_model_dir, "--lm-head", "--head-bits", 8, "--out", tmp_path / "x")
     assert both.exit_code == 2 and "pass one" in both.stderr and not (tmp_path / "x").exists()
     bad = _run("quantize", tiny_model_dir, "--head-bits", 5, "--out", tmp_path / "x")
@@ -125,8 +156,25 @@ def test_head_bits_gives_the_output_projection_its_own_grid(tiny_model_dir, text
 
 def test_gptq_from_the_cli_with_local_calibration_text(tiny_model_dir, text_file, tmp_path):
     out = tmp_path / "g"
-    result = _run("quantize", tiny_model_dir, "--method", "gptq", "--bits", 4, "--group-size", 16,
-                  "--calib", text_file, "--calib-samples", 4, "--calib-seqlen", 64, "--out", out, "--json")
+    result = _run(
+        "quantize",
+        tiny_model_dir,
+        "--method",
+        "gptq",
+        "--bits",
+        4,
+        "--group-size",
+        16,
+        "--calib",
+        text_file,
+        "--calib-samples",
+        4,
+        "--calib-seqlen",
+        64,
+        "--out",
+        out,
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     recipe = json.loads(result.stdout)["recipe"][0]
     assert recipe["method"] == "gptq" and recipe["damp"] == 0.01
@@ -135,41 +183,109 @@ def test_gptq_from_the_cli_with_local_calibration_text(tiny_model_dir, text_file
     assert config["calibration"]["n_samples"] == 4
     log = json.loads((out / "quant_log.json").read_text())
     assert all(r["details"]["hessian_tokens"] == 4 * 64 for r in log)
-    in_order = _run("quantize", tiny_model_dir, "--method", "gptq", "--bits", 4, "--group-size", 16, "--no-act-order",
-                    "--no-static-groups", "--calib", text_file, "--calib-samples", 4, "--calib-seqlen", 64,
-                    "--out", tmp_path / "g3", "--json")
+    in_order = _run(
+        "quantize",
+        tiny_model_dir,
+        "--method",
+        "gptq",
+        "--bits",
+        4,
+        "--group-size",
+        16,
+        "--no-act-order",
+        "--no-static-groups",
+        "--calib",
+        text_file,
+        "--calib-samples",
+        4,
+        "--calib-seqlen",
+        64,
+        "--out",
+        tmp_path / "g3",
+        "--json",
+    )
     assert in_order.exit_code == 0, in_order.output
     recipe = json.loads(in_order.stdout)["recipe"][0]
     assert recipe["act_order"] is False and recipe["static_groups"] is False
     rtn = _run("quantize", tiny_model_dir, "--no-act-order", "--out", tmp_path / "r")
     assert rtn.exit_code != 0 and "--no-act-order does not apply to --method rtn" in rtn.stderr
-    text = _run("quantize", tiny_model_dir, "--method", "gptq", "--group-size", 16, "--calib", text_file,
-                "--calib-samples", 2, "--calib-seqlen", 32, "--out", tmp_path / "g2")
+    text = _run(
+        "quantize",
+        tiny_model_dir,
+        "--method",
+        "gptq",
+        "--group-size",
+        16,
+        "--calib",
+        text_file,
+        "--calib-samples",
+        2,
+        "--calib-seqlen",
+        32,
+        "--out",
+        tmp_path / "g2",
+    )
     assert "Hessian samples: 64 tokens per module" in text.stdout
 
 
 def test_hessian_clip_from_the_cli(tiny_model_dir, text_file, tmp_path):
     common = ("--calib", text_file, "--calib-samples", 2, "--calib-seqlen", 32, "--json")
-    result = _run("quantize", tiny_model_dir, "--method", "gptq", "--group-size", 16, "--clip", "mse", "--hessian-clip",
-                  *common, "--out", tmp_path / "h")
+    result = _run(
+        "quantize",
+        tiny_model_dir,
+        "--method",
+        "gptq",
+        "--group-size",
+        16,
+        "--clip",
+        "mse",
+        "--hessian-clip",
+        *common,
+        "--out",
+        tmp_path / "h",
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["recipe"][0]["hessian_clip"] is True
-    no_mse = _run("quantize", tiny_model_dir, "--method", "gptq", "--group-size", 16, "--hessian-clip", *common,
-                  "--out", tmp_path / "n")
+    no_mse = _run(
+        "quantize",
+        tiny_model_dir,
+        "--method",
+        "gptq",
+        "--group-size",
+        16,
+        "--hessian-clip",
+        *common,
+        "--out",
+        tmp_path / "n",
+    )
     assert no_mse.exit_code != 0 and "--clip mse" in no_mse.stderr and "Traceback" not in no_mse.output
     rtn = _run("quantize", tiny_model_dir, "--clip", "mse", "--hessian-clip", "--out", tmp_path / "r")
     assert rtn.exit_code != 0 and "--hessian-clip does not apply to --method rtn" in rtn.stderr
-    sq = _run("quantize", tiny_model_dir, "--method", "smoothquant", "--clip", "mse", "--hessian-clip", *common,
-              "--out", tmp_path / "s")
+    sq = _run(
+        "quantize",
+        tiny_model_dir,
+        "--method",
+        "smoothquant",
+        "--clip",
+        "mse",
+        "--hessian-clip",
+        *common,
+        "--out",
+        tmp_path / "s",
+    )
     assert sq.exit_code != 0 and "--weights gptq" in sq.stderr
     assert not any((tmp_path / d).exists() for d in ("n", "r", "s"))
 
 
 def test_calibration_problems_are_caught_before_loading(tiny_model_dir, tmp_path):
-    result = _run("quantize", tiny_model_dir, "--method", "gptq", "--calib", tmp_path / "none.txt", "--out", tmp_path / "g")
+    result = _run(
+        "quantize", tiny_model_dir, "--method", "gptq", "--calib", tmp_path / "none.txt", "--out", tmp_path / "g"
+    )
     assert result.exit_code == 2 and "text file not found" in result.stderr
     short = tmp_path / "short.txt"
     short.write_text("tiny")
-    result = _run("quantize", tiny_model_dir, "--method", "gptq", "--calib", short, "--calib-seqlen", 64, "--out", tmp_path / "g")
+    result = _run(
+        "quantize", tiny_model_dir, "--method", "gptq", "--calib", short, "--calib-seqlen", 64, "--out", tmp_path / "g"
+    )
     assert result.exit_code == 2 and "fewer than one window" in result.stderr
     assert not (tmp_path / "g").exists() and not (tmp_path / ".g.work").exists()

@@ -32,7 +32,9 @@ def test_linears_are_grouped_by_shared_input_in_execution_order(family, expected
     blocks = find_decoder_blocks(model)
     ctx = BlockContext(model, blocks, 1, capture_block_inputs(model, blocks, _ids(), batch_size=4))
     groups = ctx.input_groups(ctx.linears())
-    relative = [[n.removeprefix(ctx.name + ".").removeprefix("self_attn.").removeprefix("mlp.") for n in g] for g in groups]
+    relative = [
+        [n.removeprefix(ctx.name + ".").removeprefix("self_attn.").removeprefix("mlp.") for n in g] for g in groups
+    ]
     if family == "gpt2":
         relative = [[n.removeprefix(ctx.name + ".") for n in g] for g in groups]
     assert relative == expected
@@ -95,7 +97,9 @@ def test_act_order_checkpoint_round_trip(tmp_path):
     loaded = quantlm.load(tmp_path / "ckpt")
     with torch.no_grad():
         assert torch.equal(model(calib).logits, loaded(calib).logits)
-    recipe = quantlm.parse_recipe(__import__("json").loads((tmp_path / "ckpt" / "config.json").read_text())["quantization_config"]["recipe"])
+    recipe = quantlm.parse_recipe(
+        __import__("json").loads((tmp_path / "ckpt" / "config.json").read_text())["quantization_config"]["recipe"]
+    )
     assert recipe.steps[0].act_order and recipe.steps[0].spec.group_size == 16
 
 
@@ -143,8 +147,10 @@ def test_default_act_order_with_static_groups_keeps_the_plain_group_layout():
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert layers and all(m.g_idx is None for m in layers)  # column // group size: no runtime reordering
     in_order = quantlm.quantize(
-        tiny_model("llama"), GPTQ(QuantSpec(bits=4, group_size=16), act_order=False, static_groups=True),
-        calibration=_ids(8, 32), progress=False,
+        tiny_model("llama"),
+        GPTQ(QuantSpec(bits=4, group_size=16), act_order=False, static_groups=True),
+        calibration=_ids(8, 32),
+        progress=False,
     )
     q = model.model.layers[0].self_attn.q_proj.qweight
     assert not torch.equal(q, in_order.model.layers[0].self_attn.q_proj.qweight)  # the order did change the solve

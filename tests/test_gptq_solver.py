@@ -57,7 +57,13 @@ def _output_error(x, w, q):
 
 
 @pytest.mark.parametrize(
-    "spec", [QuantSpec(bits=4), QuantSpec(bits=3, symmetric=True), QuantSpec(bits=4, group_size=32), QuantSpec(bits=2, group_size=16)]
+    "spec",
+    [
+        QuantSpec(bits=4),
+        QuantSpec(bits=3, symmetric=True),
+        QuantSpec(bits=4, group_size=32),
+        QuantSpec(bits=2, group_size=16),
+    ],
 )
 def test_matches_the_slow_obs_loop(spec):
     w, h, x = _problem()

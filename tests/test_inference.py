@@ -9,15 +9,14 @@ import torch
 from typer.testing import CliRunner
 
 import quantlm
+from conftest import byte_tokenizer, tiny_model
 from quantlm.cli import app
 from quantlm.core import QuantSpec
 from quantlm.errors import QuantlmError
 from quantlm.eval.speed import measure_speed
 from quantlm.methods import RTN
-from quantlm.nn.kernels import cpu_has_fast_int8
 from quantlm.nn import QuantLinear
-
-from conftest import byte_tokenizer, tiny_model
+from quantlm.nn.kernels import cpu_has_fast_int8
 
 runner = CliRunner()
 IDS = torch.tensor([[5, 80, 17, 200, 33, 9, 41, 120]])
@@ -35,7 +34,8 @@ def _logits(model):
 
 
 def assert_close_logits(logits, reference, exact):
-    """Exact paths agree to float rounding; the weight-only ops round 8 decode-sized rows to bf16 (docs/inference.md)."""
+    """Exact paths agree to float rounding; the weight-only ops round 8 decode-sized rows to bf16
+    (docs/inference.md)."""
     if exact:
         torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-4)
     else:
@@ -88,8 +88,9 @@ def test_bf16_compute_keeps_the_stored_scales(tmp_path):
 def test_measure_speed_reports_every_figure(tmp_path, text_file):
     out = _checkpoint(tmp_path, QuantSpec(bits=4, group_size=32))
     model = quantlm.load(out)
-    report = measure_speed(model, byte_tokenizer(), prefill_tokens=64, decode_prompt=16, decode_tokens=4, repeats=2,
-                           text=str(text_file))
+    report = measure_speed(
+        model, byte_tokenizer(), prefill_tokens=64, decode_prompt=16, decode_tokens=4, repeats=2, text=str(text_file)
+    )
     assert len(report.prefill_runs) == len(report.decode_runs) == 2
     assert report.prefill_tok_s > 0 and report.decode_tok_s > 0 and report.decode_bound_tok_s > 0
     w = report.weight_bytes
@@ -101,8 +102,26 @@ def test_measure_speed_reports_every_figure(tmp_path, text_file):
 
 def test_bench_and_generate_commands(tmp_path, text_file):
     out = _checkpoint(tmp_path, QuantSpec(bits=4, group_size=32))
-    result = runner.invoke(app, ["bench", str(out), "--dtype", "float32", "--prefill-tokens", "32", "--decode-prompt", "8",
-                                 "--decode-tokens", "3", "--repeats", "1", "--data", str(text_file), "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "bench",
+            str(out),
+            "--dtype",
+            "float32",
+            "--prefill-tokens",
+            "32",
+            "--decode-prompt",
+            "8",
+            "--decode-tokens",
+            "3",
+            "--repeats",
+            "1",
+            "--data",
+            str(text_file),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["extra"]["kernels"] == "int4pack x21" and report["decode_tokens"] == 3
@@ -115,8 +134,9 @@ def test_bench_and_generate_commands(tmp_path, text_file):
     assert gen.exit_code == 0, gen.output
     assert "model.layers.0.self_attn.q_proj\tint4pack" in gen.output and "int4pack x21" in gen.output
     assert "\nThe quick" in gen.output  # the prompt, then the streamed continuation
-    torch_gen = runner.invoke(app, ["generate", str(out), "--prompt", "The quick", "--max-new-tokens", "4", "--kernel",
-                                    "torch", "--json"])
+    torch_gen = runner.invoke(
+        app, ["generate", str(out), "--prompt", "The quick", "--max-new-tokens", "4", "--kernel", "torch", "--json"]
+    )
     auto_gen = runner.invoke(app, ["generate", str(out), "--prompt", "The quick", "--max-new-tokens", "4", "--json"])
     assert json.loads(torch_gen.stdout)["text"] == json.loads(auto_gen.stdout)["text"]
 

@@ -135,8 +135,9 @@ def test_smoothquant_w8a8_on_the_real_model(fp_dir, tokenizer, fp_result, tmp_pa
     calibration = quantlm.Calibration(n_samples=4, seqlen=512)
 
     def ppl(recipe):
-        out = quantlm.api.quantize_to_checkpoint(fp_dir, recipe, tmp_path / str(len(list(tmp_path.iterdir()))),
-                                                 calibration=calibration, progress=False)
+        out = quantlm.api.quantize_to_checkpoint(
+            fp_dir, recipe, tmp_path / str(len(list(tmp_path.iterdir()))), calibration=calibration, progress=False
+        )
         return quantlm.evaluate(quantlm.load(out), tokenizer=tokenizer, max_windows=WINDOWS, progress=False).ppl
 
     w8 = QuantSpec(bits=8, symmetric=True)
@@ -156,6 +157,7 @@ def test_qat_converts_to_a_model_with_the_same_greedy_text_and_kv8_costs_little(
     int8 KV cache alone keeps perplexity within 0.5% of the float cache (benchmarks/results/qat_smollm2.md has the
     protocol's figures)."""
     import copy
+    import tempfile
 
     from quantlm.nn.kv_cache import KVQuantConfig, enable_kv_quantization
     from quantlm.qat.convert import convert_qat_model
@@ -164,15 +166,24 @@ def test_qat_converts_to_a_model_with_the_same_greedy_text_and_kv8_costs_little(
     from quantlm.qat.run import run_qat
     from quantlm.qat.trainer import TrainSettings
 
-    import tempfile
-
     model = quantlm.load(fp_dir)
     with tempfile.TemporaryDirectory() as tmp:
-        data = generate_training_data(model, tokenizer, f"{tmp}/gen.jsonl",
-                                      GenerationSettings(n_samples=4, max_length=64, batch_size=4), progress=False)
+        data = generate_training_data(
+            model,
+            tokenizer,
+            f"{tmp}/gen.jsonl",
+            GenerationSettings(n_samples=4, max_length=64, batch_size=4),
+            progress=False,
+        )
         windows = pack_samples(read_samples(data), 32)
-    student, result = run_qat(model, tokenizer, windows, QATConfig.from_bits(QATBits(4, 8, 4)),
-                              TrainSettings(steps=2, batch_size=2, lr=1e-5), progress=False)
+    student, result = run_qat(
+        model,
+        tokenizer,
+        windows,
+        QATConfig.from_bits(QATBits(4, 8, 4)),
+        TrainSettings(steps=2, batch_size=2, lr=1e-5),
+        progress=False,
+    )
     assert len(result.losses) == 2 and all(math.isfinite(x) for x in result.losses)
     ids = torch.tensor([tokenizer("The history of the city begins", add_special_tokens=False).input_ids])
     kwargs = dict(max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.eos_token_id)
@@ -180,6 +191,7 @@ def test_qat_converts_to_a_model_with_the_same_greedy_text_and_kv8_costs_little(
         fake_text = student.generate(ids, **kwargs)
         real = convert_qat_model(copy.deepcopy(student))
         assert torch.equal(real.generate(ids, **kwargs), fake_text)
-    kv8 = quantlm.evaluate(enable_kv_quantization(model, KVQuantConfig(8)), tokenizer=tokenizer, max_windows=WINDOWS,
-                           progress=False)
+    kv8 = quantlm.evaluate(
+        enable_kv_quantization(model, KVQuantConfig(8)), tokenizer=tokenizer, max_windows=WINDOWS, progress=False
+    )
     assert abs(kv8.ppl / fp_result.ppl - 1) < 0.005

@@ -8,11 +8,10 @@ import pytest
 import torch
 
 import quantlm
+from conftest import byte_tokenizer, tiny_model
 from quantlm.core import QuantSpec
 from quantlm.methods import RTN
 from quantlm.nn import QuantLinear, kernel_cache
-
-from conftest import byte_tokenizer, tiny_model
 
 IDS = torch.tensor([[5, 80, 17, 200, 33, 9, 41, 120]])
 W4 = QuantSpec(bits=4, group_size=32)
@@ -103,7 +102,9 @@ def test_tensors_that_do_not_fit_the_layer_are_rebuilt(tmp_path, home):
     model = quantlm.load(out)
     (entry,) = _entries(home)
     names = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
-    wrong = {name: {"packed": torch.zeros(3, 3, dtype=torch.uint8), "scale_offset": torch.zeros(1)} for name in names[:2]}
+    wrong = {
+        name: {"packed": torch.zeros(3, 3, dtype=torch.uint8), "scale_offset": torch.zeros(1)} for name in names[:2]
+    }
     kernel_cache.write_entry(entry, wrong)
     mixed = quantlm.load(out)
     assert not any(k.from_cache for k in _kernels(mixed))
@@ -118,7 +119,7 @@ def test_only_the_newest_entries_are_kept(tmp_path, home):
         kernel_cache.write_entry(path, tensors)
         os.utime(path, ns=(i * 10**9, i * 10**9))
     kernel_cache.write_entry(paths[-1], tensors)  # prunes
-    assert _entries(home) == sorted(paths[-kernel_cache.MAX_ENTRIES:])
+    assert _entries(home) == sorted(paths[-kernel_cache.MAX_ENTRIES :])
     assert kernel_cache.read_entry(paths[-1])["layer"]["packed"].shape == (2,)
 
 

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from conftest import tiny_model
 from quantlm import api
+from quantlm.core import QuantSpec
 from quantlm.core.activation import (
     dequantize_per_token,
     fake_quantize_int8,
@@ -19,7 +20,6 @@ from quantlm.core.activation import (
 )
 from quantlm.errors import InvalidSpecError, QuantlmError
 from quantlm.methods import RTN
-from quantlm.core import QuantSpec
 from quantlm.nn.kv_cache import (
     KVQuantConfig,
     enable_fake_kv_quantization,
@@ -133,7 +133,9 @@ def test_a_prefilled_float_cache_is_refused():
 def test_ptq_with_a_quantized_kv_cache_round_trips_through_a_checkpoint(tmp_path):
     model = tiny_model("llama")
     ids = torch.randint(0, 256, (1, 20))
-    api.quantize(model, [RTN(QuantSpec(bits=8, group_size=-1, symmetric=True))], kv_cache=KVQuantConfig(4), progress=False)
+    api.quantize(
+        model, [RTN(QuantSpec(bits=8, group_size=-1, symmetric=True))], kv_cache=KVQuantConfig(4), progress=False
+    )
     assert model.quantlm_kv_config == KVQuantConfig(4)
     api.save(model, tmp_path / "q")
     loaded = api.load(tmp_path / "q")
@@ -156,10 +158,28 @@ def test_kv_bits_from_the_cli(tiny_model_dir, text_file, tmp_path):
 
     run = CliRunner().invoke
     out = tmp_path / "q"
-    r = run(app, ["quantize", str(tiny_model_dir), "--bits", "8", "--group-size", "-1", "--sym", "--kv-bits", "4",
-                  "--out", str(out), "--json"])
+    r = run(
+        app,
+        [
+            "quantize",
+            str(tiny_model_dir),
+            "--bits",
+            "8",
+            "--group-size",
+            "-1",
+            "--sym",
+            "--kv-bits",
+            "4",
+            "--out",
+            str(out),
+            "--json",
+        ],
+    )
     assert r.exit_code == 0, r.output
-    assert json.loads((out / "config.json").read_text())["quantization_config"]["kv_cache"] == {"bits": 4, "symmetric": True}
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["kv_cache"] == {
+        "bits": 4,
+        "symmetric": True,
+    }
     common = ["--data", str(text_file), "--split", "eval", "--seqlen", "32", "--max-windows", "2", "--json"]
     as_saved = json.loads(run(app, ["eval", str(out), *common]).stdout)
     float_kv = json.loads(run(app, ["eval", str(out), "--kv-bits", "16", *common]).stdout)

@@ -11,28 +11,28 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 import quantlm
+from conftest import byte_tokenizer, tiny_model
 from quantlm.cli import app
 from quantlm.core import QuantSpec
 from quantlm.core.activation import (
     quantize_per_tensor_int8,
-    quantize_per_token_int8,
     split_outlier_columns,
     static_int8_scale,
 )
 from quantlm.errors import QuantlmError
-from quantlm.methods import LLMInt8, RTN
+from quantlm.methods import RTN, LLMInt8
 from quantlm.nn import QuantLinear
 from quantlm.nn.kernels import SHARED_INPUT
 from quantlm.pipeline.dequantized import run_dequantized
-
-from conftest import byte_tokenizer, tiny_model
 
 W8 = QuantSpec(bits=8, symmetric=True)
 
 
 def _layer(out_f=24, in_f=40, seed=0, **act):
     g = torch.Generator().manual_seed(seed)
-    return QuantLinear.from_weight(torch.randn(out_f, in_f, generator=g), W8, torch.randn(out_f, generator=g), act_bits=8, **act)
+    return QuantLinear.from_weight(
+        torch.randn(out_f, in_f, generator=g), W8, torch.randn(out_f, generator=g), act_bits=8, **act
+    )
 
 
 def _input(tokens=6, features=40, outliers=(3, 17), seed=1):
@@ -113,7 +113,7 @@ def test_shared_input_is_quantized_once_and_never_reused_stale():
     try:
         SHARED_INPUT.clear()
         with torch.no_grad():
-            ya, yb = a(x), b(x)
+            _, yb = a(x), b(x)
             assert len(calls) == 1  # b reused a's int8 input
             x.mul_(2)  # changed in place: must be quantized again
             yb2 = b(x)
@@ -159,7 +159,9 @@ def test_llm_int8_step_reports_outliers_and_round_trips(tmp_path):
     assert 0 < q_proj["details"]["outlier_fraction_mean"] <= q_proj["details"]["outlier_fraction_any"] <= 1
     assert q_proj["details"]["spec"] == "w8 per-channel sym a8 outliers>=6"
     out = quantlm.save(model, tmp_path / "int8", tokenizer=byte_tokenizer())
-    layout = json.loads((out / "config.json").read_text())["quantization_config"]["modules"]["model.layers.0.mlp.up_proj"]
+    layout = json.loads((out / "config.json").read_text())["quantization_config"]["modules"][
+        "model.layers.0.mlp.up_proj"
+    ]
     assert layout["outlier_threshold"] == 6.0 and layout["act_bits"] == 8
     loaded = quantlm.load(out)
     with torch.no_grad():
@@ -169,8 +171,22 @@ def test_llm_int8_step_reports_outliers_and_round_trips(tmp_path):
 
 def test_cli_llm_int8(tiny_model_dir, text_file, tmp_path):
     runner = CliRunner()
-    args = ["quantize", str(tiny_model_dir), "--method", "llm-int8", "--threshold", "2.5", "--calib", str(text_file),
-            "--calib-samples", "2", "--calib-seqlen", "32", "--out", str(tmp_path / "q")]
+    args = [
+        "quantize",
+        str(tiny_model_dir),
+        "--method",
+        "llm-int8",
+        "--threshold",
+        "2.5",
+        "--calib",
+        str(text_file),
+        "--calib-samples",
+        "2",
+        "--calib-seqlen",
+        "32",
+        "--out",
+        str(tmp_path / "q"),
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "outlier input columns" in result.stdout

@@ -37,14 +37,17 @@ def test_every_method_is_frozen_and_round_trips_through_plain_data(name):
 
 @settings(max_examples=60, deadline=None)
 @given(
-    bits=st.integers(2, 8), symmetric=st.booleans(), group=st.sampled_from([-1, 16, 64, 128]),
-    clip=st.sampled_from(["none", "mse"]), damp=st.floats(1e-4, 1.0), act_order=st.booleans(),
+    bits=st.integers(2, 8),
+    symmetric=st.booleans(),
+    group=st.sampled_from([-1, 16, 64, 128]),
+    clip=st.sampled_from(["none", "mse"]),
+    damp=st.floats(1e-4, 1.0),
+    act_order=st.booleans(),
     exclude=st.lists(st.sampled_from(["*.o_proj", "down_proj", "model.layers.0.*"]), max_size=2, unique=True),
 )
 def test_gptq_and_rtn_settings_survive_plain_data(bits, symmetric, group, clip, damp, act_order, exclude):
     spec = QuantSpec(bits=bits, symmetric=symmetric, group_size=group, clip=clip)
-    for step in (GPTQ(spec, damp=damp, act_order=act_order, exclude=tuple(exclude)),
-                 RTN(spec, exclude=tuple(exclude))):
+    for step in (GPTQ(spec, damp=damp, act_order=act_order, exclude=tuple(exclude)), RTN(spec, exclude=tuple(exclude))):
         again = parse_recipe(json.loads(json.dumps(step.to_config()))).steps[0]
         assert again == step and again.to_config() == step.to_config()
 
@@ -75,8 +78,10 @@ def test_the_command_line_options_are_the_registrys_settings():
             if f.metadata.get("help"):
                 assert any((cls, f.name) in entry.targets for entry in table.values()), (name, f.name)
     # one flag, two fields: --a-granularity sets RTN's activations and SmoothQuant's search
-    assert {(c.name, t) for c, t in table["a_granularity"].targets} >= {("rtn", "act_granularity"),
-                                                                        ("smoothquant", "search_granularity")}
+    assert {(c.name, t) for c, t in table["a_granularity"].targets} >= {
+        ("rtn", "act_granularity"),
+        ("smoothquant", "search_granularity"),
+    }
 
 
 def test_recipes_from_command_line_options():
@@ -138,15 +143,29 @@ def test_format_version_1_recipes_are_upgraded():
     calibration = {"source": "enwiki", "split": "calibration", "n_samples": 4, "seqlen": 64, "seed": 0}
     v1 = [
         {"method": "gptq", **spec, "damp": 0.01, "exclude": [], "calibration": calibration},
-        {"method": "rtn", **QuantSpec(bits=8, symmetric=True).to_dict(), "lm_head": True, "blocks": False,
-         "exclude": [], "calibration": calibration},
+        {
+            "method": "rtn",
+            **QuantSpec(bits=8, symmetric=True).to_dict(),
+            "lm_head": True,
+            "blocks": False,
+            "exclude": [],
+            "calibration": calibration,
+        },
     ]
     recipe, calib, training = upgrade_v1_recipe(v1)
     assert calib == calibration and training is None
     assert [s.name for s in parse_recipe(recipe).steps] == ["gptq", "rtn-head"]
-    qat_v1 = {"method": "qat", "bits": "4-8-4", "weight": QuantSpec(bits=4, symmetric=True).to_dict(),
-              "act": {"bits": 8, "symmetric": True, "granularity": "token"}, "kv": {"bits": 4, "symmetric": True},
-              "learnable_clip": False, "exclude": [], "init": None, "training": {"steps": 3}}
+    qat_v1 = {
+        "method": "qat",
+        "bits": "4-8-4",
+        "weight": QuantSpec(bits=4, symmetric=True).to_dict(),
+        "act": {"bits": 8, "symmetric": True, "granularity": "token"},
+        "kv": {"bits": 4, "symmetric": True},
+        "learnable_clip": False,
+        "exclude": [],
+        "init": None,
+        "training": {"steps": 3},
+    }
     recipe, _, training = upgrade_v1_recipe([qat_v1])
     assert parse_recipe(recipe).steps == [QATConfig.from_bits("4-8-4")] and training == {"steps": 3, "init": None}
 
@@ -156,8 +175,13 @@ def test_the_record_stores_the_calibration_once(tmp_path, text_file):
 
     model = tiny_model("llama")
     calib = quantlm.Calibration(source=str(text_file), n_samples=2, seqlen=32)
-    quantlm.quantize(model, [{"method": "gptq", "group_size": 16}, {"method": "rtn-head"}], calib,
-                     tokenizer=byte_tokenizer(), progress=False)
+    quantlm.quantize(
+        model,
+        [{"method": "gptq", "group_size": 16}, {"method": "rtn-head"}],
+        calib,
+        tokenizer=byte_tokenizer(),
+        progress=False,
+    )
     record = model.quantlm_record
     assert isinstance(record, QuantizationRecord) and record.calibration["n_samples"] == 2 and record.seconds > 0
     quantlm.save(model, tmp_path / "q")

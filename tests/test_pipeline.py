@@ -92,7 +92,9 @@ def test_calibration_steps_without_data_fail_clearly():
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "phi3"])
-@pytest.mark.parametrize("spec", [QuantSpec(bits=4, group_size=16), QuantSpec(bits=3, symmetric=True), QuantSpec(bits=8)])
+@pytest.mark.parametrize(
+    "spec", [QuantSpec(bits=4, group_size=16), QuantSpec(bits=3, symmetric=True), QuantSpec(bits=8)]
+)
 def test_rtn_equals_a_model_with_fake_quantized_weights(family, spec):
     model = tiny_model(family)
     reference = tiny_model(family)

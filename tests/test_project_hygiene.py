@@ -150,9 +150,7 @@ def find_cycles(graph: dict[str, dict[str, int]]) -> list[list[str]]:
 
 
 def _describe(cycle: list[str], graph: dict[str, dict[str, int]], modules: dict[str, Path]) -> str:
-    steps = [
-        f"  {a} ({modules[a].relative_to(ROOT)}:{graph[a][b]}) imports {b}" for a, b in itertools.pairwise(cycle)
-    ]
+    steps = [f"  {a} ({modules[a].relative_to(ROOT)}:{graph[a][b]}) imports {b}" for a, b in itertools.pairwise(cycle)]
     return " -> ".join(cycle) + "\n" + "\n".join(steps)
 
 

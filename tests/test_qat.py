@@ -62,8 +62,12 @@ def test_step_zero_is_rtn_with_the_same_activation_and_kv_grids(kv, atol):
     model = tiny_model("llama")
     ids = _windows(2, 24)
     fake = prepare_qat(copy.deepcopy(model), QATConfig.from_bits(QATBits(4, 8, kv)))
-    rtn = api.quantize(copy.deepcopy(model), [RTN(QuantSpec(bits=4, group_size=-1, symmetric=True), act_bits=8)],
-                       kv_cache=None if kv == 16 else KVQuantConfig(kv), progress=False)
+    rtn = api.quantize(
+        copy.deepcopy(model),
+        [RTN(QuantSpec(bits=4, group_size=-1, symmetric=True), act_bits=8)],
+        kv_cache=None if kv == 16 else KVQuantConfig(kv),
+        progress=False,
+    )
     with torch.no_grad():
         torch.testing.assert_close(fake(ids).logits, rtn(ids).logits, rtol=0, atol=atol)
 
@@ -80,8 +84,9 @@ def test_gradients_reach_weights_through_the_rounding_and_learnable_scales():
 def test_conversion_gives_packed_layers_that_compute_what_was_trained(kv, tmp_path):
     model = tiny_model("llama")
     config = QATConfig.from_bits(QATBits(4, 8, kv))
-    student, _ = run_qat(model, None, _windows(), config, TrainSettings(steps=3, batch_size=2, lr=1e-3, bf16=False),
-                         progress=False)
+    student, _ = run_qat(
+        model, None, _windows(), config, TrainSettings(steps=3, batch_size=2, lr=1e-3, bf16=False), progress=False
+    )
     ids = _windows(2, 24, seed=1)
     prompt = ids[:1, :6]
     kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=258)
@@ -109,8 +114,9 @@ def test_settings_without_integer_kernels_train_but_do_not_convert():
 def test_init_from_a_ptq_checkpoint_starts_exactly_there(tmp_path):
     model = tiny_model("llama")
     ids = _windows(2, 24)
-    ptq = api.quantize(copy.deepcopy(model), [RTN(QuantSpec(bits=4, group_size=-1, symmetric=True, clip="mse"))],
-                       progress=False)
+    ptq = api.quantize(
+        copy.deepcopy(model), [RTN(QuantSpec(bits=4, group_size=-1, symmetric=True, clip="mse"))], progress=False
+    )
     student = prepare_qat(copy.deepcopy(model), QATConfig.from_bits(QATBits(4, 16, 16)))
     assert init_from_quantized(student, ptq) == 21
     with torch.no_grad():
@@ -134,7 +140,9 @@ def test_cosine_schedule_and_data_order():
     one = torch.cat([window_indices(20, 0, 0, 0, 1, TrainSettings(steps=2, batch_size=4))])
     two = torch.cat([window_indices(20, 0, 0, r, 2, TrainSettings(steps=2, batch_size=2)) for r in range(2)])
     assert torch.equal(one, two)  # 2 processes x 2 windows = the single process's batch of 4
-    assert sorted(torch.cat([window_indices(8, st, 0, 0, 1, TrainSettings(steps=4, batch_size=2)) for st in range(4)]).tolist()) == list(range(8))
+    assert sorted(
+        torch.cat([window_indices(8, st, 0, 0, 1, TrainSettings(steps=4, batch_size=2)) for st in range(4)]).tolist()
+    ) == list(range(8))
 
 
 def test_training_brings_the_student_closer_to_the_teacher():
@@ -148,8 +156,9 @@ def test_training_brings_the_student_closer_to_the_teacher():
 
     config = QATConfig.from_bits(QATBits(2, 8, 4))  # a random tiny model is near uniform: 2 bits make the gap visible
     start = prepare_qat(copy.deepcopy(model), config)
-    trained, result = run_qat(model, None, _windows(), config,
-                              TrainSettings(steps=15, batch_size=4, lr=1e-3, bf16=False), progress=False)
+    trained, result = run_qat(
+        model, None, _windows(), config, TrainSettings(steps=15, batch_size=4, lr=1e-3, bf16=False), progress=False
+    )
     assert len(result.losses) == 15 and result.tokens == 15 * 4 * 32
     assert kl_to_teacher(trained) < 0.9 * kl_to_teacher(start)
 
@@ -177,8 +186,14 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
     for (name, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
         assert (a - b).abs().max() <= 1e-6, (name, float((a - b).abs().max()))
     with pytest.raises(Exception, match="other settings"):
-        train(prepare_qat(copy.deepcopy(model), W4A8KV4), model, windows,
-              TrainSettings(steps=6, batch_size=2, lr=2e-3, bf16=False, save_every=3), state_dir=tmp_path, progress=False)
+        train(
+            prepare_qat(copy.deepcopy(model), W4A8KV4),
+            model,
+            windows,
+            TrainSettings(steps=6, batch_size=2, lr=2e-3, bf16=False, save_every=3),
+            state_dir=tmp_path,
+            progress=False,
+        )
 
 
 def _ddp_worker(rank, world, init_file, out_file, fsdp=False):
@@ -186,9 +201,15 @@ def _ddp_worker(rank, world, init_file, out_file, fsdp=False):
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     model = tiny_model("llama")
-    student, result = run_qat(model, model, _windows(), W4A8KV4,
-                              TrainSettings(steps=3, batch_size=2, lr=1e-3, bf16=False, fsdp=fsdp), progress=False,
-                              state_dir=os.path.dirname(out_file))
+    student, result = run_qat(
+        model,
+        model,
+        _windows(),
+        W4A8KV4,
+        TrainSettings(steps=3, batch_size=2, lr=1e-3, bf16=False, fsdp=fsdp),
+        progress=False,
+        state_dir=os.path.dirname(out_file),
+    )
     if rank == 0:
         torch.save({"weights": student.state_dict(), "tokens": result.tokens}, out_file)
     torch.distributed.destroy_process_group()
@@ -199,8 +220,9 @@ def test_two_processes_train_like_one_with_the_same_global_batch(fsdp, tmp_path)
     out = tmp_path / "ddp.pt"
     torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(out), fsdp), nprocs=2, join=True)
     model = tiny_model("llama")
-    single, _ = run_qat(model, model, _windows(), W4A8KV4,
-                        TrainSettings(steps=3, batch_size=4, lr=1e-3, bf16=False), progress=False)
+    single, _ = run_qat(
+        model, model, _windows(), W4A8KV4, TrainSettings(steps=3, batch_size=4, lr=1e-3, bf16=False), progress=False
+    )
     ddp = torch.load(out)
     assert ddp["tokens"] == 3 * 4 * 32
     saved = torch.load(tmp_path / "train_state.pt", weights_only=False)  # gathered whole, also when sharded
@@ -258,13 +280,49 @@ def test_generation_modes_and_helpers(tmp_path):
 # ---------------------------------------------------------------------------------------------- CLI
 def test_generate_data_then_qat_from_the_cli(tiny_model_dir, tmp_path):
     data = tmp_path / "gen.jsonl"
-    r = runner.invoke(app, ["generate-data", str(tiny_model_dir), "--samples", "8", "--max-length", "40",
-                            "--batch-size", "4", "--dtype", "float32", "--out", str(data), "--json"])
+    r = runner.invoke(
+        app,
+        [
+            "generate-data",
+            str(tiny_model_dir),
+            "--samples",
+            "8",
+            "--max-length",
+            "40",
+            "--batch-size",
+            "4",
+            "--dtype",
+            "float32",
+            "--out",
+            str(data),
+            "--json",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["samples"] == 8
     out = tmp_path / "q"
-    r = runner.invoke(app, ["qat", str(tiny_model_dir), "--data", str(data), "--steps", "2", "--batch-size", "2",
-                            "--seqlen", "16", "--fp32", "--out", str(out), "--eval", "--max-windows", "1", "--json"])
+    r = runner.invoke(
+        app,
+        [
+            "qat",
+            str(tiny_model_dir),
+            "--data",
+            str(data),
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--seqlen",
+            "16",
+            "--fp32",
+            "--out",
+            str(out),
+            "--eval",
+            "--max-windows",
+            "1",
+            "--json",
+        ],
+    )
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout)
     assert summary["bits"] == "4-8-4" and summary["training"]["steps"] == 2 and summary["ppl"] > 1
@@ -273,5 +331,7 @@ def test_generate_data_then_qat_from_the_cli(tiny_model_dir, tmp_path):
     assert r.exit_code == 2 and "already exists" in r.output
     r = runner.invoke(app, ["qat", str(tiny_model_dir), "--a-bits", "4", "--out", str(tmp_path / "x")])
     assert r.exit_code == 2 and "--a-bits 8 or 16" in r.output
-    r = runner.invoke(app, ["qat", str(tiny_model_dir), "--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "y")])
+    r = runner.invoke(
+        app, ["qat", str(tiny_model_dir), "--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "y")]
+    )
     assert r.exit_code == 2 and "generate-data" in r.output

@@ -43,7 +43,10 @@ def test_from_weight_matches_core_and_forward_is_linear_on_the_dequantized_weigh
 def test_error_shrinks_with_bits():
     torch.manual_seed(0)
     w = torch.randn(32, 128)
-    errors = [(QuantLinear.from_weight(w, QuantSpec(bits=b, group_size=32)).dequantize_weight() - w).norm() for b in (2, 3, 4, 8)]
+    errors = [
+        (QuantLinear.from_weight(w, QuantSpec(bits=b, group_size=32)).dequantize_weight() - w).norm()
+        for b in (2, 3, 4, 8)
+    ]
     assert errors == sorted(errors, reverse=True)
     assert errors[-1] / w.norm() < 0.01
 

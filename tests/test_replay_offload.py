@@ -85,6 +85,7 @@ def test_replaying_settled_children_changes_nothing(family, true_sequential, mon
 
 def test_a_child_that_changes_its_tail_output_in_place_is_not_tail_replayed(monkeypatch):
     from transformers.models.llama import modeling_llama
+
     from quantlm.pipeline import capture_block_inputs
 
     original = modeling_llama.LlamaMLP.forward

@@ -7,9 +7,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from quantlm.models.skeleton import empty_model
-
 from conftest import FAMILIES, tiny_config
+from quantlm.models.skeleton import empty_model
 
 
 @pytest.mark.parametrize("family", FAMILIES)

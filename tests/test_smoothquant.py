@@ -13,15 +13,14 @@ from torch import nn
 from typer.testing import CliRunner
 
 import quantlm
+from conftest import FAMILIES, tiny_model
 from quantlm.cli import app
 from quantlm.core import QuantSpec
 from quantlm.errors import QuantlmError
-from quantlm.methods import GPTQ, RTN, SmoothQuant, parse_recipe
+from quantlm.methods import RTN, SmoothQuant, parse_recipe
 from quantlm.methods.smoothquant import smoothing_scales, w8a8_output_error
 from quantlm.models.smoothing import divide_norm_output, kv_head_map, norm_weight_offset
 from quantlm.nn import QuantLinear
-
-from conftest import FAMILIES, tiny_model
 
 W8 = QuantSpec(bits=8, symmetric=True)
 IDS = torch.randint(0, 256, (4, 48), generator=torch.Generator().manual_seed(1))
@@ -51,7 +50,11 @@ def test_smoothing_keeps_the_float_model_unchanged(family):
     model = tiny_model(family)
     with torch.no_grad():  # trained norms have weights far from 1 and (LayerNorm) nonzero biases
         for name, p in model.named_parameters():
-            if p.dim() == 1 and "norm" in name or name.endswith(("ln_1.weight", "ln_2.weight", "ln_1.bias", "ln_2.bias")):
+            if (
+                p.dim() == 1
+                and "norm" in name
+                or name.endswith(("ln_1.weight", "ln_2.weight", "ln_1.bias", "ln_2.bias"))
+            ):
                 p.add_(torch.rand(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.8 - 0.2)
     reference = _logits(model)
     quantlm.quantize(model, [SmoothQuant(alpha=0.5)], IDS, batch_size=2, progress=False)
@@ -67,15 +70,26 @@ def test_smoothing_keeps_the_float_model_unchanged(family):
 def test_norm_groups_found_generically_for_llama_and_gpt2():
     model = tiny_model("llama")
     quantlm.quantize(model, [SmoothQuant(folds=("norm",))], IDS, batch_size=2, progress=False)
-    groups = {r["module"]: r["details"]["targets"] for r in model.quantlm_record.log if r["module"].startswith("model.layers.0.")}
+    groups = {
+        r["module"]: r["details"]["targets"]
+        for r in model.quantlm_record.log
+        if r["module"].startswith("model.layers.0.")
+    }
     assert groups == {
         "model.layers.0.input_layernorm": [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"],
         "model.layers.0.post_attention_layernorm": ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"],
     }
     gpt2 = tiny_model("gpt2")
     quantlm.quantize(gpt2, [SmoothQuant(folds=("norm",))], IDS, batch_size=2, progress=False)
-    groups = {r["module"]: r["details"]["targets"] for r in gpt2.quantlm_record.log if r["module"].startswith("transformer.h.0.")}
-    assert groups == {"transformer.h.0.ln_1": ["transformer.h.0.attn.c_attn"], "transformer.h.0.ln_2": ["transformer.h.0.mlp.c_fc"]}
+    groups = {
+        r["module"]: r["details"]["targets"]
+        for r in gpt2.quantlm_record.log
+        if r["module"].startswith("transformer.h.0.")
+    }
+    assert groups == {
+        "transformer.h.0.ln_1": ["transformer.h.0.attn.c_attn"],
+        "transformer.h.0.ln_2": ["transformer.h.0.mlp.c_fc"],
+    }
 
 
 def test_gemma_norm_folds_through_its_one_plus_weight():
@@ -155,7 +169,9 @@ def test_scales_are_positive_finite_and_balance_the_maxima(alpha, seed):
     assert s[3] == 1 and s[4] == 1
     live = (act > 0) & (weight > 0)
     # after smoothing, max|X_j| / s_j = max|X_j|^(1-α) max|W_j|^(1-α) and max|W_j| s_j = max|X_j|^α max|W_j|^α
-    torch.testing.assert_close((act / s)[live], (act.pow(1 - alpha) * weight.pow(1 - alpha))[live], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        (act / s)[live], (act.pow(1 - alpha) * weight.pow(1 - alpha))[live], rtol=1e-4, atol=1e-5
+    )
     torch.testing.assert_close((weight * s)[live], (act.pow(alpha) * weight.pow(alpha))[live], rtol=1e-4, atol=1e-5)
 
 
@@ -236,8 +252,12 @@ def test_a_block_with_nothing_to_fold_into_is_a_clear_error():
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"alpha": 1.5}, "alpha must be"), ({"alpha": "often"}, "alpha must be"), ({"folds": ("norm", "x")}, "folds must be"),
-     ({"search_granularity": "row"}, "search_granularity")],
+    [
+        ({"alpha": 1.5}, "alpha must be"),
+        ({"alpha": "often"}, "alpha must be"),
+        ({"folds": ("norm", "x")}, "folds must be"),
+        ({"search_granularity": "row"}, "search_granularity"),
+    ],
 )
 def test_bad_settings_are_clear_errors(kwargs, message):
     with pytest.raises(QuantlmError, match=message):
@@ -245,10 +265,12 @@ def test_bad_settings_are_clear_errors(kwargs, message):
 
 
 def test_recipes_round_trip_and_compose_with_gptq(tmp_path):
-    recipe = parse_recipe([
-        {"method": "smoothquant", "alpha": "auto", "folds": ["norm", "up-down"]},
-        {"method": "gptq", "bits": 4, "group_size": 32, "act_bits": 8},
-    ])
+    recipe = parse_recipe(
+        [
+            {"method": "smoothquant", "alpha": "auto", "folds": ["norm", "up-down"]},
+            {"method": "gptq", "bits": 4, "group_size": 32, "act_bits": 8},
+        ]
+    )
     assert parse_recipe(recipe.to_config()).to_config() == recipe.to_config()
     assert recipe.describe() == "smoothquant(alpha auto, folds norm+up-down) -> gptq(w4 g32 asym a8)"
     model = with_outliers()
@@ -257,18 +279,26 @@ def test_recipes_round_trip_and_compose_with_gptq(tmp_path):
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert layers and all(m.act_bits == 8 and m.spec.bits == 4 for m in layers)
     assert _rel(_logits(model), reference) < 0.5
-    static = parse_recipe([{"method": "smoothquant"}, {"method": "gptq", "bits": 8, "symmetric": True, "act_bits": 8,
-                                                        "act_granularity": "tensor"}])
+    static = parse_recipe(
+        [
+            {"method": "smoothquant"},
+            {"method": "gptq", "bits": 8, "symmetric": True, "act_bits": 8, "act_granularity": "tensor"},
+        ]
+    )
     model = with_outliers()
     quantlm.quantize(model, static, IDS, batch_size=2, progress=False)
-    assert all(m.act_scale is not None and float(m.act_scale) > 0 for m in model.modules() if isinstance(m, QuantLinear))
+    assert all(
+        m.act_scale is not None and float(m.act_scale) > 0 for m in model.modules() if isinstance(m, QuantLinear)
+    )
 
 
 def test_checkpoint_of_a_smoothed_static_w8a8_model_loads_identically(tmp_path):
     from conftest import byte_tokenizer
 
     model = with_outliers()
-    quantlm.quantize(model, [SmoothQuant(0.5), RTN(W8, act_bits=8, act_granularity="tensor")], IDS, batch_size=2, progress=False)
+    quantlm.quantize(
+        model, [SmoothQuant(0.5), RTN(W8, act_bits=8, act_granularity="tensor")], IDS, batch_size=2, progress=False
+    )
     out = quantlm.save(model, tmp_path / "sq", tokenizer=byte_tokenizer())
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert [s["method"] for s in config["recipe"]] == ["smoothquant", "rtn"]
@@ -282,23 +312,63 @@ def test_checkpoint_of_a_smoothed_static_w8a8_model_loads_identically(tmp_path):
 def test_cli_smoothquant_and_errors(tiny_model_dir, text_file, tmp_path):
     runner = CliRunner()
     out = tmp_path / "sq"
-    args = ["quantize", str(tiny_model_dir), "--method", "smoothquant", "--alpha", "auto", "--a-granularity", "tensor",
-            "--calib", str(text_file), "--calib-samples", "4", "--calib-seqlen", "32", "--out", str(out), "--json"]
+    args = [
+        "quantize",
+        str(tiny_model_dir),
+        "--method",
+        "smoothquant",
+        "--alpha",
+        "auto",
+        "--a-granularity",
+        "tensor",
+        "--calib",
+        str(text_file),
+        "--calib-samples",
+        "4",
+        "--calib-seqlen",
+        "32",
+        "--out",
+        str(out),
+        "--json",
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["recipe"][0]["method"] == "smoothquant" and summary["recipe"][0]["alpha"] == "auto"
-    assert summary["recipe"][1] == {"method": "rtn", "bits": 8, "symmetric": True, "group_size": -1,
-                                    "granularity": "channel", "clip": "none", "lm_head": False, "exclude": [],
-                                    "act_bits": 8, "act_granularity": "tensor"}
+    assert summary["recipe"][1] == {
+        "method": "rtn",
+        "bits": 8,
+        "symmetric": True,
+        "group_size": -1,
+        "granularity": "channel",
+        "clip": "none",
+        "lm_head": False,
+        "exclude": [],
+        "act_bits": 8,
+        "act_granularity": "tensor",
+    }
     text = runner.invoke(app, args[:-1] + ["--overwrite"])
     assert text.exit_code == 0 and "smoothed" in text.stdout
-    bad = runner.invoke(app, ["quantize", str(tiny_model_dir), "--method", "smoothquant", "--alpha", "2",
-                              "--out", str(tmp_path / "bad")])
+    bad = runner.invoke(
+        app,
+        ["quantize", str(tiny_model_dir), "--method", "smoothquant", "--alpha", "2", "--out", str(tmp_path / "bad")],
+    )
     assert bad.exit_code == 2 and "alpha must be" in bad.stderr and not (tmp_path / "bad").exists()
-    folds = runner.invoke(app, ["quantize", str(tiny_model_dir), "--method", "smoothquant", "--smooth-folds", "qk",
-                                "--out", str(tmp_path / "bad")])
+    folds = runner.invoke(
+        app,
+        [
+            "quantize",
+            str(tiny_model_dir),
+            "--method",
+            "smoothquant",
+            "--smooth-folds",
+            "qk",
+            "--out",
+            str(tmp_path / "bad"),
+        ],
+    )
     assert folds.exit_code == 2 and "folds must be" in folds.stderr
-    unused = runner.invoke(app, ["quantize", str(tiny_model_dir), "--method", "rtn", "--alpha", "0.7",
-                                 "--out", str(tmp_path / "bad")])
+    unused = runner.invoke(
+        app, ["quantize", str(tiny_model_dir), "--method", "rtn", "--alpha", "0.7", "--out", str(tmp_path / "bad")]
+    )
     assert unused.exit_code == 2 and "--alpha does not apply to --method rtn" in unused.stderr

@@ -38,7 +38,9 @@ def _logits(model, ids):
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "qwen3"])
-@pytest.mark.parametrize("step", [RTN(QuantSpec(bits=4, group_size=16)), GPTQ(QuantSpec(bits=3, group_size=16), act_order=True)])
+@pytest.mark.parametrize(
+    "step", [RTN(QuantSpec(bits=4, group_size=16)), GPTQ(QuantSpec(bits=3, group_size=16), act_order=True)]
+)
 def test_streamed_quantization_equals_the_in_memory_one(tmp_path, family, step):
     src = _save_dir(tmp_path, family)
     calib = _ids()
@@ -101,7 +103,10 @@ def test_an_interrupted_run_resumes_and_writes_the_same_bytes(tmp_path, monkeypa
     with pytest.raises(KeyboardInterrupt):
         quantlm.api.quantize_to_checkpoint(src, step, tmp_path / "resumed", calibration=calib, progress=False)
     work = tmp_path / ".resumed.work"
-    assert sorted(p.name for p in work.glob("block-*.safetensors")) == ["block-0000.safetensors", "block-0001.safetensors"]
+    assert sorted(p.name for p in work.glob("block-*.safetensors")) == [
+        "block-0000.safetensors",
+        "block-0001.safetensors",
+    ]
     assert not (tmp_path / "resumed").exists()
 
     monkeypatch.setattr(GPTQ, "process_block", lambda self, ctx: (processed.append(ctx.index), original(self, ctx))[1])
@@ -110,6 +115,7 @@ def test_an_interrupted_run_resumes_and_writes_the_same_bytes(tmp_path, monkeypa
     assert processed == [2]  # blocks 0 and 1 came from the work directory
     for name in ("model.safetensors", "config.json"):
         assert (resumed / name).read_bytes() == (reference / name).read_bytes(), name
+
     def without_timing(path):
         return [{k: v for k, v in r.items() if k != "seconds"} for r in json.loads(path.read_text())]
 
@@ -119,11 +125,13 @@ def test_an_interrupted_run_resumes_and_writes_the_same_bytes(tmp_path, monkeypa
 def test_a_work_directory_of_another_run_is_refused(tmp_path):
     src = _save_dir(tmp_path)
     work = tmp_path / "work"
-    quantlm.api.quantize_to_checkpoint(src, RTN(QuantSpec(bits=4, group_size=16)), tmp_path / "a", work_dir=work,
-                                       keep_work_dir=True, progress=False)
+    quantlm.api.quantize_to_checkpoint(
+        src, RTN(QuantSpec(bits=4, group_size=16)), tmp_path / "a", work_dir=work, keep_work_dir=True, progress=False
+    )
     with pytest.raises(CheckpointError, match="belongs to a different run"):
-        quantlm.api.quantize_to_checkpoint(src, RTN(QuantSpec(bits=3, group_size=16)), tmp_path / "b", work_dir=work,
-                                           progress=False)
+        quantlm.api.quantize_to_checkpoint(
+            src, RTN(QuantSpec(bits=3, group_size=16)), tmp_path / "b", work_dir=work, progress=False
+        )
 
 
 _PEAK_RSS = textwrap.dedent(
@@ -143,15 +151,25 @@ def test_peak_memory_does_not_grow_with_depth(tmp_path):
     """A 2-block and a 16-block model differ by ~140 MB of fp32 weights; quantizing from disk must not show it."""
     sizes = {}
     for layers in (2, 16):
-        model = tiny_model("llama", num_hidden_layers=layers, hidden_size=384, intermediate_size=1536, num_attention_heads=6,
-                           num_key_value_heads=2)
+        model = tiny_model(
+            "llama",
+            num_hidden_layers=layers,
+            hidden_size=384,
+            intermediate_size=1536,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+        )
         path = tmp_path / f"fp{layers}"
         model.save_pretrained(path)
         byte_tokenizer().save_pretrained(path)
         weights = sum(p.numel() * 4 for p in model.parameters())
         del model
-        peak = subprocess.run([sys.executable, "-c", _PEAK_RSS, str(path), str(tmp_path / f"q{layers}")],
-                              capture_output=True, text=True, check=True).stdout.split()[-1]
+        peak = subprocess.run(
+            [sys.executable, "-c", _PEAK_RSS, str(path), str(tmp_path / f"q{layers}")],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()[-1]
         sizes[layers] = (weights, int(peak))
     extra_weights = sizes[16][0] - sizes[2][0]
     extra_peak = sizes[16][1] - sizes[2][1]

@@ -2,7 +2,6 @@
 
 import quantlm.blas_threads  # noqa: F401  first: before anything loads OpenBLAS
 from quantlm._version import __version__  # noqa: E402
-
 from quantlm.api import Calibration, evaluate, load, quantize, save  # noqa: E402
 from quantlm.core import QuantSpec  # noqa: E402
 from quantlm.errors import QuantlmError  # noqa: E402

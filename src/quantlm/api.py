@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantlm.data import calibration_windows, load_text, tokenize_text
 from quantlm._version import __version__
+from quantlm.data import calibration_windows, load_text, tokenize_text
 from quantlm.errors import CheckpointError, QuantlmError
 from quantlm.eval.perplexity import PerplexityResult, perplexity
 from quantlm.formats.native import (
@@ -57,7 +57,13 @@ class Calibration:
         return calibration_windows(tokens, self.n_samples, self.seqlen, self.seed)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"source": self.source, "split": self.split, "n_samples": self.n_samples, "seqlen": self.seqlen, "seed": self.seed}
+        return {
+            "source": self.source,
+            "split": self.split,
+            "n_samples": self.n_samples,
+            "seqlen": self.seqlen,
+            "seed": self.seed,
+        }
 
 
 def _calibration_windows(recipe: Recipe, calibration, tokenizer) -> tuple[torch.Tensor | None, dict | None]:
@@ -82,7 +88,10 @@ def _parse_pipeline_recipe(recipe) -> Recipe:
 
 def _run_record(recipe: Recipe, records, calib_info: dict | None, seconds: float, kv_cache) -> QuantizationRecord:
     return QuantizationRecord(
-        recipe=recipe.to_config(), calibration=calib_info, log=[r.to_dict() for r in records], seconds=seconds,
+        recipe=recipe.to_config(),
+        calibration=calib_info,
+        log=[r.to_dict() for r in records],
+        seconds=seconds,
         kv_cache=kv_cache,
     )
 
@@ -202,7 +211,13 @@ def quantize_to_checkpoint(
     offloading = OffloadDirectory(work) if offload_activations and windows is not None else contextlib.nullcontext()
     with offloading as offload_dir:
         records = run_pipeline(
-            model, recipe.steps, windows, batch_size=batch_size, progress=progress, weights=weights, store=store,
+            model,
+            recipe.steps,
+            windows,
+            batch_size=batch_size,
+            progress=progress,
+            weights=weights,
+            store=store,
             offload_dir=offload_dir,
         )
     record = _run_record(recipe, records, calib_info, time.perf_counter() - t0, kv_cache)
@@ -252,7 +267,9 @@ def evaluate(
         model = load(model)
     if tokenizer is None:
         raise QuantlmError("evaluating a model object needs its tokenizer: pass tokenizer=")
-    return perplexity(model, tokenizer, text, seqlen=seqlen, max_windows=max_windows, add_bos=add_bos, progress=progress)
+    return perplexity(
+        model, tokenizer, text, seqlen=seqlen, max_windows=max_windows, add_bos=add_bos, progress=progress
+    )
 
 
 # The rest of the public surface (what the command line runs), imported when first used so that ``import

@@ -28,8 +28,14 @@ class DType(str, Enum):
     float16 = "float16"
 
 
-KERNEL_HELP = "Matmul kernel of the quantized layers: auto (fastest that fits each layer), int4pack, int8pack, int8 (W8A8 int8 GEMM) or torch."
-ATTENTION_HELP = "Attention: auto (decode steps of a bf16/fp16 CPU model in fp32, which is faster there), quantlm_sdpa (that), sdpa or eager (transformers' own)."
+KERNEL_HELP = (
+    "Matmul kernel of the quantized layers: auto (fastest that fits each layer), int4pack, int8pack, "
+    "int8 (W8A8 int8 GEMM) or torch."
+)
+ATTENTION_HELP = (
+    "Attention: auto (decode steps of a bf16/fp16 CPU model in fp32, which is faster there), quantlm_sdpa (that), "
+    "sdpa or eager (transformers' own)."
+)
 
 
 def _fail(message: str) -> None:
@@ -85,9 +91,15 @@ def _with_method_options(fn):
     own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name != "options"]
     extra = [
         inspect.Parameter(
-            key, inspect.Parameter.KEYWORD_ONLY, annotation=Opt[entry.kind],
-            default=typer.Option(None, *entry.flags, help=f"{', '.join(sorted({c.name for c, _ in entry.targets}))}: "
-                                 f"{entry.help}", rich_help_panel="Method settings (defaults: docs/methods.md)"),
+            key,
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=Opt[entry.kind],
+            default=typer.Option(
+                None,
+                *entry.flags,
+                help=f"{', '.join(sorted({c.name for c, _ in entry.targets}))}: {entry.help}",
+                rich_help_panel="Method settings (defaults: docs/methods.md)",
+            ),
         )
         for key, entry in table.items()
     ]
@@ -116,18 +128,41 @@ def quantize(
     model: str = typer.Argument(..., help="Alias, model directory, .gguf file or hub id."),
     out: Path = typer.Option(..., "--out", "-o", help="Output checkpoint directory."),
     method: MethodName = typer.Option("rtn", help="Quantization method."),
-    weights: Optional[MethodName] = typer.Option(None, help="With a method that only smooths (smoothquant): the method that quantizes the weights after it [default: rtn]."),
-    head_bits: Optional[int] = typer.Option(None, "--head-bits", help="Any method: also round the output projection, weight-only: 8 (per channel, sym) or 4/3/2 (asym groups of 64). It is read whole for every decoded token [default: kept in float]."),
-    kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="Quantize the KV cache at run time to 8 or 4 bits (per token and head, symmetric) [default: off]."),
+    weights: Optional[MethodName] = typer.Option(
+        None,
+        help="With a method that only smooths (smoothquant): the method that quantizes the weights after it "
+        "[default: rtn].",
+    ),
+    head_bits: Optional[int] = typer.Option(
+        None,
+        "--head-bits",
+        help="Any method: also round the output projection, weight-only: 8 (per channel, sym) or 4/3/2 "
+        "(asym groups of 64). It is read whole for every decoded token [default: kept in float].",
+    ),
+    kv_bits: Optional[int] = typer.Option(
+        None,
+        "--kv-bits",
+        help="Quantize the KV cache at run time to 8 or 4 bits (per token and head, symmetric) [default: off].",
+    ),
     recipe: Optional[Path] = typer.Option(None, help="A JSON/YAML recipe file (instead of --method and its settings)."),
-    calib: str = typer.Option("enwiki", help="Calibration text: a built-in name, a .txt/.jsonl file, or hf:NAME[:CONFIG]."),
+    calib: str = typer.Option(
+        "enwiki", help="Calibration text: a built-in name, a .txt/.jsonl file, or hf:NAME[:CONFIG]."
+    ),
     calib_samples: int = typer.Option(128, help="Calibration windows."),
     calib_seqlen: int = typer.Option(2048, help="Tokens per calibration window."),
     calib_seed: int = typer.Option(0, help="Seed of the calibration window offsets."),
     batch_size: int = typer.Option(8, help="Calibration windows per forward pass."),
-    offload_activations: bool = typer.Option(False, "--offload-activations", help="Keep calibration activations in files (under the work dir) instead of memory."),
-    dtype: DType = typer.Option(DType.float32, help="Dtype the model is loaded and calibrated in (bfloat16 is much faster on CPUs with AMX)."),
-    work_dir: Optional[Path] = typer.Option(None, help="Where finished blocks go (default .OUT.work); rerun to resume."),
+    offload_activations: bool = typer.Option(
+        False,
+        "--offload-activations",
+        help="Keep calibration activations in files (under the work dir) instead of memory.",
+    ),
+    dtype: DType = typer.Option(
+        DType.float32, help="Dtype the model is loaded and calibrated in (bfloat16 is much faster on CPUs with AMX)."
+    ),
+    work_dir: Optional[Path] = typer.Option(
+        None, help="Where finished blocks go (default .OUT.work); rerun to resume."
+    ),
     overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
     evaluate: bool = typer.Option(False, "--eval", help="Measure perplexity (enwiki eval) afterwards."),
     max_windows: int = typer.Option(32, help="With --eval: number of 2048-token windows."),
@@ -183,7 +218,9 @@ def quantize(
     if as_json:
         _print_json(summary)
         return
-    typer.echo(f"{steps.describe()}: {len(modules)} modules in {seconds:.1f}s -> {out} ({summary['checkpoint_mb']:.1f} MB)")
+    typer.echo(
+        f"{steps.describe()}: {len(modules)} modules in {seconds:.1f}s -> {out} ({summary['checkpoint_mb']:.1f} MB)"
+    )
     typer.echo(summarize_log(qmodel.quantlm_record.log))
     if evaluate:
         typer.echo(f"perplexity {summary['ppl']:.3f} over {summary['tokens']} tokens")
@@ -204,8 +241,10 @@ def summarize_log(records: list[dict]) -> str:
         alphas = sorted({r["details"]["alpha"] for r in smoothed})
         top = max(smoothed, key=lambda r: r["details"]["act_absmax_before"])
         lines.append(
-            f"smoothed {len(smoothed)} groups (alpha {alphas[0]:g}" + (f"-{alphas[-1]:g}" if len(alphas) > 1 else "")
-            + f"); largest input |x| {top['details']['act_absmax_before']:.1f} -> {top['details']['act_absmax_after']:.1f}"
+            f"smoothed {len(smoothed)} groups (alpha {alphas[0]:g}"
+            + (f"-{alphas[-1]:g}" if len(alphas) > 1 else "")
+            + f"); largest input |x| {top['details']['act_absmax_before']:.1f} "
+            f"-> {top['details']['act_absmax_after']:.1f}"
             f" ({', '.join(top['details']['targets'])})"
         )
     outliers = [r for r in records if "outlier_fraction_mean" in r.get("details", {})]
@@ -219,7 +258,8 @@ def summarize_log(records: list[dict]) -> str:
     lines += [
         f"relative weight error: mean {sum(r['error'] for r in errors) / len(errors):.4f}, "
         f"max {worst['error']:.4f} ({worst['module']})",
-        f"time per module: total {sum(r['seconds'] for r in records):.1f}s, slowest {slowest['seconds']:.2f}s ({slowest['module']})",
+        f"time per module: total {sum(r['seconds'] for r in records):.1f}s, "
+        f"slowest {slowest['seconds']:.2f}s ({slowest['module']})",
     ]
     damped = [r for r in records if r.get("details", {}).get("damp_raised")]
     if damped:
@@ -238,9 +278,15 @@ def eval_cmd(
     split: str = typer.Option("eval", help="Split of the text: eval or calibration."),
     seqlen: int = typer.Option(2048, help="Window length in tokens."),
     max_windows: int = typer.Option(32, help="Number of windows scored (0 = all)."),
-    bos: Optional[bool] = typer.Option(None, "--bos/--no-bos", help="Prepend BOS to every window (default: per family)."),
+    bos: Optional[bool] = typer.Option(
+        None, "--bos/--no-bos", help="Prepend BOS to every window (default: per family)."
+    ),
     kernel: str = typer.Option("auto", help=KERNEL_HELP),
-    kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="Quantize the KV cache to 8 or 4 bits, or 16 for a float cache [default: as the checkpoint says]."),
+    kv_bits: Optional[int] = typer.Option(
+        None,
+        "--kv-bits",
+        help="Quantize the KV cache to 8 or 4 bits, or 16 for a float cache [default: as the checkpoint says].",
+    ),
     as_json: bool = typer.Option(False, "--json", help='Print {"ppl": ..., "tokens": ...} on stdout.'),
 ) -> None:
     """Perplexity per the benchmark protocol (non-overlapping windows)."""
@@ -255,24 +301,40 @@ def eval_cmd(
     if kv_bits is not None:
         api.enable_kv_quantization(lm, kv)
     result = api.evaluate(
-        lm, tokenizer=api.load_tokenizer(model), data=data, split=split, seqlen=seqlen, max_windows=max_windows or None,
-        add_bos=bos, progress=not as_json,
+        lm,
+        tokenizer=api.load_tokenizer(model),
+        data=data,
+        split=split,
+        seqlen=seqlen,
+        max_windows=max_windows or None,
+        add_bos=bos,
+        progress=not as_json,
     )
     seconds = time.perf_counter() - t0
     if as_json:
         kv_now = getattr(lm, "quantlm_kv_config", None)
-        _print_json({"ppl": result.ppl, "tokens": result.tokens, "windows": result.windows, "seqlen": result.seqlen,
-                     "seconds": round(seconds, 2), "kernels": api.kernel_summary(kernels),
-                     "kv_cache": None if kv_now is None else kv_now.describe()})
+        _print_json(
+            {
+                "ppl": result.ppl,
+                "tokens": result.tokens,
+                "windows": result.windows,
+                "seqlen": result.seqlen,
+                "seconds": round(seconds, 2),
+                "kernels": api.kernel_summary(kernels),
+                "kv_cache": None if kv_now is None else kv_now.describe(),
+            }
+        )
     else:
-        typer.echo(f"perplexity {result.ppl:.4f} over {result.tokens} tokens ({result.windows} x {result.seqlen}) in {seconds:.1f}s")
+        typer.echo(
+            f"perplexity {result.ppl:.4f} over {result.tokens} tokens ({result.windows} x {result.seqlen}) "
+            f"in {seconds:.1f}s"
+        )
 
 
-def _load_for_inference(model: str, dtype: "DType", kernel: str, verbose: bool, attention: str = "auto"):
+def _load_for_inference(model: str, dtype: DType, kernel: str, verbose: bool, attention: str = "auto"):
     """Load a model (quantized or dense) in ``dtype`` with ``kernel`` and ``attention``; print each layer's kernel
     with ``verbose``."""
     import torch
-
 
     if kernel not in api.KERNEL_CHOICES:
         raise QuantlmError(f"unknown kernel '{kernel}': choose one of {', '.join(api.KERNEL_CHOICES)}")
@@ -283,7 +345,11 @@ def _load_for_inference(model: str, dtype: "DType", kernel: str, verbose: bool, 
     if verbose:
         for name, chosen in kernels.items():
             typer.echo(f"{name}\t{chosen}", err=True)
-        typer.echo(f"kernels: {api.kernel_summary(kernels)}; attention {lm.config._attn_implementation}; loaded in {seconds:.2f}s", err=True)
+        typer.echo(
+            f"kernels: {api.kernel_summary(kernels)}; attention {lm.config._attn_implementation}; "
+            f"loaded in {seconds:.2f}s",
+            err=True,
+        )
     return lm, kernels, seconds
 
 
@@ -300,7 +366,9 @@ def generate(
     dtype: DType = typer.Option(DType.float32, help="Compute dtype (bfloat16 pays on CPUs with AMX)."),
     kernel: str = typer.Option("auto", help=KERNEL_HELP),
     attention: str = typer.Option("auto", help=ATTENTION_HELP),
-    compile: bool = typer.Option(False, "--compile", help="Static KV cache and a torch.compile'd forward (slow first call)."),
+    compile: bool = typer.Option(
+        False, "--compile", help="Static KV cache and a torch.compile'd forward (slow first call)."
+    ),
     verbose: bool = typer.Option(False, "--verbose", help="Print the kernel of every quantized layer (stderr)."),
     as_json: bool = typer.Option(False, "--json", help='Print {"text": ...} on stdout instead of streaming.'),
 ) -> None:
@@ -314,8 +382,16 @@ def generate(
     if not as_json:
         typer.echo(prompt, nl=False)
     text = api.generate_text(
-        lm, tokenizer, prompt, max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, top_p=top_p,
-        seed=seed, stream=not as_json, compile=compile,
+        lm,
+        tokenizer,
+        prompt,
+        max_new_tokens=max_new_tokens,
+        do_sample=sample,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        stream=not as_json,
+        compile=compile,
     )
     if as_json:
         _print_json({"prompt": prompt, "text": text})
@@ -330,7 +406,9 @@ def bench(
     dtype: DType = typer.Option(DType.bfloat16, help="Compute dtype (the protocol's dense baseline is bfloat16)."),
     kernel: str = typer.Option("auto", help=KERNEL_HELP),
     attention: str = typer.Option("auto", help=ATTENTION_HELP),
-    compile: bool = typer.Option(False, "--compile", help="Decode with a static KV cache and a torch.compile'd forward."),
+    compile: bool = typer.Option(
+        False, "--compile", help="Decode with a static KV cache and a torch.compile'd forward."
+    ),
     prefill_tokens: int = typer.Option(2048, help="Prompt length of the prefill measurement."),
     decode_prompt: int = typer.Option(128, help="Prompt length of the decode measurement."),
     decode_tokens: int = typer.Option(128, help="New tokens of the decode measurement."),
@@ -341,8 +419,12 @@ def bench(
 ) -> None:
     """Prefill and decode tokens/s, weight bytes and peak memory of a model (docs/benchmarks.md protocol)."""
 
-    for flag, value, least in (("--prefill-tokens", prefill_tokens, 1), ("--decode-prompt", decode_prompt, 1),
-                               ("--decode-tokens", decode_tokens, 2), ("--repeats", repeats, 1)):
+    for flag, value, least in (
+        ("--prefill-tokens", prefill_tokens, 1),
+        ("--decode-prompt", decode_prompt, 1),
+        ("--decode-tokens", decode_tokens, 2),
+        ("--repeats", repeats, 1),
+    ):
         if value < least:
             _fail(f"{flag} must be at least {least}, got {value}")
     _setup_threads()
@@ -350,17 +432,32 @@ def bench(
     api.load_text(data, "eval")  # a bad text source fails before the model is loaded
     lm, kernels, load_seconds = _load_for_inference(model, dtype, kernel, verbose, attention)
     report = api.measure_speed(
-        lm, tokenizer, prefill_tokens=prefill_tokens, decode_prompt=decode_prompt, decode_tokens=decode_tokens,
-        repeats=repeats, compile=compile, text=data,
+        lm,
+        tokenizer,
+        prefill_tokens=prefill_tokens,
+        decode_prompt=decode_prompt,
+        decode_tokens=decode_tokens,
+        repeats=repeats,
+        compile=compile,
+        text=data,
     )
-    report.extra.update(model=model, load_seconds=round(load_seconds, 3), kernels=api.kernel_summary(kernels),
-                        attention=lm.config._attn_implementation)
+    report.extra.update(
+        model=model,
+        load_seconds=round(load_seconds, 3),
+        kernels=api.kernel_summary(kernels),
+        attention=lm.config._attn_implementation,
+    )
     if as_json:
         _print_json(report.to_dict())
         return
     w = report.weight_bytes
-    typer.echo(f"{model} ({report.dtype}, {report.extra['kernels']}, attention {report.extra['attention']}, {report.threads} threads{', compiled' if compile else ''})")
-    typer.echo(f"prefill {report.prefill_tok_s:8.1f} tok/s  ({report.prefill_tokens}-token prompt, median of {repeats})")
+    typer.echo(
+        f"{model} ({report.dtype}, {report.extra['kernels']}, attention {report.extra['attention']}, "
+        f"{report.threads} threads{', compiled' if compile else ''})"
+    )
+    typer.echo(
+        f"prefill {report.prefill_tok_s:8.1f} tok/s  ({report.prefill_tokens}-token prompt, median of {repeats})"
+    )
     typer.echo(
         f"decode  {report.decode_tok_s:8.1f} tok/s  ({report.decode_prompt}-token prompt, {report.decode_tokens} new, "
         f"median of {repeats}; bandwidth bound {report.decode_bound_tok_s:.1f} tok/s = "
@@ -368,7 +465,8 @@ def bench(
     )
     typer.echo(
         f"weights {w['total'] / 1e6:8.1f} MB stored (quantized Linears {w['quantized_linear'] / 1e6:.1f} MB, "
-        f"{w['quantized_linear'] / max(w['quantized_linear_bf16'], 1):.2f}x their bf16 size); load {load_seconds:.2f}s; "
+        f"{w['quantized_linear'] / max(w['quantized_linear_bf16'], 1):.2f}x their bf16 size); "
+        f"load {load_seconds:.2f}s; "
         f"peak RSS {report.peak_rss_gb:.2f} GB"
     )
 
@@ -448,8 +546,12 @@ def generate_data(
     out: Path = typer.Option(..., "--out", "-o", help="The jsonl file to write (or to complete, when rerun)."),
     samples: int = typer.Option(512, "--samples", help="How many samples."),
     max_length: int = typer.Option(512, help="Tokens per sample at most (a sample also ends at end-of-sequence)."),
-    greedy_tokens: str = typer.Option("3-5", help="Top-1 tokens after the random first one: a count or a range (drawn per sample)."),
-    mode: GenMode = typer.Option(GenMode.hybrid, help="hybrid (greedy first tokens, then sampled: the paper's), greedy or sample."),
+    greedy_tokens: str = typer.Option(
+        "3-5", help="Top-1 tokens after the random first one: a count or a range (drawn per sample)."
+    ),
+    mode: GenMode = typer.Option(
+        GenMode.hybrid, help="hybrid (greedy first tokens, then sampled: the paper's), greedy or sample."
+    ),
     batch_size: int = typer.Option(64, help="Samples generated together."),
     seed: int = typer.Option(0, help="Seed of the first tokens and of the sampling."),
     dtype: DType = typer.Option(DType.bfloat16, help="Dtype the model generates in."),
@@ -458,17 +560,27 @@ def generate_data(
     """LLM-QAT's data-free training text: MODEL writes its own samples (token ids, one jsonl line each)."""
     import torch
 
-
-    settings = api.GenerationSettings(n_samples=samples, max_length=max_length, greedy_tokens=api.parse_greedy_tokens(greedy_tokens),
-                                  mode=mode.value, batch_size=batch_size, seed=seed)
+    settings = api.GenerationSettings(
+        n_samples=samples,
+        max_length=max_length,
+        greedy_tokens=api.parse_greedy_tokens(greedy_tokens),
+        mode=mode.value,
+        batch_size=batch_size,
+        seed=seed,
+    )
     _setup_threads()
     tokenizer = api.load_tokenizer(model)
     lm = api.load_float_model(model, dtype=getattr(torch, dtype.value))
     t0 = time.perf_counter()
     api.generate_training_data(lm, tokenizer, out, settings, progress=not as_json)
     rows = api.read_samples(out)
-    summary = {"out": str(out), "samples": len(rows), "tokens": sum(len(r) for r in rows),
-               "seconds": round(time.perf_counter() - t0, 1), "settings": settings.to_dict()}
+    summary = {
+        "out": str(out),
+        "samples": len(rows),
+        "tokens": sum(len(r) for r in rows),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "settings": settings.to_dict(),
+    }
     if as_json:
         _print_json(summary)
     else:
@@ -480,14 +592,33 @@ def generate_data(
 def qat(
     model: str = typer.Argument(..., help="Alias, model directory, .gguf file or hub id (the full-precision teacher)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output checkpoint directory (the converted quantized model)."),
-    data: str = typer.Option("enwiki", help="Training text: a jsonl file from generate-data, or a text source (its calibration split)."),
+    data: str = typer.Option(
+        "enwiki", help="Training text: a jsonl file from generate-data, or a text source (its calibration split)."
+    ),
     w_bits: Optional[int] = typer.Option(None, "--w-bits", help="Weight bits (16: full precision) [default: 4]."),
-    a_bits: Optional[int] = typer.Option(None, "--a-bits", help="Activation bits, per token (16: full precision) [default: 8]."),
-    kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="KV-cache bits, per token (16: full precision) [default: 4]."),
-    group_size: Optional[int] = typer.Option(None, "--group-size", "-g", help="Weight columns per group; -1 = per output channel (the paper's) [default: -1]."),
-    sym: Optional[bool] = typer.Option(None, "--sym/--asym", help="Symmetric (MinMax, the paper's) or asymmetric weight grids [default: sym]."),
-    learnable_clip: bool = typer.Option(False, "--learnable-clip", help="Train the weight scales too (LSQ-style clipping)."),
-    init: Optional[Path] = typer.Option(None, help="Start from this quantlm checkpoint (RTN or GPTQ of MODEL, same weight grid) instead of the float weights."),
+    a_bits: Optional[int] = typer.Option(
+        None, "--a-bits", help="Activation bits, per token (16: full precision) [default: 8]."
+    ),
+    kv_bits: Optional[int] = typer.Option(
+        None, "--kv-bits", help="KV-cache bits, per token (16: full precision) [default: 4]."
+    ),
+    group_size: Optional[int] = typer.Option(
+        None,
+        "--group-size",
+        "-g",
+        help="Weight columns per group; -1 = per output channel (the paper's) [default: -1].",
+    ),
+    sym: Optional[bool] = typer.Option(
+        None, "--sym/--asym", help="Symmetric (MinMax, the paper's) or asymmetric weight grids [default: sym]."
+    ),
+    learnable_clip: bool = typer.Option(
+        False, "--learnable-clip", help="Train the weight scales too (LSQ-style clipping)."
+    ),
+    init: Optional[Path] = typer.Option(
+        None,
+        help="Start from this quantlm checkpoint (RTN or GPTQ of MODEL, same weight grid) instead of the float "
+        "weights.",
+    ),
     steps: int = typer.Option(300, help="Optimizer steps."),
     batch_size: int = typer.Option(4, help="Windows per micro-batch (per process)."),
     grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step."),
@@ -495,11 +626,17 @@ def qat(
     lr: float = typer.Option(5e-5, help="Peak learning rate (AdamW, cosine decay)."),
     warmup: int = typer.Option(0, help="Linear warmup steps."),
     weight_decay: float = typer.Option(0.0, help="AdamW weight decay."),
-    loss: Loss = typer.Option(Loss.kd, help="kd: distill the teacher's logits (the paper's); ce: next-token cross-entropy."),
+    loss: Loss = typer.Option(
+        Loss.kd, help="kd: distill the teacher's logits (the paper's); ce: next-token cross-entropy."
+    ),
     bf16: bool = typer.Option(True, "--bf16/--fp32", help="bf16 autocast for the forward passes."),
-    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Recompute activations in the backward pass (less memory, ~30% slower)."),
+    gradient_checkpointing: bool = typer.Option(
+        False, "--gradient-checkpointing", help="Recompute activations in the backward pass (less memory, ~30% slower)."
+    ),
     save_every: int = typer.Option(50, help="Save the training state every N steps (rerun to resume)."),
-    fsdp: bool = typer.Option(False, "--fsdp", help="Under torchrun: shard the model across the processes (FSDP2) instead of DDP."),
+    fsdp: bool = typer.Option(
+        False, "--fsdp", help="Under torchrun: shard the model across the processes (FSDP2) instead of DDP."
+    ),
     seed: int = typer.Option(0, help="Seed of the data order."),
     overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
     evaluate: bool = typer.Option(False, "--eval", help="Measure perplexity (enwiki eval) of the result."),
@@ -512,22 +649,44 @@ def qat(
 
     if out.exists() and not overwrite:
         raise CheckpointError(f"output directory {out} already exists: choose another path or pass --overwrite")
-    config = api.QATConfig.from_options(w_bits=w_bits, a_bits=a_bits, kv_bits=kv_bits, group_size=group_size,
-                                    symmetric=sym, learnable_clip=learnable_clip)
-    settings = api.TrainSettings(steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_steps=warmup,
-                             weight_decay=weight_decay, loss=loss.value, bf16=bf16,
-                             gradient_checkpointing=gradient_checkpointing, save_every=save_every, seed=seed, fsdp=fsdp)
+    config = api.QATConfig.from_options(
+        w_bits=w_bits,
+        a_bits=a_bits,
+        kv_bits=kv_bits,
+        group_size=group_size,
+        symmetric=sym,
+        learnable_clip=learnable_clip,
+    )
+    settings = api.TrainSettings(
+        steps=steps,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        lr=lr,
+        warmup_steps=warmup,
+        weight_decay=weight_decay,
+        loss=loss.value,
+        bf16=bf16,
+        gradient_checkpointing=gradient_checkpointing,
+        save_every=save_every,
+        seed=seed,
+        fsdp=fsdp,
+    )
     if not str(data).endswith(".jsonl"):
         api.load_text(data, "calibration")
     _setup_threads()
     t0 = time.perf_counter()
-    api.qat_to_checkpoint(model, out, config, settings, data=data, seqlen=seqlen, init=init, overwrite=overwrite,
-                      progress=not as_json)
+    api.qat_to_checkpoint(
+        model, out, config, settings, data=data, seqlen=seqlen, init=init, overwrite=overwrite, progress=not as_json
+    )
     seconds = time.perf_counter() - t0
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    summary = {"out": str(out), "bits": str(config.bits), "seconds": round(seconds, 1),
-               "training": api.read_record(out).training}
+    summary = {
+        "out": str(out),
+        "bits": str(config.bits),
+        "seconds": round(seconds, 1),
+        "training": api.read_record(out).training,
+    }
     if evaluate:
         qmodel = api.load(out)
         result = api.evaluate(qmodel, tokenizer=api.load_tokenizer(out), max_windows=max_windows, progress=not as_json)

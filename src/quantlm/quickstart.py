@@ -68,7 +68,9 @@ def run(
 
     recipe = best_recipe()
     t0 = time.perf_counter()
-    api.quantize_to_checkpoint(model_dir, recipe, out, calibration=api.Calibration(n_samples=calib_samples), overwrite=True)
+    api.quantize_to_checkpoint(
+        model_dir, recipe, out, calibration=api.Calibration(n_samples=calib_samples), overwrite=True
+    )
     quantize_s = time.perf_counter() - t0
     qmodel = api.load(out)
     tokenizer = api.load_tokenizer(out)
@@ -94,7 +96,8 @@ def format_table(rows: list[Row]) -> str:
     lines = [header, "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
-            f"| {r.method} | {r.bits} | {r.group_size} | {r.size_mb:.1f} | {r.ppl:.2f} | {r.quantize_s:.1f} | {r.eval_s:.1f} |"
+            f"| {r.method} | {r.bits} | {r.group_size} | {r.size_mb:.1f} | {r.ppl:.2f} | {r.quantize_s:.1f} "
+            f"| {r.eval_s:.1f} |"
         )
     return "\n".join(lines)
 

@@ -76,7 +76,9 @@ def test_known_layouts(bits, values, expected):
     assert unpack(packed, bits, len(values)).tolist() == values
 
 
-@pytest.mark.parametrize("n, bits, length", [(0, 4, 0), (1, 4, 1), (2, 4, 1), (3, 4, 2), (8, 3, 3), (9, 3, 4), (10, 2, 3), (7, 8, 7)])
+@pytest.mark.parametrize(
+    "n, bits, length", [(0, 4, 0), (1, 4, 1), (2, 4, 1), (3, 4, 2), (8, 3, 3), (9, 3, 4), (10, 2, 3), (7, 8, 7)]
+)
 def test_packed_length(n, bits, length):
     assert packed_length(n, bits) == length
 

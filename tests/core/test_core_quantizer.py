@@ -43,7 +43,9 @@ def specs(draw, clip=None, bits=None):
 def matrices(draw, max_rows=4, max_cols=24):
     rows = draw(st.integers(1, max_rows))
     n = draw(st.integers(1, max_cols))
-    kind = draw(st.sampled_from(["elements", "normal", "positive", "negative", "constant", "zero_rows", "sparse", "outlier"]))
+    kind = draw(
+        st.sampled_from(["elements", "normal", "positive", "negative", "constant", "zero_rows", "sparse", "outlier"])
+    )
     if kind == "elements":
         vals = draw(
             st.lists(
@@ -286,8 +288,12 @@ def test_column_weights_steer_the_clip_toward_the_heavy_column():
 
 @pytest.mark.parametrize(
     "weights, match",
-    [(torch.ones(3), "one weight per column"), (torch.ones(4, 1), "one weight per column"),
-     (torch.tensor([1.0, -1.0, 1.0, 1.0]), "non-negative"), (torch.tensor([1.0, float("nan"), 1.0, 1.0]), "finite")],
+    [
+        (torch.ones(3), "one weight per column"),
+        (torch.ones(4, 1), "one weight per column"),
+        (torch.tensor([1.0, -1.0, 1.0, 1.0]), "non-negative"),
+        (torch.tensor([1.0, float("nan"), 1.0, 1.0]), "finite"),
+    ],
 )
 def test_bad_column_weights_are_one_line_errors(weights, match):
     with pytest.raises(QuantlmError, match=match):
@@ -432,7 +438,14 @@ def test_all_zero_and_constant_rows(sym):
 
 # ---------------------------------------------------------------------------------------------- edge cases
 @pytest.mark.parametrize("mag", [1e30, 1e-30, 2e38])  # 2e38: xmax - xmin overflows float32
-@pytest.mark.parametrize("spec", [QuantSpec(bits=4), QuantSpec(bits=3, symmetric=True, group_size=3), QuantSpec(bits=8, granularity="tensor", clip="mse")])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        QuantSpec(bits=4),
+        QuantSpec(bits=3, symmetric=True, group_size=3),
+        QuantSpec(bits=8, granularity="tensor", clip="mse"),
+    ],
+)
 def test_huge_and_tiny_values(mag, spec):
     x = torch.tensor([[1.0, -0.5, 0.25, 0.0, -1.0], [0.1, 0.2, 0.3, 0.4, 0.5]], dtype=torch.float64) * mag
     x = x.to(torch.float32)
@@ -488,7 +501,11 @@ def test_half_precision_inputs_computed_in_float32(x, spec, dtype):
 def test_leading_dims_flattened_to_rows():
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, 3, 10, generator=gen)
-    for spec in (QuantSpec(bits=8, granularity="token"), QuantSpec(bits=4, group_size=4), QuantSpec(granularity="tensor")):
+    for spec in (
+        QuantSpec(bits=8, granularity="token"),
+        QuantSpec(bits=4, group_size=4),
+        QuantSpec(granularity="tensor"),
+    ):
         scale, zero = compute_qparams(x, spec)
         assert scale.shape == spec.qparams_shape(6, 10)
         codes = quantize(x, scale, zero, spec)
@@ -545,7 +562,10 @@ def test_fake_quantize_forward_equals_round_trip(x, spec):
     assert torch.equal(fake_quantize(x, spec, scale, zero), expected)
 
 
-@pytest.mark.parametrize("spec", [QuantSpec(bits=3), QuantSpec(bits=4, symmetric=True, group_size=4), QuantSpec(bits=2, granularity="tensor")])
+@pytest.mark.parametrize(
+    "spec",
+    [QuantSpec(bits=3), QuantSpec(bits=4, symmetric=True, group_size=4), QuantSpec(bits=2, granularity="tensor")],
+)
 def test_fake_quantize_straight_through_gradients(spec):
     gen = torch.Generator().manual_seed(3)
     x0 = torch.randn(4, 12, generator=gen) * 2

@@ -128,7 +128,12 @@ def _units(x2: Tensor, spec: QuantSpec) -> tuple[Tensor, tuple[int, int]]:
 
 
 def _mse_search(
-    units: Tensor, xmin: Tensor, xmax: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec,
+    units: Tensor,
+    xmin: Tensor,
+    xmax: Tensor,
+    scale: Tensor,
+    zero: Tensor,
+    spec: QuantSpec,
     unit_weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """GPTQ-reference shrink search, vectorized over units (loop over the 80 grid points).
@@ -271,7 +276,9 @@ def quantize(x: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec) -> Tensor:
     return q.to(torch.uint8).reshape(shape)
 
 
-def dequantize(codes: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec, dtype: torch.dtype = torch.float32) -> Tensor:
+def dequantize(
+    codes: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec, dtype: torch.dtype = torch.float32
+) -> Tensor:
     """``(codes - zero) * scale`` computed in float32, returned in ``dtype`` with the shape of ``codes``."""
     _check_spec(spec)
     shape = codes.shape

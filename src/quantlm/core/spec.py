@@ -73,7 +73,8 @@ class QuantSpec:
             gran = "group" if gs > 0 else "channel"
         if not isinstance(gran, str) or gran not in GRANULARITIES:
             raise InvalidSpecError(
-                f"granularity must be one of {', '.join(GRANULARITIES)} (or None to infer it from group_size), got {gran!r}"
+                f"granularity must be one of {', '.join(GRANULARITIES)} (or None to infer it from group_size), "
+                f"got {gran!r}"
             )
         if gran == "group" and gs <= 0:
             raise InvalidSpecError(
@@ -119,7 +120,7 @@ class QuantSpec:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "QuantSpec":
+    def from_dict(cls, d: dict) -> QuantSpec:
         """Inverse of :meth:`to_dict`; missing keys take their defaults, unknown keys are an error."""
         if not isinstance(d, dict):
             raise InvalidSpecError(f"a quantization spec must be a dict, got {type(d).__name__}")

@@ -19,7 +19,9 @@ def calibration_windows(tokens: torch.Tensor, n_samples: int, seqlen: int, seed:
     Returns a LongTensor [n_samples, seqlen].
     """
     if n_samples < 1 or seqlen < 1:
-        raise DataSourceError(f"calibration needs at least one sample of at least one token, got {n_samples} x {seqlen}")
+        raise DataSourceError(
+            f"calibration needs at least one sample of at least one token, got {n_samples} x {seqlen}"
+        )
     if tokens.numel() < seqlen:
         raise DataSourceError(
             f"the calibration text has {tokens.numel()} tokens, fewer than one window of {seqlen}: "

@@ -46,7 +46,9 @@ def _enwiki_dump() -> Path:
         raise DataSourceError("the enwiki text needs gensim: run `pip install gensim==4.4.0`") from None
     path = Path(datapath(_ENWIKI_FILE))
     if not path.is_file():
-        raise DataSourceError(f"gensim is installed but its Wikipedia sample {path} is missing: reinstall gensim==4.4.0")
+        raise DataSourceError(
+            f"gensim is installed but its Wikipedia sample {path} is missing: reinstall gensim==4.4.0"
+        )
     return path
 
 
@@ -111,7 +113,9 @@ def _local_file(path: Path) -> str:
             elif isinstance(item, dict) and isinstance(item.get("text"), str):
                 docs.append(item["text"])
             else:
-                raise DataSourceError(f'{path}:{lineno}: each line must be a JSON string or an object with a "text" field')
+                raise DataSourceError(
+                    f'{path}:{lineno}: each line must be a JSON string or an object with a "text" field'
+                )
         raw = "\n\n".join(docs)
     if not raw.strip():
         raise DataSourceError(f"{path} contains no text")
@@ -125,7 +129,9 @@ def _hf_dataset(spec: str, split: str) -> str:
     try:
         import datasets
     except ImportError:
-        raise DataSourceError("Hugging Face datasets need the `datasets` package: pip install 'quantlm[datasets]'") from None
+        raise DataSourceError(
+            "Hugging Face datasets need the `datasets` package: pip install 'quantlm[datasets]'"
+        ) from None
     hf_splits = {"calibration": ["train"], "eval": ["test", "validation"]}.get(split, [split])
     last_error: Exception | None = None
     for hf_split in hf_splits:

@@ -133,8 +133,12 @@ def time_decode(
         for i in range(repeats + 1):
             clock = _TokenClock()
             model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens, streamer=clock, **kwargs,
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                streamer=clock,
+                **kwargs,
             )
             if i:
                 rates.append((len(clock.times) - 1) / (clock.times[-1] - clock.times[0]))

@@ -183,7 +183,9 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device | Non
     except QuantlmError:
         raise
     except Exception as e:
-        raise CheckpointError(f"cannot rebuild the model from {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        raise CheckpointError(
+            f"cannot rebuild the model from {path}: {type(e).__name__}: {str(e).splitlines()[0]}"
+        ) from None
     if result.unexpected_keys:
         raise CheckpointError(f"{weights} has tensors the model does not: {', '.join(result.unexpected_keys[:5])}")
     if hasattr(model, "tie_weights"):

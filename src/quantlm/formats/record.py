@@ -41,14 +41,17 @@ class QuantizationRecord:
         return entries
 
     @classmethod
-    def from_config_entries(cls, qc: dict[str, Any], log: list[dict[str, Any]]) -> "QuantizationRecord":
+    def from_config_entries(cls, qc: dict[str, Any], log: list[dict[str, Any]]) -> QuantizationRecord:
         recipe, calibration, training = qc.get("recipe") or [], qc.get("calibration"), qc.get("training")
         if qc.get("format_version", 1) < 2:
             recipe, calibration, training = upgrade_v1_recipe(recipe)
         kv = qc.get("kv_cache")
         return cls(
-            recipe=recipe, calibration=calibration, log=log,
-            kv_cache=None if kv is None else KVQuantConfig.from_dict(kv), training=training,
+            recipe=recipe,
+            calibration=calibration,
+            log=log,
+            kv_cache=None if kv is None else KVQuantConfig.from_dict(kv),
+            training=training,
             version=qc.get("quantlm_version", "unknown"),
         )
 

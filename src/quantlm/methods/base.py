@@ -57,8 +57,14 @@ def method_class(name: str) -> type:
     return methods[name]
 
 
-def setting(default: Any = dataclasses.MISSING, help: str | None = None, *, flag: str | None = None,
-            aliases: tuple[str, ...] = (), cli: str | None = None) -> Any:
+def setting(
+    default: Any = dataclasses.MISSING,
+    help: str | None = None,
+    *,
+    flag: str | None = None,
+    aliases: tuple[str, ...] = (),
+    cli: str | None = None,
+) -> Any:
     """A settings field with its command-line face: ``help`` (without help it is not offered), ``flag`` (default
     ``--field-name``; ``--x/--no-x`` for a two-way switch), ``aliases``, and ``cli``: the key of the flag's value
     where two methods take one flag under different field names (``--a-granularity`` sets RTN's
@@ -237,10 +243,10 @@ def settings_from_flags(cls: type, flags: dict[str, Any], table: dict[str, CliSe
 class Method:
     """What every method class has besides its settings (mixed into the frozen dataclasses).
 
-    ``name``: the registered name; ``offered``: a choice of the command line's ``--method``. ``pipeline``: a step of the layer-wise pipeline (False for QAT, which trains the
-    whole model). ``quantizes_weights``: False for a step that only changes float weights (smoothing), which must
-    come before a step that quantizes them; ``next_step_defaults`` are the settings the command line gives that
-    step unless the user says otherwise."""
+    ``name``: the registered name; ``offered``: a choice of the command line's ``--method``. ``pipeline``: a step
+    of the layer-wise pipeline (False for QAT, which trains the whole model). ``quantizes_weights``: False for a
+    step that only changes float weights (smoothing), which must come before a step that quantizes them;
+    ``next_step_defaults`` are the settings the command line gives that step unless the user says otherwise."""
 
     name: ClassVar[str]
     offered: ClassVar[bool] = True  # a choice of ``quantlm quantize --method``

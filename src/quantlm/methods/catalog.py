@@ -12,7 +12,7 @@ import typing
 from typing import Any
 
 from quantlm.core import QuantSpec
-from quantlm.methods.base import flat_spec_field, cli_settings, registered_methods
+from quantlm.methods.base import cli_settings, flat_spec_field, registered_methods
 
 
 def _type_name(hint: Any) -> str:
@@ -87,15 +87,21 @@ def catalog_markdown() -> str:
         "# Methods and their settings",
         "",
         "Generated from the method registry by `quantlm methods --markdown > docs/methods.md`; do not edit by hand.",
-        "A recipe step is `{\"method\": NAME, ...settings}` (JSON/YAML, or the Python classes); a setting left out",
+        'A recipe step is `{"method": NAME, ...settings}` (JSON/YAML, or the Python classes); a setting left out',
         "takes the default below. Flags are the `quantlm quantize` options; a setting without a flag is set in a",
         "recipe file. `bits`, `symmetric`, `group_size`, `granularity` and `clip` are the weight grid (`QuantSpec`).",
         "",
     ]
     for name, entry in catalog().items():
         where = "`quantlm quantize --method " + name + "`" if entry["offered"] else "not a `--method` choice"
-        lines += [f"## {name}", "", entry["summary"], "", f"Class `{entry['class']}`; {where}; "
-                  f"calibration data: {_needs(entry['needs_calibration'])}.", ""]
+        lines += [
+            f"## {name}",
+            "",
+            entry["summary"],
+            "",
+            f"Class `{entry['class']}`; {where}; calibration data: {_needs(entry['needs_calibration'])}.",
+            "",
+        ]
         lines += ["| setting | type | default | flag | what it does |", "|---|---|---|---|---|"]
         for row in entry["settings"]:
             lines.append(

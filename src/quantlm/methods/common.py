@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -73,7 +73,10 @@ def round_to_grid(root: nn.Module, name: str, module: nn.Module, spec, method: s
     error = relative_weight_error(weight, q.dequantize_weight())
     swap_in(root, name, q, module)
     return LayerRecord(
-        module=name, method=method, seconds=time.perf_counter() - t0, error=error,
+        module=name,
+        method=method,
+        seconds=time.perf_counter() - t0,
+        error=error,
         details={"shape": list(weight.shape), "spec": q.describe(), **(details or {})},
     )
 
@@ -84,7 +87,9 @@ def round_output_projection(model: nn.Module, spec: QuantSpec, method: str, act_
     name = output_embedding_name(model)
     if name is None:
         if required:
-            raise InvalidSpecError(f"{type(model).__name__} has no output projection for a head-only step (--head-bits)")
+            raise InvalidSpecError(
+                f"{type(model).__name__} has no output projection for a head-only step (--head-bits)"
+            )
         return []
     module = model.get_submodule(name)
     if isinstance(module, QuantLinear):

@@ -25,8 +25,8 @@ import torch
 from torch import Tensor
 
 from quantlm.core import QuantSpec, compute_qparams, dequantize, quantize
-from quantlm.errors import InvalidSpecError, QuantlmError
 from quantlm.core.activation import static_int8_scale
+from quantlm.errors import InvalidSpecError, QuantlmError
 from quantlm.methods.base import Method, register, setting
 from quantlm.methods.common import (
     act_bits_setting,
@@ -68,7 +68,7 @@ def _row_spec(spec: QuantSpec) -> QuantSpec:
 def inverse_hessian_cholesky(hessian: Tensor, damp: float) -> tuple[Tensor, float]:
     """Upper Cholesky factor of (H + λI)⁻¹ with λ = damp · mean(diag H); raises damp tenfold until it works."""
     mean_diag = torch.diag(hessian).mean().item()
-    for attempt in range(MAX_DAMP_RETRIES):
+    for _ in range(MAX_DAMP_RETRIES):
         h = hessian.clone()
         h.diagonal().add_(damp * mean_diag)
         lower, info = torch.linalg.cholesky_ex(h)
@@ -136,6 +136,7 @@ def gptq_quantize(
 
     scale = torch.zeros(n_out, n_groups, device=W.device)
     zero = torch.zeros(n_out, n_groups, device=W.device)
+
     def grid(first: int) -> tuple[Tensor, Tensor]:
         """The grid of the group of columns of W (in its current order) that starts at column ``first``."""
         columns = W[:, first : first + group_size]
@@ -243,7 +244,9 @@ class HessianAccumulator:
         rows = x.reshape(-1, x.shape[-1]).to(torch.float32)
         if self._syrk is not None:
             # rows.T is a Fortran-ordered [features, tokens] view: syrk computes rowsᵀ·rows without a copy
-            self._upper = self._syrk(1.0, rows.contiguous().numpy().T, beta=1.0, c=self._upper, trans=0, lower=0, overwrite_c=1)
+            self._upper = self._syrk(
+                1.0, rows.contiguous().numpy().T, beta=1.0, c=self._upper, trans=0, lower=0, overwrite_c=1
+            )
         else:
             self.sum.addmm_(rows.T, rows)
         self.tokens += rows.shape[0]
@@ -296,7 +299,8 @@ class GPTQ(Method):
         flag="--static-groups/--no-static-groups",
     )
     true_sequential: bool = setting(
-        True, "Recompute each group's inputs after the groups before it are quantized.",
+        True,
+        "Recompute each group's inputs after the groups before it are quantized.",
         flag="--true-sequential/--no-true-sequential",
     )
     sink_weight: float = setting(
@@ -357,7 +361,9 @@ class GPTQ(Method):
         scales = {n: static_int8_scale(a) for n, a in absmax.items()} if self.act_granularity == "tensor" else {}
         return accumulators, scales
 
-    def _quantize(self, root, name: str, module, acc: HessianAccumulator, act_scale: Tensor | None = None) -> LayerRecord:
+    def _quantize(
+        self, root, name: str, module, acc: HessianAccumulator, act_scale: Tensor | None = None
+    ) -> LayerRecord:
         t0 = time.perf_counter()
         weight = linear_weight(module).detach()
         scale_dtype = storage_scale_dtype(compute_qparams(weight, self.spec)[0])
@@ -373,8 +379,14 @@ class GPTQ(Method):
             hessian_clip=self.hessian_clip,
         )
         qlinear = QuantLinear.from_codes(
-            result.codes, result.scale.to(scale_dtype), result.zero, self.spec, getattr(module, "bias", None), result.g_idx,
-            act_bits=self.act_bits, act_scale=act_scale,
+            result.codes,
+            result.scale.to(scale_dtype),
+            result.zero,
+            self.spec,
+            getattr(module, "bias", None),
+            result.g_idx,
+            act_bits=self.act_bits,
+            act_scale=act_scale,
         )
         swap_in(root, name, qlinear, module)
         if result.damp != self.damp:

@@ -18,6 +18,7 @@ from quantlm.methods.base import Method, register
 from quantlm.methods.common import round_output_projection
 from quantlm.pipeline.runner import LayerRecord
 
+
 def head_spec(bits: int) -> QuantSpec:
     """The grid ``--head-bits`` gives the output projection: 8 bits per channel, symmetric (the W8A16 int8 kernel),
     or 2-4 bits in asymmetric groups of 64 (the int4 kernel)."""

@@ -35,7 +35,7 @@ class QATBits:
                 raise InvalidSpecError(f"{part} bits must be 2..8, or 16 for full precision, got {bits!r}")
 
     @classmethod
-    def parse(cls, text: "str | QATBits") -> "QATBits":
+    def parse(cls, text: str | QATBits) -> QATBits:
         """'4-8-4' -> QATBits(4, 8, 4)."""
         if isinstance(text, QATBits):
             return text
@@ -80,7 +80,7 @@ class QATConfig(Method):
             raise InvalidSpecError("learnable clipping needs quantized weights: set the weight bits below 16")
 
     @classmethod
-    def from_bits(cls, bits: "str | QATBits", **settings) -> "QATConfig":
+    def from_bits(cls, bits: str | QATBits, **settings) -> QATConfig:
         """The settings for a W-A-KV triple (``"4-8-4"``); ``settings``: the weight grid's other keys (``symmetric``,
         ``group_size``, ``clip``) and this class's other fields."""
         bits = QATBits.parse(bits)
@@ -89,7 +89,7 @@ class QATConfig(Method):
         return cls(weight=weight, act_bits=_on(bits.a), kv_bits=_on(bits.kv), **settings)
 
     @classmethod
-    def from_options(cls, *, w_bits=None, a_bits=None, kv_bits=None, **settings) -> "QATConfig":
+    def from_options(cls, *, w_bits=None, a_bits=None, kv_bits=None, **settings) -> QATConfig:
         """The settings from command-line style options: bits per part (16: full precision) and the weight grid's
         ``symmetric``/``group_size``; an option left None takes this class's default."""
         default = cls().bits

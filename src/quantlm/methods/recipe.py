@@ -8,9 +8,10 @@ As data it is a list of dicts, each with a ``method`` key (a registered method) 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from quantlm.errors import InvalidSpecError
 from quantlm.methods.base import cli_settings, method_class, registered_methods, settings_from_flags
@@ -51,7 +52,9 @@ def _read_recipe_file(path: Path) -> Any:
         try:
             import yaml
         except ImportError:
-            raise InvalidSpecError("YAML recipes need PyYAML (pip install pyyaml), or write the recipe as JSON") from None
+            raise InvalidSpecError(
+                "YAML recipes need PyYAML (pip install pyyaml), or write the recipe as JSON"
+            ) from None
         try:
             return yaml.safe_load(text)
         except yaml.YAMLError as e:
@@ -63,7 +66,7 @@ def _read_recipe_file(path: Path) -> Any:
         raise InvalidSpecError(f"{path} is not valid JSON: {e}") from None
 
 
-def parse_recipe(recipe: "Recipe | Any | Sequence[Any | dict] | dict | str | Path") -> Recipe:
+def parse_recipe(recipe: Recipe | Any | Sequence[Any | dict] | dict | str | Path) -> Recipe:
     """Accept a Recipe, one step, a list of steps or dicts, or a path to a JSON/YAML recipe file."""
     if isinstance(recipe, Recipe):
         return recipe

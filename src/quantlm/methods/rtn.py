@@ -52,7 +52,9 @@ class RTN(Method):
     def __post_init__(self) -> None:
         check_activation_settings(self.act_bits, self.act_granularity)
         if self.lm_head and self.act_granularity == "tensor":
-            raise InvalidSpecError("the output projection gets no static activation scale: use per-token activations with lm_head")
+            raise InvalidSpecError(
+                "the output projection gets no static activation scale: use per-token activations with lm_head"
+            )
 
     def _quantize_module(self, root: nn.Module, name: str, module: nn.Module, act_scale=None) -> LayerRecord:
         return round_to_grid(root, name, module, self.spec, self.name, act_bits=self.act_bits, act_scale=act_scale)

@@ -65,7 +65,9 @@ def smoothing_scales(act_absmax: Tensor, weight_absmax: Tensor, alpha: float) ->
     return torch.where(live, s.clamp(min=MIN_SCALE), torch.ones_like(s))
 
 
-def w8a8_output_error(x: Tensor, weights: list[Tensor], s: Tensor, granularity: str = "token", references=None) -> float:
+def w8a8_output_error(
+    x: Tensor, weights: list[Tensor], s: Tensor, granularity: str = "token", references=None
+) -> float:
     """Relative error ‖Q(X/s) Q(W·s)ᵀ − X Wᵀ‖² / ‖X Wᵀ‖² summed over ``weights`` (each [out, in]), with int8
     per-channel weights and int8 activations per token (or per tensor, scaled by the sample's max|x|)."""
     xs = x / s
@@ -96,7 +98,8 @@ class SmoothQuant(Method):
         FOLD_KINDS, "Where scales are folded, a comma list of norm, v-o, up-down.", flag="--smooth-folds"
     )
     search_granularity: str = setting(
-        "token", "With --a-bits 8: token (dynamic per-token scales) or tensor (one static scale per layer).",
+        "token",
+        "With --a-bits 8: token (dynamic per-token scales) or tensor (one static scale per layer).",
         flag="--a-granularity",
     )
     search_tokens: int = 2048
@@ -124,9 +127,13 @@ class SmoothQuant(Method):
         object.__setattr__(self, "folds", tuple(folds))
         unknown = [f for f in self.folds if f not in FOLD_KINDS]
         if unknown or not self.folds:
-            raise InvalidSpecError(f"folds must be some of {', '.join(FOLD_KINDS)}, got {', '.join(self.folds) or 'none'}")
+            raise InvalidSpecError(
+                f"folds must be some of {', '.join(FOLD_KINDS)}, got {', '.join(self.folds) or 'none'}"
+            )
         if self.search_granularity not in ACT_GRANULARITIES:
-            raise InvalidSpecError(f"search_granularity must be one of {', '.join(ACT_GRANULARITIES)}, got {self.search_granularity!r}")
+            raise InvalidSpecError(
+                f"search_granularity must be one of {', '.join(ACT_GRANULARITIES)}, got {self.search_granularity!r}"
+            )
         if self.search_tokens < 1:
             raise InvalidSpecError(f"search_tokens must be at least 1, got {self.search_tokens}")
 
@@ -145,7 +152,9 @@ class SmoothQuant(Method):
         # one observation per distinct input: the first Linear of each group stands for the group
         firsts = {g.targets[0]: linears[g.targets[0]] for g in groups}
         sample = self.search_tokens if self.alpha == "auto" else 0
-        stats = collect_input_stats(ctx, {f"{ctx.name}.{n}": m for n, m in firsts.items()}, sample_rows=sample, seed=self.seed)
+        stats = collect_input_stats(
+            ctx, {f"{ctx.name}.{n}": m for n, m in firsts.items()}, sample_rows=sample, seed=self.seed
+        )
         reference = outputs[0] if outputs else ctx.probe()  # the block's output before any fold
         saved = {k: v.detach().clone() for k, v in block.state_dict().items()}
         plans = []
@@ -175,7 +184,9 @@ class SmoothQuant(Method):
             groups += norm_groups(ctx.block, run_block)
         return groups
 
-    def _plan(self, ctx: BlockContext, group: SmoothGroup, stats: InputStats, linears: dict[str, nn.Module]) -> dict[str, Any]:
+    def _plan(
+        self, ctx: BlockContext, group: SmoothGroup, stats: InputStats, linears: dict[str, nn.Module]
+    ) -> dict[str, Any]:
         """The scales of one group: s for the consumers' input channels and 1/s for the producer's outputs."""
         weights = [linear_weight(linears[t]).detach().float() for t in group.targets]
         device = weights[0].device  # the statistics live on the CPU; the plan is made where the weights are
@@ -202,9 +213,18 @@ class SmoothQuant(Method):
         if self.alpha == "auto":
             x = stats.rows().to(device)
             references = [x @ w.t() for w in weights]
-            errors = {a: w8a8_output_error(x, weights, consumer_scales(a)[1], self.search_granularity, references) for a in ALPHA_GRID}
+            errors = {
+                a: w8a8_output_error(x, weights, consumer_scales(a)[1], self.search_granularity, references)
+                for a in ALPHA_GRID
+            }
             alpha = min(errors, key=errors.get)
-            plan.update(error=errors[alpha], error_unsmoothed=w8a8_output_error(x, weights, torch.ones(x.shape[1], device=device), self.search_granularity, references), search={str(a): e for a, e in errors.items()})
+            plan.update(
+                error=errors[alpha],
+                error_unsmoothed=w8a8_output_error(
+                    x, weights, torch.ones(x.shape[1], device=device), self.search_granularity, references
+                ),
+                search={str(a): e for a, e in errors.items()},
+            )
         else:
             alpha = self.alpha
         s_producer, s_consumer = consumer_scales(alpha)

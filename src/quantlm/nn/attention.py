@@ -30,7 +30,9 @@ SHORT_QUERY = 16  # queries of at most this many tokens (decode steps) run in fp
 
 
 def _takes_fp32_path(query: torch.Tensor) -> bool:
-    return query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16) and query.shape[-2] <= SHORT_QUERY
+    return (
+        query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16) and query.shape[-2] <= SHORT_QUERY
+    )
 
 
 def fp32_short_query_attention(module, query, key, value, attention_mask, **kwargs):
@@ -136,8 +138,10 @@ def use_attention(model: nn.Module, name: str = "auto") -> str:
     current = getattr(config, "_attn_implementation", None)
     if name == "auto":
         params = next(model.parameters(), None)
-        half_on_cpu = params is not None and params.device.type == "cpu" and any(
-            p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters()
+        half_on_cpu = (
+            params is not None
+            and params.device.type == "cpu"
+            and any(p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters())
         )
         can_switch = getattr(model, "_can_set_attn_implementation", lambda: True)()
         if not half_on_cpu or current != "sdpa" or not can_switch or not switches_cleanly(model):

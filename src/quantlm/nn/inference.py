@@ -72,10 +72,12 @@ def weight_bytes(model: nn.Module) -> dict[str, int]:
     """Bytes as stored (what a checkpoint holds): the quantized Linears (codes, scales, zeros, g_idx), the dense
     Linear weights, and everything."""
     quantized = sum(m.weight_bytes for m in model.modules() if isinstance(m, QuantLinear))
-    dense_linear = sum(
-        m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, nn.Linear)
-    )
-    return {"quantized_linear": quantized, "dense_linear": dense_linear, "total": _unique_bytes(model.state_dict().values())}
+    dense_linear = sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, nn.Linear))
+    return {
+        "quantized_linear": quantized,
+        "dense_linear": dense_linear,
+        "total": _unique_bytes(model.state_dict().values()),
+    }
 
 
 def bytes_read_per_token(model: nn.Module) -> int:

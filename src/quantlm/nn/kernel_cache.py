@@ -54,8 +54,14 @@ def entry_path(weights: Path, dtype: torch.dtype, kernels: dict[str, str]) -> Pa
     except OSError:
         return None
     identity = [
-        CACHE_FORMAT, str(weights), st.st_size, st.st_mtime_ns, torch.__version__,
-        torch.backends.cpu.get_cpu_capability(), str(dtype), sorted(kernels.items()),
+        CACHE_FORMAT,
+        str(weights),
+        st.st_size,
+        st.st_mtime_ns,
+        torch.__version__,
+        torch.backends.cpu.get_cpu_capability(),
+        str(dtype),
+        sorted(kernels.items()),
     ]
     digest = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:32]
     return cache_dir() / f"{digest}.safetensors"

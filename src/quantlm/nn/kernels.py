@@ -53,13 +53,15 @@ INT4PACK_ROW_MULTIPLE = 16
 INT8PACK_K_MULTIPLE = 4  # _weight_int8pack_mm crashes on bf16 inputs when K is not a multiple of 4 (torch 2.13)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cpu_flags() -> frozenset[str]:
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return frozenset()
-    return frozenset(word for line in text.splitlines() if line.startswith("flags") for word in line.split(":", 1)[1].split())
+    return frozenset(
+        word for line in text.splitlines() if line.startswith("flags") for word in line.split(":", 1)[1].split()
+    )
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -74,7 +76,7 @@ def cpu_has_fast_int8() -> bool:
     return bool(_cpu_flags() & {"amx_int8", "avx512_vnni", "avx_vnni"})
 
 
-def _prefill_matmul(layer: "QuantLinear", x2: Tensor) -> Tensor:
+def _prefill_matmul(layer: QuantLinear, x2: Tensor) -> Tensor:
     """x2 Wᵀ with the weight dequantized once: for many rows (prefill) the dense GEMM beats the weight-only ops,
     and the dequantization costs little next to it. bf16 inputs are multiplied in fp32 on CPUs without fast bf16."""
     dtype = x2.dtype
@@ -99,7 +101,7 @@ class Kernel(nn.Module):
     name = "?"
     cacheable = False  # whether what it prepares is worth keeping on disk (quantlm.nn.kernel_cache)
 
-    def __init__(self, layer: "QuantLinear", dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, layer: QuantLinear, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.out_features = layer.out_features
         self.layer = [layer]  # a list: not a submodule, so the layer is not registered inside itself
@@ -110,7 +112,7 @@ class Kernel(nn.Module):
         return {}
 
     @classmethod
-    def why_not(cls, layer: "QuantLinear", device: torch.device) -> str | None:  # pragma: no cover - interface
+    def why_not(cls, layer: QuantLinear, device: torch.device) -> str | None:  # pragma: no cover - interface
         raise NotImplementedError
 
     @classmethod
@@ -135,7 +137,7 @@ class TorchDequantKernel(Kernel):
         return reference_matmul(self.layer[0], x)
 
 
-def _int4pack_group(layer: "QuantLinear") -> int | None:
+def _int4pack_group(layer: QuantLinear) -> int | None:
     """The group size the int4 op runs this layer with (None if none fits)."""
     k = layer.in_features
     natural = layer.spec.group_size if layer.spec.granularity == "group" else k
@@ -145,7 +147,7 @@ def _int4pack_group(layer: "QuantLinear") -> int | None:
     return None
 
 
-def _weight_only_cpu(layer: "QuantLinear", device: torch.device) -> str | None:
+def _weight_only_cpu(layer: QuantLinear, device: torch.device) -> str | None:
     if device.type != "cpu":
         return "runs on CPU only"
     if layer.act_bits is not None:
@@ -153,7 +155,7 @@ def _weight_only_cpu(layer: "QuantLinear", device: torch.device) -> str | None:
     return None
 
 
-def _group_order(layer: "QuantLinear") -> Tensor | None:
+def _group_order(layer: QuantLinear) -> Tensor | None:
     """For act-order layers: the column permutation that makes every group contiguous (None if already natural)."""
     if layer.g_idx is None:
         return None
@@ -187,7 +189,7 @@ class Int4PackKernel(Kernel):
     cacheable = True
 
     def __init__(
-        self, layer: "QuantLinear", dtype: torch.dtype = torch.float32, prepared: dict[str, Tensor] | None = None
+        self, layer: QuantLinear, dtype: torch.dtype = torch.float32, prepared: dict[str, Tensor] | None = None
     ) -> None:
         """``prepared``: this layer's tensors from a kernel cache (``prepared()`` of an earlier kernel), used when
         their shapes and dtypes fit the layer; otherwise the codes are packed here."""
@@ -201,22 +203,24 @@ class Int4PackKernel(Kernel):
         # [K / group, N, 2]: scale and the float offset m = (8 - zero) * scale of each group
         self.register_buffer("scale_offset", tensors["scale_offset"], persistent=False)
 
-    def _shapes(self, layer: "QuantLinear") -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    def _shapes(self, layer: QuantLinear) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         rows = layer.out_features + (-layer.out_features % INT4PACK_ROW_MULTIPLE)
         k = layer.in_features
         return {"packed": ((rows, k // 2), torch.uint8), "scale_offset": ((k // self.group, rows, 2), OP_DTYPE)}
 
-    def _fits(self, layer: "QuantLinear", prepared: dict[str, Tensor]) -> bool:
+    def _fits(self, layer: QuantLinear, prepared: dict[str, Tensor]) -> bool:
         want = self._shapes(layer)
         return set(prepared) == set(want) and all(
-            tuple(prepared[n].shape) == shape and prepared[n].dtype == dtype and prepared[n].device == layer.qweight.device
+            tuple(prepared[n].shape) == shape
+            and prepared[n].dtype == dtype
+            and prepared[n].device == layer.qweight.device
             for n, (shape, dtype) in want.items()
         )
 
     def prepared(self) -> dict[str, Tensor]:
         return {"packed": self.packed, "scale_offset": self.scale_offset}
 
-    def _pack(self, layer: "QuantLinear", order: Tensor | None) -> dict[str, Tensor]:
+    def _pack(self, layer: QuantLinear, order: Tensor | None) -> dict[str, Tensor]:
         # 2- and 3-bit codes are moved to the middle of the 4-bit range (zero points with them), so the op's offset
         # m = (8 - zero) * scale stays small and its bf16 rounding does not cancel against (q - 8) * scale
         shift = 8 - (1 << (layer.spec.bits - 1))
@@ -250,12 +254,12 @@ class Int4PackKernel(Kernel):
         return y[:, : self.out_features].to(x.dtype).reshape(*lead, self.out_features)
 
 
-def _signed_codes(layer: "QuantLinear") -> Tensor:
+def _signed_codes(layer: QuantLinear) -> Tensor:
     """Codes of a symmetric grid as int8 around its zero 2**(bits-1) (128 at 8 bits)."""
     return (layer.codes().to(torch.int16) - (1 << (layer.spec.bits - 1))).to(torch.int8)
 
 
-def _per_channel_8bit(layer: "QuantLinear") -> str | None:
+def _per_channel_8bit(layer: QuantLinear) -> str | None:
     if layer.spec.bits != 8:
         return f"needs 8-bit weights, the layer has {layer.spec.bits}"
     if layer.spec.granularity not in ("channel", "tensor"):
@@ -278,7 +282,7 @@ class Int8PackKernel(Kernel):
             return f"needs in_features divisible by {INT8PACK_K_MULTIPLE}, the layer has {layer.in_features}"
         return None
 
-    def __init__(self, layer: "QuantLinear", dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, layer: QuantLinear, dtype: torch.dtype = torch.float32) -> None:
         super().__init__(layer, dtype)
         scale, zero = layer.row_params()
         self.register_buffer("weight", _signed_codes(layer), persistent=False)
@@ -351,7 +355,7 @@ class Int8GemmKernel(Kernel):
     def pays_off(cls, device):
         return cpu_has_fast_int8()
 
-    def __init__(self, layer: "QuantLinear", dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, layer: QuantLinear, dtype: torch.dtype = torch.float32) -> None:
         super().__init__(layer, dtype)
         scale, _ = layer.row_params()
         self.register_buffer("weight_t", _signed_codes(layer).t(), persistent=False)  # [in, out], column-major
@@ -381,7 +385,7 @@ AUTO_ORDER = ("int8", "int4pack", "int8pack", "torch")
 KERNEL_CHOICES = ("auto", *KERNELS, *KERNEL_ALIASES)
 
 
-def choose_kernel(layer: "QuantLinear", name: str = "auto", device: torch.device | None = None) -> type[Kernel]:
+def choose_kernel(layer: QuantLinear, name: str = "auto", device: torch.device | None = None) -> type[Kernel]:
     """The kernel class for ``layer``: the first of AUTO_ORDER that can run it, or ``name`` if it can."""
     device = device if device is not None else layer.qweight.device
     if name == "auto":

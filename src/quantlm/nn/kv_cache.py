@@ -45,7 +45,9 @@ class KVQuantConfig:
         try:
             check_token_bits(self.bits)
         except ValueError:
-            raise InvalidSpecError(f"KV-cache bits must be between 2 and 8 (e.g. --kv-bits 8 or 4), got {self.bits!r}") from None
+            raise InvalidSpecError(
+                f"KV-cache bits must be between 2 and 8 (e.g. --kv-bits 8 or 4), got {self.bits!r}"
+            ) from None
         if not isinstance(self.symmetric, bool):
             raise InvalidSpecError(f"KV-cache symmetric must be True or False, got {self.symmetric!r}")
 
@@ -53,7 +55,7 @@ class KVQuantConfig:
         return {"bits": self.bits, "symmetric": self.symmetric}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "KVQuantConfig":
+    def from_dict(cls, d: dict) -> KVQuantConfig:
         if not isinstance(d, dict) or set(d) - {"bits", "symmetric"}:
             raise InvalidSpecError(f"a KV-cache setting is a dict with 'bits' and 'symmetric', got {d!r}")
         return cls(**d)
@@ -91,7 +93,8 @@ def _append(old: _Codes | None, new: _Codes) -> _Codes:
         return new
     cat = partial(torch.cat, dim=-2)
     return _Codes(
-        cat([old.codes, new.codes]), cat([old.scale, new.scale]),
+        cat([old.codes, new.codes]),
+        cat([old.scale, new.scale]),
         None if new.zero is None else cat([old.zero, new.zero]),
     )
 
@@ -243,8 +246,12 @@ def register_fake_kv_attention() -> str:
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
     """The modules that call the attention function: the ones with a ``layer_idx`` and a key projection."""
-    return [m for m in model.modules() if hasattr(m, "layer_idx") and any(
-        hasattr(m, n) for n in ("k_proj", "key", "qkv_proj", "query_key_value", "c_attn"))]
+    return [
+        m
+        for m in model.modules()
+        if hasattr(m, "layer_idx")
+        and any(hasattr(m, n) for n in ("k_proj", "key", "qkv_proj", "query_key_value", "c_attn"))
+    ]
 
 
 def enable_fake_kv_quantization(model: nn.Module, config: KVQuantConfig | None) -> nn.Module:

@@ -123,7 +123,7 @@ class QuantLinear(nn.Module):
         act_bits: int | None = None,
         act_scale: torch.Tensor | None = None,
         outlier_threshold: float | None = None,
-    ) -> "QuantLinear":
+    ) -> QuantLinear:
         """Build from integer codes [out, in], scales and zeros [out, n_groups] (as ``quantlm.core`` returns them).
 
         ``g_idx`` is kept only when it differs from the natural order j // group_size. ``act_scale`` (a static
@@ -172,7 +172,7 @@ class QuantLinear(nn.Module):
         act_bits: int | None = None,
         act_scale: torch.Tensor | None = None,
         outlier_threshold: float | None = None,
-    ) -> "QuantLinear":
+    ) -> QuantLinear:
         """Round-to-nearest quantization of a float weight [out, in] on ``spec``'s grid.
 
         The scales are rounded to their storage dtype *before* the codes are computed, so the stored model is
@@ -204,14 +204,20 @@ class QuantLinear(nn.Module):
         return layout
 
     @classmethod
-    def from_layout(cls, layout: dict, scale_dtype: torch.dtype, device: torch.device | str = "meta") -> "QuantLinear":
+    def from_layout(cls, layout: dict, scale_dtype: torch.dtype, device: torch.device | str = "meta") -> QuantLinear:
         """An empty module (on ``device``, meta by default) to be filled by ``load_state_dict(..., assign=True)``."""
         entry = dict(layout)
         in_f, out_f, bias = entry.pop("in_features"), entry.pop("out_features"), entry.pop("bias")
         g_idx = bool(entry.pop("g_idx", False))
         act = {k: entry.pop(k) for k in ("act_bits", "act_granularity", "outlier_threshold") if k in entry}
         return cls(
-            in_f, out_f, QuantSpec.from_dict(entry), bias=bias, scale_dtype=scale_dtype, device=device, g_idx=g_idx,
+            in_f,
+            out_f,
+            QuantSpec.from_dict(entry),
+            bias=bias,
+            scale_dtype=scale_dtype,
+            device=device,
+            g_idx=g_idx,
             **act,
         )
 

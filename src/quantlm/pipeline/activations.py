@@ -11,8 +11,8 @@ from __future__ import annotations
 import itertools
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -35,7 +35,7 @@ class Batches:
     def offloaded(self) -> bool:
         return self.directory is not None
 
-    def empty_like(self) -> "Batches":
+    def empty_like(self) -> Batches:
         """A new, empty list kept where this one is."""
         return Batches(self.directory)
 

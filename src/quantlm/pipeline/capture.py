@@ -28,7 +28,7 @@ _DROPPED_KWARGS = ("past_key_values", "past_key_value", "layer_past", "use_cache
 
 
 class _Recorder(nn.Module):
-    def __init__(self, index: int, original: nn.Module, sink: "BlockInputs", is_last: bool) -> None:
+    def __init__(self, index: int, original: nn.Module, sink: BlockInputs, is_last: bool) -> None:
         super().__init__()
         self.index = index
         self.sink = sink

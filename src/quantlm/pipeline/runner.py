@@ -16,8 +16,9 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -54,7 +55,7 @@ class Step(Protocol):
     name: str
     needs_calibration: bool
 
-    def process_block(self, ctx: "BlockContext") -> list[LayerRecord]: ...
+    def process_block(self, ctx: BlockContext) -> list[LayerRecord]: ...
 
     def finalize(self, model: nn.Module) -> list[LayerRecord]: ...
 

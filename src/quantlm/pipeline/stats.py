@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+
 import torch
 from torch import Tensor, nn
 
@@ -76,4 +77,3 @@ def collect_input_stats(
 
     ctx.observe(modules, record, stop_early=False)
     return stats
-

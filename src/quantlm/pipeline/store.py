@@ -60,7 +60,9 @@ class BlockStore:
         prefix = f"{blocks.name(i)}."
         modules = {prefix + n: m.layout() for n, m in block.named_modules() if isinstance(m, QuantLinear)}
         meta, tensor_file = self._paths(i)
-        atomic_write_text(meta, json.dumps({"records": [r.to_dict() for r in records], "modules": modules}, default=str))
+        atomic_write_text(
+            meta, json.dumps({"records": [r.to_dict() for r in records], "modules": modules}, default=str)
+        )
         tmp = tensor_file.with_name(tensor_file.name + ".tmp")
         save_file({prefix + k: v.detach().contiguous() for k, v in block.state_dict().items()}, str(tmp))
         os.replace(tmp, tensor_file)

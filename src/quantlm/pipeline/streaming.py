@@ -79,7 +79,9 @@ class StreamedWeights:
         trim_freed_memory()
 
 
-def streamed_model(model_dir: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, StreamedWeights] | None:
+def streamed_model(
+    model_dir: str | os.PathLike, dtype: torch.dtype = torch.float32
+) -> tuple[nn.Module, StreamedWeights] | None:
     """The model with every tensor outside the decoder blocks loaded and the blocks left empty (meta)."""
     from transformers import AutoConfig
 
@@ -95,7 +97,9 @@ def streamed_model(model_dir: str | os.PathLike, dtype: torch.dtype = torch.floa
     tied = {n for n in state_names - available if _is_tied(model, n)}
     if not (state_names - tied) <= available:
         missing = sorted((state_names - tied) - available)[:3]
-        log.info("streaming not possible for %s (e.g. %s not stored as named): loading the whole model", model_dir, missing)
+        log.info(
+            "streaming not possible for %s (e.g. %s not stored as named): loading the whole model", model_dir, missing
+        )
         return None
     outside = [n for n in state_names - tied if not n.startswith(block_prefix)]
     tensors = index.load(outside, dtype)

@@ -41,7 +41,9 @@ def to_quant_linear(fq: FakeQuantLinear) -> nn.Module:
     scale, zero = (t.detach() for t in fq.grid())
     codes = quantize(fq.weight.detach().float(), scale, zero, fq.spec)
     bias = None if fq.bias is None else fq.bias.detach()
-    return QuantLinear.from_codes(codes, scale.to(storage_scale_dtype(scale)), zero, fq.spec, bias, act_bits=fq.act_bits)
+    return QuantLinear.from_codes(
+        codes, scale.to(storage_scale_dtype(scale)), zero, fq.spec, bias, act_bits=fq.act_bits
+    )
 
 
 def convert_qat_model(model: nn.Module) -> nn.Module:

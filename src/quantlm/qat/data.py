@@ -42,11 +42,15 @@ class GenerationSettings:
     def __post_init__(self) -> None:
         lo, hi = self.greedy_tokens
         if self.n_samples < 1 or self.batch_size < 1:
-            raise InvalidSpecError(f"--samples and --batch-size must be at least 1, got {self.n_samples} and {self.batch_size}")
+            raise InvalidSpecError(
+                f"--samples and --batch-size must be at least 1, got {self.n_samples} and {self.batch_size}"
+            )
         if self.max_length < 2:
             raise InvalidSpecError(f"--max-length must be at least 2 tokens, got {self.max_length}")
         if not 0 <= lo <= hi:
-            raise InvalidSpecError(f"greedy tokens must be a range lo-hi with 0 <= lo <= hi (such as 3-5), got {lo}-{hi}")
+            raise InvalidSpecError(
+                f"greedy tokens must be a range lo-hi with 0 <= lo <= hi (such as 3-5), got {lo}-{hi}"
+            )
         if self.mode not in MODES:
             raise InvalidSpecError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if not self.temperature > 0:
@@ -104,8 +108,9 @@ def sample_softmax(logits: Tensor, generator: torch.Generator) -> Tensor:
 
 
 @torch.no_grad()
-def generate_batch(model: nn.Module, starts: Tensor, settings: GenerationSettings, eos: set[int],
-                   generator: torch.Generator) -> list[list[int]]:
+def generate_batch(
+    model: nn.Module, starts: Tensor, settings: GenerationSettings, eos: set[int], generator: torch.Generator
+) -> list[list[int]]:
     """One batch of samples from their first tokens ``starts [b]``; each ends at its first EOS (kept)."""
     from transformers import StaticCache
 
@@ -164,19 +169,25 @@ def _complete_lines(out: Path, batch_size: int) -> int:
     return keep
 
 
-def generate_training_data(model: nn.Module, tokenizer, out: str | os.PathLike, settings: GenerationSettings,
-                           *, progress: bool = True) -> Path:
+def generate_training_data(
+    model: nn.Module, tokenizer, out: str | os.PathLike, settings: GenerationSettings, *, progress: bool = True
+) -> Path:
     """Write (or complete) ``settings.n_samples`` generated samples to the jsonl file ``out``; return its path."""
     out = Path(out)
-    meta = {"settings": settings.to_dict(), "model": getattr(model.config, "_name_or_path", ""),
-            "vocab_size": _vocab_size(model)}
+    meta = {
+        "settings": settings.to_dict(),
+        "model": getattr(model.config, "_name_or_path", ""),
+        "vocab_size": _vocab_size(model),
+    }
     meta_file = _meta_path(out)
     if out.exists():
         if not meta_file.exists():
             raise DataSourceError(f"{out} exists but was not written by quantlm generate-data: choose another --out")
         old = json.loads(meta_file.read_text(encoding="utf-8"))
         if old.get("settings") != meta["settings"] or old.get("vocab_size") != meta["vocab_size"]:
-            raise DataSourceError(f"{out} was generated with other settings ({old.get('settings')}): choose another --out or delete it")
+            raise DataSourceError(
+                f"{out} was generated with other settings ({old.get('settings')}): choose another --out or delete it"
+            )
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(meta_file, json.dumps(meta, indent=1) + "\n")
     done = _complete_lines(out, settings.batch_size)
@@ -186,8 +197,16 @@ def generate_training_data(model: nn.Module, tokenizer, out: str | os.PathLike, 
     was_training = model.training
     model.eval()
     try:
-        with open(out, "a", encoding="utf-8") as f, tqdm(total=settings.n_samples, initial=min(done, settings.n_samples),
-                                                           desc="generate-data", unit="sample", disable=not progress) as bar:
+        with (
+            open(out, "a", encoding="utf-8") as f,
+            tqdm(
+                total=settings.n_samples,
+                initial=min(done, settings.n_samples),
+                desc="generate-data",
+                unit="sample",
+                disable=not progress,
+            ) as bar,
+        ):
             for i in range(done // settings.batch_size, n_batches):
                 g = torch.Generator().manual_seed(settings.seed + i)
                 b = min(settings.batch_size, settings.n_samples - i * settings.batch_size)
@@ -214,7 +233,9 @@ def read_samples(path: str | os.PathLike) -> list[list[int]]:
             row = json.loads(line)
             tokens = row["tokens"]
         except (ValueError, KeyError, TypeError):
-            raise DataSourceError(f"{path} line {n} is not a generated sample ({{\"id\": ..., \"tokens\": [...]}})") from None
+            raise DataSourceError(
+                f'{path} line {n} is not a generated sample ({{"id": ..., "tokens": [...]}})'
+            ) from None
         samples.append([int(t) for t in tokens])
     if not samples:
         raise DataSourceError(f"{path} holds no samples")

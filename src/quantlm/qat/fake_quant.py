@@ -21,11 +21,12 @@ from quantlm.core import QuantSpec, compute_qparams, fake_quantize, quantize
 from quantlm.core.activation import fake_quantize_per_token, quantize_per_token_int8
 from quantlm.errors import InvalidSpecError
 from quantlm.methods.common import is_excluded
-from quantlm.models.blocks import find_decoder_blocks, is_linear, linear_weight, set_submodule
 from quantlm.methods.qat import QATBits, QATConfig  # noqa: F401  (QATBits: re-exported for callers)
+from quantlm.models.blocks import find_decoder_blocks, is_linear, linear_weight, set_submodule
 from quantlm.nn.kv_cache import enable_fake_kv_quantization
-from quantlm.nn.reference import integer_product
 from quantlm.nn.qlinear import storage_scale_dtype
+from quantlm.nn.reference import integer_product
+
 
 def _storage_rounded(scale: Tensor) -> Tensor:
     """``scale`` rounded to the dtype a QuantLinear stores it in, with an identity gradient."""
@@ -38,8 +39,15 @@ class FakeQuantLinear(nn.Module):
 
     quantlm_linear = True  # found as a linear layer by quantlm.models.blocks
 
-    def __init__(self, weight: Tensor, bias: Tensor | None, spec: QuantSpec | None, act_bits: int | None,
-                 act_symmetric: bool = True, learnable_clip: bool = False) -> None:
+    def __init__(
+        self,
+        weight: Tensor,
+        bias: Tensor | None,
+        spec: QuantSpec | None,
+        act_bits: int | None,
+        act_symmetric: bool = True,
+        learnable_clip: bool = False,
+    ) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.weight = nn.Parameter(weight.detach().clone().contiguous())
@@ -89,8 +97,13 @@ class FakeQuantLinear(nn.Module):
         return fake_quantize(self.weight, self.spec, scale, zero)
 
     def _integer_path(self) -> bool:
-        return (not torch.is_grad_enabled() and self.act_bits == 8 and self.act_symmetric and self.spec is not None
-                and self.spec.granularity in ("channel", "tensor"))
+        return (
+            not torch.is_grad_enabled()
+            and self.act_bits == 8
+            and self.act_symmetric
+            and self.spec is not None
+            and self.spec.granularity in ("channel", "tensor")
+        )
 
     def _integer_forward(self, x: Tensor) -> Tensor:
         """Without gradients: the product as the converted QuantLinear computes it, integer sums then both scales
@@ -114,7 +127,8 @@ class FakeQuantLinear(nn.Module):
     def extra_repr(self) -> str:
         w = self.spec.describe() if self.spec else "w16"
         a = f"a{self.act_bits}" if self.act_bits else "a16"
-        return f"{self.in_features} -> {self.out_features}, {w}, {a}{', learnable clip' if self.learnable_clip else (', fixed grid' if self.clip_scale is not None else '')}"
+        clip = ", learnable clip" if self.learnable_clip else (", fixed grid" if self.clip_scale is not None else "")
+        return f"{self.in_features} -> {self.out_features}, {w}, {a}{clip}"
 
 
 def fake_quant_linears(model: nn.Module) -> dict[str, FakeQuantLinear]:
@@ -133,8 +147,14 @@ def prepare_qat(model: nn.Module, config: QATConfig) -> nn.Module:
             full = f"{blocks.name(i)}.{name}"
             if not is_linear(module) or is_excluded(full, config.exclude):
                 continue
-            fq = FakeQuantLinear(linear_weight(module), getattr(module, "bias", None), spec, config.act_bits,
-                                 config.a_symmetric, config.learnable_clip)
+            fq = FakeQuantLinear(
+                linear_weight(module),
+                getattr(module, "bias", None),
+                spec,
+                config.act_bits,
+                config.a_symmetric,
+                config.learnable_clip,
+            )
             set_submodule(block, name, fq.to(module.weight.device))
     enable_fake_kv_quantization(model, config.kv_config)
     model.quantlm_qat_config = config

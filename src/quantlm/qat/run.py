@@ -34,7 +34,8 @@ def training_windows(data: str, tokenizer, seqlen: int, max_windows: int | None 
 
 
 def _grid_shape(spec) -> tuple:
-    """What must agree between a PTQ grid and a QAT grid (how the PTQ grid was searched, e.g. MSE clipping, need not)."""
+    """What must agree between a PTQ grid and a QAT grid (how the PTQ grid was searched, e.g. MSE clipping, need
+    not)."""
     return (spec.bits, spec.symmetric, spec.granularity, spec.group_size)
 
 
@@ -53,7 +54,8 @@ def init_from_quantized(student: nn.Module, quantized: nn.Module) -> int:
         if fq.spec is None or _grid_shape(q.spec) != _grid_shape(fq.spec) or q.g_idx is not None:
             raise InvalidSpecError(
                 f"{name}: the initial checkpoint's grid ({q.describe()}) differs from the QAT weight grid "
-                f"({fq.spec.describe() if fq.spec else 'w16'}): quantize it with the same bits, group size and symmetry, without act-order"
+                f"({fq.spec.describe() if fq.spec else 'w16'}): quantize it with the same bits, group size and "
+                "symmetry, without act-order"
             )
         scale = q.scales.float().detach().clone()
         zero = q.zeros.float().detach().clone()
@@ -129,8 +131,9 @@ def qat_to_checkpoint(
     init_model = api.load(init) if init is not None else None
     model = load_float_model(model_dir, dtype=torch.float32)
     work = out.parent / f".{out.name}.work"
-    student, result = run_qat(model, tokenizer, windows, config, settings, init=init_model, state_dir=work,
-                              progress=progress)
+    student, result = run_qat(
+        model, tokenizer, windows, config, settings, init=init_model, state_dir=work, progress=progress
+    )
     is_main = int(os.environ.get("RANK", "0")) == 0
     if not is_main:
         return out
@@ -139,10 +142,16 @@ def qat_to_checkpoint(
         recipe=[config.to_config()],
         seconds=result.seconds,
         kv_cache=config.kv_config,
-        training={**settings.to_dict(), "data": str(data), "seqlen": seqlen, "windows": windows.shape[0],
-                  "tokens": result.tokens, "first_loss": result.losses[0] if result.losses else None,
-                  "last_loss": result.losses[-1] if result.losses else None,
-                  "init": None if init is None else str(init)},
+        training={
+            **settings.to_dict(),
+            "data": str(data),
+            "seqlen": seqlen,
+            "windows": windows.shape[0],
+            "tokens": result.tokens,
+            "first_loss": result.losses[0] if result.losses else None,
+            "last_loss": result.losses[-1] if result.losses else None,
+            "init": None if init is None else str(init),
+        },
     )
     api.save(student, out, record=record, tokenizer=tokenizer, overwrite=overwrite)
     if not keep_work_dir:

@@ -24,9 +24,9 @@ import contextlib
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +61,9 @@ class TrainSettings:
         if not self.lr > 0:
             raise InvalidSpecError(f"the learning rate must be positive, got {self.lr}")
         if self.loss not in LOSSES:
-            raise InvalidSpecError(f"the loss is 'kd' (logit distillation) or 'ce' (label cross-entropy), got {self.loss!r}")
+            raise InvalidSpecError(
+                f"the loss is 'kd' (logit distillation) or 'ce' (label cross-entropy), got {self.loss!r}"
+            )
         if not 0 <= self.warmup_steps < self.steps:
             raise InvalidSpecError(f"warmup steps must be between 0 and the number of steps, got {self.warmup_steps}")
         if self.save_every < 1:
@@ -167,8 +169,16 @@ def _full_state(student: nn.Module, optimizer, sharded: bool) -> tuple[dict, dic
 
 def _save_state(path: Path, model_state: dict, optim_state: dict, scheduler, step: int, signature: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"step": step, "model": model_state, "optimizer": optim_state,
-                "scheduler": scheduler.state_dict(), "signature": signature}, tmp)
+    torch.save(
+        {
+            "step": step,
+            "model": model_state,
+            "optimizer": optim_state,
+            "scheduler": scheduler.state_dict(),
+            "signature": signature,
+        },
+        tmp,
+    )
     os.replace(tmp, path)
 
 
@@ -184,8 +194,13 @@ def _load_state(path: Path, student: nn.Module, optimizer, scheduler, signature:
     if sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-        set_state_dict(student, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                       options=StateDictOptions(full_state_dict=True))
+        set_state_dict(
+            student,
+            optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optimizer"],
+            options=StateDictOptions(full_state_dict=True),
+        )
     else:
         student.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -226,7 +241,12 @@ def train(
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, settings))
-    signature = {"settings": settings.to_dict(), "windows": list(windows.shape), "world": dist.world, **(signature or {})}
+    signature = {
+        "settings": settings.to_dict(),
+        "windows": list(windows.shape),
+        "world": dist.world,
+        **(signature or {}),
+    }
     state_path = Path(state_dir) / STATE_FILE if state_dir is not None else None
     start = 0
     if state_path is not None and state_path.exists():
