@@ -159,10 +159,10 @@ def test_qat_converts_to_a_model_with_the_same_greedy_text_and_kv8_costs_little(
     import copy
     import tempfile
 
+    from quantlm.methods.qat import QATBits, QATConfig
     from quantlm.nn.kv_cache import KVQuantConfig, enable_kv_quantization
     from quantlm.qat.convert import convert_qat_model
     from quantlm.qat.data import GenerationSettings, generate_training_data, pack_samples, read_samples
-    from quantlm.qat.fake_quant import QATBits, QATConfig
     from quantlm.qat.run import run_qat
     from quantlm.qat.trainer import TrainSettings
 

@@ -16,9 +16,19 @@ from conftest import tiny_model
 from quantlm.core import QuantSpec
 from quantlm.errors import InvalidSpecError, QuantlmError
 from quantlm.formats.record import QuantizationRecord, upgrade_v1_recipe
-from quantlm.methods import GPTQ, RTN, LLMInt8, SmoothQuant, parse_recipe, recipe_from_options, registered_methods
+from quantlm.methods import (
+    GPTQ,
+    RTN,
+    LLMInt8,
+    SmoothQuant,
+    head_step,
+    parse_recipe,
+    recipe_from_options,
+    registered_methods,
+)
 from quantlm.methods.base import Method, cli_settings, register, setting
 from quantlm.methods.qat import QATConfig
+from quantlm.methods.recipe import add_head_step
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,12 +69,26 @@ def test_unknown_settings_are_refused_naming_the_allowed_ones():
         parse_recipe([{"method": "awq"}])
 
 
+def test_values_of_the_wrong_kind_are_one_line_errors():
+    with pytest.raises(InvalidSpecError, match="act_order is a switch: true or false, got 'false'"):
+        parse_recipe([{"method": "gptq", "act_order": "false"}])
+    with pytest.raises(InvalidSpecError, match="damp must be a number, got '0.01'"):
+        parse_recipe([{"method": "gptq", "damp": "0.01"}])
+    with pytest.raises(InvalidSpecError, match="block_size must be an integer, got 1.5"):
+        parse_recipe([{"method": "gptq", "block_size": 1.5}])
+    assert parse_recipe([{"method": "gptq", "block_size": 64.0, "damp": 1}]).steps[0].damp == 1.0
+    with pytest.raises(InvalidSpecError, match="weight bits must be 2..8, or 16"):
+        QATConfig.from_options(w_bits=0)
+
+
 def test_a_missing_grid_key_takes_the_methods_default_grid():
     step = parse_recipe([{"method": "rtn", "bits": 3}]).steps[0]
     assert step.spec == QuantSpec(bits=3, group_size=64)  # RTN's default grid, only the bits changed
     per_channel = parse_recipe([{"method": "gptq", "group_size": -1}]).steps[0]
     assert per_channel.spec == QuantSpec(bits=4, group_size=-1, granularity="channel")
     assert parse_recipe([{"method": "smoothquant", "folds": "norm,up-down"}]).steps[0].folds == ("norm", "up-down")
+    inferred = parse_recipe([{"method": "rtn", "granularity": None}]).steps[0]
+    assert inferred.spec == QuantSpec(bits=4, group_size=64)  # null: infer it from the (default) group size
 
 
 def test_the_command_line_options_are_the_registrys_settings():
@@ -100,6 +124,12 @@ def test_recipes_from_command_line_options():
         recipe_from_options("rtn", {}, weights="gptq")
     with pytest.raises(InvalidSpecError, match="already quantizes the output projection"):
         recipe_from_options("rtn", {"lm_head": True}, head_bits=8)
+    with pytest.raises(InvalidSpecError, match="already quantizes the output projection"):
+        add_head_step(recipe_from_options("gptq", {}, head_bits=4), 8)
+    with pytest.raises(InvalidSpecError, match="rounded by more than one step"):
+        parse_recipe([RTN(lm_head=True), head_step(8)])
+    with pytest.raises(InvalidSpecError, match="--weights after smoothquant must be one of gptq, rtn, got llm-int8"):
+        recipe_from_options("smoothquant", {}, weights="llm-int8")
     assert recipe_from_options("gptq", {}, head_bits=4).describe().endswith("rtn-head(w4 g64 asym)")
 
 
@@ -191,6 +221,19 @@ def test_the_record_stores_the_calibration_once(tmp_path, text_file):
     loaded = quantlm.load(tmp_path / "q").quantlm_record
     assert loaded.recipe == record.recipe and loaded.log == record.log and loaded.calibration == record.calibration
     assert parse_recipe(loaded.recipe).to_config() == record.recipe
+
+
+def test_save_writes_the_kv_cache_setting_the_model_runs_with(tmp_path):
+    from quantlm.nn.kv_cache import KVQuantConfig, enable_kv_quantization
+
+    model = quantlm.quantize(tiny_model("llama"), [{"method": "rtn", "group_size": 16}], progress=False)
+    enable_kv_quantization(model, KVQuantConfig(8))
+    quantlm.save(model, tmp_path / "kv8")
+    assert quantlm.load(tmp_path / "kv8").quantlm_record.kv_cache == KVQuantConfig(8)
+    loaded = quantlm.load(tmp_path / "kv8")
+    enable_kv_quantization(loaded, None)
+    quantlm.save(loaded, tmp_path / "float-kv")
+    assert quantlm.load(tmp_path / "float-kv").quantlm_record.kv_cache is None
 
 
 def test_docs_methods_md_is_the_registrys_catalog():

@@ -16,6 +16,7 @@ from quantlm.cli import app
 from quantlm.core import QuantSpec
 from quantlm.errors import DataSourceError, InvalidSpecError
 from quantlm.methods import RTN
+from quantlm.methods.qat import QATBits, QATConfig
 from quantlm.nn.kv_cache import KVQuantConfig
 from quantlm.nn.qlinear import QuantLinear
 from quantlm.qat.convert import convert_qat_model
@@ -27,7 +28,7 @@ from quantlm.qat.data import (
     read_samples,
     start_vocabulary,
 )
-from quantlm.qat.fake_quant import FakeQuantLinear, QATBits, QATConfig, fake_quant_linears, prepare_qat
+from quantlm.qat.fake_quant import FakeQuantLinear, fake_quant_linears, prepare_qat
 from quantlm.qat.run import init_from_quantized, run_qat
 from quantlm.qat.trainer import TrainSettings, cosine_lr, distillation_loss, train, window_indices
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -238,13 +239,14 @@ def save(
     blocks=None,
 ) -> Path:
     """Write ``model`` to ``path`` (a directory, written atomically) with ``record``: how it was made (default: the
-    one ``quantize``, ``load`` or QAT left on the model as ``model.quantlm_record``)."""
+    one ``quantize`` or ``load`` left on the model as ``model.quantlm_record``, with the KV-cache setting the model
+    runs with now)."""
     if format != "quantlm":
         raise QuantlmError(f"unknown format '{format}': this version writes 'quantlm'")
     if record is None:
-        record = getattr(model, "quantlm_record", None)
-    if record is None:  # QuantLinears put in by hand: no recipe to tell, only the KV-cache setting it runs with
-        record = QuantizationRecord(kv_cache=getattr(model, "quantlm_kv_config", None))
+        record = getattr(model, "quantlm_record", None) or QuantizationRecord()
+        if hasattr(model, "quantlm_kv_config"):  # the KV-cache setting the model runs with now
+            record = dataclasses.replace(record, kv_cache=model.quantlm_kv_config)
     return save_checkpoint(model, path, record=record, tokenizer=tokenizer, overwrite=overwrite, blocks=blocks)
 
 

@@ -77,7 +77,7 @@ def _print_json(data) -> None:
 
 def _method_settings():
     """The command line's face of every pipeline method's settings, from the method registry."""
-    return api.cli_settings(c for c in api.registered_methods().values() if c.pipeline)
+    return api.cli_settings(api.offered_methods().values())
 
 
 def _with_method_options(fn):
@@ -114,11 +114,7 @@ def _with_method_options(fn):
     return wrapper
 
 
-def _offered_methods() -> list[str]:
-    return list(api.offered_methods())
-
-
-MethodName = Enum("MethodName", {name: name for name in _offered_methods()}, type=str)
+MethodName = Enum("MethodName", {name: name for name in api.offered_methods()}, type=str)
 
 
 @app.command()

@@ -1,9 +1,9 @@
 """How a model was quantized, as one value: what ``save`` writes into a checkpoint and ``load`` reads back.
 
 A ``QuantizationRecord`` holds the recipe (plain data, one dict per step), the calibration it ran on (stated once
-for the whole recipe), the per-module quant log, the seconds the run took, the KV-cache setting, for QAT how it
-was trained, and the quantlm version that made it. PTQ (``quantlm.quantize``) and QAT both produce one; the model
-carries it as ``model.quantlm_record``.
+for the whole recipe), the per-module quant log, the seconds the run took (kept in memory only: a resumed run
+writes the same bytes), the KV-cache setting, for QAT how it was trained, and the quantlm version that made it.
+PTQ (``quantlm.quantize``) and QAT both produce one; the model carries it as ``model.quantlm_record``.
 
 Checkpoints of format version 1 stored the calibration in every step, wrote a head-only RTN step as
 ``{"method": "rtn", "blocks": false, "lm_head": true}`` and QAT's settings in a vocabulary of their own;

@@ -14,6 +14,7 @@ line, the checkpoint and the docs all read the registry.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import pkgutil
 import typing
@@ -37,7 +38,9 @@ def register(cls: type) -> type:
     return cls
 
 
+@functools.cache
 def _discover() -> None:
+    """Import every module of ``quantlm.methods`` once (each registers its methods)."""
     import quantlm.methods as package
 
     for info in pkgutil.iter_modules(package.__path__):
@@ -87,7 +90,7 @@ def flat_spec_field(cls: type) -> dataclasses.Field | None:
     return None
 
 
-def _default(f: dataclasses.Field) -> Any:
+def field_default(f: dataclasses.Field) -> Any:
     if f.default is not dataclasses.MISSING:
         return f.default
     if f.default_factory is not dataclasses.MISSING:
@@ -113,29 +116,49 @@ def settings_to_dict(settings: Any) -> dict[str, Any]:
     return data
 
 
+_UNION_TYPE = type(int | None)
+
+
+def _options(hint: Any) -> tuple:
+    """The types a field takes: the members of a union (``int | None`` -> int, NoneType), else the type itself."""
+    return typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, _UNION_TYPE) else (hint,)
+
+
 def _is_tuple(hint: Any) -> bool:
     return hint is tuple or typing.get_origin(hint) is tuple
 
 
-def _coerce(hint: Any, value: Any) -> Any:
-    """Plain data into a field's type where that is unambiguous: lists and comma strings into tuples, a dict into a
-    QuantSpec. Everything else is checked by the class's own validation."""
-    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, _UNION_TYPE) else (hint,)
+def _coerce(name: str, hint: Any, value: Any) -> Any:
+    """Plain data into a field's type where that is unambiguous (lists and comma strings into tuples, a dict into a
+    QuantSpec, an int into a float), and a one-line error for a value of the wrong kind (``"false"`` for a switch,
+    ``"0.01"`` for a number). Ranges are checked by the class's own validation."""
+    options = _options(hint)
     if value is None:
-        return None
+        if type(None) in options:
+            return None
+        raise InvalidSpecError(f"{name} needs a value, got null")
     if any(_is_tuple(o) for o in options):
         if isinstance(value, str):
             return tuple(v.strip() for v in value.split(",") if v.strip())
-        if isinstance(value, list):
+        if isinstance(value, (list, tuple)):
             return tuple(value)
-    if QuantSpec in options and isinstance(value, dict):
-        return QuantSpec.from_dict(value)
-    if float in options and int not in options and isinstance(value, int) and not isinstance(value, bool):
+    if QuantSpec in options and isinstance(value, (dict, QuantSpec)):
+        return value if isinstance(value, QuantSpec) else QuantSpec.from_dict(value)
+    if str in options and isinstance(value, str):
+        return value
+    if bool in options:
+        if isinstance(value, bool):
+            return value
+        raise InvalidSpecError(f"{name} is a switch: true or false, got {value!r}")
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if int in options and numeric and float(value).is_integer():
+        return int(value)
+    if float in options and numeric:
         return float(value)
+    if int in options or float in options:
+        kind = "an integer" if int in options and float not in options else "a number"
+        raise InvalidSpecError(f"{name} must be {kind}, got {value!r}")
     return value
-
-
-_UNION_TYPE = type(int | None)
 
 
 def spec_with(default: QuantSpec, given: dict[str, Any]) -> QuantSpec:
@@ -143,9 +166,16 @@ def spec_with(default: QuantSpec, given: dict[str, Any]) -> QuantSpec:
     data = {**default.to_dict(), **given}
     if "group_size" in given and "granularity" not in given:
         data["granularity"] = None
-    if "granularity" in given and "group_size" not in given and given["granularity"] != "group":
+    if "granularity" in given and "group_size" not in given and given["granularity"] not in (None, "group"):
         data["group_size"] = -1
     return QuantSpec.from_dict(data)
+
+
+def settings_keys(cls: type) -> set[str]:
+    """The keys a method's plain data may have: its fields, with a flat QuantSpec's keys in place of that field."""
+    flat = flat_spec_field(cls)
+    own = {f.name for f in dataclasses.fields(cls) if f is not flat}
+    return own | ({f.name for f in dataclasses.fields(QuantSpec)} if flat is not None else set())
 
 
 def settings_from_dict(cls: type, data: dict[str, Any]) -> Any:
@@ -159,13 +189,13 @@ def settings_from_dict(cls: type, data: dict[str, Any]) -> Any:
     own = {f.name: f for f in dataclasses.fields(cls) if f is not flat}
     unknown = sorted(str(k) for k in data if k not in own and k not in spec_keys)
     if unknown:
-        allowed = ", ".join(sorted(spec_keys | set(own)))
+        allowed = ", ".join(sorted(settings_keys(cls)))
         raise InvalidSpecError(f"{label} has no setting {', '.join(unknown)}: its settings are {allowed}")
     hints = _hints(cls)
-    kwargs = {name: _coerce(hints[name], data[name]) for name in own if name in data}
+    kwargs = {name: _coerce(name, hints[name], data[name]) for name in own if name in data}
     if flat is not None:
         given = {k: data[k] for k in spec_keys if k in data}
-        kwargs[flat.name] = spec_with(_default(flat), given) if given else _default(flat)
+        kwargs[flat.name] = spec_with(field_default(flat), given) if given else field_default(flat)
     try:
         return cls(**kwargs)
     except TypeError as e:
@@ -189,8 +219,7 @@ class CliSetting:
 
 
 def _cli_kind(hint: Any) -> type:
-    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, _UNION_TYPE) else (hint,)
-    options = tuple(o for o in options if o is not type(None))
+    options = tuple(o for o in _options(hint) if o is not type(None))
     if options == (bool,):
         return bool
     if options == (int,):
@@ -253,6 +282,7 @@ class Method:
     pipeline: ClassVar[bool] = True
     quantizes_weights: ClassVar[bool] = True
     needs_calibration: ClassVar[bool] = False
+    quantizes_head: bool = False  # rounds the output projection (a recipe may do that once)
     next_step_defaults: ClassVar[dict[str, Any]] = {}
 
     def to_config(self) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import typing
 from typing import Any
 
 from quantlm.core import QuantSpec
-from quantlm.methods.base import cli_settings, flat_spec_field, registered_methods
+from quantlm.methods.base import cli_settings, field_default, flat_spec_field, registered_methods
 
 
 def _type_name(hint: Any) -> str:
@@ -24,19 +24,18 @@ def method_settings(cls: type) -> list[dict[str, Any]]:
     """One row per setting of ``cls``: key, type, default, command-line flag and help (a flat QuantSpec's keys
     first)."""
     hints = typing.get_type_hints(cls)
-    flags = {target: entry for entry in cli_settings([cls]).values() for _, target in entry.targets}
+    offered = cls.offered and cls.pipeline  # only ``quantlm quantize --method`` choices have flags
+    flags = {target: entry for entry in cli_settings([cls]).values() for _, target in entry.targets} if offered else {}
     rows = []
     flat = flat_spec_field(cls)
     if flat is not None:
         spec_hints = typing.get_type_hints(QuantSpec)
         for f in dataclasses.fields(QuantSpec):
             entry = flags.get(f"spec.{f.name}")
-            rows.append(_row(f.name, spec_hints[f.name], getattr(flat.default, f.name), entry))
+            rows.append(_row(f.name, spec_hints[f.name], getattr(field_default(flat), f.name), entry))
     for f in dataclasses.fields(cls):
-        if f is flat:
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        rows.append(_row(f.name, hints[f.name], default, flags.get(f.name)))
+        if f is not flat:
+            rows.append(_row(f.name, hints[f.name], field_default(f), flags.get(f.name)))
     return rows
 
 
@@ -66,6 +65,7 @@ def catalog() -> dict[str, dict[str, Any]]:
             "needs_calibration": cls.needs_calibration if isinstance(cls.needs_calibration, bool) else "settings",
             "quantizes_weights": cls.quantizes_weights,
             "pipeline": cls.pipeline,
+            "next_step_defaults": dict(cls.next_step_defaults),
             "settings": method_settings(cls),
         }
     return result
@@ -102,6 +102,13 @@ def catalog_markdown() -> str:
             f"Class `{entry['class']}`; {where}; calibration data: {_needs(entry['needs_calibration'])}.",
             "",
         ]
+        if entry["next_step_defaults"]:
+            settings_text = ", ".join(f"`{k}={v!r}`" for k, v in entry["next_step_defaults"].items())
+            lines += [
+                "It does not quantize weights: on the command line the `--weights` method follows it (default rtn), "
+                f"with {settings_text} unless given.",
+                "",
+            ]
         lines += ["| setting | type | default | flag | what it does |", "|---|---|---|---|---|"]
         for row in entry["settings"]:
             lines.append(

@@ -37,6 +37,7 @@ class HeadRounding(Method):
     spec: QuantSpec = QuantSpec(bits=8, symmetric=True)
 
     name = "rtn-head"
+    quantizes_head = True
     offered = False  # on the command line it is --head-bits, after any method
 
     def finalize(self, model: nn.Module) -> list[LayerRecord]:

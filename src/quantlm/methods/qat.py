@@ -69,6 +69,7 @@ class QATConfig(Method):
 
     name = "qat"
     pipeline = False
+    offered = False  # quantlm qat, not quantize
 
     def __post_init__(self) -> None:
         for part, bits in (("activation", self.act_bits), ("KV-cache", self.kv_bits)):
@@ -94,7 +95,8 @@ class QATConfig(Method):
         ``symmetric``/``group_size``; an option left None takes this class's default."""
         default = cls().bits
         given = {k: v for k, v in settings.items() if v is not None}
-        bits = QATBits(w_bits or default.w, a_bits or default.a, kv_bits or default.kv)
+        pick = lambda given, fallback: fallback if given is None else given  # noqa: E731
+        bits = QATBits(pick(w_bits, default.w), pick(a_bits, default.a), pick(kv_bits, default.kv))
         return cls.from_bits(bits, **given)
 
     @property

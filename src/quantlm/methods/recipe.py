@@ -88,6 +88,12 @@ def _check_order(steps: list) -> None:
     method (QAT) is a recipe of its own."""
     if any(not getattr(s, "pipeline", True) for s in steps) and len(steps) > 1:
         raise InvalidSpecError("QAT trains the whole model: it cannot be combined with other steps in one recipe")
+    heads = [s.name for s in steps if getattr(s, "quantizes_head", False)]
+    if len(heads) > 1:
+        raise InvalidSpecError(
+            f"the output projection is rounded by more than one step ({', '.join(heads)}): keep one "
+            "(--lm-head, --head-bits or a step with lm_head)"
+        )
     quantizing = [i for i, s in enumerate(steps) if getattr(s, "quantizes_weights", True)]
     preparing = [i for i, s in enumerate(steps) if not getattr(s, "quantizes_weights", True)]
     if quantizing and preparing and max(preparing) > min(quantizing):
@@ -100,6 +106,18 @@ def offered_methods() -> dict[str, type]:
     return {n: c for n, c in registered_methods().items() if c.offered and c.pipeline}
 
 
+def weights_methods(preparing: type) -> list[str]:
+    """The methods that can quantize the weights after ``preparing`` (a step that only prepares float weights):
+    those that take every setting of its ``next_step_defaults``."""
+    from quantlm.methods.base import settings_keys
+
+    return [
+        name
+        for name, cls in offered_methods().items()
+        if cls.quantizes_weights and set(preparing.next_step_defaults) <= settings_keys(cls)
+    ]
+
+
 def recipe_from_options(
     method: str, options: dict[str, Any], *, weights: str | None = None, head_bits: int | None = None
 ) -> Recipe:
@@ -110,10 +128,13 @@ def recipe_from_options(
     first = method_class(method)
     classes = [first]
     if not first.quantizes_weights:
+        choices = weights_methods(first)
+        if (weights or "rtn") not in choices:
+            raise InvalidSpecError(f"--weights after {method} must be one of {', '.join(choices)}, got {weights}")
         classes.append(method_class(weights or "rtn"))
     elif weights is not None:
         raise InvalidSpecError(f"--weights applies to methods that do not quantize weights themselves, not {method}")
-    table = cli_settings(registered_methods().values())
+    table = cli_settings(offered_methods().values())
     given = {k: v for k, v in options.items() if v is not None}
     unknown = sorted(k for k in given if k not in table)
     if unknown:
@@ -131,7 +152,7 @@ def recipe_from_options(
         takers = sorted({c.name for c, _ in entry.targets if c.offered})
         hint = ""
         if len(classes) > 1:
-            weights_takers = [t for t in takers if method_class(t).quantizes_weights]
+            weights_takers = [t for t in takers if t in weights_methods(first)]
             hint = f", or add --weights {weights_takers[0]}" if weights_takers else ""
         raise InvalidSpecError(
             f"{entry.flag} does not apply to --method {method}"
@@ -145,7 +166,7 @@ def add_head_step(recipe: Recipe, head_bits: int | None) -> Recipe:
     """``recipe`` with a last step that rounds the output projection to ``head_bits`` (None: as it is)."""
     if head_bits is None:
         return recipe
-    if any(getattr(step, "lm_head", False) for step in recipe.steps):
+    if any(getattr(step, "quantizes_head", False) for step in recipe.steps):
         raise InvalidSpecError(
             "the recipe already quantizes the output projection (--lm-head, or a step with lm_head) "
             "and --head-bits would round it again: pass one"

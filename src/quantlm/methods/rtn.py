@@ -69,5 +69,9 @@ class RTN(Method):
             return []
         return round_output_projection(model, self.spec, self.name, self.act_bits, required=False)
 
+    @property
+    def quantizes_head(self) -> bool:
+        return self.lm_head
+
     def describe(self) -> str:
         return super().describe().replace(self.name, "rtn+head", 1) if self.lm_head else super().describe()

@@ -28,7 +28,7 @@ from quantlm.models.blocks import DecoderBlocks, find_decoder_blocks, quantizabl
 from quantlm.pipeline.activations import Batches
 from quantlm.pipeline.capture import BlockInputs, capture_block_inputs
 from quantlm.pipeline.dequantized import dequantize_block, drop_dequantized
-from quantlm.pipeline.replay import LayoutCache, Replay, linear_in_features  # noqa: F401 (stats imports it here)
+from quantlm.pipeline.replay import LayoutCache, Replay
 
 log = logging.getLogger(__name__)
 

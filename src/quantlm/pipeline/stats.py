@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from quantlm.pipeline.runner import BlockContext, linear_in_features
+from quantlm.pipeline.replay import linear_in_features
+from quantlm.pipeline.runner import BlockContext
 
 
 @dataclass

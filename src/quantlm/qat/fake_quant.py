@@ -21,7 +21,7 @@ from quantlm.core import QuantSpec, compute_qparams, fake_quantize, quantize
 from quantlm.core.activation import fake_quantize_per_token, quantize_per_token_int8
 from quantlm.errors import InvalidSpecError
 from quantlm.methods.common import is_excluded
-from quantlm.methods.qat import QATBits, QATConfig  # noqa: F401  (QATBits: re-exported for callers)
+from quantlm.methods.qat import QATConfig
 from quantlm.models.blocks import find_decoder_blocks, is_linear, linear_weight, set_submodule
 from quantlm.nn.kv_cache import enable_fake_kv_quantization
 from quantlm.nn.qlinear import storage_scale_dtype

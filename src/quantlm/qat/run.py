@@ -148,6 +148,7 @@ def qat_to_checkpoint(
             "seqlen": seqlen,
             "windows": windows.shape[0],
             "tokens": result.tokens,
+            "seconds": round(result.seconds, 1),
             "first_loss": result.losses[0] if result.losses else None,
             "last_loss": result.losses[-1] if result.losses else None,
             "init": None if init is None else str(init),
