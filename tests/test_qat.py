@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +15,8 @@ from conftest import byte_tokenizer, tiny_model
 from quantlm import api
 from quantlm.cli import app
 from quantlm.core import QuantSpec
-from quantlm.errors import DataSourceError, InvalidSpecError
+from quantlm.errors import CheckpointError, DataSourceError, InvalidSpecError
+from quantlm.formats.nested_state import load_nested
 from quantlm.methods import RTN
 from quantlm.methods.qat import QATBits, QATConfig
 from quantlm.nn.kv_cache import KVQuantConfig
@@ -226,12 +228,74 @@ def test_two_processes_train_like_one_with_the_same_global_batch(fsdp, tmp_path)
     )
     ddp = torch.load(out)
     assert ddp["tokens"] == 3 * 4 * 32
-    saved = torch.load(tmp_path / "train_state.pt", weights_only=False)  # gathered whole, also when sharded
+    saved = load_nested(tmp_path, "train_state")  # gathered whole, also when sharded
     assert saved["step"] == 3 and torch.equal(saved["model"]["lm_head.weight"], ddp["weights"]["lm_head.weight"])
     # Adam's normalized steps turn summation-order noise in near-zero gradients into full-size steps of either
     # sign, so a few entries differ by up to ~lr; all but a sliver must agree to 1e-5.
     diff = torch.cat([(ddp["weights"][n] - t).abs().flatten() for n, t in single.state_dict().items()])
     assert float((diff > 1e-5).float().mean()) < 0.01, float((diff > 1e-5).float().mean())
+
+
+class _Payload:
+    """What a planted pickle would run on load: it writes a marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.marker), "pwned"))
+
+
+def test_a_planted_pickle_in_the_work_directory_is_never_loaded(tmp_path):
+    import pickle
+
+    marker = tmp_path / "payload-ran"
+    (tmp_path / "train_state.pt").write_bytes(pickle.dumps({"step": 2, "x": _Payload(marker)}))
+    model = tiny_model("llama")
+    settings = TrainSettings(steps=2, batch_size=2, lr=1e-3, bf16=False, save_every=1)
+    student = prepare_qat(copy.deepcopy(model), W4A8KV4)
+    result = train(student, model, _windows(), settings, state_dir=tmp_path, progress=False)
+    assert not marker.exists() and result.resumed_from == 0  # the pickle was ignored, not run
+    assert sorted(p.suffix for p in tmp_path.glob("train_state.*")) == [".json", ".pt", ".safetensors"]
+
+
+def test_a_damaged_training_state_is_a_one_line_error(tmp_path):
+    model = tiny_model("llama")
+    settings = TrainSettings(steps=2, batch_size=2, lr=1e-3, bf16=False, save_every=1)
+    train(prepare_qat(copy.deepcopy(model), W4A8KV4), model, _windows(), settings, state_dir=tmp_path, progress=False)
+    (tmp_path / "train_state.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="cannot read the state in .*train_state.json.*delete it to start over"):
+        train(
+            prepare_qat(copy.deepcopy(model), W4A8KV4), model, _windows(), settings, state_dir=tmp_path, progress=False
+        )
+
+
+def test_nested_state_round_trips_without_pickle(tmp_path):
+    from quantlm.formats.nested_state import save_nested
+
+    shared = torch.arange(6.0)
+    state = {
+        "step": 3,
+        "model": {"a": shared, "tied": shared, "half": torch.ones(2, dtype=torch.bfloat16)},
+        "optimizer": {
+            "state": {0: {"exp_avg": torch.zeros(3)}},
+            "param_groups": [{"betas": (0.9, 0.999), "params": [0], "lr": 1e-3}],
+        },
+        "scheduler": {"last_epoch": 3, "lr_lambdas": [None], "max": float("inf")},
+        "view": shared[2:4],
+    }
+    save_nested(tmp_path, "s", state)
+    save_nested(tmp_path, "s", state)  # a second save replaces the first and removes its tensor file
+    back = load_nested(tmp_path, "s")
+    assert len(list(tmp_path.glob("s.*.safetensors"))) == 1
+    assert back["optimizer"]["state"][0]["exp_avg"].shape == (3,) and back["optimizer"]["param_groups"][0]["betas"] == (
+        0.9,
+        0.999,
+    )
+    assert torch.equal(back["model"]["tied"], shared) and back["model"]["half"].dtype == torch.bfloat16
+    assert torch.equal(back["view"], shared[2:4]) and back["scheduler"]["max"] == float("inf")
+    with pytest.raises(CheckpointError, match="cannot store a object"):
+        save_nested(tmp_path, "bad", {"x": object()})
 
 
 # ---------------------------------------------------------------------------------------------- data

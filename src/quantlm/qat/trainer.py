@@ -21,6 +21,7 @@ gathered into full state dicts.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import time
@@ -34,9 +35,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from quantlm.errors import CheckpointError, InvalidSpecError
+from quantlm.formats.nested_state import has_nested, load_nested, save_nested
 
 LOSSES = ("kd", "ce")
-STATE_FILE = "train_state.pt"
+STATE_STEM = "train_state"  # train_state.json + train_state.*.safetensors (quantlm.formats.nested_state)
 
 
 @dataclass(frozen=True)
@@ -167,29 +169,24 @@ def _full_state(student: nn.Module, optimizer, sharded: bool) -> tuple[dict, dic
     return get_state_dict(student, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def _save_state(path: Path, model_state: dict, optim_state: dict, scheduler, step: int, signature: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(
-        {
-            "step": step,
-            "model": model_state,
-            "optimizer": optim_state,
-            "scheduler": scheduler.state_dict(),
-            "signature": signature,
-        },
-        tmp,
-    )
-    os.replace(tmp, path)
+def _save_state(directory: Path, model_state: dict, optim_state: dict, scheduler, step: int, signature: dict) -> None:
+    state = {
+        "step": step,
+        "model": model_state,
+        "optimizer": optim_state,
+        "scheduler": scheduler.state_dict(),
+        "signature": signature,
+    }
+    save_nested(directory, STATE_STEM, state)
 
 
-def _load_state(path: Path, student: nn.Module, optimizer, scheduler, signature: dict, sharded: bool) -> int:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise CheckpointError(f"cannot read the training state {path}: {e}: delete it to start over") from None
-    if state.get("signature") != signature:
+def _load_state(directory: Path, student: nn.Module, optimizer, scheduler, signature: dict, sharded: bool) -> int:
+    """Resume from the saved training state (safetensors + JSON: reading it runs no code, unlike a pickle)."""
+    state = load_nested(directory, STATE_STEM)
+    if not isinstance(state, dict) or state.get("signature") != json.loads(json.dumps(signature)):
         raise CheckpointError(
-            f"{path} belongs to a run with other settings: delete it (or choose another --out) to start over"
+            f"{directory / STATE_STEM}.json belongs to a run with other settings: delete it (or choose another --out) "
+            "to start over"
         )
     if sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
@@ -247,10 +244,10 @@ def train(
         "world": dist.world,
         **(signature or {}),
     }
-    state_path = Path(state_dir) / STATE_FILE if state_dir is not None else None
+    state_dir = Path(state_dir) if state_dir is not None else None
     start = 0
-    if state_path is not None and state_path.exists():
-        start = _load_state(state_path, student, optimizer, scheduler, signature, sharded)
+    if state_dir is not None and has_nested(state_dir, STATE_STEM):
+        start = _load_state(state_dir, student, optimizer, scheduler, signature, sharded)
     model = dist.wrap(student, device, sharded)
     result = TrainResult(steps=settings.steps, resumed_from=start)
     t0 = time.perf_counter()
@@ -292,11 +289,10 @@ def train(
                 on_step(step, step_loss)
             done = step + 1
             model_state = None
-            if state_path is not None and (done % settings.save_every == 0 or done == settings.steps):
+            if state_dir is not None and (done % settings.save_every == 0 or done == settings.steps):
                 model_state, optim_state = _full_state(student, optimizer, sharded)
                 if dist.rank == 0:
-                    state_path.parent.mkdir(parents=True, exist_ok=True)
-                    _save_state(state_path, model_state, optim_state, scheduler, done, signature)
+                    _save_state(state_dir, model_state, optim_state, scheduler, done, signature)
                 dist.barrier()
         if sharded:  # the last step's gathered state when it was just saved, else gather it now
             result.full_state = model_state if model_state is not None else _full_state(student, optimizer, sharded)[0]
