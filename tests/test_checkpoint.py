@@ -94,12 +94,15 @@ def test_a_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
 
 
-def test_corrupt_or_incomplete_checkpoints_give_clear_errors(tmp_path):
+def test_corrupt_or_incomplete_checkpoints_give_clear_errors(tmp_path, monkeypatch):
     out = tmp_path / "ckpt"
     quantlm.save(_quantized(), out)
     weights = out / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors does not match its recorded checksum"):
+        quantlm.load(out)
+    monkeypatch.setenv("QUANTLM_VERIFY", "0")  # without the checksums the reader's own checks still hold
     with pytest.raises(CheckpointError, match="unreadable or corrupt"):
         quantlm.load(out)
     weights.unlink()
@@ -118,8 +121,10 @@ def test_a_checkpoint_missing_a_tensor_is_refused(tmp_path):
     tensors = load_file(out / "model.safetensors")
     del tensors["model.layers.1.mlp.up_proj.qweight"]
     save_file(tensors, out / "model.safetensors")
-    with pytest.raises(CheckpointError, match="lacks tensors: model.layers.1.mlp.up_proj.qweight"):
+    with pytest.raises(CheckpointError, match="does not match its recorded checksum"):
         quantlm.load(out)
+    with pytest.raises(CheckpointError, match="lacks tensors: model.layers.1.mlp.up_proj.qweight"):
+        quantlm.load(out, verify=False)
 
 
 def test_a_plain_hf_directory_loads_as_a_float_model(tiny_model_dir):

@@ -480,6 +480,19 @@ def models(as_json: bool = typer.Option(False, "--json")) -> None:
 
 @app.command()
 @_friendly
+def verify(checkpoint: Path = typer.Argument(..., help="A quantlm checkpoint directory.")) -> None:
+    """Check a checkpoint: every file against its recorded checksum, the tensors against the config, finite
+    scales, and that the model loads. Exit 0, or one line per problem and exit 2."""
+    problems = api.verify(checkpoint)
+    for problem in problems:
+        typer.echo(f"error: {problem}", err=True)
+    if problems:
+        raise typer.Exit(2)
+    typer.echo(f"{checkpoint}: ok")
+
+
+@app.command()
+@_friendly
 def methods(
     markdown: bool = typer.Option(False, "--markdown", help="Print docs/methods.md (every method's settings)."),
     as_json: bool = typer.Option(False, "--json"),

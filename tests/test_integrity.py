@@ -1,0 +1,97 @@
+"""Checkpoint integrity: recorded checksums checked on load and by `quantlm verify`, non-finite scales refused, and
+an already quantized model refused as a source."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+import quantlm
+from conftest import byte_tokenizer, tiny_model
+from quantlm.cli import app
+from quantlm.errors import CheckpointError, QuantlmError
+from quantlm.formats.native import CHECKSUMS_FILE, WEIGHTS_FILE
+
+
+def _checkpoint(tmp_path, name="q"):
+    model = quantlm.quantize(tiny_model("llama"), [{"method": "rtn", "group_size": 16}], progress=False)
+    return quantlm.save(model, tmp_path / name, tokenizer=byte_tokenizer()), model
+
+
+def _damage_tensor_bytes(path):
+    """Overwrite the last 64 bytes of the tensor data (the safetensors header stays intact)."""
+    data = bytearray((path / WEIGHTS_FILE).read_bytes())
+    data[-64:] = b"\xff" * 64
+    (path / WEIGHTS_FILE).write_bytes(bytes(data))
+
+
+def test_every_file_has_a_recorded_checksum(tmp_path):
+    path, _ = _checkpoint(tmp_path)
+    sums = json.loads((path / CHECKSUMS_FILE).read_text())
+    assert set(sums) == {p.name for p in path.iterdir()} - {CHECKSUMS_FILE}
+    assert quantlm.api.verify(path) == []
+
+
+def test_damaged_tensor_bytes_are_refused_on_load_and_by_verify(tmp_path, monkeypatch):
+    path, _ = _checkpoint(tmp_path)
+    _damage_tensor_bytes(path)
+    with pytest.raises(CheckpointError, match="model.safetensors does not match its recorded checksum"):
+        quantlm.load(path)
+    problems = quantlm.api.verify(path)
+    assert len(problems) >= 1 and "does not match its recorded checksum" in problems[0]
+    result = CliRunner().invoke(app, ["verify", str(path)])
+    assert result.exit_code == 2 and "damaged" in result.stderr and "Traceback" not in result.output
+    monkeypatch.setenv("QUANTLM_VERIFY", "0")  # the fast path skips the check (and trusts the bytes)
+    quantlm.load(path)
+
+
+def test_a_missing_file_is_named(tmp_path):
+    path, _ = _checkpoint(tmp_path)
+    (path / "quant_log.json").unlink()
+    with pytest.raises(CheckpointError, match="quant_log.json is missing"):
+        quantlm.load(path)
+
+
+def test_non_finite_scales_are_refused(tmp_path):
+    model = quantlm.quantize(tiny_model("llama"), [{"method": "rtn", "group_size": 16}], progress=False)
+    layer = model.model.layers[1].mlp.up_proj
+    layer.scales[0, 0] = float("nan")
+    path = quantlm.save(model, tmp_path / "nan")
+    with pytest.raises(CheckpointError, match=r"non-finite scales in model\.layers\.1\.mlp\.up_proj"):
+        quantlm.load(path)
+    assert any("non-finite scales" in p for p in quantlm.api.verify(path))
+
+
+def test_a_quantized_model_is_refused_as_a_source(tmp_path):
+    path, model = _checkpoint(tmp_path)
+    with pytest.raises(QuantlmError, match=r"already a quantlm checkpoint \(rtn\(w4 g16 asym\)\): quantize the float"):
+        quantlm.api.quantize_to_checkpoint(path, [{"method": "rtn"}], tmp_path / "again", progress=False)
+    with pytest.raises(QuantlmError, match="quantized already"):
+        quantlm.quantize(model, [{"method": "rtn"}], progress=False)
+    result = CliRunner().invoke(app, ["quantize", str(path), "--out", str(tmp_path / "cli")])
+    assert result.exit_code == 2 and "already a quantlm checkpoint" in result.stderr
+    assert not (tmp_path / "again").exists() and not (tmp_path / "cli").exists()
+
+
+def test_verify_names_a_directory_that_is_no_checkpoint(tmp_path):
+    result = CliRunner().invoke(app, ["verify", str(tmp_path)])
+    assert result.exit_code == 2 and "is not a quantlm checkpoint" in result.stderr
+
+
+def test_a_verified_checkpoint_is_not_hashed_again_until_a_file_changes(tmp_path, monkeypatch):
+    import quantlm.formats.native as native
+
+    path, _ = _checkpoint(tmp_path)
+    hashed = []
+    real = native._sha256
+    monkeypatch.setattr(native, "_sha256", lambda p: hashed.append(p.name) or real(p))
+    quantlm.load(path)
+    assert "model.safetensors" in hashed
+    hashed.clear()
+    quantlm.load(path)
+    assert hashed == []  # same sizes, times and inodes as when it was verified
+    _damage_tensor_bytes(path)
+    with pytest.raises(CheckpointError, match="does not match its recorded checksum"):
+        quantlm.load(path)
