@@ -289,3 +289,22 @@ def test_calibration_problems_are_caught_before_loading(tiny_model_dir, tmp_path
     )
     assert result.exit_code == 2 and "fewer than one window" in result.stderr
     assert not (tmp_path / "g").exists() and not (tmp_path / ".g.work").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["quantize"], "Missing argument 'model'"),
+        (["quantize", "m", "--out", "o", "--bits"], "Option '--bits' requires an argument"),
+        (["quantize", "m", "--out", "o", "--method", "awq"], "'awq' is not one of"),
+        (["frobnicate"], "No such command 'frobnicate'"),
+    ],
+)
+def test_usage_errors_are_one_line_that_names_help(args, message, tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "quantlm.cli", *args], capture_output=True, text=True, cwd=tmp_path)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and message in lines[0] and "--help" in lines[0]

@@ -709,10 +709,26 @@ def qat(
 
 
 def main() -> None:
+    """Run the command; a usage error (a missing argument, an unknown option, a bad choice) is one line on stderr
+    that names ``--help``, with exit code 2, instead of the usage block."""
     try:
-        app()
+        from typer._click.exceptions import UsageError  # typer vendors click (0.2x)
+    except ImportError:  # pragma: no cover - older typer on plain click
+        from click.exceptions import UsageError
+
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(standalone_mode=False)
+    except UsageError as e:
+        where = e.ctx.command_path if e.ctx is not None else "quantlm"
+        typer.echo(f"error: {e.format_message()} (see {where} --help)", err=True)
+        sys.exit(2)
+    except typer.Abort:
+        typer.echo("error: interrupted", err=True)
+        sys.exit(2)
     except BrokenPipeError:  # e.g. piped into head
         sys.exit(0)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":
