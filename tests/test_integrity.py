@@ -95,3 +95,50 @@ def test_a_verified_checkpoint_is_not_hashed_again_until_a_file_changes(tmp_path
     _damage_tensor_bytes(path)
     with pytest.raises(CheckpointError, match="does not match its recorded checksum"):
         quantlm.load(path)
+
+
+def _hold_lock(target, ready, release):
+    from quantlm.paths import output_lock
+
+    with output_lock(target):
+        ready.set()
+        release.wait(60)
+
+
+def test_a_second_run_into_the_same_output_is_refused_in_one_line(tmp_path):
+    import multiprocessing
+
+    target = tmp_path / "q"
+    context = multiprocessing.get_context("spawn")
+    ready, release = context.Event(), context.Event()
+    holder = context.Process(target=_hold_lock, args=(target, ready, release))
+    holder.start()
+    try:
+        assert ready.wait(60)
+        with pytest.raises(QuantlmError, match=r"another quantlm run is writing .*q \(it holds .*\.q\.lock\)"):
+            quantlm.api.quantize_to_checkpoint(tiny_model_source(tmp_path), [{"method": "rtn"}], target, progress=False)
+        model = quantlm.quantize(tiny_model("llama"), [{"method": "rtn", "group_size": 16}], progress=False)
+        with pytest.raises(QuantlmError, match="another quantlm run is writing"):
+            quantlm.save(model, target)
+        assert not target.exists() and not (tmp_path / ".q.work").exists()
+    finally:
+        release.set()
+        holder.join(60)
+    quantlm.save(model, target)  # the holder is gone (a killed one would release it too): it goes through
+    assert quantlm.api.verify(target) == []
+
+
+def tiny_model_source(tmp_path):
+    path = tmp_path / "src"
+    tiny_model("llama").save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_temporaries_a_killed_save_left_are_removed_by_the_next(tmp_path):
+    for leftover in (".q.tmp-abc123", ".q.old-4242"):
+        (tmp_path / leftover).mkdir()
+        (tmp_path / leftover / "model.safetensors").write_bytes(b"half")
+    path, _ = _checkpoint(tmp_path)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".q.")] == []
+    assert quantlm.api.verify(path) == []

@@ -29,6 +29,7 @@ from quantlm.formats.record import QuantizationRecord
 from quantlm.methods.head import head_step
 from quantlm.methods.recipe import Recipe, add_head_step, parse_recipe, recipe_from_options
 from quantlm.models.sources import load_float_model, load_tokenizer, resolve_model_dir
+from quantlm.paths import output_lock
 from quantlm.pipeline.activations import OffloadDirectory
 from quantlm.pipeline.runner import run_pipeline
 
@@ -194,48 +195,49 @@ def quantize_to_checkpoint(
     out = Path(out)
     if out.exists() and not overwrite:
         raise CheckpointError(f"output directory {out} already exists: choose another path or pass --overwrite")
-    recipe = _parse_pipeline_recipe(recipe)
-    model_dir = resolve_model_dir(source)
-    if is_quantlm_checkpoint(model_dir):
-        made = read_record(model_dir).recipe
-        how = parse_recipe(made).describe() if made else "quantized"
-        raise QuantlmError(
-            f"{source} is already a quantlm checkpoint ({how}): quantize the float model it was made from instead"
-        )
-    tokenizer = load_tokenizer(model_dir)
-    windows, calib_info = _calibration_windows(recipe, calibration, tokenizer)
-    streamed = streamed_model(model_dir, dtype)
-    if streamed is None:
-        model, weights = load_float_model(model_dir, dtype=dtype), None
-    else:
-        model, weights = streamed
-    work = Path(work_dir) if work_dir is not None else out.parent / f".{out.name}.work"
-    signature = {
-        "quantlm": __version__,
-        "model": str(model_dir.resolve()),
-        "dtype": str(dtype),
-        "recipe": recipe.to_config(),
-        "calibration": calib_info if calib_info is not None else (None if windows is None else list(windows.shape)),
-    }
-    store = BlockStore(work, signature)
-    t0 = time.perf_counter()
-    offloading = OffloadDirectory(work) if offload_activations and windows is not None else contextlib.nullcontext()
-    with offloading as offload_dir:
-        records = run_pipeline(
-            model,
-            recipe.steps,
-            windows,
-            batch_size=batch_size,
-            progress=progress,
-            weights=weights,
-            store=store,
-            offload_dir=offload_dir,
-        )
-    record = _run_record(recipe, records, calib_info, time.perf_counter() - t0, kv_cache)
-    save(model, out, record=record, tokenizer=tokenizer, overwrite=overwrite, blocks=store)
-    if not keep_work_dir:
-        shutil.rmtree(work, ignore_errors=True)
-    return out
+    with output_lock(out):  # a second run into the same output stops here, before touching the work directory
+        recipe = _parse_pipeline_recipe(recipe)
+        model_dir = resolve_model_dir(source)
+        if is_quantlm_checkpoint(model_dir):
+            made = read_record(model_dir).recipe
+            how = parse_recipe(made).describe() if made else "quantized"
+            raise QuantlmError(
+                f"{source} is already a quantlm checkpoint ({how}): quantize the float model it was made from instead"
+            )
+        tokenizer = load_tokenizer(model_dir)
+        windows, calib_info = _calibration_windows(recipe, calibration, tokenizer)
+        streamed = streamed_model(model_dir, dtype)
+        if streamed is None:
+            model, weights = load_float_model(model_dir, dtype=dtype), None
+        else:
+            model, weights = streamed
+        work = Path(work_dir) if work_dir is not None else out.parent / f".{out.name}.work"
+        signature = {
+            "quantlm": __version__,
+            "model": str(model_dir.resolve()),
+            "dtype": str(dtype),
+            "recipe": recipe.to_config(),
+            "calibration": calib_info if calib_info is not None else (None if windows is None else list(windows.shape)),
+        }
+        store = BlockStore(work, signature)
+        t0 = time.perf_counter()
+        offloading = OffloadDirectory(work) if offload_activations and windows is not None else contextlib.nullcontext()
+        with offloading as offload_dir:
+            records = run_pipeline(
+                model,
+                recipe.steps,
+                windows,
+                batch_size=batch_size,
+                progress=progress,
+                weights=weights,
+                store=store,
+                offload_dir=offload_dir,
+            )
+        record = _run_record(recipe, records, calib_info, time.perf_counter() - t0, kv_cache)
+        save(model, out, record=record, tokenizer=tokenizer, overwrite=overwrite, blocks=store)
+        if not keep_work_dir:
+            shutil.rmtree(work, ignore_errors=True)
+        return out
 
 
 def verify(path: str | os.PathLike) -> list[str]:

@@ -9,10 +9,81 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from quantlm.errors import QuantlmError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: no locking
+    fcntl = None
+
 
 def quantlm_home() -> Path:
     """The cache root: ``$QUANTLM_HOME``, default ``~/.cache/quantlm``."""
     return Path(os.environ.get("QUANTLM_HOME") or Path.home() / ".cache" / "quantlm").expanduser()
+
+
+_HELD: dict[str, int] = {}  # lock file -> how many times this process holds it
+
+
+@contextlib.contextmanager
+def output_lock(target: Path) -> Iterator[None]:
+    """Hold ``.{name}.lock`` beside ``target`` while writing it: a second run into the same output (another
+    process) gets a one-line error at once instead of racing on the same files. The lock is the operating
+    system's (``flock``), so a killed run leaves nothing held (only the empty lock file, which the next run takes
+    over and removes); the same process may take it again (nested)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock = target.parent / f".{target.name}.lock"
+    key = str(lock.resolve())
+    if key in _HELD or fcntl is None:
+        _HELD[key] = _HELD.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            _HELD[key] -= 1
+            if not _HELD[key]:
+                del _HELD[key]
+        return
+    fd = _take_lock_file(lock)
+    if fd is None:
+        raise QuantlmError(
+            f"another quantlm run is writing {target} (it holds {lock}): wait for it to finish, or choose another "
+            "output"
+        )
+    _HELD[key] = 1
+    try:
+        yield
+    finally:
+        del _HELD[key]
+        lock.unlink(missing_ok=True)  # before unlocking: a run that opened the old file sees it is gone
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _take_lock_file(lock: Path) -> int | None:
+    """An open, exclusively locked descriptor of ``lock``, or None if another process holds it. The file is removed
+    when released, so a lock taken on a file that was removed meanwhile is not a lock: check it is still there."""
+    for _ in range(5):
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return None
+        try:
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the holder removed it between our open and our lock: take the new one
+    return None
+
+
+def remove_stale_temporaries(target: Path) -> None:
+    """Remove what an interrupted atomic write into ``target`` left beside it (call with the output lock held)."""
+    for pattern in (f".{target.name}.tmp-*", f".{target.name}.old-*"):
+        for leftover in target.parent.glob(pattern):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -20,10 +91,18 @@ def atomic_directory(target: Path, *, overwrite: bool = False) -> Iterator[Path]
     """Yield a temporary directory beside ``target``; on success rename it to ``target``.
 
     On any error the temporary directory is removed and ``target`` is left exactly as it was. With
-    ``overwrite`` an existing ``target`` is replaced only once the new one is complete.
+    ``overwrite`` an existing ``target`` is replaced only once the new one is complete. The output lock is held
+    throughout, and temporaries that a killed earlier write left beside ``target`` are removed first.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    with output_lock(target):
+        remove_stale_temporaries(target)
+        with _atomic_directory(target, overwrite) as tmp:
+            yield tmp
+
+
+@contextlib.contextmanager
+def _atomic_directory(target: Path, overwrite: bool) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
