@@ -142,3 +142,20 @@ def test_temporaries_a_killed_save_left_are_removed_by_the_next(tmp_path):
     path, _ = _checkpoint(tmp_path)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".q.")] == []
     assert quantlm.api.verify(path) == []
+
+
+def test_a_source_model_missing_a_tensor_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from quantlm.errors import ModelSourceError
+
+    src = tiny_model_source(tmp_path)
+    weights = next(src.glob("*.safetensors"))
+    tensors = load_file(weights)
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(ModelSourceError, match=r"lacks 1 tensor\(s\) of its model \(model.layers.1.mlp.up_proj"):
+        quantlm.api.quantize_to_checkpoint(src, [{"method": "rtn"}], tmp_path / "q", progress=False)
+    with pytest.raises(ModelSourceError, match="the weights are incomplete"):
+        quantlm.load(src)
+    assert not (tmp_path / "q").exists()

@@ -144,11 +144,17 @@ def load_float_model(source: str | os.PathLike, *, dtype: torch.dtype = torch.fl
 
     model_dir = resolve_model_dir(source)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+        model, info = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, output_loading_info=True)
     except Exception as e:
         raise ModelSourceError(
             f"cannot load a causal LM from {model_dir}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         ) from e
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:  # transformers would fill them with its initializer: a model that only looks loaded
+        raise ModelSourceError(
+            f"{model_dir} lacks {len(missing)} tensor(s) of its model ({', '.join(missing[:3])}): the weights are "
+            "incomplete; save or download the model again"
+        )
     if device is not None:
         model = model.to(device)
     model.eval()
