@@ -105,7 +105,7 @@ def _hold_lock(target, ready, release):
         release.wait(60)
 
 
-def test_a_second_run_into_the_same_output_is_refused_in_one_line(tmp_path):
+def test_a_second_run_into_the_same_output_is_refused_in_one_line(tmp_path, tiny_model_dir):
     import multiprocessing
 
     target = tmp_path / "q"
@@ -116,7 +116,7 @@ def test_a_second_run_into_the_same_output_is_refused_in_one_line(tmp_path):
     try:
         assert ready.wait(60)
         with pytest.raises(QuantlmError, match=r"another quantlm run is writing .*q \(it holds .*\.q\.lock\)"):
-            quantlm.api.quantize_to_checkpoint(tiny_model_source(tmp_path), [{"method": "rtn"}], target, progress=False)
+            quantlm.api.quantize_to_checkpoint(tiny_model_dir, [{"method": "rtn"}], target, progress=False)
         model = quantlm.quantize(tiny_model("llama"), [{"method": "rtn", "group_size": 16}], progress=False)
         with pytest.raises(QuantlmError, match="another quantlm run is writing"):
             quantlm.save(model, target)
@@ -128,13 +128,6 @@ def test_a_second_run_into_the_same_output_is_refused_in_one_line(tmp_path):
     assert quantlm.api.verify(target) == []
 
 
-def tiny_model_source(tmp_path):
-    path = tmp_path / "src"
-    tiny_model("llama").save_pretrained(path)
-    byte_tokenizer().save_pretrained(path)
-    return path
-
-
 def test_temporaries_a_killed_save_left_are_removed_by_the_next(tmp_path):
     for leftover in (".q.tmp-abc123", ".q.old-4242"):
         (tmp_path / leftover).mkdir()
@@ -144,12 +137,12 @@ def test_temporaries_a_killed_save_left_are_removed_by_the_next(tmp_path):
     assert quantlm.api.verify(path) == []
 
 
-def test_a_source_model_missing_a_tensor_is_refused(tmp_path):
+def test_a_source_model_missing_a_tensor_is_refused(tmp_path, tiny_model_dir):
     from safetensors.torch import load_file, save_file
 
     from quantlm.errors import ModelSourceError
 
-    src = tiny_model_source(tmp_path)
+    src = tiny_model_dir
     weights = next(src.glob("*.safetensors"))
     tensors = load_file(weights)
     del tensors["model.layers.1.mlp.up_proj.weight"]

@@ -19,6 +19,7 @@ from quantlm.errors import CheckpointError, QuantlmError
 from quantlm.eval.perplexity import PerplexityResult, perplexity
 from quantlm.formats.native import (
     WEIGHTS_FILE,
+    checksum_problems,
     is_quantlm_checkpoint,
     load_checkpoint,
     quantized_modules,
@@ -244,8 +245,6 @@ def verify(path: str | os.PathLike) -> list[str]:
     """Every problem of the checkpoint at ``path``, one line each ([]: none): files that differ from their
     recorded checksums or are missing, tensors that do not match the config, non-finite scales, a model that does
     not load."""
-    from quantlm.formats.native import checksum_problems
-
     path = Path(path)
     if not is_quantlm_checkpoint(path):
         return [f"{path} is not a quantlm checkpoint (no config.json with a quantlm quantization_config)"]

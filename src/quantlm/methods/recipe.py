@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from quantlm.errors import InvalidSpecError
-from quantlm.methods.base import cli_settings, method_class, registered_methods, settings_from_flags
+from quantlm.methods.base import cli_settings, method_class, registered_methods, settings_from_flags, settings_keys
 from quantlm.methods.head import head_step
 
 
@@ -109,8 +109,6 @@ def offered_methods() -> dict[str, type]:
 def weights_methods(preparing: type) -> list[str]:
     """The methods that can quantize the weights after ``preparing`` (a step that only prepares float weights):
     those that take every setting of its ``next_step_defaults``."""
-    from quantlm.methods.base import settings_keys
-
     return [
         name
         for name, cls in offered_methods().items()
