@@ -88,7 +88,7 @@ def test_conversion_gives_packed_layers_that_compute_what_was_trained(kv, tmp_pa
     model = tiny_model("llama")
     config = QATConfig.from_bits(QATBits(4, 8, kv))
     student, _ = run_qat(
-        model, None, _windows(), config, TrainSettings(steps=3, batch_size=2, lr=1e-3, bf16=False), progress=False
+        model, None, _windows(), config, TrainSettings(steps=3, batch_size=2, lr=1e-3, dtype="float32"), progress=False
     )
     ids = _windows(2, 24, seed=1)
     prompt = ids[:1, :6]
@@ -160,7 +160,7 @@ def test_training_brings_the_student_closer_to_the_teacher():
     config = QATConfig.from_bits(QATBits(2, 8, 4))  # a random tiny model is near uniform: 2 bits make the gap visible
     start = prepare_qat(copy.deepcopy(model), config)
     trained, result = run_qat(
-        model, None, _windows(), config, TrainSettings(steps=15, batch_size=4, lr=1e-3, bf16=False), progress=False
+        model, None, _windows(), config, TrainSettings(steps=15, batch_size=4, lr=1e-3, dtype="float32"), progress=False
     )
     assert len(result.losses) == 15 and result.tokens == 15 * 4 * 32
     assert kl_to_teacher(trained) < 0.9 * kl_to_teacher(start)
@@ -169,7 +169,7 @@ def test_training_brings_the_student_closer_to_the_teacher():
 def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
     model = tiny_model("llama")
     windows = _windows()
-    settings = TrainSettings(steps=6, batch_size=2, lr=1e-3, bf16=False, save_every=3)
+    settings = TrainSettings(steps=6, batch_size=2, lr=1e-3, dtype="float32", save_every=3)
     whole, _ = run_qat(model, None, windows, W4A8KV4, settings, progress=False)
 
     class Stop(Exception):
@@ -193,7 +193,7 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
             prepare_qat(copy.deepcopy(model), W4A8KV4),
             model,
             windows,
-            TrainSettings(steps=6, batch_size=2, lr=2e-3, bf16=False, save_every=3),
+            TrainSettings(steps=6, batch_size=2, lr=2e-3, dtype="float32", save_every=3),
             state_dir=tmp_path,
             progress=False,
         )
@@ -209,7 +209,7 @@ def _ddp_worker(rank, world, init_file, out_file, fsdp=False):
         model,
         _windows(),
         W4A8KV4,
-        TrainSettings(steps=3, batch_size=2, lr=1e-3, bf16=False, fsdp=fsdp),
+        TrainSettings(steps=3, batch_size=2, lr=1e-3, dtype="float32", fsdp=fsdp),
         progress=False,
         state_dir=os.path.dirname(out_file),
     )
@@ -224,7 +224,12 @@ def test_two_processes_train_like_one_with_the_same_global_batch(fsdp, tmp_path)
     torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(out), fsdp), nprocs=2, join=True)
     model = tiny_model("llama")
     single, _ = run_qat(
-        model, model, _windows(), W4A8KV4, TrainSettings(steps=3, batch_size=4, lr=1e-3, bf16=False), progress=False
+        model,
+        model,
+        _windows(),
+        W4A8KV4,
+        TrainSettings(steps=3, batch_size=4, lr=1e-3, dtype="float32"),
+        progress=False,
     )
     ddp = torch.load(out)
     assert ddp["tokens"] == 3 * 4 * 32
@@ -252,7 +257,7 @@ def test_a_planted_pickle_in_the_work_directory_is_never_loaded(tmp_path):
     marker = tmp_path / "payload-ran"
     (tmp_path / "train_state.pt").write_bytes(pickle.dumps({"step": 2, "x": _Payload(marker)}))
     model = tiny_model("llama")
-    settings = TrainSettings(steps=2, batch_size=2, lr=1e-3, bf16=False, save_every=1)
+    settings = TrainSettings(steps=2, batch_size=2, lr=1e-3, dtype="float32", save_every=1)
     student = prepare_qat(copy.deepcopy(model), W4A8KV4)
     result = train(student, model, _windows(), settings, state_dir=tmp_path, progress=False)
     assert not marker.exists() and result.resumed_from == 0  # the pickle was ignored, not run
@@ -261,7 +266,7 @@ def test_a_planted_pickle_in_the_work_directory_is_never_loaded(tmp_path):
 
 def test_a_damaged_training_state_is_a_one_line_error(tmp_path):
     model = tiny_model("llama")
-    settings = TrainSettings(steps=2, batch_size=2, lr=1e-3, bf16=False, save_every=1)
+    settings = TrainSettings(steps=2, batch_size=2, lr=1e-3, dtype="float32", save_every=1)
     train(prepare_qat(copy.deepcopy(model), W4A8KV4), model, _windows(), settings, state_dir=tmp_path, progress=False)
     (tmp_path / "train_state.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="cannot read the state in .*train_state.json.*delete it to start over"):
@@ -379,7 +384,8 @@ def test_generate_data_then_qat_from_the_cli(tiny_model_dir, tmp_path):
             "2",
             "--seqlen",
             "16",
-            "--fp32",
+            "--dtype",
+            "float32",
             "--out",
             str(out),
             "--eval",

@@ -27,6 +27,7 @@ from quantlm.formats.native import (
     save_checkpoint,
 )
 from quantlm.formats.record import QuantizationRecord
+from quantlm.hardware import choose_dtype, describe_cpu
 from quantlm.methods.head import head_step
 from quantlm.methods.recipe import Recipe, add_head_step, parse_recipe, recipe_from_options
 from quantlm.models.sources import load_float_model, load_tokenizer, resolve_model_dir
@@ -102,7 +103,7 @@ def _run_record(recipe: Recipe, records, calib_info: dict | None, seconds: float
 def load(
     source: str | os.PathLike,
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     device: str | None = None,
     kernel: str = "auto",
     attention: str = "auto",
@@ -111,7 +112,8 @@ def load(
 ) -> nn.Module:
     """A quantlm checkpoint as a quantized model ready to run, or any other model source as a full-precision model.
 
-    ``dtype`` is the compute dtype: the float parts of the model (embeddings, norms, unquantized Linears) are cast
+    ``dtype`` is the compute dtype (a torch dtype or its name; ``"auto"``: the fastest this machine runs natively,
+    ``quantlm.hardware.choose_dtype``): the float parts of the model (embeddings, norms, unquantized Linears) are cast
     to it and the quantized Linears take activations in it. Every quantized Linear runs on ``kernel`` (``auto``: the
     fastest that can run it on ``device``; see ``quantlm.nn.kernels``); ``model.quantlm_kernels`` maps each one to
     the kernel it got. ``attention`` is the attention implementation (``quantlm.nn.attention``; ``auto``: decode
@@ -124,6 +126,7 @@ def load(
     from quantlm.nn.inference import cast_float_parts, prepare_kernels
 
     check_attention_name(attention)
+    dtype = choose_dtype(dtype, device).dtype
     path = Path(str(source)).expanduser()
     if is_quantlm_checkpoint(path):
         model = load_checkpoint(path, device=device, verify=verify)
@@ -347,6 +350,8 @@ def kv_cache_setting(bits: int | None):
 
 __all__ = [
     "add_head_step",
+    "choose_dtype",
+    "describe_cpu",
     "Calibration",
     "QuantizationRecord",
     "Recipe",

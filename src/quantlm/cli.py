@@ -23,14 +23,20 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Quantize Hug
 
 
 class DType(str, Enum):
+    auto = "auto"
     float32 = "float32"
     bfloat16 = "bfloat16"
     float16 = "float16"
 
 
+VERBOSE_HELP = "Say which dtype was taken and why, and print the kernel of every quantized layer (stderr)."
 KERNEL_HELP = (
     "Matmul kernel of the quantized layers: auto (fastest that fits each layer), int4pack, int8pack, "
     "int8 (W8A8 int8 GEMM) or torch."
+)
+DTYPE_HELP = (
+    "Compute dtype: auto (bfloat16 where this CPU runs it natively and a one-off probe finds it faster, else "
+    "float32; --verbose says which and why), float32, bfloat16 or float16."
 )
 ATTENTION_HELP = (
     "Attention: auto (decode steps of a bf16/fp16 CPU model in fp32, which is faster there), quantlm_sdpa (that), "
@@ -154,7 +160,9 @@ def quantize(
         help="Keep calibration activations in files (under the work dir) instead of memory.",
     ),
     dtype: DType = typer.Option(
-        DType.float32, help="Dtype the model is loaded and calibrated in (bfloat16 is much faster on CPUs with AMX)."
+        DType.float32,
+        help="Dtype the model is loaded and calibrated in. float32 by default because the calibration dtype changes "
+        "the result (bf16 GPTQ is slightly worse); auto takes bfloat16 where this CPU runs it natively.",
     ),
     work_dir: Optional[Path] = typer.Option(
         None, help="Where finished blocks go (default .OUT.work); rerun to resume."
@@ -166,7 +174,6 @@ def quantize(
     options: Optional[dict] = None,
 ) -> None:
     """Quantize MODEL and write a checkpoint to OUT."""
-    import torch
 
     if out.exists() and not overwrite:
         raise CheckpointError(f"output directory {out} already exists: choose another path or pass --overwrite")
@@ -189,7 +196,7 @@ def quantize(
         steps,
         out,
         calibration=calibration,
-        dtype=getattr(torch, dtype.value),
+        dtype=_compute_dtype(dtype, verbose=False).dtype,
         batch_size=batch_size,
         work_dir=work_dir,
         overwrite=overwrite,
@@ -277,12 +284,14 @@ def eval_cmd(
     bos: Optional[bool] = typer.Option(
         None, "--bos/--no-bos", help="Prepend BOS to every window (default: per family)."
     ),
+    dtype: DType = typer.Option(DType.auto, help=DTYPE_HELP),
     kernel: str = typer.Option("auto", help=KERNEL_HELP),
     kv_bits: Optional[int] = typer.Option(
         None,
         "--kv-bits",
         help="Quantize the KV cache to 8 or 4 bits, or 16 for a float cache [default: as the checkpoint says].",
     ),
+    verbose: bool = typer.Option(False, "--verbose", help=VERBOSE_HELP),
     as_json: bool = typer.Option(False, "--json", help='Print {"ppl": ..., "tokens": ...} on stdout.'),
 ) -> None:
     """Perplexity per the benchmark protocol (non-overlapping windows)."""
@@ -293,7 +302,8 @@ def eval_cmd(
     t0 = time.perf_counter()
     api.load_text(data, split)  # a bad text source fails before the model is loaded
     kv = api.kv_cache_setting(kv_bits)
-    lm, kernels, _ = _load_for_inference(model, DType.float32, kernel, verbose=False)
+    compute = _compute_dtype(dtype, verbose)
+    lm, kernels, _ = _load_for_inference(model, compute, kernel, verbose)
     if kv_bits is not None:
         api.enable_kv_quantization(lm, kv)
     result = api.evaluate(
@@ -316,6 +326,7 @@ def eval_cmd(
                 "windows": result.windows,
                 "seqlen": result.seqlen,
                 "seconds": round(seconds, 2),
+                "dtype": compute.name,
                 "kernels": api.kernel_summary(kernels),
                 "kv_cache": None if kv_now is None else kv_now.describe(),
             }
@@ -323,19 +334,26 @@ def eval_cmd(
     else:
         typer.echo(
             f"perplexity {result.ppl:.4f} over {result.tokens} tokens ({result.windows} x {result.seqlen}) "
-            f"in {seconds:.1f}s"
+            f"in {seconds:.1f}s ({compute.name})"
         )
 
 
-def _load_for_inference(model: str, dtype: DType, kernel: str, verbose: bool, attention: str = "auto"):
-    """Load a model (quantized or dense) in ``dtype`` with ``kernel`` and ``attention``; print each layer's kernel
-    with ``verbose``."""
-    import torch
+def _compute_dtype(dtype: DType, verbose: bool):
+    """The dtype ``--dtype`` stands for on this machine (``auto``: quantlm.hardware.choose_dtype); with ``verbose``
+    say on stderr which it is and why."""
+    choice = api.choose_dtype(dtype.value)
+    if verbose:
+        typer.echo(f"dtype: {choice.describe()}; CPU {api.describe_cpu()}", err=True)
+    return choice
 
+
+def _load_for_inference(model: str, compute, kernel: str, verbose: bool, attention: str = "auto"):
+    """Load a model (quantized or dense) in the ``compute`` dtype with ``kernel`` and ``attention``; print each
+    layer's kernel with ``verbose``."""
     if kernel not in api.KERNEL_CHOICES:
         raise QuantlmError(f"unknown kernel '{kernel}': choose one of {', '.join(api.KERNEL_CHOICES)}")
     t0 = time.perf_counter()
-    lm = api.load(model, dtype=getattr(torch, dtype.value), kernel=kernel, attention=attention)
+    lm = api.load(model, dtype=compute.dtype, kernel=kernel, attention=attention)
     seconds = time.perf_counter() - t0
     kernels = getattr(lm, "quantlm_kernels", {})
     if verbose:
@@ -359,13 +377,13 @@ def generate(
     temperature: float = typer.Option(1.0, help="With --sample."),
     top_p: float = typer.Option(1.0, help="With --sample."),
     seed: int = typer.Option(0, help="Random seed for sampling."),
-    dtype: DType = typer.Option(DType.float32, help="Compute dtype (bfloat16 pays on CPUs with AMX)."),
+    dtype: DType = typer.Option(DType.auto, help=DTYPE_HELP),
     kernel: str = typer.Option("auto", help=KERNEL_HELP),
     attention: str = typer.Option("auto", help=ATTENTION_HELP),
     compile: bool = typer.Option(
         False, "--compile", help="Static KV cache and a torch.compile'd forward (slow first call)."
     ),
-    verbose: bool = typer.Option(False, "--verbose", help="Print the kernel of every quantized layer (stderr)."),
+    verbose: bool = typer.Option(False, "--verbose", help=VERBOSE_HELP),
     as_json: bool = typer.Option(False, "--json", help='Print {"text": ...} on stdout instead of streaming.'),
 ) -> None:
     """Continue a prompt with a full-precision or quantized model, streaming the tokens."""
@@ -374,7 +392,7 @@ def generate(
         _fail(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     _setup_threads()
     tokenizer = api.load_tokenizer(model)
-    lm, _, _ = _load_for_inference(model, dtype, kernel, verbose, attention)
+    lm, _, _ = _load_for_inference(model, _compute_dtype(dtype, verbose), kernel, verbose, attention)
     if not as_json:
         typer.echo(prompt, nl=False)
     text = api.generate_text(
@@ -399,7 +417,7 @@ def generate(
 @_friendly
 def bench(
     model: str = typer.Argument(..., help="Alias, model directory or quantlm checkpoint."),
-    dtype: DType = typer.Option(DType.bfloat16, help="Compute dtype (the protocol's dense baseline is bfloat16)."),
+    dtype: DType = typer.Option(DType.auto, help=DTYPE_HELP),
     kernel: str = typer.Option("auto", help=KERNEL_HELP),
     attention: str = typer.Option("auto", help=ATTENTION_HELP),
     compile: bool = typer.Option(
@@ -410,7 +428,7 @@ def bench(
     decode_tokens: int = typer.Option(128, help="New tokens of the decode measurement."),
     repeats: int = typer.Option(3, help="Timed runs of each (after one warm-up); the median is reported."),
     data: str = typer.Option("enwiki", help="Text the prompts are cut from (its eval split)."),
-    verbose: bool = typer.Option(False, "--verbose", help="Print the kernel of every quantized layer (stderr)."),
+    verbose: bool = typer.Option(False, "--verbose", help=VERBOSE_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the whole report as JSON on stdout."),
 ) -> None:
     """Prefill and decode tokens/s, weight bytes and peak memory of a model (docs/benchmarks.md protocol)."""
@@ -426,7 +444,7 @@ def bench(
     _setup_threads()
     tokenizer = api.load_tokenizer(model)
     api.load_text(data, "eval")  # a bad text source fails before the model is loaded
-    lm, kernels, load_seconds = _load_for_inference(model, dtype, kernel, verbose, attention)
+    lm, kernels, load_seconds = _load_for_inference(model, _compute_dtype(dtype, verbose), kernel, verbose, attention)
     report = api.measure_speed(
         lm,
         tokenizer,
@@ -543,6 +561,12 @@ class GenMode(str, Enum):
     sample = "sample"
 
 
+class TrainDType(str, Enum):
+    auto = "auto"
+    bfloat16 = "bfloat16"
+    float32 = "float32"
+
+
 class Loss(str, Enum):
     kd = "kd"
     ce = "ce"
@@ -563,11 +587,11 @@ def generate_data(
     ),
     batch_size: int = typer.Option(64, help="Samples generated together."),
     seed: int = typer.Option(0, help="Seed of the first tokens and of the sampling."),
-    dtype: DType = typer.Option(DType.bfloat16, help="Dtype the model generates in."),
+    dtype: DType = typer.Option(DType.auto, help=DTYPE_HELP),
+    verbose: bool = typer.Option(False, "--verbose", help="Say which dtype was taken and why (stderr)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
 ) -> None:
     """LLM-QAT's data-free training text: MODEL writes its own samples (token ids, one jsonl line each)."""
-    import torch
 
     settings = api.GenerationSettings(
         n_samples=samples,
@@ -579,7 +603,8 @@ def generate_data(
     )
     _setup_threads()
     tokenizer = api.load_tokenizer(model)
-    lm = api.load_float_model(model, dtype=getattr(torch, dtype.value))
+    compute = _compute_dtype(dtype, verbose)
+    lm = api.load_float_model(model, dtype=compute.dtype)
     t0 = time.perf_counter()
     api.generate_training_data(lm, tokenizer, out, settings, progress=not as_json)
     rows = api.read_samples(out)
@@ -588,6 +613,7 @@ def generate_data(
         "samples": len(rows),
         "tokens": sum(len(r) for r in rows),
         "seconds": round(time.perf_counter() - t0, 1),
+        "dtype": compute.name,
         "settings": settings.to_dict(),
     }
     if as_json:
@@ -638,7 +664,11 @@ def qat(
     loss: Loss = typer.Option(
         Loss.kd, help="kd: distill the teacher's logits (the paper's); ce: next-token cross-entropy."
     ),
-    bf16: bool = typer.Option(True, "--bf16/--fp32", help="bf16 autocast for the forward passes."),
+    dtype: TrainDType = typer.Option(
+        TrainDType.auto,
+        help="Autocast dtype of the forward passes: auto (bfloat16 where this CPU runs it natively and a one-off probe "
+        "finds it faster, else float32), bfloat16 or float32 (no autocast).",
+    ),
     gradient_checkpointing: bool = typer.Option(
         False, "--gradient-checkpointing", help="Recompute activations in the backward pass (less memory, ~30% slower)."
     ),
@@ -674,7 +704,7 @@ def qat(
         warmup_steps=warmup,
         weight_decay=weight_decay,
         loss=loss.value,
-        bf16=bf16,
+        dtype=dtype.value,
         gradient_checkpointing=gradient_checkpointing,
         save_every=save_every,
         seed=seed,
@@ -703,7 +733,7 @@ def qat(
     if as_json:
         _print_json(summary)
         return
-    typer.echo(f"QAT {config.bits} in {seconds:.1f}s -> {out}")
+    typer.echo(f"QAT {config.bits} in {seconds:.1f}s ({summary['training'].get('compute_dtype')}) -> {out}")
     if evaluate:
         typer.echo(f"perplexity {summary['ppl']:.3f} over {summary['tokens']} tokens")
 

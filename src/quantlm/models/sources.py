@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from quantlm.errors import ModelSourceError
+from quantlm.hardware import choose_dtype
 from quantlm.paths import atomic_directory, quantlm_home
 
 log = logging.getLogger(__name__)
@@ -138,10 +139,12 @@ def _hub_snapshot(repo_id: str) -> Path:
         ) from None
 
 
-def load_float_model(source: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: str | None = None):
-    """Load a full-precision causal LM from any source."""
+def load_float_model(source: str | os.PathLike, *, dtype: torch.dtype | str = torch.float32, device: str | None = None):
+    """Load a full-precision causal LM from any source, in ``dtype`` (a torch dtype or its name, or ``"auto"``:
+    ``quantlm.hardware.choose_dtype``)."""
     from transformers import AutoModelForCausalLM
 
+    dtype = choose_dtype(dtype, device).dtype
     model_dir = resolve_model_dir(source)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, output_loading_info=True)

@@ -31,9 +31,7 @@ them ``torch._int_mm`` is slower than the fp32 GEMM.
 
 from __future__ import annotations
 
-import functools
 import threading
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -41,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from quantlm.errors import QuantlmError
+from quantlm.hardware import cpu_has_fast_int8, cpu_has_native_bf16
 from quantlm.nn.reference import dense_matmul, quantized_rows, reference_matmul
 
 if TYPE_CHECKING:
@@ -53,34 +52,11 @@ INT4PACK_ROW_MULTIPLE = 16
 INT8PACK_K_MULTIPLE = 4  # _weight_int8pack_mm crashes on bf16 inputs when K is not a multiple of 4 (torch 2.13)
 
 
-@functools.cache
-def _cpu_flags() -> frozenset[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    return frozenset(
-        word for line in text.splitlines() if line.startswith("flags") for word in line.split(":", 1)[1].split()
-    )
-
-
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AMX or AVX-512 BF16); without it a bf16 GEMM is several times
-    slower than fp32, so the dense path of the kernels computes in fp32 instead."""
-    return bool(_cpu_flags() & {"amx_bf16", "avx512_bf16"})
-
-
-def cpu_has_fast_int8() -> bool:
-    """Whether this CPU has int8 dot-product instructions (VNNI or AMX) that make ``torch._int_mm`` fast; without
-    them it is slower than an fp32 GEMM (measured: docs/inference.md)."""
-    return bool(_cpu_flags() & {"amx_int8", "avx512_vnni", "avx_vnni"})
-
-
 def _prefill_matmul(layer: QuantLinear, x2: Tensor) -> Tensor:
     """x2 Wᵀ with the weight dequantized once: for many rows (prefill) the dense GEMM beats the weight-only ops,
     and the dequantization costs little next to it. bf16 inputs are multiplied in fp32 on CPUs without fast bf16."""
     dtype = x2.dtype
-    if dtype != torch.float32 and x2.device.type == "cpu" and not cpu_has_fast_bf16():
+    if dtype != torch.float32 and x2.device.type == "cpu" and not cpu_has_native_bf16():
         dtype = torch.float32
     return dense_matmul(layer, x2, dtype)
 

@@ -149,6 +149,7 @@ def qat_to_checkpoint(
             "windows": windows.shape[0],
             "tokens": result.tokens,
             "seconds": round(result.seconds, 1),
+            "compute_dtype": result.dtype,
             "first_loss": result.losses[0] if result.losses else None,
             "last_loss": result.losses[-1] if result.losses else None,
             "init": None if init is None else str(init),

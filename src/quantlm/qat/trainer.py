@@ -4,7 +4,8 @@ next-token distribution.
 Loss (``loss="kd"``, the paper's): at every position, the cross-entropy of the student's log-softmax against the
 teacher's softmax, averaged over positions (KL divergence plus the teacher's entropy, a constant). ``loss="ce"``
 is plain next-token cross-entropy on the training text, for the ablation. AdamW, linear warmup then cosine
-decay to zero, gradient accumulation, gradient-norm clipping, optional bf16 autocast and gradient checkpointing.
+decay to zero, gradient accumulation, gradient-norm clipping, autocast to the dtype the machine is fast in (bf16 only
+where the CPU runs it natively: ``quantlm.hardware.choose_dtype``) and gradient checkpointing.
 
 Data order is a function of the step alone: epoch ``e`` visits the windows in ``randperm(seed + e)`` order, and
 optimizer step ``s``, micro-batch ``m`` of rank ``r`` takes the ``batch_size`` windows at position
@@ -36,8 +37,10 @@ from tqdm.auto import tqdm
 
 from quantlm.errors import CheckpointError, InvalidSpecError
 from quantlm.formats.nested_state import has_nested, load_nested, save_nested
+from quantlm.hardware import choose_dtype
 
 LOSSES = ("kd", "ce")
+TRAIN_DTYPES = ("auto", "bfloat16", "float32")
 STATE_STEM = "train_state"  # train_state.json + train_state.*.safetensors (quantlm.formats.nested_state)
 
 
@@ -51,7 +54,7 @@ class TrainSettings:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     loss: str = "kd"
-    bf16: bool = True
+    dtype: str = "auto"  # autocast dtype of the forward passes: auto, bfloat16 or float32 (no autocast)
     gradient_checkpointing: bool = False
     save_every: int = 50
     seed: int = 0
@@ -68,6 +71,8 @@ class TrainSettings:
             )
         if not 0 <= self.warmup_steps < self.steps:
             raise InvalidSpecError(f"warmup steps must be between 0 and the number of steps, got {self.warmup_steps}")
+        if self.dtype not in TRAIN_DTYPES:
+            raise InvalidSpecError(f"the training dtype is one of {', '.join(TRAIN_DTYPES)}, got {self.dtype!r}")
         if self.save_every < 1:
             raise InvalidSpecError(f"--save-every must be at least 1, got {self.save_every}")
 
@@ -82,6 +87,7 @@ class TrainResult:
     seconds: float = 0.0
     tokens: int = 0  # tokens trained on in this run, all processes
     resumed_from: int = 0
+    dtype: str = ""  # the autocast dtype and why it was taken
     full_state: dict | None = None  # FSDP: the whole trained state dict (rank 0, CPU); the student stays sharded
 
 
@@ -156,8 +162,8 @@ class _Distributed:
             torch.distributed.destroy_process_group()
 
 
-def _autocast(device: torch.device, enabled: bool):
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+def _autocast(device: torch.device, dtype: torch.dtype):
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 def _full_state(student: nn.Module, optimizer, sharded: bool) -> tuple[dict, dict]:
@@ -226,6 +232,7 @@ def train(
         raise InvalidSpecError("logit distillation needs the full-precision teacher model")
     device = next(student.parameters()).device
     dist = _Distributed(device)
+    compute = choose_dtype(settings.dtype, device, training=True)
     torch.manual_seed(settings.seed)
     if teacher is not None:
         teacher.eval()  # run under no_grad below; its parameters' flags are left as they are
@@ -249,7 +256,7 @@ def train(
     if state_dir is not None and has_nested(state_dir, STATE_STEM):
         start = _load_state(state_dir, student, optimizer, scheduler, signature, sharded)
     model = dist.wrap(student, device, sharded)
-    result = TrainResult(steps=settings.steps, resumed_from=start)
+    result = TrainResult(steps=settings.steps, resumed_from=start, dtype=compute.describe())
     t0 = time.perf_counter()
     bar = tqdm(total=settings.steps, initial=start, desc="qat", unit="step", disable=not progress or dist.rank != 0)
     model_state = None  # the state gathered at the latest step, if it was saved
@@ -265,7 +272,7 @@ def train(
                 else:
                     ctx = model.no_sync() if dist.world > 1 and not sync else contextlib.nullcontext()
                 with ctx:
-                    with _autocast(device, settings.bf16):
+                    with _autocast(device, compute.dtype):
                         logits = model(input_ids=ids, use_cache=False).logits
                         if settings.loss == "kd":
                             with torch.no_grad():
