@@ -3,6 +3,7 @@ an already quantized model refused as a source."""
 
 from __future__ import annotations
 
+import errno
 import json
 
 import pytest
@@ -11,7 +12,7 @@ from typer.testing import CliRunner
 import quantlm
 from conftest import byte_tokenizer, tiny_model
 from quantlm.cli import app
-from quantlm.errors import CheckpointError, QuantlmError
+from quantlm.errors import CheckpointError, QuantlmError, os_error_message
 from quantlm.formats.native import CHECKSUMS_FILE, WEIGHTS_FILE
 
 
@@ -152,3 +153,33 @@ def test_a_source_model_missing_a_tensor_is_refused(tmp_path, tiny_model_dir):
     with pytest.raises(ModelSourceError, match="the weights are incomplete"):
         quantlm.load(src)
     assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize(
+    "error, fragment",
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), "no space left on the disk"),
+        (RuntimeError("Error while serializing: IoError(No space left on device (os error 28))"), "no space left"),
+        (OSError(errno.EROFS, "Read-only file system", "/mnt/ro/.q.lock"), "read-only (/mnt/ro/.q.lock)"),
+        (PermissionError(errno.EACCES, "Permission denied", "/data/q"), "permission denied (/data/q)"),
+    ],
+)
+def test_file_system_errors_say_what_to_change(error, fragment):
+    message = os_error_message(error)
+    assert fragment in message and "\n" not in message
+    assert os_error_message(OSError(errno.EIO, "I/O error")) is None
+
+
+def test_a_full_disk_during_the_final_save_is_one_line_and_leaves_nothing(tmp_path, tiny_model_dir, monkeypatch):
+    from quantlm.formats import native
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(native, "write_checksums", full)
+    out = tmp_path / "q"
+    args = ["quantize", str(tiny_model_dir), "--group-size", "16", "--out", str(out), "--json"]
+    result = CliRunner().invoke(app, args)  # --json: no progress bars on stderr
+    assert result.exit_code == 2 and result.stderr.startswith("error: no space left on the disk")
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists() and not list(tmp_path.glob(".q.tmp-*"))

@@ -1,5 +1,7 @@
 """The QuantlmError family: every error a user can act on, with a one-line message that says what to change."""
 
+import errno
+
 
 class QuantlmError(Exception):
     """Base class of every error quantlm raises on purpose. The CLI prints its message on one line, exit code 2."""
@@ -19,3 +21,32 @@ class DataSourceError(QuantlmError):
 
 class CheckpointError(QuantlmError):
     """A checkpoint is missing, unreadable, corrupt, or its output directory cannot be written."""
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_READ_ONLY = (errno.EROFS,)
+_NO_PERMISSION = (errno.EACCES, errno.EPERM)
+
+
+def os_error_message(error: BaseException) -> str | None:
+    """What a file-system error means for the user and what to change, in one line; None if it is none of the
+    known kinds (a full disk, a read-only file system, a missing permission). Rust-backed writers (safetensors)
+    report a full disk in their message rather than as an OSError, so that is recognised too."""
+    code = error.errno if isinstance(error, OSError) else None
+    if code is None and "No space left on device" in str(error):
+        code = errno.ENOSPC
+    filename = getattr(error, "filename", None)
+    where = f" ({filename})" if filename else ""
+    if code in _DISK_FULL:
+        return (
+            f"no space left on the disk{where}: free some space or write to another disk, then rerun (completed "
+            "outputs were not touched; quantize and generate-data resume from their finished work)"
+        )
+    if code in _READ_ONLY:
+        return f"the file system is read-only{where}: choose an output (--out) on a writable disk"
+    if code in _NO_PERMISSION:
+        return (
+            f"permission denied{where}: quantlm may not read or write that path; fix its permissions, or choose an "
+            "output (--out) in a directory you can write"
+        )
+    return None
