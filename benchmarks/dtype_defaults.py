@@ -27,6 +27,7 @@ from pathlib import Path
 MODES = {"native": {}, "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}}
 DTYPES = ("float32", "bfloat16")
 MODEL = "smollm2-135m"
+GEN_BATCH = 32  # samples generated together (generate-data's default is 64)
 
 
 def _tok_s(tokens: int, seconds: float) -> float:
@@ -48,7 +49,7 @@ def worker(dtype_name: str) -> dict:
     lm = api.load(MODEL, dtype=dtype)
 
     with tempfile.TemporaryDirectory() as tmp:
-        settings = api.GenerationSettings(n_samples=8, max_length=64, batch_size=8, seed=0)
+        settings = api.GenerationSettings(n_samples=GEN_BATCH, max_length=64, batch_size=GEN_BATCH, seed=0)
         t0 = time.perf_counter()
         api.generate_training_data(lm, tokenizer, Path(tmp) / "d.jsonl", settings, progress=False)
         seconds = time.perf_counter() - t0
@@ -75,13 +76,20 @@ def worker(dtype_name: str) -> dict:
     _, trained = run_qat(teacher, tokenizer, windows, config, settings, progress=False)
     rows["qat"] = _tok_s(trained.tokens, trained.seconds)
 
+    auto = {  # what each command's --dtype auto takes for the work above (the rows its matmuls have)
+        "generate-data": choose_dtype("auto", "cpu", rows=GEN_BATCH),
+        "generate": choose_dtype("auto", "cpu", rows=1),
+        "bench prefill": choose_dtype("auto", "cpu", rows=1),  # bench picks for decoding
+        "bench decode": choose_dtype("auto", "cpu", rows=1),
+        "eval": choose_dtype("auto", "cpu", rows=1024),
+        "qat": choose_dtype("auto", "cpu", rows=2 * 256, training=True),
+    }
     return {
         "dtype": dtype_name,
         "rows": rows,
         "eval_ppl": ppl,
-        "auto": choose_dtype("auto", "cpu").name,
-        "auto_training": choose_dtype("auto", "cpu", training=True).name,
-        "why": choose_dtype("auto", "cpu").reason,
+        "auto": {command: choice.name for command, choice in auto.items()},
+        "why": {command: choice.reason for command, choice in auto.items()},
     }
 
 
@@ -109,7 +117,7 @@ def table(all_results: dict[str, dict[str, dict]], cpu: str) -> str:
     for mode, results in all_results.items():
         any_result = next(iter(results.values()))
         for command in any_result["rows"]:
-            auto = any_result["auto_training" if command == "qat" else "auto"]
+            auto = any_result["auto"][command]
             other = next(d for d in DTYPES if d != auto)
             mine, theirs = results[auto]["rows"][command], results[other]["rows"][command]
             lines.append(
@@ -119,7 +127,8 @@ def table(all_results: dict[str, dict[str, dict]], cpu: str) -> str:
     for mode, results in all_results.items():
         any_result = next(iter(results.values()))
         ppl = ", ".join(f"{d} {r['eval_ppl']:.4f}" for d, r in results.items())
-        lines.append(f"- {mode}: auto takes {any_result['auto']} ({any_result['why']}); eval perplexity {ppl}.")
+        why = "; ".join(f"{command}: {reason}" for command, reason in any_result["why"].items())
+        lines.append(f"- {mode}: eval perplexity {ppl}. Why auto took what it took: {why}.")
     return "\n".join(lines)
 
 

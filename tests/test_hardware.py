@@ -25,7 +25,7 @@ def cpu(monkeypatch, tmp_path):
         monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(flags))
         monkeypatch.setattr(hardware, "_onednn_bf16", lambda: onednn)
 
-        def seconds(dtype, repeats=10):
+        def seconds(dtype, shape):
             probes.append(dtype)
             return fp32_s if dtype == torch.float32 else bf16_s
 
@@ -52,6 +52,24 @@ def test_avx2_only_gets_fp32_without_probing(cpu):
     assert choice.dtype == torch.float32 and "no native bf16" in choice.reason and not probes
 
 
+def test_decoding_is_probed_even_without_bf16_instructions(cpu):
+    """One row at a time a matmul is bound by memory, where bf16's half-size weights can pay on any CPU."""
+    probes = cpu({"avx2", "fma"}, fp32_s=1.0, bf16_s=0.4)
+    choice = hardware.choose_dtype("auto", "cpu", rows=1)
+    assert choice.dtype == torch.bfloat16 and "1-row" in choice.reason and len(probes) == 2
+    cpu({"avx2", "fma"}, fp32_s=1.0, bf16_s=1.0)  # a new probe shape per rows: 8 rows is not memory-bound
+    assert hardware.choose_dtype("auto", "cpu", rows=8).dtype == torch.float32
+
+
+def test_each_kind_of_work_has_its_own_probe(cpu):
+    probes = cpu({"avx512_bf16"})
+    for rows in (1, 64, 2048, 4096):  # rows beyond the cap share the capped probe
+        hardware.choose_dtype("auto", "cpu", rows=rows)
+    assert len(probes) == 2 * 3
+    assert hardware.probe_shape(1)[1:] == hardware.MEMORY_BOUND_WEIGHT
+    assert hardware.probe_shape(4096) == (hardware.PROBE_MAX_ROWS, *hardware.COMPUTE_BOUND_WEIGHT)
+
+
 def test_bf16_flags_held_back_by_onednn_get_fp32(cpu):
     probes = cpu({"avx2", "avx512f", "avx512_bf16"}, onednn=False)
     choice = hardware.choose_dtype("auto", "cpu")
@@ -75,9 +93,10 @@ def test_native_bf16_that_probes_slower_gets_fp32(cpu):
 def test_a_damaged_probe_cache_is_measured_again(cpu):
     probes = cpu({"amx_bf16"})
     hardware.choose_dtype("auto", "cpu")
-    hardware._probe_file().write_text("{not json")
+    probe_file = hardware._probe_file(hardware.probe_shape(hardware.PROBE_MAX_ROWS))
+    probe_file.write_text("{not json")
     assert hardware.choose_dtype("auto", "cpu").dtype == torch.bfloat16 and len(probes) == 4
-    assert json.loads(hardware._probe_file().read_text())["speedup"] == 2.0
+    assert json.loads(probe_file.read_text())["speedup"] == 2.0
 
 
 def test_an_unwritable_cache_only_costs_a_new_probe(cpu, monkeypatch, tmp_path):

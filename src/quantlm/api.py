@@ -30,8 +30,9 @@ from quantlm.formats.record import QuantizationRecord
 from quantlm.hardware import choose_dtype, describe_cpu
 from quantlm.methods.head import head_step
 from quantlm.methods.recipe import Recipe, add_head_step, parse_recipe, recipe_from_options
-from quantlm.models.sources import load_float_model, load_tokenizer, resolve_model_dir
-from quantlm.paths import output_lock
+from quantlm.models.context import check_context
+from quantlm.models.sources import load_float_model, load_model_config, load_tokenizer, resolve_model_dir
+from quantlm.paths import check_output_paths, output_lock
 from quantlm.pipeline.activations import OffloadDirectory
 from quantlm.pipeline.runner import run_pipeline
 
@@ -197,6 +198,8 @@ def quantize_to_checkpoint(
     from quantlm.pipeline.streaming import streamed_model
 
     out = Path(out)
+    if batch_size < 1:
+        raise QuantlmError(f"--batch-size must be at least 1, got {batch_size}")
     if out.exists() and not overwrite:
         raise CheckpointError(f"output directory {out} already exists: choose another path or pass --overwrite")
     with output_lock(out):  # a second run into the same output stops here, before touching the work directory
@@ -208,6 +211,10 @@ def quantize_to_checkpoint(
             raise QuantlmError(
                 f"{source} is already a quantlm checkpoint ({how}): quantize the float model it was made from instead"
             )
+        work = Path(work_dir) if work_dir is not None else out.parent / f".{out.name}.work"
+        check_output_paths(model_dir, out, work)
+        if recipe.needs_calibration and isinstance(calibration, Calibration):
+            check_context(load_model_config(model_dir), calibration.seqlen, f"--calib-seqlen {calibration.seqlen}")
         tokenizer = load_tokenizer(model_dir)
         windows, calib_info = _calibration_windows(recipe, calibration, tokenizer)
         streamed = streamed_model(model_dir, dtype)
@@ -215,7 +222,6 @@ def quantize_to_checkpoint(
             model, weights = load_float_model(model_dir, dtype=dtype), None
         else:
             model, weights = streamed
-        work = Path(work_dir) if work_dir is not None else out.parent / f".{out.name}.work"
         signature = {
             "quantlm": __version__,
             "model": str(model_dir.resolve()),
@@ -300,6 +306,7 @@ def evaluate(
         model = load(model)
     if tokenizer is None:
         raise QuantlmError("evaluating a model object needs its tokenizer: pass tokenizer=")
+    check_context(model.config, seqlen, f"--seqlen {seqlen}")
     return perplexity(
         model, tokenizer, text, seqlen=seqlen, max_windows=max_windows, add_bos=add_bos, progress=progress
     )
@@ -316,6 +323,7 @@ _ON_DEMAND = {
     "qat_to_checkpoint": "quantlm.qat.run",
     "QATConfig": "quantlm.methods.qat",
     "generate_text": "quantlm.generation",
+    "check_generation_request": "quantlm.generation",
     "measure_speed": "quantlm.eval.speed",
     "kernel_summary": "quantlm.nn.inference",
     "KERNEL_CHOICES": "quantlm.nn.kernels",

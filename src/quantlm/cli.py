@@ -35,8 +35,8 @@ KERNEL_HELP = (
     "int8 (W8A8 int8 GEMM) or torch."
 )
 DTYPE_HELP = (
-    "Compute dtype: auto (bfloat16 where this CPU runs it natively and a one-off probe finds it faster, else "
-    "float32; --verbose says which and why), float32, bfloat16 or float16."
+    "Compute dtype: auto (the faster of bfloat16 and float32 for this command's work on this CPU, by its flags and "
+    "a one-off probe; --verbose says which and why), float32, bfloat16 or float16."
 )
 ATTENTION_HELP = (
     "Attention: auto (decode steps of a bf16/fp16 CPU model in fp32, which is faster there), quantlm_sdpa (that), "
@@ -165,7 +165,7 @@ def quantize(
     dtype: DType = typer.Option(
         DType.float32,
         help="Dtype the model is loaded and calibrated in. float32 by default because the calibration dtype changes "
-        "the result (bf16 GPTQ is slightly worse); auto takes bfloat16 where this CPU runs it natively.",
+        "the result (bf16 GPTQ is slightly worse); auto takes the faster of bfloat16 and float32 on this CPU.",
     ),
     work_dir: Optional[Path] = typer.Option(
         None, help="Where finished blocks go (default .OUT.work); rerun to resume."
@@ -199,7 +199,7 @@ def quantize(
         steps,
         out,
         calibration=calibration,
-        dtype=_compute_dtype(dtype, verbose=False).dtype,
+        dtype=_compute_dtype(dtype, verbose=False, rows=calib_seqlen).dtype,
         batch_size=batch_size,
         work_dir=work_dir,
         overwrite=overwrite,
@@ -305,7 +305,7 @@ def eval_cmd(
     t0 = time.perf_counter()
     api.load_text(data, split)  # a bad text source fails before the model is loaded
     kv = api.kv_cache_setting(kv_bits)
-    compute = _compute_dtype(dtype, verbose)
+    compute = _compute_dtype(dtype, verbose, rows=seqlen)
     lm, kernels, _ = _load_for_inference(model, compute, kernel, verbose)
     if kv_bits is not None:
         api.enable_kv_quantization(lm, kv)
@@ -341,10 +341,10 @@ def eval_cmd(
         )
 
 
-def _compute_dtype(dtype: DType, verbose: bool):
-    """The dtype ``--dtype`` stands for on this machine (``auto``: quantlm.hardware.choose_dtype); with ``verbose``
-    say on stderr which it is and why."""
-    choice = api.choose_dtype(dtype.value)
+def _compute_dtype(dtype: DType, verbose: bool, rows: int):
+    """The dtype ``--dtype`` stands for on this machine, for work that multiplies ``rows`` tokens at a time
+    (``auto``: quantlm.hardware.choose_dtype); with ``verbose`` say on stderr which it is and why."""
+    choice = api.choose_dtype(dtype.value, rows=rows)
     if verbose:
         typer.echo(f"dtype: {choice.describe()}; CPU {api.describe_cpu()}", err=True)
     return choice
@@ -395,7 +395,9 @@ def generate(
         _fail(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     _setup_threads()
     tokenizer = api.load_tokenizer(model)
-    lm, _, _ = _load_for_inference(model, _compute_dtype(dtype, verbose), kernel, verbose, attention)
+    lm, _, _ = _load_for_inference(model, _compute_dtype(dtype, verbose, rows=1), kernel, verbose, attention)
+    prompt_tokens = len(tokenizer(prompt)["input_ids"])
+    api.check_generation_request(lm, prompt_tokens, max_new_tokens, sample, temperature, top_p)
     if not as_json:
         typer.echo(prompt, nl=False)
     text = api.generate_text(
@@ -447,7 +449,8 @@ def bench(
     _setup_threads()
     tokenizer = api.load_tokenizer(model)
     api.load_text(data, "eval")  # a bad text source fails before the model is loaded
-    lm, kernels, load_seconds = _load_for_inference(model, _compute_dtype(dtype, verbose), kernel, verbose, attention)
+    compute = _compute_dtype(dtype, verbose, rows=1)  # decoding, the figure bench is mostly run for
+    lm, kernels, load_seconds = _load_for_inference(model, compute, kernel, verbose, attention)
     report = api.measure_speed(
         lm,
         tokenizer,
@@ -606,7 +609,7 @@ def generate_data(
     )
     _setup_threads()
     tokenizer = api.load_tokenizer(model)
-    compute = _compute_dtype(dtype, verbose)
+    compute = _compute_dtype(dtype, verbose, rows=batch_size)
     lm = api.load_float_model(model, dtype=compute.dtype)
     t0 = time.perf_counter()
     api.generate_training_data(lm, tokenizer, out, settings, progress=not as_json)
@@ -670,7 +673,7 @@ def qat(
     dtype: TrainDType = typer.Option(
         TrainDType.auto,
         help="Autocast dtype of the forward passes: auto (bfloat16 where this CPU runs it natively and a one-off probe "
-        "finds it faster, else float32), bfloat16 or float32 (no autocast).",
+        "finds it faster for training-sized matmuls, else float32), bfloat16 or float32 (no autocast).",
     ),
     gradient_checkpointing: bool = typer.Option(
         False, "--gradient-checkpointing", help="Recompute activations in the backward pass (less memory, ~30% slower)."

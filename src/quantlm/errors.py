@@ -26,12 +26,14 @@ class CheckpointError(QuantlmError):
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 _READ_ONLY = (errno.EROFS,)
 _NO_PERMISSION = (errno.EACCES, errno.EPERM)
+_NOT_A_DIRECTORY = (errno.EEXIST, errno.ENOTDIR)  # a file stands where a directory must be (or be made)
 
 
 def os_error_message(error: BaseException) -> str | None:
     """What a file-system error means for the user and what to change, in one line; None if it is none of the
-    known kinds (a full disk, a read-only file system, a missing permission). Rust-backed writers (safetensors)
-    report a full disk in their message rather than as an OSError, so that is recognised too."""
+    known kinds (a full disk, a read-only file system, a missing permission, a file where a directory must be).
+    Rust-backed writers (safetensors) report a full disk in their message rather than as an OSError, so that is
+    recognised too."""
     code = error.errno if isinstance(error, OSError) else None
     if code is None and "No space left on device" in str(error):
         code = errno.ENOSPC
@@ -48,5 +50,10 @@ def os_error_message(error: BaseException) -> str | None:
         return (
             f"permission denied{where}: quantlm may not read or write that path; fix its permissions, or choose an "
             "output (--out) in a directory you can write"
+        )
+    if code in _NOT_A_DIRECTORY:
+        return (
+            f"a file stands where a directory is needed{where}: choose an output (--out) whose parent directories "
+            "are directories, or move that file"
         )
     return None

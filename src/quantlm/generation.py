@@ -5,6 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from quantlm.errors import InvalidSpecError
+from quantlm.models.context import check_context
+
 
 def generation_kwargs(model: nn.Module, compile: bool) -> dict:
     """Settings for ``generate``: greedy; with ``compile``, a static KV cache and a compiled forward (transformers
@@ -21,6 +24,21 @@ def generation_kwargs(model: nn.Module, compile: bool) -> dict:
         config._compile_all_devices = True
         kwargs.update(cache_implementation="static", compile_config=config)
     return kwargs
+
+
+def check_generation_request(
+    model, prompt_tokens: int, max_new_tokens: int, do_sample: bool, temperature: float, top_p: float
+) -> None:
+    """Refuse a generation request the model cannot serve, before anything is printed."""
+    if prompt_tokens == 0:
+        raise InvalidSpecError("--prompt is empty (it has no tokens): give at least one word to continue")
+    if max_new_tokens < 1:
+        raise InvalidSpecError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    check_context(model.config, prompt_tokens + max_new_tokens, "the prompt plus --max-new-tokens")
+    if do_sample and not (temperature > 0 and 0 < top_p <= 1):
+        raise InvalidSpecError(
+            f"sampling needs --temperature above 0 and --top-p in (0, 1], got {temperature} and {top_p}"
+        )
 
 
 def generate_text(
@@ -42,6 +60,7 @@ def generate_text(
 
     device = next(model.parameters()).device
     inputs = tokenizer(prompt, return_tensors="pt").to(device)
+    check_generation_request(model, inputs["input_ids"].shape[1], max_new_tokens, do_sample, temperature, top_p)
     torch.manual_seed(seed)
     kwargs = {**generation_kwargs(model, compile), "max_new_tokens": max_new_tokens}
     if tokenizer.pad_token_id is not None:

@@ -1,12 +1,14 @@
 """What this machine computes fast: its CPU's instruction sets, and the dtype a command should compute in.
 
-The machines quantlm runs on differ: an AVX2-only CPU multiplies bf16 matrices several times (up to ~40x) slower
-than fp32, because it has no bf16 instructions and converts every element; a CPU with AVX-512 BF16 or AMX runs
-them about twice as fast as fp32. So no command hard-codes bf16: ``--dtype auto`` (``choose_dtype``) takes bf16
-only where the CPU has native bf16 *and* a one-off micro-benchmark of a bf16 GEMM beats fp32 on it (the result is
-cached under ``$QUANTLM_HOME/hardware``, keyed by the CPU, torch's version, the thread count and the ISA
-overrides ``ONEDNN_MAX_CPU_ISA`` / ``ATEN_CPU_CAPABILITY``), and fp32 everywhere else. On CUDA, ``auto`` is bf16
-where the GPU supports it, else fp16 for inference and fp32 for training.
+The machines quantlm runs on differ: without bf16 instructions (AVX2-only CPUs) a bf16 GEMM is several times (up
+to ~40x) slower than fp32, because every element is converted; with AVX-512 BF16 or AMX it runs about twice as fast
+as fp32. Decoding is different again: one token at a time, a matmul streams its weight from memory, and bf16 halves
+the bytes, so it can pay even without bf16 instructions. So no command hard-codes a dtype: ``--dtype auto``
+(``choose_dtype``) takes bf16 for work of a given number of rows per matmul only where a one-off micro-benchmark of
+such a matmul finds it faster than fp32 (cached under ``$QUANTLM_HOME/hardware``, keyed by the shape, the CPU,
+torch's version, the thread count and the ISA overrides ``ONEDNN_MAX_CPU_ISA`` / ``ATEN_CPU_CAPABILITY``); for
+many rows on a CPU without native bf16 it takes fp32 without measuring. On CUDA, ``auto`` is bf16 where the GPU
+supports it, else fp16 for inference and fp32 for training.
 """
 
 from __future__ import annotations
@@ -31,8 +33,12 @@ DTYPE_CHOICES = ("auto", *DTYPES)
 NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})  # x86 (AVX-512 BF16, AMX); Arm ("bf16")
 FAST_INT8_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 MIN_BF16_SPEEDUP = 1.1  # auto takes bf16 only if the probe's bf16 GEMM is at least this much faster than fp32
-PROBE_SHAPE = (32, 1024, 1024)  # rows x in x out: between a decode batch and a prefill, at a small model's width
-PROBE_VERSION = 1
+MEMORY_BOUND_ROWS = 4  # up to this many rows a matmul streams its weight from memory (decoding)
+MEMORY_BOUND_WEIGHT = (2048, 8192)  # in x out of the decode probe: 64 MB in fp32, beyond the caches
+COMPUTE_BOUND_WEIGHT = (1024, 1024)  # in x out of the probe for more rows
+PROBE_MAX_ROWS = 512
+PROBE_FLOPS = 400_000_000  # work per timed round of the probe
+PROBE_VERSION = 2
 
 
 @functools.cache
@@ -104,12 +110,26 @@ def check_dtype_name(name: str) -> None:
         raise InvalidSpecError(f"unknown dtype {name!r}: choose one of {', '.join(DTYPE_CHOICES)}")
 
 
+def probe_shape(rows: int) -> tuple[int, int, int]:
+    """The (rows, in, out) of the GEMM probed for work that multiplies ``rows`` tokens at a time. A few rows (decode)
+    stream a weight larger than the caches, as a model's weights are: there bf16 pays by halving the bytes read,
+    even on CPUs without bf16 instructions. Many rows (prefill, training, eval) are compute-bound: there only native
+    bf16 arithmetic pays. Rows are capped at PROBE_MAX_ROWS (the cost of a GEMM grows linearly beyond)."""
+    rows = max(1, min(int(rows), PROBE_MAX_ROWS))
+    return (rows, *(MEMORY_BOUND_WEIGHT if rows <= MEMORY_BOUND_ROWS else COMPUTE_BOUND_WEIGHT))
+
+
 def choose_dtype(
-    requested: str | torch.dtype = "auto", device: str | torch.device | None = None, *, training: bool = False
+    requested: str | torch.dtype = "auto",
+    device: str | torch.device | None = None,
+    *,
+    rows: int = PROBE_MAX_ROWS,
+    training: bool = False,
 ) -> DTypeChoice:
     """The dtype to compute in on ``device`` (default: CUDA if available, else the CPU): ``requested`` itself, or
-    for ``"auto"`` the fastest this machine runs natively. ``training``: the dtype is an autocast dtype, so on a GPU
-    without bf16 it is fp32 (fp16 autocast would need loss scaling)."""
+    for ``"auto"`` the one this machine runs faster for work that multiplies ``rows`` tokens at a time (1: decoding
+    one sequence; a batch size; a window length for prefill, eval and training). ``training``: the dtype is an
+    autocast dtype, so on a GPU without bf16 it is fp32 (fp16 autocast would need loss scaling)."""
     if isinstance(requested, torch.dtype):
         return DTypeChoice(requested, "as asked")
     check_dtype_name(requested)
@@ -124,21 +144,24 @@ def choose_dtype(
         return DTypeChoice(torch.float16, "auto: this GPU has no bf16")
     if device.type != "cpu":
         return DTypeChoice(torch.float32, f"auto: fp32 on {device.type}")
-    if not cpu_has_native_bf16():
+    shape = probe_shape(rows)
+    work = f"{shape[0]}-row matmuls"
+    if not cpu_has_native_bf16() and shape[0] > MEMORY_BOUND_ROWS:
         why = "torch's oneDNN is held to an ISA without it" if cpu_flags() & NATIVE_BF16_FLAGS else "no AVX-512 BF16"
-        return DTypeChoice(torch.float32, f"auto: this CPU has no native bf16 ({why}); bf16 is several times slower")
-    speedup, cached = bf16_speedup()
+        return DTypeChoice(
+            torch.float32, f"auto: this CPU has no native bf16 ({why}), where bf16 {work} are several times slower"
+        )
+    speedup, cached = bf16_speedup(shape)
     where = "cached probe" if cached else "probe"
     if speedup >= MIN_BF16_SPEEDUP:
-        return DTypeChoice(torch.bfloat16, f"auto: native bf16, and a bf16 GEMM ran {speedup:.2f}x fp32 ({where})")
-    return DTypeChoice(
-        torch.float32, f"auto: a bf16 GEMM ran only {speedup:.2f}x fp32 on this CPU despite its bf16 flags ({where})"
-    )
+        return DTypeChoice(torch.bfloat16, f"auto: bf16 {work} ran {speedup:.2f}x as fast as fp32 here ({where})")
+    return DTypeChoice(torch.float32, f"auto: bf16 {work} ran only {speedup:.2f}x as fast as fp32 here ({where})")
 
 
-def _probe_key() -> str:
+def _probe_key(shape: tuple[int, int, int]) -> str:
     parts = {
         "version": PROBE_VERSION,
+        "shape": list(shape),
         "cpu": describe_cpu(),
         "flags": sorted(cpu_flags()),
         "torch": torch.__version__,
@@ -148,17 +171,18 @@ def _probe_key() -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def _probe_file() -> Path:
-    return quantlm_home() / "hardware" / f"bf16-probe-{_probe_key()}.json"
+def _probe_file(shape: tuple[int, int, int]) -> Path:
+    return quantlm_home() / "hardware" / f"bf16-probe-{_probe_key(shape)}.json"
 
 
-def _gemm_seconds(dtype: torch.dtype, repeats: int = 10) -> float:
-    rows, k, n = PROBE_SHAPE
+def _gemm_seconds(dtype: torch.dtype, shape: tuple[int, int, int]) -> float:
+    """Best time of one ``x @ w.T`` of ``shape`` in ``dtype`` (each timed round long enough to measure)."""
+    rows, k, n = shape
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(rows, k, generator=generator).to(dtype)
     w = torch.randn(n, k, generator=generator).to(dtype)
-    for _ in range(2):
-        F.linear(x, w)
+    repeats = max(2, PROBE_FLOPS // (2 * rows * k * n))
+    F.linear(x, w)
     best = float("inf")
     for _ in range(3):
         start = time.perf_counter()
@@ -168,19 +192,19 @@ def _gemm_seconds(dtype: torch.dtype, repeats: int = 10) -> float:
     return best
 
 
-def bf16_speedup() -> tuple[float, bool]:
-    """fp32 time over bf16 time of one GEMM on this CPU (>1: bf16 is faster), and whether it came from the cache.
-    Measured once (about 0.1 s) per CPU, torch version and thread count; a cache that cannot be read or written
-    only costs a new measurement."""
-    path = _probe_file()
+def bf16_speedup(shape: tuple[int, int, int] = (PROBE_MAX_ROWS, *COMPUTE_BOUND_WEIGHT)) -> tuple[float, bool]:
+    """fp32 time over bf16 time of one GEMM of ``shape`` on this CPU (>1: bf16 is faster), and whether it came from
+    the cache. Measured once (well under a second) per shape, CPU, torch version and thread count; a cache that
+    cannot be read or written only costs a new measurement."""
+    path = _probe_file(shape)
     try:
         return float(json.loads(path.read_text())["speedup"]), True
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    fp32, bf16 = _gemm_seconds(torch.float32), _gemm_seconds(torch.bfloat16)
+    fp32, bf16 = _gemm_seconds(torch.float32, shape), _gemm_seconds(torch.bfloat16, shape)
     speedup = fp32 / bf16
     try:
-        record = {"speedup": speedup, "fp32_s": fp32, "bf16_s": bf16, "shape": PROBE_SHAPE, "cpu": describe_cpu()}
+        record = {"speedup": speedup, "fp32_s": fp32, "bf16_s": bf16, "shape": shape, "cpu": describe_cpu()}
         atomic_write_text(path, json.dumps(record, indent=1))
     except OSError:
         pass

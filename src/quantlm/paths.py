@@ -79,11 +79,42 @@ def _take_lock_file(lock: Path) -> int | None:
     return None
 
 
+def _inside(path: Path, other: Path) -> bool:
+    """Whether ``path`` is ``other`` or lies inside it (both resolved, links followed)."""
+    path, other = path.resolve(), other.resolve()
+    return path == other or path.is_relative_to(other)
+
+
+def check_output_paths(model_dir: Path, out: Path, work: Path) -> None:
+    """Refuse outputs that would replace or delete the source model, or each other, before any work is done."""
+    if _inside(model_dir, out):
+        raise QuantlmError(
+            f"--out {out} is (or holds) the source model {model_dir}: writing it would destroy the model being "
+            "read; choose another output"
+        )
+    if _inside(work, out) or _inside(out, work):
+        raise QuantlmError(f"--work-dir {work} and --out {out} overlap: choose a work directory outside the output")
+    if _inside(model_dir, work) or _inside(work, model_dir):
+        raise QuantlmError(
+            f"--work-dir {work} overlaps the source model {model_dir}: choose a work directory of its own"
+        )
+    if out.exists() and not out.is_dir():
+        raise QuantlmError(f"{out} exists and is not a directory: choose another output")
+
+
 def remove_stale_temporaries(target: Path) -> None:
     """Remove what an interrupted atomic write into ``target`` left beside it (call with the output lock held)."""
     for pattern in (f".{target.name}.tmp-*", f".{target.name}.old-*"):
         for leftover in target.parent.glob(pattern):
-            shutil.rmtree(leftover, ignore_errors=True)
+            _remove(leftover)
+
+
+def _remove(path: Path) -> None:
+    """Remove a directory tree, or a file or symbolic link (only the link: never what it points to)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -112,7 +143,7 @@ def _atomic_directory(target: Path, overwrite: bool) -> Iterator[Path]:
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)
             os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
         else:
             os.replace(tmp, target)
     except BaseException:

@@ -22,6 +22,7 @@ from torch import nn
 
 from quantlm.errors import QuantlmError
 from quantlm.generation import generation_kwargs
+from quantlm.models.context import check_context
 from quantlm.nn.inference import bytes_read_per_token, weight_bytes
 from quantlm.nn.qlinear import QuantLinear
 
@@ -159,6 +160,8 @@ def measure_speed(
     """Prefill and decode speed of ``model`` per the protocol, with its weight bytes and the bandwidth bound."""
     if repeats < 1:
         raise QuantlmError(f"repeats must be at least 1, got {repeats}")
+    check_context(model.config, prefill_tokens, f"--prefill-tokens {prefill_tokens}")
+    check_context(model.config, decode_prompt + decode_tokens, "--decode-prompt plus --decode-tokens")
     ids = prompt_ids(tokenizer, max(prefill_tokens, decode_prompt), text)
     prefill = time_prefill(model, ids[:, :prefill_tokens], repeats)
     decode = time_decode(model, ids[:, :decode_prompt], decode_tokens, repeats, compile)

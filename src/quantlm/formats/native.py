@@ -59,12 +59,31 @@ def write_checksums(directory: Path) -> None:
     (directory / CHECKSUMS_FILE).write_text(json.dumps(sums, indent=1, sort_keys=True) + "\n")
 
 
+def _needs_checksum(name: str) -> bool:
+    """Whether a file of this name is one a checkpoint is read from (weights, config, log, tokenizer), and so must
+    have a recorded checksum; other files (a README someone added) are left alone."""
+    return name != CHECKSUMS_FILE and name.endswith((".safetensors", ".json"))
+
+
+def _promises_checksums(path: Path) -> bool:
+    """Whether the checkpoint was written with a checksum record (its config says so; older ones were not)."""
+    try:
+        qc = read_quantization_config(path)
+    except CheckpointError:
+        return False
+    return bool(qc) and qc.get("checksums") == CHECKSUMS_FILE
+
+
 def checksum_problems(path: str | os.PathLike) -> list[str]:
-    """Every file whose bytes differ from the checksum recorded when the checkpoint was written, or that is
-    missing; [] for a checkpoint without a record (written before format version 2)."""
+    """Every file whose bytes differ from the checksum recorded when the checkpoint was written, that is missing,
+    or that is read from the checkpoint but has no recorded checksum (added later, or its entry removed); a
+    missing record where the checkpoint's config says there is one. [] for a checkpoint written before
+    checksums were recorded."""
     path = Path(path)
     record = path / CHECKSUMS_FILE
     if not record.is_file():
+        if _promises_checksums(path):
+            return [f"{record} is missing: the checkpoint's files cannot be checked; re-create the checkpoint"]
         return []
     try:
         sums = json.loads(record.read_text(encoding="utf-8"))
@@ -77,6 +96,9 @@ def checksum_problems(path: str | os.PathLike) -> list[str]:
             problems.append(f"{file} is missing")
         elif _sha256(file) != expected:
             problems.append(f"{file} does not match its recorded checksum: the file is damaged")
+    for file in sorted(path.iterdir()):
+        if file.is_file() and _needs_checksum(file.name) and file.name not in sums:
+            problems.append(f"{file} has no recorded checksum: it was added or its entry removed from {record.name}")
     return problems
 
 
@@ -88,7 +110,8 @@ def _file_stats(path: Path) -> dict[str, list[int]] | None:
     """Size, modification time and inode of every file the checksums cover (None: unreadable)."""
     try:
         names = json.loads((path / CHECKSUMS_FILE).read_text(encoding="utf-8"))
-        stats = {name: os.stat(path / name) for name in [*names, CHECKSUMS_FILE]}
+        guarded = [p.name for p in path.iterdir() if p.is_file() and _needs_checksum(p.name)]
+        stats = {name: os.stat(path / name) for name in sorted({*names, *guarded, CHECKSUMS_FILE})}
     except (OSError, ValueError):
         return None
     return {name: [st.st_size, st.st_mtime_ns, st.st_ino] for name, st in stats.items()}
@@ -182,6 +205,7 @@ def save_checkpoint(
     config["quantization_config"] = {
         "quant_method": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
+        "checksums": CHECKSUMS_FILE,  # every file's SHA-256 is recorded there: its absence is damage
         **record.config_entries(),
         "modules": modules,
     }

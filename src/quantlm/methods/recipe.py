@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from quantlm.errors import InvalidSpecError
-from quantlm.methods.base import cli_settings, method_class, registered_methods, settings_from_flags, settings_keys
+from quantlm.methods.base import (
+    Method,
+    cli_settings,
+    method_class,
+    registered_methods,
+    settings_from_flags,
+    settings_keys,
+)
 from quantlm.methods.head import head_step
 
 
@@ -47,7 +54,10 @@ def _step_from_dict(d: dict[str, Any]):
 def _read_recipe_file(path: Path) -> Any:
     if not path.is_file():
         raise InvalidSpecError(f"recipe file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InvalidSpecError(f"{path} is not a text file (not UTF-8): a recipe is JSON or YAML text") from None
     if path.suffix in (".yaml", ".yml"):
         try:
             import yaml
@@ -71,11 +81,22 @@ def parse_recipe(recipe: Recipe | Any | Sequence[Any | dict] | dict | str | Path
     if isinstance(recipe, Recipe):
         return recipe
     if isinstance(recipe, (str, Path)):
-        return parse_recipe(_read_recipe_file(Path(recipe)))
+        path = Path(recipe)
+        try:
+            return parse_recipe(_read_recipe_file(path))
+        except InvalidSpecError as e:
+            if str(path) in str(e):
+                raise
+            raise InvalidSpecError(f"{path}: {e}") from None
     if isinstance(recipe, dict):
         recipe = [recipe]
     if not isinstance(recipe, (list, tuple)):
         recipe = [recipe]
+    for step in recipe:
+        if not isinstance(step, (dict, Method)):
+            raise InvalidSpecError(
+                f"a recipe step is a mapping like {{method: rtn, bits: 4}} or a method object, got {step!r}"
+            )
     steps = [_step_from_dict(s) if isinstance(s, dict) else s for s in recipe]
     if not steps:
         raise InvalidSpecError("a recipe needs at least one step")

@@ -8,12 +8,13 @@ half-written cache is never picked up.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,6 +140,38 @@ def _hub_snapshot(repo_id: str) -> Path:
         ) from None
 
 
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Hold transformers' own log lines (load reports, architecture notices) back: quantlm says what went wrong in
+    one line of its own."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _first_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+
+def load_model_config(model_dir: str | os.PathLike):
+    """The transformers config of a model directory, or a one-line ModelSourceError saying why there is none."""
+    from transformers import AutoConfig
+
+    try:
+        with quiet_transformers():
+            return AutoConfig.from_pretrained(str(model_dir))
+    except Exception as e:  # transformers raises ValueError, OSError, KeyError... for an unusable config
+        raise ModelSourceError(
+            f"{model_dir} has no config transformers can use ({_first_line(e)}): check its config.json (model_type "
+            "must name an architecture transformers knows)"
+        ) from None
+
+
 def load_float_model(source: str | os.PathLike, *, dtype: torch.dtype | str = torch.float32, device: str | None = None):
     """Load a full-precision causal LM from any source, in ``dtype`` (a torch dtype or its name, or ``"auto"``:
     ``quantlm.hardware.choose_dtype``)."""
@@ -147,11 +180,12 @@ def load_float_model(source: str | os.PathLike, *, dtype: torch.dtype | str = to
     dtype = choose_dtype(dtype, device).dtype
     model_dir = resolve_model_dir(source)
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, output_loading_info=True)
+        with quiet_transformers():  # safetensors only: a pickled weights file is never opened
+            model, info = AutoModelForCausalLM.from_pretrained(
+                str(model_dir), dtype=dtype, output_loading_info=True, use_safetensors=True
+            )
     except Exception as e:
-        raise ModelSourceError(
-            f"cannot load a causal LM from {model_dir}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        ) from e
+        raise ModelSourceError(f"cannot load a causal LM from {model_dir}: {_first_line(e)}") from e
     missing = sorted(info.get("missing_keys") or [])
     if missing:  # transformers would fill them with its initializer: a model that only looks loaded
         raise ModelSourceError(
@@ -169,6 +203,10 @@ def load_tokenizer(source: str | os.PathLike):
 
     model_dir = resolve_model_dir(source)
     try:
-        return AutoTokenizer.from_pretrained(str(model_dir))
+        with quiet_transformers():
+            return AutoTokenizer.from_pretrained(str(model_dir))
     except Exception as e:
-        raise ModelSourceError(f"cannot load a tokenizer from {model_dir}: {type(e).__name__}") from e
+        raise ModelSourceError(
+            f"cannot load a tokenizer from {model_dir} ({_first_line(e)}): the directory needs the model's tokenizer "
+            "files (tokenizer.json or tokenizer.model, tokenizer_config.json)"
+        ) from e

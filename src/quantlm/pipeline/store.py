@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from quantlm.errors import CheckpointError
@@ -26,8 +27,15 @@ from quantlm.pipeline.runner import LayerRecord
 class BlockStore:
     def __init__(self, work_dir: str | os.PathLike, signature: dict[str, Any]) -> None:
         self.dir = Path(work_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        if self.dir.exists() and not self.dir.is_dir():
+            raise CheckpointError(f"work directory {self.dir} is a file: choose another --work-dir")
         run_file = self.dir / "run.json"
+        if self.dir.is_dir() and not run_file.is_file() and any(self.dir.iterdir()):
+            raise CheckpointError(  # the run removes its work directory at the end: never adopt someone's files
+                f"work directory {self.dir} holds files that no quantlm run wrote (it has no run.json): choose a new "
+                "or empty --work-dir"
+            )
+        self.dir.mkdir(parents=True, exist_ok=True)
         wanted = json.loads(json.dumps(signature, default=str))
         if run_file.is_file():
             try:
@@ -67,28 +75,57 @@ class BlockStore:
         save_file({prefix + k: v.detach().contiguous() for k, v in block.state_dict().items()}, str(tmp))
         os.replace(tmp, tensor_file)
 
+    def _damaged(self, path: Path, error: Exception) -> CheckpointError:
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        return CheckpointError(
+            f"{path} in the work directory is damaged ({first}): delete it (that block is redone) or the whole "
+            f"{self.dir} to start over"
+        )
+
+    def _meta(self, i: int) -> dict[str, Any]:
+        path = self._paths(i)[0]
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(data, dict) or not isinstance(data.get("modules"), dict):
+                raise ValueError("not a block record")
+            data["records"] = [LayerRecord(**r) for r in data["records"]]
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise self._damaged(path, e) from None
+        return data
+
     def records(self, i: int) -> list[LayerRecord]:
-        data = json.loads(self._paths(i)[0].read_text())
-        return [LayerRecord(**r) for r in data["records"]]
+        return self._meta(i)["records"]
 
     def restore(self, i: int, blocks: DecoderBlocks, device: torch.device | str = "cpu") -> list[LayerRecord]:
         """Put finished block ``i`` back into the model, QuantLinears and all."""
-        meta, tensor_file = self._paths(i)
-        data = json.loads(meta.read_text())
+        data = self._meta(i)
         prefix = f"{blocks.name(i)}."
         tensors = self.tensors(i)
         block = blocks.blocks[i]
-        for name, entry in data["modules"].items():
-            scales = tensors[f"{name}.scales"]
-            set_submodule(block, name[len(prefix) :], QuantLinear.from_layout(entry, scales.dtype))
-        block.load_state_dict({k[len(prefix) :]: v.to(device) for k, v in tensors.items()}, strict=True, assign=True)
-        return [LayerRecord(**r) for r in data["records"]]
+        try:
+            for name, entry in data["modules"].items():
+                scales = tensors[f"{name}.scales"]
+                set_submodule(block, name[len(prefix) :], QuantLinear.from_layout(entry, scales.dtype))
+            block.load_state_dict(
+                {k[len(prefix) :]: v.to(device) for k, v in tensors.items()}, strict=True, assign=True
+            )
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise self._damaged(self._paths(i)[1], e) from None
+        return data["records"]
 
     def tensors(self, i: int) -> dict[str, torch.Tensor]:
-        return read_file(self._paths(i)[1])
+        path = self._paths(i)[1]
+        try:
+            return read_file(path)
+        except (SafetensorError, OSError, ValueError) as e:  # the file is not whole
+            raise self._damaged(path, e) from None
 
     def layout(self, i: int) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
-        return file_layout(self._paths(i)[1])
+        path = self._paths(i)[1]
+        try:
+            return file_layout(path)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise self._damaged(path, e) from None
 
     def modules(self, i: int) -> dict[str, Any]:
-        return json.loads(self._paths(i)[0].read_text())["modules"]
+        return self._meta(i)["modules"]

@@ -24,6 +24,7 @@ from torch import nn
 from quantlm.formats.safetensors_io import TensorIndex
 from quantlm.models.blocks import DecoderBlocks, find_decoder_blocks, output_embedding_name
 from quantlm.models.skeleton import empty_model
+from quantlm.models.sources import load_model_config
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +84,9 @@ def streamed_model(
     model_dir: str | os.PathLike, dtype: torch.dtype = torch.float32
 ) -> tuple[nn.Module, StreamedWeights] | None:
     """The model with every tensor outside the decoder blocks loaded and the blocks left empty (meta)."""
-    from transformers import AutoConfig
-
     model_dir = Path(model_dir)
     index = TensorIndex(model_dir)
-    config = AutoConfig.from_pretrained(str(model_dir))
+    config = load_model_config(model_dir)
     model = empty_model(config, dtype)
     model.eval()
     blocks = find_decoder_blocks(model)

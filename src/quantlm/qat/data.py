@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from quantlm.errors import DataSourceError, InvalidSpecError
-from quantlm.paths import atomic_write_text
+from quantlm.paths import atomic_write_text, output_lock
 
 MODES = ("hybrid", "greedy", "sample")
 
@@ -172,8 +172,14 @@ def _complete_lines(out: Path, batch_size: int) -> int:
 def generate_training_data(
     model: nn.Module, tokenizer, out: str | os.PathLike, settings: GenerationSettings, *, progress: bool = True
 ) -> Path:
-    """Write (or complete) ``settings.n_samples`` generated samples to the jsonl file ``out``; return its path."""
+    """Write (or complete) ``settings.n_samples`` generated samples to the jsonl file ``out``; return its path.
+    The output lock is held throughout: a second run into the same file is refused instead of appending to it."""
     out = Path(out)
+    with output_lock(out):
+        return _generate_training_data(model, tokenizer, out, settings, progress)
+
+
+def _generate_training_data(model: nn.Module, tokenizer, out: Path, settings: GenerationSettings, progress: bool):
     meta = {
         "settings": settings.to_dict(),
         "model": getattr(model.config, "_name_or_path", ""),
@@ -183,7 +189,14 @@ def generate_training_data(
     if out.exists():
         if not meta_file.exists():
             raise DataSourceError(f"{out} exists but was not written by quantlm generate-data: choose another --out")
-        old = json.loads(meta_file.read_text(encoding="utf-8"))
+        try:
+            old = json.loads(meta_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise DataSourceError(
+                f"{meta_file} is unreadable ({e}): delete {out} and it, or choose another --out"
+            ) from None
+        if not isinstance(old, dict):
+            old = {}
         if old.get("settings") != meta["settings"] or old.get("vocab_size") != meta["vocab_size"]:
             raise DataSourceError(
                 f"{out} was generated with other settings ({old.get('settings')}): choose another --out or delete it"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import shutil
@@ -12,6 +13,7 @@ from torch import Tensor, nn
 
 from quantlm.errors import CheckpointError, InvalidSpecError
 from quantlm.formats.record import QuantizationRecord
+from quantlm.paths import check_output_paths, output_lock
 from quantlm.qat.convert import convert_qat_model, convertible
 from quantlm.qat.data import pack_samples, read_samples
 from quantlm.qat.fake_quant import FakeQuantLinear, QATConfig, fake_quant_linears, prepare_qat
@@ -124,38 +126,41 @@ def qat_to_checkpoint(
     out = Path(out)
     if out.exists() and not overwrite:
         raise CheckpointError(f"output directory {out} already exists: choose another path or pass --overwrite")
-    convertible(config)
-    model_dir = resolve_model_dir(source)
-    tokenizer = load_tokenizer(model_dir)
-    windows = training_windows(data, tokenizer, seqlen, max_windows)
-    init_model = api.load(init) if init is not None else None
-    model = load_float_model(model_dir, dtype=torch.float32)
-    work = out.parent / f".{out.name}.work"
-    student, result = run_qat(
-        model, tokenizer, windows, config, settings, init=init_model, state_dir=work, progress=progress
-    )
     is_main = int(os.environ.get("RANK", "0")) == 0
-    if not is_main:
+    # the main process holds the output lock for the whole run: a second run into OUT stops before it trains
+    with output_lock(out) if is_main else contextlib.nullcontext():
+        convertible(config)
+        model_dir = resolve_model_dir(source)
+        work = out.parent / f".{out.name}.work"
+        check_output_paths(model_dir, out, work)
+        tokenizer = load_tokenizer(model_dir)
+        windows = training_windows(data, tokenizer, seqlen, max_windows)
+        init_model = api.load(init) if init is not None else None
+        model = load_float_model(model_dir, dtype=torch.float32)
+        student, result = run_qat(
+            model, tokenizer, windows, config, settings, init=init_model, state_dir=work, progress=progress
+        )
+        if not is_main:
+            return out
+        convert_qat_model(student)
+        record = QuantizationRecord(
+            recipe=[config.to_config()],
+            seconds=result.seconds,
+            kv_cache=config.kv_config,
+            training={
+                **settings.to_dict(),
+                "data": str(data),
+                "seqlen": seqlen,
+                "windows": windows.shape[0],
+                "tokens": result.tokens,
+                "seconds": round(result.seconds, 1),
+                "compute_dtype": result.dtype,
+                "first_loss": result.losses[0] if result.losses else None,
+                "last_loss": result.losses[-1] if result.losses else None,
+                "init": None if init is None else str(init),
+            },
+        )
+        api.save(student, out, record=record, tokenizer=tokenizer, overwrite=overwrite)
+        if not keep_work_dir:
+            shutil.rmtree(work, ignore_errors=True)
         return out
-    convert_qat_model(student)
-    record = QuantizationRecord(
-        recipe=[config.to_config()],
-        seconds=result.seconds,
-        kv_cache=config.kv_config,
-        training={
-            **settings.to_dict(),
-            "data": str(data),
-            "seqlen": seqlen,
-            "windows": windows.shape[0],
-            "tokens": result.tokens,
-            "seconds": round(result.seconds, 1),
-            "compute_dtype": result.dtype,
-            "first_loss": result.losses[0] if result.losses else None,
-            "last_loss": result.losses[-1] if result.losses else None,
-            "init": None if init is None else str(init),
-        },
-    )
-    api.save(student, out, record=record, tokenizer=tokenizer, overwrite=overwrite)
-    if not keep_work_dir:
-        shutil.rmtree(work, ignore_errors=True)
-    return out

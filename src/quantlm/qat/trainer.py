@@ -232,7 +232,7 @@ def train(
         raise InvalidSpecError("logit distillation needs the full-precision teacher model")
     device = next(student.parameters()).device
     dist = _Distributed(device)
-    compute = choose_dtype(settings.dtype, device, training=True)
+    compute = choose_dtype(settings.dtype, device, rows=settings.batch_size * windows.shape[1], training=True)
     torch.manual_seed(settings.seed)
     if teacher is not None:
         teacher.eval()  # run under no_grad below; its parameters' flags are left as they are
