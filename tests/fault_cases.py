@@ -224,6 +224,24 @@ def write_file(name: str, content: str | bytes) -> Callable:
     return setup
 
 
+def out_is_a_project(ctx):
+    """{out} is a directory of the user's own files (a mistyped output), which must come out byte-identical."""
+    out = ctx.paths["out"]
+    out.mkdir()
+    (out / "thesis.tex").write_text("years of work\n")
+    ctx.protect(out)
+
+
+def unrelated_files_in_checkpoint(ctx):
+    ckpt = ctx.copy("ckpt")
+    (ckpt / "eval.json").write_text('{"ppl": 12.3}\n')
+    (ckpt / "._config.json").write_bytes(b"\x00\x05\x16\x07 resource fork")
+
+
+def checksums_a_list(ctx):
+    (ctx.copy("ckpt") / "checksums.json").write_text("[]\n")
+
+
 def protect_existing_output(ctx):
     """{out} is a checkpoint already (a copy of the shared one), which must come out byte-identical."""
     out = ctx.paths["out"]
@@ -747,16 +765,25 @@ CASES: list[Case] = [
          ("eval", "{model}", "--data", "{text}", "--seqlen", "32", "--max-windows", "0"),
          "x 32)", code=0),
     Case("data-past-context-eval", "data", "eval --seqlen longer than the model's context (GPT-2, 64 positions)",
-         ("eval", "{model}", "--data", "{text}", "--seqlen", "128", "--max-windows", "1"), "64 tokens",
+         ("eval", "{model}", "--data", "{text}", "--seqlen", "128", "--max-windows", "1"), "has only 64",
          setup=gpt2_with_64_positions),
+    Case("data-past-context-bos", "data", "eval --seqlen equal to the context, with a BOS in front (GPT-2)",
+         ("eval", "{model}", "--data", "{text}", "--seqlen", "64", "--bos", "--max-windows", "1"), "plus BOS",
+         setup=gpt2_with_64_positions),
+    Case("data-past-context-qat", "data", "qat --seqlen longer than the model's context",
+         ("qat", "{model}", "--data", "{text}", "--steps", "1", "--seqlen", "128", "--out", "{out}"), "has only 64",
+         setup=gpt2_with_64_positions),
+    Case("data-past-context-gen-data", "data", "generate-data --max-length longer than the model's context",
+         ("generate-data", "{model}", "--samples", "2", "--max-length", "100", "--out", "{dir}/g.jsonl"),
+         "has only 64", setup=gpt2_with_64_positions),
     Case("data-past-context-calib", "data", "--calib-seqlen longer than the model's context",
-         ("quantize", "{model}", *GPTQ[:-2], "--calib-seqlen", "128", "--out", "{out}"), "64 tokens",
+         ("quantize", "{model}", *GPTQ[:-2], "--calib-seqlen", "128", "--out", "{out}"), "has only 64",
          setup=gpt2_with_64_positions),
     Case("data-past-context-generate", "data", "generate past the model's context",
-         ("generate", "{model}", "--prompt", "Hi", "--max-new-tokens", "100"), "64 tokens",
+         ("generate", "{model}", "--prompt", "Hi", "--max-new-tokens", "100"), "has only 64",
          setup=gpt2_with_64_positions),
     Case("data-past-context-bench", "data", "bench --prefill-tokens longer than the model's context",
-         ("bench", "{model}", *BENCH[:2], "--prefill-tokens", "128", *BENCH[4:]), "64 tokens",
+         ("bench", "{model}", *BENCH[:2], "--prefill-tokens", "128", *BENCH[4:]), "has only 64",
          setup=gpt2_with_64_positions),
     Case("data-qat-missing", "data", "qat --data .jsonl that does not exist",
          ("qat", "{model}", "--data", "{dir}/gen.jsonl", "--steps", "1", "--out", "{out}"),
@@ -768,6 +795,12 @@ CASES: list[Case] = [
     Case("out-exists", "output", "--out that already holds a checkpoint",
          QUANTIZE, "already exists: choose another path or pass --overwrite", setup=protect_existing_output,
          lost="nothing: the existing checkpoint is byte-identical"),
+    Case("out-overwrite-project", "output", "--overwrite naming a directory that is not a checkpoint",
+         (*QUANTIZE, "--overwrite"), "--overwrite only replaces checkpoints", setup=out_is_a_project,
+         lost="nothing; refused before any work"),
+    Case("out-inside-model", "output", "--out inside the source model directory (its work directory too)",
+         ("quantize", "{model}", "--group-size", "16", "--out", "{model}/q4"), "rtn(w4 g16 asym)", code=0,
+         setup=lambda ctx: ctx.copy("model")),
     Case("out-is-file", "output", "--out that is a file, with --overwrite",
          (*QUANTIZE, "--overwrite"), "exists and is not a directory", setup=out_is_a_file,
          lost="nothing: the file is unchanged"),
@@ -885,6 +918,10 @@ CASES: list[Case] = [
          ("verify", "{ckpt}"), "model.safetensors", setup=checksum_entry_removed_and_damaged, many_lines=True),
     Case("cor-checksums-removed", "corruption", "weights damaged and checksums.json deleted",
          ("eval", "{ckpt}", *EVAL), "checksums.json", setup=checksums_removed_and_damaged),
+    Case("cor-unrelated-files", "corruption", "a user's eval.json and a macOS ._ file put inside a checkpoint",
+         ("eval", "{ckpt}", *EVAL), "perplexity", code=0, setup=unrelated_files_in_checkpoint),
+    Case("cor-checksums-list", "corruption", "checksums.json that is JSON but not a record",
+         ("eval", "{ckpt}", *EVAL), "is not a checksum record", setup=checksums_a_list),
     Case("cor-config-edited", "corruption", "config.json edited by hand",
          ("eval", "{ckpt}", *EVAL), "config.json does not match its recorded checksum", setup=config_edited),
     Case("cor-config-unverified", "corruption", "config.json edited, QUANTLM_VERIFY=0",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -66,9 +67,14 @@ def test_existing_output_is_refused_then_replaced_with_overwrite(tmp_path):
     model = _quantized()
     with pytest.raises(CheckpointError, match="already exists"):
         quantlm.save(model, out)
-    assert (out / "keep.txt").read_text() == "mine"
-    quantlm.save(model, out, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    with pytest.raises(CheckpointError, match="--overwrite only replaces checkpoints"):
+        quantlm.save(model, out, overwrite=True)  # a directory of someone's files is never replaced
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+    shutil.rmtree(out)
+    quantlm.save(model, out)
+    (out / "notes.txt").write_text("about this checkpoint")
+    quantlm.save(model, out, overwrite=True)  # a checkpoint is replaced whole
+    assert not (out / "notes.txt").exists() and (out / "model.safetensors").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary directories left
 
 

@@ -14,7 +14,7 @@ def test_learned_positions_are_a_hard_limit(family):
     config = tiny_config(family)
     assert context_length(config) == hard_context_length(config) == 512
     check_context(config, 512, "--seqlen 512")
-    with pytest.raises(InvalidSpecError, match="--seqlen 513 needs 513 positions .* only 512 tokens"):
+    with pytest.raises(InvalidSpecError, match="--seqlen 513 needs 513 positions .* has only 512"):
         check_context(config, 513, "--seqlen 513")
 
 

@@ -183,3 +183,15 @@ def test_a_full_disk_during_the_final_save_is_one_line_and_leaves_nothing(tmp_pa
     assert result.exit_code == 2 and result.stderr.startswith("error: no space left on the disk")
     assert len(result.stderr.strip().splitlines()) == 1
     assert not out.exists() and not list(tmp_path.glob(".q.tmp-*"))
+
+
+def test_an_output_lost_in_a_killed_swap_is_put_back_by_the_next_run(tmp_path):
+    """Killed between moving the old checkpoint aside and moving the new one in: the old one survives only as
+    .q.old-PID, and the next run into q restores it instead of deleting it as a leftover."""
+    from quantlm.paths import output_lock
+
+    path, _ = _checkpoint(tmp_path)
+    path.rename(tmp_path / ".q.old-4242")
+    with output_lock(path):
+        pass
+    assert quantlm.api.verify(path) == [] and not list(tmp_path.glob(".q.old-*"))

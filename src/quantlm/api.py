@@ -15,10 +15,11 @@ from torch import nn
 
 from quantlm._version import __version__
 from quantlm.data import calibration_windows, load_text, tokenize_text
-from quantlm.errors import CheckpointError, QuantlmError
+from quantlm.errors import QuantlmError
 from quantlm.eval.perplexity import PerplexityResult, perplexity
 from quantlm.formats.native import (
     WEIGHTS_FILE,
+    check_output,
     checksum_problems,
     is_quantlm_checkpoint,
     load_checkpoint,
@@ -27,7 +28,7 @@ from quantlm.formats.native import (
     save_checkpoint,
 )
 from quantlm.formats.record import QuantizationRecord
-from quantlm.hardware import choose_dtype, describe_cpu
+from quantlm.hardware import DTYPE_CHOICES, TRAIN_DTYPES, choose_dtype, describe_cpu
 from quantlm.methods.head import head_step
 from quantlm.methods.recipe import Recipe, add_head_step, parse_recipe, recipe_from_options
 from quantlm.models.context import check_context
@@ -200,9 +201,8 @@ def quantize_to_checkpoint(
     out = Path(out)
     if batch_size < 1:
         raise QuantlmError(f"--batch-size must be at least 1, got {batch_size}")
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"output directory {out} already exists: choose another path or pass --overwrite")
     with output_lock(out):  # a second run into the same output stops here, before touching the work directory
+        check_output(out, overwrite)
         recipe = _parse_pipeline_recipe(recipe)
         model_dir = resolve_model_dir(source)
         if is_quantlm_checkpoint(model_dir):
@@ -306,7 +306,6 @@ def evaluate(
         model = load(model)
     if tokenizer is None:
         raise QuantlmError("evaluating a model object needs its tokenizer: pass tokenizer=")
-    check_context(model.config, seqlen, f"--seqlen {seqlen}")
     return perplexity(
         model, tokenizer, text, seqlen=seqlen, max_windows=max_windows, add_bos=add_bos, progress=progress
     )
@@ -360,6 +359,8 @@ __all__ = [
     "add_head_step",
     "choose_dtype",
     "describe_cpu",
+    "DTYPE_CHOICES",
+    "TRAIN_DTYPES",
     "Calibration",
     "QuantizationRecord",
     "Recipe",

@@ -22,11 +22,8 @@ from quantlm.errors import CheckpointError, QuantlmError, os_error_message
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Quantize Hugging Face causal LMs and measure them.")
 
 
-class DType(str, Enum):
-    auto = "auto"
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
+DType = Enum("DType", {name: name for name in api.DTYPE_CHOICES}, type=str)
+TrainDType = Enum("TrainDType", {name: name for name in api.TRAIN_DTYPES}, type=str)
 
 
 VERBOSE_HELP = "Say which dtype was taken and why, and print the kernel of every quantized layer (stderr)."
@@ -565,12 +562,6 @@ class GenMode(str, Enum):
     hybrid = "hybrid"
     greedy = "greedy"
     sample = "sample"
-
-
-class TrainDType(str, Enum):
-    auto = "auto"
-    bfloat16 = "bfloat16"
-    float32 = "float32"
 
 
 class Loss(str, Enum):

@@ -23,6 +23,12 @@ class CheckpointError(QuantlmError):
     """A checkpoint is missing, unreadable, corrupt, or its output directory cannot be written."""
 
 
+def first_line(error: BaseException) -> str:
+    """``Type: first line of the message``: enough of a foreign exception to say what went wrong in one line."""
+    text = str(error)
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 _READ_ONLY = (errno.EROFS,)
 _NO_PERMISSION = (errno.EACCES, errno.EPERM)

@@ -30,6 +30,7 @@ from quantlm.paths import atomic_write_text, quantlm_home
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_CHOICES = ("auto", *DTYPES)
+TRAIN_DTYPES = ("auto", "bfloat16", "float32")  # autocast dtypes of training (float32: no autocast)
 NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})  # x86 (AVX-512 BF16, AMX); Arm ("bf16")
 FAST_INT8_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 MIN_BF16_SPEEDUP = 1.1  # auto takes bf16 only if the probe's bf16 GEMM is at least this much faster than fp32
@@ -126,7 +127,7 @@ def choose_dtype(
     rows: int = PROBE_MAX_ROWS,
     training: bool = False,
 ) -> DTypeChoice:
-    """The dtype to compute in on ``device`` (default: CUDA if available, else the CPU): ``requested`` itself, or
+    """The dtype to compute in on ``device`` (default: the CPU, where quantlm's commands run): ``requested`` itself, or
     for ``"auto"`` the one this machine runs faster for work that multiplies ``rows`` tokens at a time (1: decoding
     one sequence; a batch size; a window length for prefill, eval and training). ``training``: the dtype is an
     autocast dtype, so on a GPU without bf16 it is fp32 (fp16 autocast would need loss scaling)."""
@@ -135,7 +136,7 @@ def choose_dtype(
     check_dtype_name(requested)
     if requested != "auto":
         return DTypeChoice(DTYPES[requested], "as asked")
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device if device is not None else "cpu")
     if device.type == "cuda":
         if torch.cuda.is_bf16_supported():
             return DTypeChoice(torch.bfloat16, "auto: this GPU runs bf16 natively")
@@ -147,7 +148,8 @@ def choose_dtype(
     shape = probe_shape(rows)
     work = f"{shape[0]}-row matmuls"
     if not cpu_has_native_bf16() and shape[0] > MEMORY_BOUND_ROWS:
-        why = "torch's oneDNN is held to an ISA without it" if cpu_flags() & NATIVE_BF16_FLAGS else "no AVX-512 BF16"
+        held = cpu_flags() & NATIVE_BF16_FLAGS
+        why = "torch's oneDNN is held to an ISA without it" if held else "no bf16 instructions"
         return DTypeChoice(
             torch.float32, f"auto: this CPU has no native bf16 ({why}), where bf16 {work} are several times slower"
         )

@@ -52,6 +52,7 @@ def output_lock(target: Path) -> Iterator[None]:
         )
     _HELD[key] = 1
     try:
+        remove_stale_temporaries(target)  # the holder cleans up after killed writers (and restores a lost output)
         yield
     finally:
         del _HELD[key]
@@ -92,18 +93,24 @@ def check_output_paths(model_dir: Path, out: Path, work: Path) -> None:
             f"--out {out} is (or holds) the source model {model_dir}: writing it would destroy the model being "
             "read; choose another output"
         )
+    where = f"the work directory {work} (--work-dir; default .OUT.work beside the output)"
     if _inside(work, out) or _inside(out, work):
-        raise QuantlmError(f"--work-dir {work} and --out {out} overlap: choose a work directory outside the output")
-    if _inside(model_dir, work) or _inside(work, model_dir):
-        raise QuantlmError(
-            f"--work-dir {work} overlaps the source model {model_dir}: choose a work directory of its own"
-        )
-    if out.exists() and not out.is_dir():
-        raise QuantlmError(f"{out} exists and is not a directory: choose another output")
+        raise QuantlmError(f"{where} and --out {out} overlap: choose a work directory outside the output")
+    if _inside(model_dir, work):  # the work directory is removed at the end
+        raise QuantlmError(f"{where} is (or holds) the source model {model_dir}: choose a work directory of its own")
 
 
 def remove_stale_temporaries(target: Path) -> None:
-    """Remove what an interrupted atomic write into ``target`` left beside it (call with the output lock held)."""
+    """Remove what an interrupted atomic write into ``target`` left beside it (call with the output lock held). A
+    write killed between moving the old output aside and moving the new one in left the old one as the only copy:
+    it is put back first."""
+    olds = [
+        p
+        for p in target.parent.glob(f".{target.name}.old-*")
+        if p.is_dir() and not p.is_symlink() and (p / "config.json").is_file()  # a whole earlier output
+    ]
+    if not target.exists() and not target.is_symlink() and len(olds) == 1:
+        os.replace(olds[0], target)
     for pattern in (f".{target.name}.tmp-*", f".{target.name}.old-*"):
         for leftover in target.parent.glob(pattern):
             _remove(leftover)

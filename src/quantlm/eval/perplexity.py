@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from quantlm.errors import DataSourceError
+from quantlm.models.context import check_context
 
 _BOS_FAMILIES = ("gemma",)
 
@@ -88,6 +89,7 @@ def perplexity(
     windows = eval_windows(tokenize_text(tokenizer, text), seqlen, max_windows)
     if add_bos is None:
         add_bos = needs_bos(model)
+    check_context(model.config, seqlen + int(bool(add_bos)), f"--seqlen {seqlen}" + (" plus BOS" if add_bos else ""))
     bos = None
     if add_bos:
         bos = tokenizer.bos_token_id

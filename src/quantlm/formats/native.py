@@ -59,10 +59,24 @@ def write_checksums(directory: Path) -> None:
     (directory / CHECKSUMS_FILE).write_text(json.dumps(sums, indent=1, sort_keys=True) + "\n")
 
 
+READ_FILES = frozenset(
+    {
+        "config.json",
+        LOG_FILE,
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "chat_template.json",
+    }
+)  # besides the weights: what loading a checkpoint and its tokenizer reads
+
+
 def _needs_checksum(name: str) -> bool:
     """Whether a file of this name is one a checkpoint is read from (weights, config, log, tokenizer), and so must
-    have a recorded checksum; other files (a README someone added) are left alone."""
-    return name != CHECKSUMS_FILE and name.endswith((".safetensors", ".json"))
+    have a recorded checksum; other files (a README or an eval.json someone put there) are left alone."""
+    return not name.startswith(".") and (name.endswith(".safetensors") or name in READ_FILES)
 
 
 def _promises_checksums(path: Path) -> bool:
@@ -83,12 +97,14 @@ def checksum_problems(path: str | os.PathLike) -> list[str]:
     record = path / CHECKSUMS_FILE
     if not record.is_file():
         if _promises_checksums(path):
-            return [f"{record} is missing: the checkpoint's files cannot be checked; re-create the checkpoint"]
+            return [f"{record} is missing: the checkpoint's files cannot be checked"]
         return []
     try:
         sums = json.loads(record.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         return [f"{record} is unreadable: {e}"]
+    if not isinstance(sums, dict):
+        return [f"{record} is not a checksum record (a JSON object of file names and SHA-256 digests)"]
     problems = []
     for name, expected in sums.items():
         file = path / name
@@ -98,7 +114,10 @@ def checksum_problems(path: str | os.PathLike) -> list[str]:
             problems.append(f"{file} does not match its recorded checksum: the file is damaged")
     for file in sorted(path.iterdir()):
         if file.is_file() and _needs_checksum(file.name) and file.name not in sums:
-            problems.append(f"{file} has no recorded checksum: it was added or its entry removed from {record.name}")
+            problems.append(
+                f"{file} has no recorded checksum (added later, or its entry removed from {record.name}): move it out "
+                "of the checkpoint"
+            )
     return problems
 
 
@@ -185,10 +204,7 @@ def save_checkpoint(
     """Write ``model`` as a quantlm checkpoint, with ``record`` saying how it was made. With ``blocks``, the decoder
     blocks' tensors are streamed from there one block at a time (the model's own copies of them may be empty)."""
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise CheckpointError(f"output directory {path} already exists: choose another path or pass --overwrite")
-    if path.exists() and not path.is_dir():
-        raise CheckpointError(f"{path} exists and is not a directory")
+    check_output(path, overwrite)
     own = _unique_state_dict(model)
     modules = {name: m.layout() for name, m in quantized_modules(model).items()}
     layout = [(name, t.dtype, tuple(t.shape)) for name, t in own.items()]
@@ -220,6 +236,21 @@ def save_checkpoint(
             tokenizer.save_pretrained(tmp)
         write_checksums(tmp)
     return path
+
+
+def check_output(path: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse an output that exists, unless ``overwrite``; and even then one that is not a directory, or a
+    directory that is neither empty nor a quantlm checkpoint: a mistyped output must not delete someone's
+    project."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise CheckpointError(f"output directory {path} already exists: choose another path or pass --overwrite")
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{path} exists and is not a directory: choose another output")
+    if path.is_dir() and any(path.iterdir()) and not is_quantlm_checkpoint(path):
+        raise CheckpointError(
+            f"{path} is not a quantlm checkpoint: --overwrite only replaces checkpoints; choose another output"
+        )
 
 
 def read_quantization_config(path: str | os.PathLike) -> dict[str, Any] | None:

@@ -40,6 +40,6 @@ def check_context(config, tokens: int, what: str) -> None:
     limit = hard_context_length(config)
     if limit is not None and tokens > limit:
         raise InvalidSpecError(
-            f"{what} needs {tokens} positions but the model has only {limit} tokens of context (learned positions): "
-            f"lower it to {limit} or less"
+            f"{what} needs {tokens} positions but the model has only {limit} (learned positions, no more exist): "
+            f"ask for {limit} or fewer"
         )

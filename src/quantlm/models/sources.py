@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from quantlm.errors import ModelSourceError
+from quantlm.errors import ModelSourceError, first_line
 from quantlm.hardware import choose_dtype
 from quantlm.paths import atomic_directory, quantlm_home
 
@@ -154,10 +154,6 @@ def quiet_transformers() -> Iterator[None]:
         hf_logging.set_verbosity(level)
 
 
-def _first_line(error: BaseException) -> str:
-    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-
-
 def load_model_config(model_dir: str | os.PathLike):
     """The transformers config of a model directory, or a one-line ModelSourceError saying why there is none."""
     from transformers import AutoConfig
@@ -167,7 +163,7 @@ def load_model_config(model_dir: str | os.PathLike):
             return AutoConfig.from_pretrained(str(model_dir))
     except Exception as e:  # transformers raises ValueError, OSError, KeyError... for an unusable config
         raise ModelSourceError(
-            f"{model_dir} has no config transformers can use ({_first_line(e)}): check its config.json (model_type "
+            f"{model_dir} has no config transformers can use ({first_line(e)}): check its config.json (model_type "
             "must name an architecture transformers knows)"
         ) from None
 
@@ -185,7 +181,7 @@ def load_float_model(source: str | os.PathLike, *, dtype: torch.dtype | str = to
                 str(model_dir), dtype=dtype, output_loading_info=True, use_safetensors=True
             )
     except Exception as e:
-        raise ModelSourceError(f"cannot load a causal LM from {model_dir}: {_first_line(e)}") from e
+        raise ModelSourceError(f"cannot load a causal LM from {model_dir}: {first_line(e)}") from e
     missing = sorted(info.get("missing_keys") or [])
     if missing:  # transformers would fill them with its initializer: a model that only looks loaded
         raise ModelSourceError(
@@ -207,6 +203,6 @@ def load_tokenizer(source: str | os.PathLike):
             return AutoTokenizer.from_pretrained(str(model_dir))
     except Exception as e:
         raise ModelSourceError(
-            f"cannot load a tokenizer from {model_dir} ({_first_line(e)}): the directory needs the model's tokenizer "
+            f"cannot load a tokenizer from {model_dir} ({first_line(e)}): the directory needs the model's tokenizer "
             "files (tokenizer.json or tokenizer.model, tokenizer_config.json)"
         ) from e

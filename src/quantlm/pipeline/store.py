@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from quantlm.errors import CheckpointError
+from quantlm.errors import CheckpointError, first_line
 from quantlm.formats.safetensors_io import file_layout, read_file
 from quantlm.models.blocks import DecoderBlocks, set_submodule
 from quantlm.nn.qlinear import QuantLinear
@@ -30,10 +30,12 @@ class BlockStore:
         if self.dir.exists() and not self.dir.is_dir():
             raise CheckpointError(f"work directory {self.dir} is a file: choose another --work-dir")
         run_file = self.dir / "run.json"
-        if self.dir.is_dir() and not run_file.is_file() and any(self.dir.iterdir()):
+        present = list(self.dir.iterdir()) if self.dir.is_dir() else []
+        foreign = [p for p in present if not p.name.startswith(".run.json.tmp-")]
+        if foreign and not run_file.is_file():
             raise CheckpointError(  # the run removes its work directory at the end: never adopt someone's files
-                f"work directory {self.dir} holds files that no quantlm run wrote (it has no run.json): choose a new "
-                "or empty --work-dir"
+                f"work directory {self.dir} holds files but no run.json of a quantize run (--work-dir; default "
+                ".OUT.work beside the output): choose a new or empty work directory"
             )
         self.dir.mkdir(parents=True, exist_ok=True)
         wanted = json.loads(json.dumps(signature, default=str))
@@ -76,10 +78,9 @@ class BlockStore:
         os.replace(tmp, tensor_file)
 
     def _damaged(self, path: Path, error: Exception) -> CheckpointError:
-        first = str(error).splitlines()[0] if str(error) else type(error).__name__
         return CheckpointError(
-            f"{path} in the work directory is damaged ({first}): delete it (that block is redone) or the whole "
-            f"{self.dir} to start over"
+            f"{path} in the work directory is damaged ({first_line(error)}): delete it (that block is redone) or "
+            f"the whole {self.dir} to start over"
         )
 
     def _meta(self, i: int) -> dict[str, Any]:

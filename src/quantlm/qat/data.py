@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from quantlm.errors import DataSourceError, InvalidSpecError
+from quantlm.models.context import check_context
 from quantlm.paths import atomic_write_text, output_lock
 
 MODES = ("hybrid", "greedy", "sample")
@@ -180,6 +181,7 @@ def generate_training_data(
 
 
 def _generate_training_data(model: nn.Module, tokenizer, out: Path, settings: GenerationSettings, progress: bool):
+    check_context(model.config, settings.max_length, f"--max-length {settings.max_length}")
     meta = {
         "settings": settings.to_dict(),
         "model": getattr(model.config, "_name_or_path", ""),

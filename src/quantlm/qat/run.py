@@ -11,8 +11,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from quantlm.errors import CheckpointError, InvalidSpecError
+from quantlm.errors import InvalidSpecError
+from quantlm.formats.native import check_output
 from quantlm.formats.record import QuantizationRecord
+from quantlm.models.context import check_context
 from quantlm.paths import check_output_paths, output_lock
 from quantlm.qat.convert import convert_qat_model, convertible
 from quantlm.qat.data import pack_samples, read_samples
@@ -121,18 +123,18 @@ def qat_to_checkpoint(
     command after an interruption resumes there. ``init`` is a quantlm checkpoint (RTN or GPTQ of the same model
     and weight grid) to start from instead of the float weights."""
     from quantlm import api
-    from quantlm.models.sources import load_float_model, load_tokenizer, resolve_model_dir
+    from quantlm.models.sources import load_float_model, load_model_config, load_tokenizer, resolve_model_dir
 
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"output directory {out} already exists: choose another path or pass --overwrite")
     is_main = int(os.environ.get("RANK", "0")) == 0
     # the main process holds the output lock for the whole run: a second run into OUT stops before it trains
     with output_lock(out) if is_main else contextlib.nullcontext():
+        check_output(out, overwrite)
         convertible(config)
         model_dir = resolve_model_dir(source)
         work = out.parent / f".{out.name}.work"
         check_output_paths(model_dir, out, work)
+        check_context(load_model_config(model_dir), seqlen, f"--seqlen {seqlen}")
         tokenizer = load_tokenizer(model_dir)
         windows = training_windows(data, tokenizer, seqlen, max_windows)
         init_model = api.load(init) if init is not None else None

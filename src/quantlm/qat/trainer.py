@@ -37,10 +37,9 @@ from tqdm.auto import tqdm
 
 from quantlm.errors import CheckpointError, InvalidSpecError
 from quantlm.formats.nested_state import has_nested, load_nested, save_nested
-from quantlm.hardware import choose_dtype
+from quantlm.hardware import TRAIN_DTYPES, DTypeChoice, choose_dtype
 
 LOSSES = ("kd", "ce")
-TRAIN_DTYPES = ("auto", "bfloat16", "float32")
 STATE_STEM = "train_state"  # train_state.json + train_state.*.safetensors (quantlm.formats.nested_state)
 
 
@@ -129,11 +128,22 @@ class _Distributed:
     def __init__(self, device: torch.device) -> None:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
+        self.device = device
         self.owned = False
         if self.world > 1 and not torch.distributed.is_initialized():
             backend = "nccl" if device.type == "cuda" else "gloo"
             torch.distributed.init_process_group(backend=backend)
             self.owned = True
+
+    def agree_on(self, choice: DTypeChoice) -> DTypeChoice:
+        """Every process takes the main process's choice (each probes on its own and could land either side)."""
+        if self.world == 1:
+            return choice
+        code = torch.tensor([choice.dtype == torch.bfloat16], dtype=torch.int32, device=self.device)
+        torch.distributed.broadcast(code, src=0)
+        if bool(code.item()) == (choice.dtype == torch.bfloat16):
+            return choice
+        return DTypeChoice(torch.bfloat16 if code.item() else torch.float32, "as the main process chose")
 
     def shard(self, model: nn.Module) -> None:
         """FSDP2: shard every decoder block, then the rest of the model (in place)."""
@@ -232,7 +242,9 @@ def train(
         raise InvalidSpecError("logit distillation needs the full-precision teacher model")
     device = next(student.parameters()).device
     dist = _Distributed(device)
-    compute = choose_dtype(settings.dtype, device, rows=settings.batch_size * windows.shape[1], training=True)
+    compute = dist.agree_on(
+        choose_dtype(settings.dtype, device, rows=settings.batch_size * windows.shape[1], training=True)
+    )
     torch.manual_seed(settings.seed)
     if teacher is not None:
         teacher.eval()  # run under no_grad below; its parameters' flags are left as they are
@@ -247,6 +259,7 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, settings))
     signature = {
         "settings": settings.to_dict(),
+        "compute_dtype": compute.name,  # what "auto" resolved to: a resumed run must train in the same dtype
         "windows": list(windows.shape),
         "world": dist.world,
         **(signature or {}),
