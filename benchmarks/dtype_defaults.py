@@ -79,7 +79,7 @@ def worker(dtype_name: str) -> dict:
     auto = {  # what each command's --dtype auto takes for the work above (the rows its matmuls have)
         "generate-data": choose_dtype("auto", "cpu", rows=GEN_BATCH),
         "generate": choose_dtype("auto", "cpu", rows=1),
-        "bench prefill": choose_dtype("auto", "cpu", rows=1),  # bench picks for decoding
+        "bench prefill": choose_dtype("auto", "cpu", rows=512),  # bench times each phase in its own auto dtype
         "bench decode": choose_dtype("auto", "cpu", rows=1),
         "eval": choose_dtype("auto", "cpu", rows=1024),
         "qat": choose_dtype("auto", "cpu", rows=2 * 256, training=True),

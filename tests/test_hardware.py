@@ -132,3 +132,33 @@ def test_verbose_says_which_dtype_and_why(tiny_model_dir, capsys, monkeypatch):
     assert exit_info.value.code == 0
     err = capsys.readouterr().err
     assert "dtype: " in err and "auto" in err and "CPU " in err
+
+
+def test_bench_times_prefill_and_decoding_each_in_its_own_auto_dtype(tmp_path, monkeypatch, text_file):
+    """Where auto differs by phase (a CPU without bf16 instructions: fp32 prefill, bf16 decoding), bench switches
+    the loaded model between the two measurements; the quantized layers keep their kernels."""
+    import json
+
+    from typer.testing import CliRunner
+
+    import quantlm
+    from conftest import byte_tokenizer, tiny_model
+    from quantlm import api
+    from quantlm.cli import app
+
+    real = api.choose_dtype
+
+    def by_phase(requested="auto", device=None, *, rows=512, training=False):
+        if requested != "auto":
+            return real(requested, device, rows=rows, training=training)
+        return hardware.DTypeChoice(torch.bfloat16 if rows == 1 else torch.float32, "auto: pretended")
+
+    monkeypatch.setattr(api, "choose_dtype", by_phase)
+    model = quantlm.quantize(tiny_model("llama"), [{"method": "rtn", "group_size": 32}], progress=False)
+    ckpt = quantlm.save(model, tmp_path / "q", tokenizer=byte_tokenizer())
+    args = ["bench", str(ckpt), "--prefill-tokens", "16", "--decode-prompt", "4", "--decode-tokens", "2"]
+    result = CliRunner().invoke(app, [*args, "--repeats", "1", "--data", str(text_file), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["prefill_dtype"] == "float32" and report["dtype"] == "bfloat16"
+    assert report["extra"]["kernels"] == "int4pack x21" and report["decode_tok_s"] > 0

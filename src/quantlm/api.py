@@ -124,19 +124,31 @@ def load(
     ``QUANTLM_KERNEL_CACHE=0``). ``verify``: check every file of a checkpoint against its recorded checksum first
     (default: yes, unless ``QUANTLM_VERIFY=0``; about 0.1 s per 100 MB).
     """
-    from quantlm.nn.attention import check_attention_name, use_attention
-    from quantlm.nn.inference import cast_float_parts, prepare_kernels
+    from quantlm.nn.attention import check_attention_name
 
     check_attention_name(attention)
     dtype = choose_dtype(dtype, device).dtype
     path = Path(str(source)).expanduser()
     if is_quantlm_checkpoint(path):
         model = load_checkpoint(path, device=device, verify=verify)
-        cast_float_parts(model, dtype)
-        cache_for = path / WEIGHTS_FILE if kernel_cache else None
+        return _ready(model, dtype, kernel, attention, cache_for=path / WEIGHTS_FILE if kernel_cache else None)
+    return _ready(load_float_model(source, dtype=dtype, device=device), dtype, kernel, attention)
+
+
+def recast(model: nn.Module, dtype: torch.dtype | str, *, kernel: str = "auto", attention: str = "auto") -> nn.Module:
+    """Switch a loaded model (float or quantized) to another compute dtype in place, as ``load`` would have loaded
+    it: float parts cast, the quantized Linears' kernels prepared for the new activations, attention chosen again.
+    (``bench`` times prefill and decoding each in its own dtype on CPUs where they differ.)"""
+    return _ready(model, choose_dtype(dtype).dtype, kernel, attention)
+
+
+def _ready(model: nn.Module, dtype: torch.dtype, kernel: str, attention: str, cache_for: Path | None = None):
+    from quantlm.nn.attention import use_attention
+    from quantlm.nn.inference import cast_float_parts, prepare_kernels
+
+    cast_float_parts(model, dtype)
+    if quantized_modules(model):
         model.quantlm_kernels = prepare_kernels(model, kernel, dtype, cache_for=cache_for)
-    else:
-        model = load_float_model(source, dtype=dtype, device=device)
     use_attention(model, attention)
     return model
 
@@ -373,6 +385,7 @@ __all__ = [
     "parse_recipe",
     "quantized_modules",
     "read_record",
+    "recast",
     "quantize",
     "quantize_to_checkpoint",
     "recipe_from_options",

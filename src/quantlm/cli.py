@@ -446,8 +446,16 @@ def bench(
     _setup_threads()
     tokenizer = api.load_tokenizer(model)
     api.load_text(data, "eval")  # a bad text source fails before the model is loaded
-    compute = _compute_dtype(dtype, verbose, rows=1)  # decoding, the figure bench is mostly run for
-    lm, kernels, load_seconds = _load_for_inference(model, compute, kernel, verbose, attention)
+    # each phase in the dtype auto takes for it: on CPUs without bf16 instructions decoding (one row per matmul)
+    # can pay in bf16 while prefill (many rows) is several times slower there
+    prefill_dtype = _compute_dtype(dtype, verbose, rows=prefill_tokens)
+    decode_dtype = _compute_dtype(dtype, verbose, rows=1)
+    lm, kernels, load_seconds = _load_for_inference(model, prefill_dtype, kernel, verbose, attention)
+
+    def to_decode_dtype(lm) -> None:
+        if decode_dtype.dtype != prefill_dtype.dtype:
+            api.recast(lm, decode_dtype.dtype, kernel=kernel, attention=attention)
+
     report = api.measure_speed(
         lm,
         tokenizer,
@@ -457,11 +465,12 @@ def bench(
         repeats=repeats,
         compile=compile,
         text=data,
+        before_decode=to_decode_dtype,
     )
     report.extra.update(
         model=model,
         load_seconds=round(load_seconds, 3),
-        kernels=api.kernel_summary(kernels),
+        kernels=api.kernel_summary(getattr(lm, "quantlm_kernels", kernels)),
         attention=lm.config._attn_implementation,
     )
     if as_json:
@@ -469,7 +478,7 @@ def bench(
         return
     w = report.weight_bytes
     typer.echo(
-        f"{model} ({report.dtype}, {report.extra['kernels']}, attention {report.extra['attention']}, "
+        f"{model} ({_dtypes(report)}, {report.extra['kernels']}, attention {report.extra['attention']}, "
         f"{report.threads} threads{', compiled' if compile else ''})"
     )
     typer.echo(
@@ -486,6 +495,12 @@ def bench(
         f"load {load_seconds:.2f}s; "
         f"peak RSS {report.peak_rss_gb:.2f} GB"
     )
+
+
+def _dtypes(report) -> str:
+    if report.prefill_dtype and report.prefill_dtype != report.dtype:
+        return f"prefill {report.prefill_dtype}, decode {report.dtype}"
+    return report.dtype
 
 
 @app.command()

@@ -15,6 +15,7 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -44,6 +45,7 @@ class SpeedReport:
     threads: int
     dtype: str
     compiled: bool
+    prefill_dtype: str = ""  # the dtype prefill was timed in, where it differs from decoding's
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -146,6 +148,10 @@ def time_decode(
     return rates
 
 
+def _dtype_name(model: nn.Module) -> str:
+    return str(next(model.parameters()).dtype).replace("torch.", "")
+
+
 def measure_speed(
     model: nn.Module,
     tokenizer,
@@ -156,14 +162,19 @@ def measure_speed(
     repeats: int = 3,
     compile: bool = False,
     text: str = "enwiki",
+    before_decode: Callable[[nn.Module], None] | None = None,
 ) -> SpeedReport:
-    """Prefill and decode speed of ``model`` per the protocol, with its weight bytes and the bandwidth bound."""
+    """Prefill and decode speed of ``model`` per the protocol, with its weight bytes and the bandwidth bound.
+    ``before_decode`` runs between the two measurements (e.g. ``quantlm.api.recast`` to decode in another dtype)."""
     if repeats < 1:
         raise QuantlmError(f"repeats must be at least 1, got {repeats}")
     check_context(model.config, prefill_tokens, f"--prefill-tokens {prefill_tokens}")
     check_context(model.config, decode_prompt + decode_tokens, "--decode-prompt plus --decode-tokens")
     ids = prompt_ids(tokenizer, max(prefill_tokens, decode_prompt), text)
     prefill = time_prefill(model, ids[:, :prefill_tokens], repeats)
+    prefill_dtype = _dtype_name(model)
+    if before_decode is not None:
+        before_decode(model)
     decode = time_decode(model, ids[:, :decode_prompt], decode_tokens, repeats, compile)
     sizes = weight_bytes(model)
     sizes["quantized_linear_bf16"] = sum(
@@ -186,6 +197,7 @@ def measure_speed(
         decode_bound_tok_s=bandwidth * 1e9 / per_token,
         peak_rss_gb=peak,
         threads=torch.get_num_threads(),
-        dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+        dtype=_dtype_name(model),
         compiled=compile,
+        prefill_dtype=prefill_dtype,
     )
