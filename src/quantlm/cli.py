@@ -17,7 +17,7 @@ from typing import Optional
 import typer
 
 from quantlm import api
-from quantlm.errors import CheckpointError, QuantlmError, os_error_message
+from quantlm.errors import QuantlmError, os_error_message
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Quantize Hugging Face causal LMs and measure them.")
 
@@ -175,8 +175,7 @@ def quantize(
 ) -> None:
     """Quantize MODEL and write a checkpoint to OUT."""
 
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"output directory {out} already exists: choose another path or pass --overwrite")
+    api.check_output(out, overwrite)  # before any work (the run checks again under the output lock)
     given = {k: v for k, v in (options or {}).items() if v is not None}
     if recipe is not None:
         if given or weights is not None or method.value != "rtn":
@@ -698,8 +697,7 @@ def qat(
 
     Runs on many processes with torchrun (DDP; gloo on CPU, nccl on CUDA)."""
 
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"output directory {out} already exists: choose another path or pass --overwrite")
+    api.check_output(out, overwrite)  # before any work (the run checks again under the output lock)
     config = api.QATConfig.from_options(
         w_bits=w_bits,
         a_bits=a_bits,
