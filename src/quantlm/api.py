@@ -33,7 +33,7 @@ from quantlm.methods.head import head_step
 from quantlm.methods.recipe import Recipe, add_head_step, parse_recipe, recipe_from_options
 from quantlm.models.context import check_context
 from quantlm.models.sources import load_float_model, load_model_config, load_tokenizer, resolve_model_dir
-from quantlm.paths import check_output_paths, output_lock
+from quantlm.paths import check_output_paths, default_work_dir, output_lock
 from quantlm.pipeline.activations import OffloadDirectory
 from quantlm.pipeline.runner import run_pipeline
 
@@ -223,7 +223,7 @@ def quantize_to_checkpoint(
             raise QuantlmError(
                 f"{source} is already a quantlm checkpoint ({how}): quantize the float model it was made from instead"
             )
-        work = Path(work_dir) if work_dir is not None else out.parent / f".{out.name}.work"
+        work = Path(work_dir) if work_dir is not None else default_work_dir(out)
         check_output_paths(model_dir, out, work)
         if recipe.needs_calibration and isinstance(calibration, Calibration):
             check_context(load_model_config(model_dir), calibration.seqlen, f"--calib-seqlen {calibration.seqlen}")

@@ -17,7 +17,7 @@ from typing import Optional
 import typer
 
 from quantlm import api
-from quantlm.errors import QuantlmError, os_error_message
+from quantlm.errors import QuantlmError, first_line, os_error_message
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Quantize Hugging Face causal LMs and measure them.")
 
@@ -65,8 +65,7 @@ def _friendly(fn):
             known = os_error_message(e)  # a full disk, a read-only file system, a missing permission
             if known is not None:
                 _fail(known)
-            first = str(e).splitlines()[0] if str(e) else ""
-            _fail(f"unexpected {type(e).__name__}: {first} (set QUANTLM_DEBUG=1 for the traceback)")
+            _fail(f"unexpected {first_line(e)} (set QUANTLM_DEBUG=1 for the traceback)")
 
     return wrapper
 

@@ -80,6 +80,11 @@ def _take_lock_file(lock: Path) -> int | None:
     return None
 
 
+def default_work_dir(out: Path) -> Path:
+    """Where a run into ``out`` keeps its resumable work unless told otherwise: ``.{name}.work`` beside it."""
+    return out.parent / f".{out.name}.work"
+
+
 def _inside(path: Path, other: Path) -> bool:
     """Whether ``path`` is ``other`` or lies inside it (both resolved, links followed)."""
     path, other = path.resolve(), other.resolve()

@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from quantlm.errors import CheckpointError, QuantlmError
+from quantlm.errors import CheckpointError, QuantlmError, first_line
 from quantlm.formats.record import QuantizationRecord
 from quantlm.formats.safetensors_io import write_streaming
 from quantlm.models.blocks import set_submodule
@@ -322,9 +322,7 @@ def load_checkpoint(
     except QuantlmError:
         raise
     except Exception as e:
-        raise CheckpointError(
-            f"cannot rebuild the model from {path}: {type(e).__name__}: {str(e).splitlines()[0]}"
-        ) from None
+        raise CheckpointError(f"cannot rebuild the model from {path}: {first_line(e)}") from None
     if result.unexpected_keys:
         raise CheckpointError(f"{weights} has tensors the model does not: {', '.join(result.unexpected_keys[:5])}")
     if hasattr(model, "tie_weights"):

@@ -72,7 +72,7 @@ def _cached_dir_for_gguf(gguf: Path, cache_name: str) -> Path:
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except Exception as e:  # transformers raises many types for unreadable GGUF files
-        raise ModelSourceError(f"cannot read GGUF file {gguf}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+        raise ModelSourceError(f"cannot read GGUF file {gguf}: {first_line(e)}") from e
     # The weights are now plain fp32 tensors: forget the GGUF origin so the model saves as a dense checkpoint.
     model.hf_quantizer = None
     model.is_quantized = False

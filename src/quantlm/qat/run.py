@@ -15,7 +15,7 @@ from quantlm.errors import InvalidSpecError
 from quantlm.formats.native import check_output
 from quantlm.formats.record import QuantizationRecord
 from quantlm.models.context import check_context
-from quantlm.paths import check_output_paths, output_lock
+from quantlm.paths import check_output_paths, default_work_dir, output_lock
 from quantlm.qat.convert import convert_qat_model, convertible
 from quantlm.qat.data import pack_samples, read_samples
 from quantlm.qat.fake_quant import FakeQuantLinear, QATConfig, fake_quant_linears, prepare_qat
@@ -132,7 +132,7 @@ def qat_to_checkpoint(
         check_output(out, overwrite)
         convertible(config)
         model_dir = resolve_model_dir(source)
-        work = out.parent / f".{out.name}.work"
+        work = default_work_dir(out)
         check_output_paths(model_dir, out, work)
         check_context(load_model_config(model_dir), seqlen, f"--seqlen {seqlen}")
         tokenizer = load_tokenizer(model_dir)
