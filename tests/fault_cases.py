@@ -143,6 +143,7 @@ EVAL = ("--data", "{text}", "--seqlen", "32", "--max-windows", "1")
 QAT = ("qat", "{model}", "--data", "{text}", "--steps", "2", "--batch-size", "2", "--seqlen", "32", "--save-every", "1")
 GEN_DATA = ("generate-data", "{model}", "--samples", "4", "--max-length", "8", "--batch-size", "2")
 BENCH = ("--data", "{text}", "--prefill-tokens", "8", "--decode-prompt", "4", "--decode-tokens", "2", "--repeats", "1")
+REPORT = ("report", "{ckpt}", "{model}")
 
 
 # ---------------------------------------------------------------------------------------------- setups and checks
@@ -357,6 +358,17 @@ def generated_with_other_settings(ctx):
 def jsonl_out_parent_is_a_file(ctx):
     out_parent_is_a_file(ctx)
     ctx.paths["out"] = ctx.dir / "afile" / "gen.jsonl"
+
+
+def earlier_report(ctx):
+    """{out} is a report an earlier `quantlm report` wrote."""
+    code, _, err = ctx.cli("report", "{ckpt}", "--out", "{out}")
+    assert code == 0, err
+
+
+def report_replaced(ctx):
+    text = (ctx.paths["out"] / "report.md").read_text()
+    assert "fp32 (tiny-llama)" in text and "rtn(w4 g16 asym)" in text, text
 
 
 def interrupted_quantize(ctx):
@@ -648,6 +660,10 @@ CASES: list[Case] = [
          QUANTIZE, "is neither a model directory nor a .gguf file", setup=text_file_as_model),
     Case("src-quantized-again", "model source", "quantizing a quantlm checkpoint again",
          ("quantize", "{ckpt}", "--out", "{out}"), "is already a quantlm checkpoint (rtn(w4 g16 asym))"),
+    Case("src-report-missing", "model source", "report of a run path that does not exist",
+         (*REPORT, "{dir}/no-such-checkpoint", "--out", "{out}"), "does not exist: pass a checkpoint directory"),
+    Case("src-report-file", "model source", "report of a run that is a file, not a directory or .json",
+         (*REPORT, "{text}", "--out", "{out}"), "is a file, not a directory"),
     # ---- settings
     Case("set-bits-0", "settings", "--bits 0",
          ("quantize", "{model}", "--bits", "0", "--out", "{out}"), "bits must be between 2 and 8, got 0"),
@@ -728,6 +744,10 @@ CASES: list[Case] = [
          (*QAT, "--w-bits", "1", "--out", "{out}"), "weight bits must be 2..8, or 16"),
     Case("set-greedy-range", "settings", "generate-data --greedy-tokens 5-3",
          (*GEN_DATA, "--greedy-tokens", "5-3", "--out", "{dir}/gen.jsonl"), "greedy tokens must be a range lo-hi"),
+    Case("set-report-no-runs", "settings", "report without any run",
+         ("report", "--out", "{out}"), "no runs given"),
+    Case("set-report-label", "settings", "report --label without RUN=TEXT",
+         (*REPORT, "--label", "best", "--out", "{out}"), "--label wants RUN=TEXT"),
     # ---- data
     Case("data-empty", "data", "empty calibration text file",
          ("quantize", "{model}", *GPTQ[:2], "--calib", "{dir}/empty.txt", "--out", "{out}"), "contains no text",
@@ -791,6 +811,20 @@ CASES: list[Case] = [
     Case("data-qat-foreign", "data", "qat --data .jsonl not written by generate-data",
          ("qat", "{model}", "--data", "{dir}/gen.jsonl", "--steps", "1", "--out", "{out}"),
          "line 1 is not a generated sample", setup=write_file("gen.jsonl", '{"text": "hello"}\n')),
+    Case("data-report-missing-json", "data", "report of a .json file that does not exist",
+         (*REPORT, "{dir}/eval.json", "--out", "{out}"), "JSON file not found"),
+    Case("data-report-not-json", "data", "report of a .json file that is not valid JSON",
+         (*REPORT, "{dir}/eval.json", "--out", "{out}"), "is not valid JSON",
+         setup=write_file("eval.json", '{"model": "x", "ppl": 12.')),
+    Case("data-report-foreign-json", "data", "report of a JSON file that no quantlm eval or bench printed",
+         (*REPORT, "{dir}/recipe.json", "--out", "{out}"), "is not a quantlm eval or bench JSON",
+         setup=write_file("recipe.json", '[{"method": "rtn", "bits": 4}]')),
+    Case("data-report-no-model", "data", "report of an eval JSON without its \"model\" key",
+         (*REPORT, "{dir}/eval.json", "--out", "{out}"), "does not say which model it measured",
+         setup=write_file("eval.json", '{"ppl": 12.5, "tokens": 100}')),
+    Case("data-report-bad-number", "data", "report of an eval JSON whose ppl is not a number",
+         (*REPORT, "{dir}/eval.json", "--out", "{out}"), '"ppl" is "12.5", not a number',
+         setup=write_file("eval.json", '{"model": "x", "ppl": "12.5"}')),
     # ---- outputs
     Case("out-exists", "output", "--out that already holds a checkpoint",
          QUANTIZE, "already exists: choose another path or pass --overwrite", setup=protect_existing_output,
@@ -852,6 +886,15 @@ CASES: list[Case] = [
          lost="nothing: the file is unchanged"),
     Case("out-jsonl-parent-file", "output", "generate-data --out inside a path that is a file",
          (*GEN_DATA, "--out", "{out}"), "afile", setup=jsonl_out_parent_is_a_file),
+    Case("out-report-exists", "output", "report --out that exists",
+         (*REPORT, "--out", "{out}"), "already exists: choose another path or pass --overwrite",
+         setup=out_is_a_project, lost="nothing: the directory is byte-identical"),
+    Case("out-report-overwrite-project", "output", "report --overwrite naming a directory that is not a report",
+         (*REPORT, "--out", "{out}", "--overwrite"), "--overwrite only replaces earlier reports",
+         setup=out_is_a_project, lost="nothing; refused before any work"),
+    Case("out-report-overwrite", "output", "report --overwrite of an earlier report",
+         (*REPORT, "--out", "{out}", "--overwrite"), "2 runs", code=0, setup=earlier_report, check=report_replaced,
+         lost="the earlier report, as asked"),
     # ---- interruption
     Case("int-quantize", "interruption", "Ctrl-C in the middle of quantize",
          QUANTIZE, "interrupted", setup=interrupted_quantize, check=both(out_absent, work_dir_kept),

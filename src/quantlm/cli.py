@@ -35,6 +35,7 @@ DTYPE_HELP = (
     "Compute dtype: auto (the faster of bfloat16 and float32 for this command's work on this CPU, by its flags and "
     "a one-off probe; --verbose says which and why), float32, bfloat16 or float16."
 )
+REPORT_DIR = "report"  # where quantize --report writes, inside the checkpoint
 ATTENTION_HELP = (
     "Attention: auto (decode steps of a bf16/fp16 CPU model in fp32, which is faster there), quantlm_sdpa (that), "
     "sdpa or eager (transformers' own)."
@@ -170,6 +171,12 @@ def quantize(
     evaluate: bool = typer.Option(False, "--eval", help="Measure perplexity (enwiki eval) afterwards."),
     max_windows: int = typer.Option(32, help="With --eval: number of 2048-token windows."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+    report: bool = typer.Option(
+        False,
+        "--report",
+        help=f"Also write a report of this run (Markdown, plots; with --eval its perplexity) into OUT/{REPORT_DIR}/ "
+        "(docs/report.md).",
+    ),
     options: Optional[dict] = None,
 ) -> None:
     """Quantize MODEL and write a checkpoint to OUT."""
@@ -213,9 +220,12 @@ def quantize(
         "quantized_weight_mb": round(sum(m.weight_bytes for m in modules.values()) / 1e6, 3),
         "checkpoint_mb": round(sum(f.stat().st_size for f in out.iterdir()) / 1e6, 3),
     }
+    result = None
     if evaluate:
         result = api.evaluate(qmodel, tokenizer=api.load_tokenizer(out), max_windows=max_windows, progress=not as_json)
         summary.update(ppl=result.ppl, tokens=result.tokens)
+    if report:
+        summary["report"] = str(_write_quantize_report(out, seconds, result))
     if as_json:
         _print_json(summary)
         return
@@ -225,6 +235,24 @@ def quantize(
     typer.echo(summarize_log(qmodel.quantlm_record.log))
     if evaluate:
         typer.echo(f"perplexity {summary['ppl']:.3f} over {summary['tokens']} tokens")
+    if report:
+        typer.echo(f"report -> {summary['report']}")
+
+
+def _write_quantize_report(out: Path, seconds: float, perplexity) -> Path:
+    """The report of the quantize run that wrote the checkpoint ``out``, in ``OUT/report/`` (a directory, so the
+    checkpoint's checksums, which cover its files, are unaffected); with ``--eval`` its perplexity."""
+    import dataclasses
+
+    from quantlm.report import gather_runs, measurement_from_dict, write_report
+
+    measurements = []
+    if perplexity is not None:
+        measured = {"model": str(out), "data": "enwiki", **perplexity.to_dict()}
+        measurements.append(measurement_from_dict(measured, "quantize --eval"))
+    runs = gather_runs([str(out)], measurements=measurements)
+    runs = [dataclasses.replace(run, quantize_seconds=seconds, seconds_from="the whole quantize run") for run in runs]
+    return write_report(runs, out / REPORT_DIR)
 
 
 def summarize_log(records: list[dict]) -> str:
@@ -319,6 +347,7 @@ def eval_cmd(
         kv_now = getattr(lm, "quantlm_kv_config", None)
         _print_json(
             {
+                "model": model,
                 "ppl": result.ppl,
                 "tokens": result.tokens,
                 "windows": result.windows,
@@ -472,7 +501,7 @@ def bench(
         attention=lm.config._attn_implementation,
     )
     if as_json:
-        _print_json(report.to_dict())
+        _print_json({"model": model, **report.to_dict()})
         return
     w = report.weight_bytes
     typer.echo(
@@ -493,6 +522,48 @@ def bench(
         f"load {load_seconds:.2f}s; "
         f"peak RSS {report.peak_rss_gb:.2f} GB"
     )
+
+
+@app.command()
+@_friendly
+def report(
+    runs: Optional[list[str]] = typer.Argument(
+        None,
+        metavar="RUN",
+        help="Checkpoint directories, model directories or aliases, and .json files that `quantlm eval --json` or "
+        '`quantlm bench --json` printed (each joins the run its "model" names).',
+        show_default=False,
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="The report directory (report.md, report.json, PNG plots)."),
+    overwrite: bool = typer.Option(False, help="Replace OUT if it is an earlier report (or an empty directory)."),
+    label: Optional[list[str]] = typer.Option(
+        None, "--label", help="RUN=TEXT: call that run TEXT in the tables and plots (repeatable)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+) -> None:
+    """Write a Markdown report with plots (perplexity against size, quantization error across depth, speed) of
+    checkpoints and models, from their quant logs and saved eval/bench JSON (docs/report.md)."""
+    from quantlm.report import check_report_output, gather_runs, write_report
+
+    check_report_output(out, overwrite)  # before reading anything (checked again when written)
+    gathered = gather_runs(runs or [], labels=_parse_labels(label or []))
+    path = write_report(gathered, out, overwrite=overwrite)
+    plots = sorted(p.name for p in out.glob("*.png"))
+    if as_json:
+        _print_json({"report": str(path), "runs": [run.label for run in gathered], "plots": plots})
+        return
+    typer.echo(f"{len(gathered)} run{'s' if len(gathered) != 1 else ''}, plots: {', '.join(plots) or 'none'} -> {path}")
+
+
+def _parse_labels(pairs: list[str]) -> dict[str, str]:
+    """``--label RUN=TEXT`` options as {RUN: TEXT}."""
+    labels = {}
+    for pair in pairs:
+        run, sep, text = pair.partition("=")
+        if not sep or not run or not text.strip():
+            raise QuantlmError(f"--label wants RUN=TEXT (e.g. --label out/w4=GPTQ-w4), got '{pair}'")
+        labels[run] = text.strip()
+    return labels
 
 
 def _dtypes(report) -> str:
