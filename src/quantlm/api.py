@@ -323,6 +323,39 @@ def evaluate(
     )
 
 
+def evaluate_tasks(
+    model: nn.Module | str | os.PathLike,
+    tasks: str | list[str] = "all",
+    *,
+    tokenizer=None,
+    limit: int | None = None,
+    batch_tokens: int | None = None,
+    progress: bool = True,
+):
+    """Zero-shot accuracy on multiple-choice tasks (``"piqa,hellaswag"``, a list of names, or ``"all"``: the
+    LLM-QAT paper's eight), scored as lm-eval scores them, on the first ``limit`` documents of each; of a model
+    object (with its tokenizer) or of any model source. Returns {task: TaskResult}."""
+    from quantlm.eval import tasks as task_data
+    from quantlm.eval import zeroshot
+
+    names = task_data.parse_task_names(tasks if isinstance(tasks, str) else ",".join(tasks))
+    task_data.task_data_root()  # missing task data fails before any model is loaded
+    if not isinstance(model, nn.Module):
+        if tokenizer is None:
+            tokenizer = load_tokenizer(model)
+        model = load(model)
+    if tokenizer is None:
+        raise QuantlmError("evaluating a model object needs its tokenizer: pass tokenizer=")
+    return zeroshot.evaluate_tasks(
+        model,
+        tokenizer,
+        names,
+        limit=limit,
+        batch_tokens=batch_tokens or zeroshot.DEFAULT_BATCH_TOKENS,
+        progress=progress,
+    )
+
+
 # The rest of the public surface (what the command line runs), imported when first used so that ``import
 # quantlm`` stays light: ``quantlm.api.NAME`` for each name below.
 _ON_DEMAND = {
@@ -336,6 +369,9 @@ _ON_DEMAND = {
     "generate_text": "quantlm.generation",
     "check_generation_request": "quantlm.generation",
     "measure_speed": "quantlm.eval.speed",
+    "format_task_table": "quantlm.eval.zeroshot",
+    "TaskResult": "quantlm.eval.zeroshot",
+    "TASKS": "quantlm.eval.tasks",
     "kernel_summary": "quantlm.nn.inference",
     "KERNEL_CHOICES": "quantlm.nn.kernels",
     "KVQuantConfig": "quantlm.nn.kv_cache",
@@ -368,6 +404,7 @@ def kv_cache_setting(bits: int | None):
 
 
 __all__ = [
+    "evaluate_tasks",
     "add_head_step",
     "choose_dtype",
     "describe_cpu",

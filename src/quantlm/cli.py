@@ -303,12 +303,26 @@ def summarize_log(records: list[dict]) -> str:
 @_friendly
 def eval_cmd(
     model: str = typer.Argument(..., help="Alias, model directory, quantlm checkpoint, .gguf file or hub id."),
+    tasks: Optional[str] = typer.Option(
+        None,
+        "--tasks",
+        help="Zero-shot multiple-choice tasks, comma-separated, or all (the LLM-QAT paper's eight): piqa, hellaswag, "
+        "arc_easy, arc_challenge, boolq, winogrande, siqa, openbookqa. Scored by log-likelihood as lm-eval scores "
+        "them (docs/evaluation.md).",
+    ),
+    limit: int = typer.Option(0, "--limit", help="With --tasks: score the first N documents of each task (0 = all)."),
+    perplexity: Optional[bool] = typer.Option(
+        None, "--perplexity/--no-perplexity", help="Measure perplexity [default: yes, unless --tasks is given]."
+    ),
     data: str = typer.Option("enwiki", help="Text: a built-in name, a .txt/.jsonl file, or hf:NAME[:CONFIG]."),
     split: str = typer.Option("eval", help="Split of the text: eval or calibration."),
     seqlen: int = typer.Option(2048, help="Window length in tokens."),
     max_windows: int = typer.Option(32, help="Number of windows scored (0 = all)."),
     bos: Optional[bool] = typer.Option(
         None, "--bos/--no-bos", help="Prepend BOS to every window (default: per family)."
+    ),
+    batch_tokens: int = typer.Option(
+        4096, help="With --tasks: padded tokens per forward pass (more: faster on big machines, more memory)."
     ),
     dtype: DType = typer.Option(DType.auto, help=DTYPE_HELP),
     kernel: str = typer.Option("auto", help=KERNEL_HELP),
@@ -318,51 +332,71 @@ def eval_cmd(
         help="Quantize the KV cache to 8 or 4 bits, or 16 for a float cache [default: as the checkpoint says].",
     ),
     verbose: bool = typer.Option(False, "--verbose", help=VERBOSE_HELP),
-    as_json: bool = typer.Option(False, "--json", help='Print {"ppl": ..., "tokens": ...} on stdout.'),
+    as_json: bool = typer.Option(
+        False, "--json", help='Print {"model": ..., "ppl": ..., "tasks": {"piqa": {"acc": ...}}} on stdout.'
+    ),
 ) -> None:
-    """Perplexity per the benchmark protocol (non-overlapping windows)."""
+    """Perplexity per the benchmark protocol (non-overlapping windows), and zero-shot task accuracy (--tasks)."""
+    from quantlm.eval import tasks as task_data
 
     if seqlen < 2:
         _fail(f"--seqlen must be at least 2, got {seqlen}")
+    if limit < 0 or batch_tokens < 1:
+        _fail(f"--limit must be 0 or more and --batch-tokens at least 1, got {limit} and {batch_tokens}")
+    task_names = task_data.parse_task_names(tasks) if tasks is not None else []
+    with_ppl = perplexity if perplexity is not None else not task_names
+    if not with_ppl and not task_names:
+        _fail("--no-perplexity leaves nothing to measure: add --tasks")
     _setup_threads()
     t0 = time.perf_counter()
-    api.load_text(data, split)  # a bad text source fails before the model is loaded
+    if with_ppl:
+        api.load_text(data, split)  # a bad text source fails before the model is loaded
+    if task_names:
+        task_data.task_data_root()  # so does missing task data
     kv = api.kv_cache_setting(kv_bits)
-    compute = _compute_dtype(dtype, verbose, rows=seqlen)
+    compute = _compute_dtype(dtype, verbose, rows=seqlen if with_ppl else batch_tokens)
     lm, kernels, _ = _load_for_inference(model, compute, kernel, verbose)
     if kv_bits is not None:
         api.enable_kv_quantization(lm, kv)
-    result = api.evaluate(
-        lm,
-        tokenizer=api.load_tokenizer(model),
-        data=data,
-        split=split,
-        seqlen=seqlen,
-        max_windows=max_windows or None,
-        add_bos=bos,
-        progress=not as_json,
-    )
+    tokenizer = api.load_tokenizer(model)
+    summary: dict = {"model": model}
+    if with_ppl:
+        result = api.evaluate(
+            lm,
+            tokenizer=tokenizer,
+            data=data,
+            split=split,
+            seqlen=seqlen,
+            max_windows=max_windows or None,
+            add_bos=bos,
+            progress=not as_json,
+        )
+        summary.update(data=data, split=split, **result.to_dict())
+        summary.pop("nll")
+    if task_names:
+        scored = api.evaluate_tasks(
+            lm, task_names, tokenizer=tokenizer, limit=limit or None, batch_tokens=batch_tokens, progress=not as_json
+        )
+        summary["tasks"] = {name: r.to_dict() for name, r in scored.items()}
     seconds = time.perf_counter() - t0
+    kv_now = getattr(lm, "quantlm_kv_config", None)
+    summary.update(
+        seconds=round(seconds, 2),
+        dtype=compute.name,
+        kernels=api.kernel_summary(kernels),
+        kv_cache=None if kv_now is None else kv_now.describe(),
+    )
     if as_json:
-        kv_now = getattr(lm, "quantlm_kv_config", None)
-        _print_json(
-            {
-                "model": model,
-                "ppl": result.ppl,
-                "tokens": result.tokens,
-                "windows": result.windows,
-                "seqlen": result.seqlen,
-                "seconds": round(seconds, 2),
-                "dtype": compute.name,
-                "kernels": api.kernel_summary(kernels),
-                "kv_cache": None if kv_now is None else kv_now.describe(),
-            }
-        )
-    else:
+        _print_json(summary)
+        return
+    if with_ppl:
         typer.echo(
-            f"perplexity {result.ppl:.4f} over {result.tokens} tokens ({result.windows} x {result.seqlen}) "
-            f"in {seconds:.1f}s ({compute.name})"
+            f"perplexity {summary['ppl']:.4f} over {summary['tokens']} tokens ({summary['windows']} x "
+            f"{summary['seqlen']})"
         )
+    if task_names:
+        typer.echo(api.format_task_table(scored))
+    typer.echo(f"in {seconds:.1f}s ({compute.name})")
 
 
 def _compute_dtype(dtype: DType, verbose: bool, rows: int):
