@@ -24,3 +24,27 @@ def test_quickstart_quantizes_with_gptq_and_reports_both_models(tmp_path):
     assert config["calibration"]["n_samples"] == 2
     table = quickstart.format_table(rows)
     assert "| gptq | 4 | 64 |" in table and not (tmp_path / ".q.work").exists()
+
+
+def test_the_printed_command_makes_the_same_recipe(tmp_path, text_file):
+    """The command the quickstart prints beside its table reproduces its recipe on the command line."""
+    from typer.testing import CliRunner
+
+    from quantlm.cli import app
+
+    src = tmp_path / "fp"
+    tiny_model("llama").save_pretrained(src)
+    byte_tokenizer().save_pretrained(src)
+    command = quickstart.recipe_command(str(src), tmp_path / "cli", calib_samples=2).split()
+    assert command[:2] == ["quantlm", "quantize"]
+    args = [*command[1:], "--calib", str(text_file), "--calib-seqlen", "64"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "cli" / "config.json").read_text())["quantization_config"]
+    assert quantlm.parse_recipe(config["recipe"]).steps[0].to_config() == quickstart.best_recipe()[0].to_config()
+
+
+def test_presets():
+    fast, full = quickstart.PRESETS["fast"], quickstart.PRESETS["full"]
+    assert (full.calib_samples, full.max_windows) == (128, 32)  # the benchmark protocol
+    assert fast.calib_samples < full.calib_samples and fast.max_windows < full.max_windows

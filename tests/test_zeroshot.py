@@ -44,8 +44,8 @@ def test_a_hand_checked_question(tokenizer):
     question = Question.shared_context("Q:", ["yes", "no"], gold=0)
 
     # uniform: " yes" is 4 tokens, " no" 3; acc takes the shorter "no", acc_norm (per character) takes "yes"
-    tally, requests, _ = zeroshot.score_questions(BigramLM(table), tokenizer, [question], progress=False)
-    assert requests == 2 and tally.acc == [False] and tally.acc_norm == [True]
+    tally, scores, _ = zeroshot.score_questions(BigramLM(table), tokenizer, [question], progress=False)
+    assert len(scores) == 2 and tally.acc == [False] and tally.acc_norm == [True]
     scores, _ = zeroshot.continuation_logprobs(
         BigramLM(table), [zeroshot.encode_pair(tokenizer, "Q:", " yes")], progress=False
     )

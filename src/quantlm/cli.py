@@ -662,18 +662,39 @@ def data(as_json: bool = typer.Option(False, "--json")) -> None:
 def quickstart(
     model: str = typer.Option("smollm2-135m", help="Model to quantize."),
     out: Path = typer.Option(Path("out/quickstart"), help="Where the quantized checkpoint goes (replaced)."),
-    max_windows: int = typer.Option(32, help="Evaluation windows of 2048 tokens."),
-    calib_samples: int = typer.Option(128, help="Calibration windows of 2048 tokens (fewer: faster, less accurate)."),
+    full: bool = typer.Option(
+        False, "--full", help="The benchmark protocol: 128 x 2048 calibration, 32 x 2048 evaluation (about 30 min)."
+    ),
+    max_windows: Optional[int] = typer.Option(
+        None, help="Evaluation windows of 2048 tokens [default: 8, with --full 32]."
+    ),
+    calib_samples: Optional[int] = typer.Option(
+        None, help="Calibration windows of 2048 tokens (fewer: faster, less accurate) [default: 16, with --full 128]."
+    ),
+    dtype: DType = typer.Option(DType.auto, help=DTYPE_HELP),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Quantize the default model with the best recipe and print size, perplexity and time."""
+    """Quantize the default model with the best recipe and print size, perplexity and time (fast by default: a first
+    result within minutes; --full for the benchmark protocol)."""
     from quantlm import quickstart as qs  # the main job of a fresh checkout
 
-    if calib_samples < 1:
-        raise QuantlmError(f"--calib-samples must be at least 1, got {calib_samples}")
+    preset = qs.PRESETS["full" if full else "fast"]
+    calib_samples = preset.calib_samples if calib_samples is None else calib_samples
+    max_windows = preset.max_windows if max_windows is None else max_windows
+    if calib_samples < 1 or max_windows < 1:
+        raise QuantlmError(f"--calib-samples and --max-windows must be at least 1, got {calib_samples}, {max_windows}")
     _setup_threads()
-    rows = qs.run(model=model, out=out, max_windows=max_windows, calib_samples=calib_samples)
-    typer.echo(qs.rows_to_json(rows) if as_json else qs.format_table(rows))
+    rows = qs.run(model=model, out=out, max_windows=max_windows, calib_samples=calib_samples, dtype=dtype.value)
+    if as_json:
+        typer.echo(qs.rows_to_json(rows))
+        return
+    typer.echo(qs.format_table(rows))
+    typer.echo(f"\nthe quantized row: {qs.recipe_command(model, out, calib_samples)}")
+    typer.echo(
+        f"perplexity: enwiki eval split, {max_windows} x 2048 tokens (quantlm eval {out} --max-windows {max_windows})"
+    )
+    if not full:
+        typer.echo(f"this was the fast preset ({preset.note}); the full protocol: quantlm quickstart --full")
 
 
 class GenMode(str, Enum):

@@ -186,8 +186,9 @@ def score_questions(
     batch_tokens: int = DEFAULT_BATCH_TOKENS,
     progress: bool = True,
     desc: str = "",
-) -> tuple[_Tally, int, int]:
-    """Right/wrong per question by raw and by length-normalised log-likelihood; also the requests and tokens read."""
+) -> tuple[_Tally, list[float], int]:
+    """Right/wrong per question by raw and by length-normalised log-likelihood; also every choice's log-likelihood
+    (questions in order, choices in order) and the tokens the model read."""
     requests: list[Request] = []
     for q in questions:
         requests += [encode_pair(tokenizer, c, k) for c, k in zip(q.contexts, q.continuations)]
@@ -199,7 +200,7 @@ def score_questions(
         start += len(q.contexts)
         tally.acc.append(_argmax(lls) == q.gold)
         tally.acc_norm.append(_argmax([ll / max(len(t), 1) for ll, t in zip(lls, q.choice_texts)]) == q.gold)
-    return tally, len(requests), tokens
+    return tally, scores, tokens
 
 
 def evaluate_task(
@@ -217,7 +218,7 @@ def evaluate_task(
     if not questions:
         raise DataSourceError(f"task {name} has no documents to score (limit {limit})")
     t0 = time.perf_counter()
-    tally, n_requests, n_tokens = score_questions(
+    tally, scores, n_tokens = score_questions(
         model, tokenizer, questions, batch_tokens=batch_tokens, progress=progress, desc=name
     )
     acc, acc_se = _mean_and_stderr(tally.acc)
@@ -230,7 +231,7 @@ def evaluate_task(
         acc_norm=norm,
         acc_norm_stderr=norm_se,
         seconds=time.perf_counter() - t0,
-        requests=n_requests,
+        requests=len(scores),
         tokens=n_tokens,
     )
 

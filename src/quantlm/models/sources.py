@@ -142,16 +142,20 @@ def _hub_snapshot(repo_id: str) -> Path:
 
 @contextlib.contextmanager
 def quiet_transformers() -> Iterator[None]:
-    """Hold transformers' own log lines (load reports, architecture notices) back: quantlm says what went wrong in
-    one line of its own."""
+    """Hold transformers' own log lines (load reports, architecture notices) and its weight-loading progress bar
+    back: quantlm says what went wrong in one line of its own, and shows progress where the work is long."""
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def load_model_config(model_dir: str | os.PathLike):
