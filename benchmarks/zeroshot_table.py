@@ -3,7 +3,8 @@ for the float model and each quantization method, every number from quantlm's ow
 
 Each row's checkpoint is made once under --runs (kept: `quantlm report` reads them afterwards, and a rerun skips
 a checkpoint that is already there), then scored by one `quantlm eval CKPT --tasks all --limit N --json` child
-process and one perplexity run (32 x 2048 enwiki eval windows). Rows are merged into
+process and one perplexity run (32 x 2048 enwiki eval windows), whose JSON is kept beside the checkpoints as
+KEY.tasks.json and KEY.eval.json (`quantlm report RUNS/* --out DIR` plots them). Rows are merged into
 benchmarks/results/zeroshot_smollm2.{md,json} after each one (rerunning a row replaces it).
 
 Run: .venv/bin/python benchmarks/zeroshot_table.py [--rows fp32 rtn ...] [--limit 500] [--make-only] [--list]
@@ -79,6 +80,9 @@ def measure(key: str, args) -> dict:
     )
     ppl_out, _, _ = run_child([*quantlm_command(), "eval", target, "--max-windows", "32", "--json"])
     tasks = json.loads(tasks_out)
+    # kept beside the checkpoints for `quantlm report` (docs/report.md)
+    atomic_write_text(args.runs / f"{key}.tasks.json", tasks_out)
+    atomic_write_text(args.runs / f"{key}.eval.json", ppl_out)
     label, commands = ROWS[key]
     row = {
         "key": key,

@@ -209,3 +209,20 @@ def test_scores_equal_lm_evals_on_the_same_model_and_data(tiny_model_dir, tmp_pa
         assert result.acc == pytest.approx(reference[name]["acc"]), name
         if "acc_norm" in TASKS[name].metrics:
             assert result.acc_norm == pytest.approx(reference[name]["acc_norm"]), name
+
+
+def test_a_quantized_kv_cache_is_scored_as_it_runs(tokenizer):
+    """The fast path calls the decoder and the head itself: the KV-cache setting (a hook on the decoder) still
+    applies, and changes the scores."""
+    from quantlm.nn.kv_cache import KVQuantConfig, enable_kv_quantization
+
+    model = tiny_model("llama")
+    requests = [
+        zeroshot.encode_pair(tokenizer, "The quick brown", " fox jumps"),
+        zeroshot.encode_pair(tokenizer, "A", " b"),
+    ]
+    float_scores, _ = zeroshot.continuation_logprobs(model, requests, progress=False)
+    enable_kv_quantization(model, KVQuantConfig(bits=4))
+    kv4, _ = zeroshot.continuation_logprobs(model, requests, progress=False)
+    assert kv4 == pytest.approx([_slow_logprob(model, r) for r in requests], abs=1e-4)
+    assert kv4 != pytest.approx(float_scores, abs=1e-4)
