@@ -37,10 +37,13 @@ ROWS: dict[str, tuple[str, list[str] | None]] = {
         ["quantize {model} --method gptq --bits 4 --group-size 64 --asym --calib-samples 32 --out {out}"],
     ),
     "smoothquant": (
-        "SmoothQuant W8A8 (alpha auto, int8 per token)",
-        ["quantize {model} --method smoothquant --alpha auto --out {out}"],
+        "SmoothQuant W8A8 (alpha auto, int8 per token, 16 x 2048 calibration)",
+        ["quantize {model} --method smoothquant --alpha auto --calib-samples 16 --out {out}"],
     ),
-    "llm-int8": ("LLM.int8() (threshold 6)", ["quantize {model} --method llm-int8 --threshold 6.0 --out {out}"]),
+    "llm-int8": (
+        "LLM.int8() (threshold 6, 16 x 2048 calibration)",
+        ["quantize {model} --method llm-int8 --threshold 6.0 --calib-samples 16 --out {out}"],
+    ),
     "rtn-484": (
         "RTN W4A8KV4 (per channel, sym)",
         ["quantize {model} --method rtn --bits 4 --group-size -1 --sym --a-bits 8 --kv-bits 4 --out {out}"],

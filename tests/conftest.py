@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -100,14 +102,27 @@ def llama():
     return tiny_model("llama")
 
 
+def save_tiny_model(path, family: str = "llama"):
+    """A tiny model saved as a plain Hugging Face directory at ``path``, with its tokenizer; returns ``path``."""
+    tiny_model(family).save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+@contextlib.contextmanager
+def unit_environment(unit_home):
+    """The environment of unit tests (the throwaway QUANTLM_HOME, no hub), for module-scoped fixtures, which run
+    outside the per-test isolation below."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QUANTLM_HOME", str(unit_home))
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        yield
+
+
 @pytest.fixture
 def tiny_model_dir(tmp_path):
     """A tiny Llama saved as a plain Hugging Face directory, with its tokenizer."""
-    model = tiny_model("llama")
-    path = tmp_path / "tiny-llama"
-    model.save_pretrained(path)
-    byte_tokenizer().save_pretrained(path)
-    return path
+    return save_tiny_model(tmp_path / "tiny-llama")
 
 
 SAMPLE_TEXT = (

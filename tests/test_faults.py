@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 import quantlm.cli as cli
-from conftest import SAMPLE_TEXT, byte_tokenizer, tiny_model
+from conftest import SAMPLE_TEXT, save_tiny_model, unit_environment
 from fault_cases import CASES, CATEGORIES, DOC, Case, generated_block
 
 _PROGRESS = re.compile(r"\d+%\|.*\|\s*\d+/\d+ \[|\d+it \[\d")
@@ -192,12 +192,8 @@ def shared(tmp_path_factory, unit_home):
     from quantlm.api import quantize_to_checkpoint
 
     root = tmp_path_factory.mktemp("faults-shared")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("QUANTLM_HOME", str(unit_home))
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        model = root / "tiny-llama"
-        tiny_model("llama").save_pretrained(model)
-        byte_tokenizer().save_pretrained(model)
+    with unit_environment(unit_home):
+        model = save_tiny_model(root / "tiny-llama")
         text = root / "sample.txt"
         text.write_text(SAMPLE_TEXT)
         ckpt = quantize_to_checkpoint(model, [{"method": "rtn", "group_size": 16}], root / "ckpt", progress=False)

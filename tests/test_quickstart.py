@@ -5,15 +5,13 @@ from __future__ import annotations
 import json
 
 import quantlm
-from conftest import byte_tokenizer, tiny_model
+from conftest import save_tiny_model
 from quantlm import quickstart
 from quantlm.methods import GPTQ
 
 
 def test_quickstart_quantizes_with_gptq_and_reports_both_models(tmp_path):
-    src = tmp_path / "fp"
-    tiny_model("llama").save_pretrained(src)
-    byte_tokenizer().save_pretrained(src)
+    src = save_tiny_model(tmp_path / "fp")
     rows = quickstart.run(model=str(src), out=tmp_path / "q", max_windows=1, seqlen=64, calib_samples=2)
     assert [r.method for r in rows] == ["fp32", "gptq"]
     assert rows[1].bits == "4" and rows[1].group_size == "64" and rows[1].size_mb < rows[0].size_mb
@@ -32,9 +30,7 @@ def test_the_printed_command_makes_the_same_recipe(tmp_path, text_file):
 
     from quantlm.cli import app
 
-    src = tmp_path / "fp"
-    tiny_model("llama").save_pretrained(src)
-    byte_tokenizer().save_pretrained(src)
+    src = save_tiny_model(tmp_path / "fp")
     command = quickstart.recipe_command(str(src), tmp_path / "cli", calib_samples=2).split()
     assert command[:2] == ["quantlm", "quantize"]
     args = [*command[1:], "--calib", str(text_file), "--calib-seqlen", "64"]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import byte_tokenizer, tiny_model
+from conftest import save_tiny_model, unit_environment
 from quantlm.cli import app
 from quantlm.report import gather_runs, measurement_from_dict, write_report
 from quantlm.report.gather import block_index, layer_kind
@@ -31,12 +31,8 @@ def runs_dir(tmp_path_factory, unit_home):
     from quantlm.api import quantize_to_checkpoint
 
     root = tmp_path_factory.mktemp("report-runs")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("QUANTLM_HOME", str(unit_home))
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        model = root / "tiny-llama"
-        tiny_model("llama").save_pretrained(model)
-        byte_tokenizer().save_pretrained(model)
+    with unit_environment(unit_home):
+        model = save_tiny_model(root / "tiny-llama")
         quantize_to_checkpoint(model, [{"method": "rtn", "group_size": 16}], root / "w4", progress=False)
         w8 = {"method": "rtn", "bits": 8, "granularity": "channel", "symmetric": True}
         quantize_to_checkpoint(model, [w8], root / "w8", progress=False)

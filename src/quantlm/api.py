@@ -299,6 +299,17 @@ def save(
     return save_checkpoint(model, path, record=record, tokenizer=tokenizer, overwrite=overwrite, blocks=blocks)
 
 
+def _model_and_tokenizer(model, tokenizer):
+    """A model object and its tokenizer, from a model object (its tokenizer given) or any model source."""
+    if not isinstance(model, nn.Module):
+        if tokenizer is None:
+            tokenizer = load_tokenizer(model)
+        model = load(model)
+    if tokenizer is None:
+        raise QuantlmError("evaluating a model object needs its tokenizer: pass tokenizer=")
+    return model, tokenizer
+
+
 def evaluate(
     model: nn.Module | str | os.PathLike,
     *,
@@ -312,12 +323,7 @@ def evaluate(
 ) -> PerplexityResult:
     """Perplexity per the benchmark protocol, of a model object (with its tokenizer) or of any model source."""
     text = load_text(data, split)  # bad text sources fail before any model is loaded
-    if not isinstance(model, nn.Module):
-        if tokenizer is None:
-            tokenizer = load_tokenizer(model)
-        model = load(model)
-    if tokenizer is None:
-        raise QuantlmError("evaluating a model object needs its tokenizer: pass tokenizer=")
+    model, tokenizer = _model_and_tokenizer(model, tokenizer)
     return perplexity(
         model, tokenizer, text, seqlen=seqlen, max_windows=max_windows, add_bos=add_bos, progress=progress
     )
@@ -340,12 +346,7 @@ def evaluate_tasks(
 
     names = task_data.parse_task_names(tasks if isinstance(tasks, str) else ",".join(tasks))
     task_data.task_data_root()  # missing task data fails before any model is loaded
-    if not isinstance(model, nn.Module):
-        if tokenizer is None:
-            tokenizer = load_tokenizer(model)
-        model = load(model)
-    if tokenizer is None:
-        raise QuantlmError("evaluating a model object needs its tokenizer: pass tokenizer=")
+    model, tokenizer = _model_and_tokenizer(model, tokenizer)
     return zeroshot.evaluate_tasks(
         model,
         tokenizer,

@@ -13,7 +13,6 @@ makes too: the two options fill the blank in the context, and the model scores t
 
 from __future__ import annotations
 
-import ast
 import importlib.util
 import re
 from collections.abc import Callable
@@ -73,13 +72,8 @@ def _hellaswag(doc: dict) -> Question:
     return Question.shared_context(query, [_hellaswag_clean(e) for e in doc["endings"]], int(doc["label"]))
 
 
-def _choices_field(value) -> dict:
-    """ARC's and OpenBookQA's ``choices`` ({"text": [...], "label": [...]}), a struct or its repr as a string."""
-    return ast.literal_eval(value) if isinstance(value, str) else value
-
-
 def _arc(doc: dict) -> Question:
-    choices = _choices_field(doc["choices"])
+    choices = doc["choices"]  # {"text": [...], "label": ["A", "B", ...]}
     gold = choices["label"].index(doc["answerKey"])
     return Question.shared_context(f"Question: {doc['question']}\nAnswer:", list(choices["text"]), gold)
 
@@ -107,7 +101,7 @@ def _siqa(doc: dict) -> Question:
 
 
 def _openbookqa(doc: dict) -> Question:
-    choices = _choices_field(doc["choices"])
+    choices = doc["choices"]
     gold = choices["label"].index(doc["answerKey"].lstrip())
     return Question.shared_context(doc["question_stem"], list(choices["text"]), gold)
 
@@ -186,6 +180,6 @@ def load_questions(name: str, limit: int | None = None) -> list[Question]:
                 return questions
             try:
                 questions.append(task.to_question(doc))
-            except (KeyError, ValueError, SyntaxError) as e:
+            except (KeyError, ValueError, TypeError) as e:
                 raise DataSourceError(f"task {task.name}: a document of {file} has an unexpected form ({e})") from e
     return questions
