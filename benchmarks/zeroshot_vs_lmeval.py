@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from clients.lm_eval_env import lm_eval_python, lm_eval_scores  # noqa: E402
+from clients.lm_eval_env import lm_eval_python, lm_eval_scores, lm_eval_spec  # noqa: E402
 from quantlm import api  # noqa: E402
 from quantlm.eval import zeroshot  # noqa: E402
-from quantlm.eval.tasks import TASKS, load_questions, parse_task_names, task_data_root  # noqa: E402
+from quantlm.eval.tasks import TASKS, load_questions, parse_task_names  # noqa: E402
 from quantlm.hardware import describe_cpu  # noqa: E402
 from quantlm.models.sources import resolve_model_dir  # noqa: E402
 from quantlm.paths import atomic_write_text  # noqa: E402
@@ -58,15 +58,9 @@ def main() -> None:
     args = ap.parse_args()
     names, limit = parse_task_names(args.tasks), args.limit or None
     model_dir = resolve_model_dir(args.model)
-    root = task_data_root()
     lm_eval_python()  # made before anything is timed
     with tempfile.TemporaryDirectory() as tmp:
-        spec = {
-            "limit": limit,
-            "dtype": "float32",
-            "batch_size": 8,
-            "tasks": {n: str(root / TASKS[n].dataset / "validation" / "data-00000-of-00001.arrow") for n in names},
-        }
+        spec = lm_eval_spec(names, limit)
         (Path(tmp) / "spec.json").write_text(json.dumps(spec))
         t0 = time.perf_counter()
         lm_eval_scores(model_dir, Path(tmp) / "spec.json", Path(tmp) / "out.json")
@@ -86,7 +80,7 @@ def main() -> None:
                 "lm_eval_acc": theirs[name]["acc"],
                 "quantlm_acc_norm": ours[name].get("acc_norm"),
                 "lm_eval_acc_norm": theirs[name].get("acc_norm"),
-                "max_abs_ll_diff": max(abs(a - b) for a, b in zip(ours[name]["lls"], flat_theirs)),
+                "max_abs_ll_diff": max(abs(a - b) for a, b in zip(ours[name]["lls"], flat_theirs, strict=True)),
             }
         )
     report = {

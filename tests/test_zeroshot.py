@@ -179,14 +179,10 @@ def test_missing_task_data_says_what_to_install(tiny_model_dir, capsys, monkeypa
 def test_scores_equal_lm_evals_on_the_same_model_and_data(tiny_model_dir, tmp_path):
     """lm-eval 0.4.13 itself (its own task configs, the same Arrow files) against quantlm on a tiny model: every
     choice's log-likelihood within 1e-3 nats, so the same accuracies."""
-    from clients.lm_eval_env import lm_eval_scores
+    from clients.lm_eval_env import lm_eval_scores, lm_eval_spec
 
     limit = 6
-    root = task_data.task_data_root()
-    spec = {
-        "limit": limit,
-        "tasks": {n: str(root / t.dataset / "validation" / "data-00000-of-00001.arrow") for n, t in TASKS.items()},
-    }
+    spec = lm_eval_spec(list(TASKS), limit)
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     try:
         lm_eval_scores(tiny_model_dir, tmp_path / "spec.json", tmp_path / "lm_eval.json")
@@ -226,3 +222,40 @@ def test_a_quantized_kv_cache_is_scored_as_it_runs(tokenizer):
     kv4, _ = zeroshot.continuation_logprobs(model, requests, progress=False)
     assert kv4 == pytest.approx([_slow_logprob(model, r) for r in requests], abs=1e-4)
     assert kv4 != pytest.approx(float_scores, abs=1e-4)
+
+
+def test_families_that_change_the_logits_after_the_head_are_scored_through_the_whole_model(tokenizer):
+    """Granite divides its logits by logits_scaling: head(decoder(ids)) is not its logits, so the fast path must
+    not be taken (it would be off by that factor)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "granite",
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        logits_scaling=4.0,
+        bos_token_id=256,
+        eos_token_id=257,
+        pad_token_id=258,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    assert zeroshot._head_and_body(model, "cpu") is None
+    requests = [zeroshot.encode_pair(tokenizer, "The quick brown", " fox"), zeroshot.encode_pair(tokenizer, "A", " b")]
+    scores, _ = zeroshot.continuation_logprobs(model, requests, progress=False)
+    assert scores == pytest.approx([_slow_logprob(model, r) for r in requests], abs=1e-4)
+
+
+def test_requests_the_model_cannot_score_are_refused(tokenizer):
+    model = tiny_model("llama", max_position_embeddings=16)
+    long_choice = zeroshot.encode_pair(tokenizer, "Q:", " a choice longer than sixteen tokens")
+    with pytest.raises(DataSourceError, match="more than the model's 16 positions"):
+        zeroshot.continuation_logprobs(model, [long_choice], progress=False)
+    with pytest.raises(DataSourceError, match="nothing to score"):
+        zeroshot.encode_pair(tokenizer, "", "")
+    no_context = zeroshot.encode_pair(tokenizer, "", "yes")  # lm-eval: the continuation after BOS, no specials
+    assert no_context.context == (tokenizer.bos_token_id,) and list(no_context.continuation) == _ids(tokenizer, "yes")

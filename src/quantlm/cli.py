@@ -18,6 +18,8 @@ import typer
 
 from quantlm import api
 from quantlm.errors import QuantlmError, first_line, os_error_message
+from quantlm.eval.zeroshot import DEFAULT_BATCH_TOKENS
+from quantlm.quickstart import PRESETS as QUICKSTART_PRESETS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Quantize Hugging Face causal LMs and measure them.")
 
@@ -307,8 +309,8 @@ def eval_cmd(
         None,
         "--tasks",
         help="Zero-shot multiple-choice tasks, comma-separated, or all (the LLM-QAT paper's eight): piqa, hellaswag, "
-        "arc_easy, arc_challenge, boolq, winogrande, siqa, openbookqa. Scored by log-likelihood as lm-eval scores "
-        "them (docs/evaluation.md).",
+        "arc_easy, arc_challenge, boolq, winogrande, siqa, openbookqa; their validation splits (lm-eval's ARC and "
+        "OpenBookQA default to the test split). Scored by log-likelihood as lm-eval scores them (docs/evaluation.md).",
     ),
     limit: int = typer.Option(0, "--limit", help="With --tasks: score the first N documents of each task (0 = all)."),
     perplexity: Optional[bool] = typer.Option(
@@ -322,7 +324,8 @@ def eval_cmd(
         None, "--bos/--no-bos", help="Prepend BOS to every window (default: per family)."
     ),
     batch_tokens: int = typer.Option(
-        4096, help="With --tasks: padded tokens per forward pass (more: faster on big machines, more memory)."
+        DEFAULT_BATCH_TOKENS,
+        help="With --tasks: padded tokens per forward pass (more: faster on big machines, more memory).",
     ),
     dtype: DType = typer.Option(DType.auto, help=DTYPE_HELP),
     kernel: str = typer.Option("auto", help=KERNEL_HELP),
@@ -657,19 +660,27 @@ def data(as_json: bool = typer.Option(False, "--json")) -> None:
             typer.echo(f"{t.name}\t{t.description}")
 
 
+_FAST, _FULL = QUICKSTART_PRESETS["fast"], QUICKSTART_PRESETS["full"]
+
+
 @app.command()
 @_friendly
 def quickstart(
     model: str = typer.Option("smollm2-135m", help="Model to quantize."),
     out: Path = typer.Option(Path("out/quickstart"), help="Where the quantized checkpoint goes (replaced)."),
     full: bool = typer.Option(
-        False, "--full", help="The benchmark protocol: 128 x 2048 calibration, 32 x 2048 evaluation (about 30 min)."
+        False,
+        "--full",
+        help=f"The benchmark protocol: {_FULL.calib_samples} x 2048 calibration, {_FULL.max_windows} x 2048 "
+        f"evaluation ({_FULL.note}).",
     ),
     max_windows: Optional[int] = typer.Option(
-        None, help="Evaluation windows of 2048 tokens [default: 8, with --full 32]."
+        None, help=f"Evaluation windows of 2048 tokens (default {_FAST.max_windows}; {_FULL.max_windows} with --full)."
     ),
     calib_samples: Optional[int] = typer.Option(
-        None, help="Calibration windows of 2048 tokens (fewer: faster, less accurate) [default: 16, with --full 128]."
+        None,
+        help="Calibration windows of 2048 tokens (fewer: faster, less accurate) "
+        f"(default {_FAST.calib_samples}; {_FULL.calib_samples} with --full).",
     ),
     dtype: DType = typer.Option(DType.auto, help=DTYPE_HELP),
     as_json: bool = typer.Option(False, "--json"),
@@ -691,7 +702,8 @@ def quickstart(
     typer.echo(qs.format_table(rows))
     typer.echo(f"\nthe quantized row: {qs.recipe_command(model, out, calib_samples)}")
     typer.echo(
-        f"perplexity: enwiki eval split, {max_windows} x 2048 tokens (quantlm eval {out} --max-windows {max_windows})"
+        f"perplexity: enwiki eval split, {max_windows} x 2048 tokens, computed in {rows[-1].dtype} "
+        f"(quantlm eval {out} --max-windows {max_windows})"
     )
     if not full:
         typer.echo(f"this was the fast preset ({preset.note}); the full protocol: quantlm quickstart --full")

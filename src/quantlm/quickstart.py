@@ -36,7 +36,7 @@ PRESETS = {
     p.name: p
     for p in (
         Preset("fast", 16, 8, "a first result in about 5 minutes on 2 CPU cores"),
-        Preset("full", 128, 32, "the benchmark protocol: about 30 minutes on 2 CPU cores"),
+        Preset("full", 128, 32, "about 30 minutes on 2 CPU cores"),
     )
 }
 
@@ -48,10 +48,10 @@ def best_recipe() -> list:
 
 def recipe_command(model: str, out: str | Path, calib_samples: int) -> str:
     """The ``quantlm quantize`` command line that makes the quickstart's checkpoint."""
-    return (
-        f"quantlm quantize {model} --method gptq --bits 4 --group-size 64 --asym --calib-samples {calib_samples} "
-        f"--out {out}"
-    )
+    (step,) = best_recipe()
+    spec = step.spec
+    grid = f"--bits {spec.bits} --group-size {spec.group_size} {'--sym' if spec.symmetric else '--asym'}"
+    return f"quantlm quantize {model} --method {step.name} {grid} --calib-samples {calib_samples} --out {out}"
 
 
 def _stage(text: str) -> None:
@@ -67,6 +67,7 @@ class Row:
     ppl: float
     quantize_s: float
     eval_s: float
+    dtype: str = ""  # the compute dtype perplexity was measured in
 
 
 def dir_size_mb(path: Path) -> float:
@@ -105,7 +106,8 @@ def run(
     compute = api.choose_dtype(dtype, rows=seqlen).dtype
     _stage(f"[1/3] full-precision perplexity, {max_windows} x {seqlen} tokens (cached after the first run)")
     fp = _cached_fp_eval(model_dir, max_windows, seqlen, compute)
-    rows = [Row("fp32", "32", "-", dir_size_mb(model_dir), fp["ppl"], 0.0, fp["eval_s"])]
+    name = str(compute).removeprefix("torch.")
+    rows = [Row("fp32", "32", "-", dir_size_mb(model_dir), fp["ppl"], 0.0, fp["eval_s"], name)]
 
     recipe = best_recipe()
     _stage(f"[2/3] quantizing: {recipe[0].describe()}, {calib_samples} x {seqlen} calibration tokens")
@@ -126,6 +128,7 @@ def run(
             quantized["ppl"],
             quantize_s,
             quantized["eval_s"],
+            name,
         )
     )
     return rows

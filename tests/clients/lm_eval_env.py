@@ -36,6 +36,14 @@ def lm_eval_python() -> Path:
     return python
 
 
+def lm_eval_spec(names, limit: int | None, dtype: str = "float32", batch_size: int = 8) -> dict:
+    """What lm_eval_scores.py reads: the tasks' local Arrow files (those quantlm reads), the limit, the dtype."""
+    from quantlm.eval.tasks import task_files
+
+    files = {name: [str(f) for f in task_files(name)] for name in names}
+    return {"limit": limit, "dtype": dtype, "batch_size": batch_size, "tasks": files}
+
+
 def lm_eval_scores(model_dir: Path, spec_file: Path, out_file: Path) -> None:
     """Run tests/clients/lm_eval_scores.py in the lm-eval environment."""
     subprocess.run(

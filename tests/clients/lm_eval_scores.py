@@ -5,7 +5,7 @@ Each task is lm-eval's own task config (its prompts, its metrics) with only the 
 Arrow file quantlm reads, so a difference in the numbers can only come from the scoring.
 
     python lm_eval_scores.py MODEL_DIR SPEC.json OUT.json
-SPEC: {"limit": N or null, "dtype": "float32", "batch_size": 8, "tasks": {"piqa": "/path/to/data.arrow", ...}}
+SPEC: {"limit": N or null, "dtype": "float32", "batch_size": 8, "tasks": {"piqa": ["/path/to/data.arrow"], ...}}
 OUT: {"piqa": {"acc": ..., "acc_norm": ..., "n": ..., "lls": [[ll of each choice] for each document]}, ...}
 """
 
@@ -47,7 +47,7 @@ def write_task_configs(directory: Path, data_files: dict[str, str]) -> list[str]
     tasks_root = Path(lm_eval.__file__).parent / "tasks"
     (directory / "quantlm_boolq_labels.py").write_text(BOOLQ_LABELS)
     names = []
-    for name, arrow_file in data_files.items():
+    for name, arrow_files in data_files.items():
         lines = [
             f"include: {tasks_root / LM_EVAL_CONFIG[name]}",
             f"task: quantlm_{name}",
@@ -56,7 +56,7 @@ def write_task_configs(directory: Path, data_files: dict[str, str]) -> list[str]
             "dataset_name: null",
             "dataset_kwargs:",
             "  data_files:",
-            f"    validation: {arrow_file}",
+            f"    validation: {json.dumps(arrow_files)}",
             "training_split: null",
             "test_split: null",
             "validation_split: validation",

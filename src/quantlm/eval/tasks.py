@@ -166,15 +166,29 @@ def read_arrow_rows(path: Path) -> list[dict]:
     return table.to_pylist()
 
 
-def load_questions(name: str, limit: int | None = None) -> list[Question]:
-    """The first ``limit`` documents of a task's validation split (all when None), as :class:`Question` s."""
-    task = TASKS[ALIASES.get(name, name)]
+def resolve_task(name: str) -> Task:
+    """The task called ``name`` (or one of its lm-eval names)."""
+    task = TASKS.get(ALIASES.get(name, name))
+    if task is None:
+        raise InvalidSpecError(f"unknown task {name!r}: choose from {', '.join(TASKS)}")
+    return task
+
+
+def task_files(name: str) -> list[Path]:
+    """The Arrow files of a task's validation split, in order."""
+    task = resolve_task(name)
     split_dir = task_data_root() / task.dataset / "validation"
     files = sorted(split_dir.glob("data-*.arrow"))
     if not files:
         raise DataSourceError(f"no data for task {task.name} under {split_dir}: reinstall {TASK_DATA_PACKAGE}")
+    return files
+
+
+def load_questions(name: str, limit: int | None = None) -> list[Question]:
+    """The first ``limit`` documents of a task's validation split (all when None), as :class:`Question` s."""
+    task = resolve_task(name)
     questions: list[Question] = []
-    for file in files:
+    for file in task_files(name):
         for doc in read_arrow_rows(file):
             if limit is not None and len(questions) >= limit:
                 return questions

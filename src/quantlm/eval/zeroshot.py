@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from quantlm.errors import DataSourceError
-from quantlm.eval.tasks import TASKS, Question, load_questions
+from quantlm.eval.tasks import Question, load_questions, resolve_task
 from quantlm.models.context import context_length
 
 DEFAULT_BATCH_TOKENS = 4096
@@ -59,15 +59,18 @@ class Request:
 
 def encode_pair(tokenizer, context: str, continuation: str) -> Request:
     """lm-eval's split of ``context + continuation`` into token ids (trailing context spaces move right)."""
+    if not continuation.strip() and not context.strip():
+        raise DataSourceError("a question has an empty context and an empty choice: there is nothing to score")
+    if not context:  # condition on the BOS (or end-of-text) token, as lm-eval does
+        ids = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        return Request((prefix,), tuple(ids)) if ids[0] != prefix else Request(tuple(ids[:1]), tuple(ids[1:]))
     stripped = context.rstrip()
     if stripped != context:
         continuation = context[len(stripped) :] + continuation
         context = stripped
     whole = tokenizer(context + continuation)["input_ids"]
-    head = tokenizer(context)["input_ids"] if context else []
-    if not head:  # an empty context: condition on the BOS (or end-of-text) token, as lm-eval does
-        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        return Request((prefix,), tuple(whole))
+    head = tokenizer(context)["input_ids"]
     if not whole[len(head) :]:
         raise DataSourceError(f"a continuation encodes to no tokens after its context: {continuation!r}")
     return Request(tuple(head), tuple(whole[len(head) :]))
@@ -76,23 +79,32 @@ def encode_pair(tokenizer, context: str, continuation: str) -> Request:
 def _fit(request: Request, max_tokens: int | None) -> tuple[list[int], int]:
     """The ids the model reads (all but the last token, cut from the left to the model's context) and how many of
     the last positions predict the continuation."""
+    if max_tokens is not None and len(request.continuation) > max_tokens:
+        raise DataSourceError(
+            f"a choice is {len(request.continuation)} tokens long, more than the model's {max_tokens} positions"
+        )
     ids = list(request.tokens)[:-1]
     if max_tokens is not None and len(ids) > max_tokens:
         ids = ids[-max_tokens:]
     return ids, len(request.continuation)
 
 
-def _head_and_body(model):
-    """(decoder, output head) when the model's logits are exactly head(decoder(ids)); else None."""
-    config = getattr(model, "config", None)
-    if getattr(config, "final_logit_softcapping", None) is not None:
-        return None
+def _head_and_body(model, device):
+    """(decoder, output head) when the model's logits are head(decoder(ids)); else None. Checked on a few tokens,
+    since some families scale, soft-cap or otherwise change the logits after the head (Cohere, Granite, Gemma)."""
     get_decoder = getattr(model, "get_decoder", None)
     get_head = getattr(model, "get_output_embeddings", None)
     if get_decoder is None or get_head is None:
         return None
     decoder, head = get_decoder(), get_head()
     if decoder is None or head is None or decoder is model:
+        return None
+    probe = torch.arange(1, 9, device=device).unsqueeze(0)
+    expected = model(input_ids=probe, use_cache=False).logits.float()
+    got = head(decoder(input_ids=probe, use_cache=False).last_hidden_state).float()
+    if got.shape != expected.shape or not torch.allclose(
+        got, expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item()
+    ):
         return None
     return decoder, head
 
@@ -129,7 +141,7 @@ def continuation_logprobs(
     inputs = list(rows_of)
     lengths = [len(ids) for ids in inputs]
     order = sorted(range(len(inputs)), key=lambda u: -lengths[u])
-    split = _head_and_body(model)
+    split = _head_and_body(model, device)
     scores = [0.0] * len(requests)
     bar = tqdm(total=len(requests), desc=desc or "scoring", unit="choice", disable=not progress, leave=False)
     for batch in _batches(order, lengths, batch_tokens):
@@ -212,11 +224,12 @@ def evaluate_task(
     batch_tokens: int = DEFAULT_BATCH_TOKENS,
     progress: bool = True,
 ) -> TaskResult:
-    """Zero-shot accuracy of ``model`` on the first ``limit`` validation documents of task ``name``."""
-    task = TASKS[name]
-    questions = load_questions(name, limit)
+    """Zero-shot accuracy of ``model`` on the first ``limit`` validation documents of task ``name`` (all when
+    ``limit`` is None or 0)."""
+    task = resolve_task(name)
+    questions = load_questions(task.name, limit or None)
     if not questions:
-        raise DataSourceError(f"task {name} has no documents to score (limit {limit})")
+        raise DataSourceError(f"task {task.name} has no documents to score")
     t0 = time.perf_counter()
     tally, scores, n_tokens = score_questions(
         model, tokenizer, questions, batch_tokens=batch_tokens, progress=progress, desc=name
@@ -224,7 +237,7 @@ def evaluate_task(
     acc, acc_se = _mean_and_stderr(tally.acc)
     norm, norm_se = _mean_and_stderr(tally.acc_norm) if "acc_norm" in task.metrics else (None, None)
     return TaskResult(
-        task=name,
+        task=task.name,
         n=len(questions),
         acc=acc,
         acc_stderr=acc_se,
