@@ -135,10 +135,7 @@ def parse_task_names(text: str) -> list[str]:
         if name == "all":
             names.extend(PAPER_TASKS)
             continue
-        name = ALIASES.get(name, name)
-        if name not in TASKS:
-            raise InvalidSpecError(f"unknown task {raw.strip()!r}: choose from {', '.join(TASKS)} (or all)")
-        names.append(name)
+        names.append(resolve_task(name).name)
     if not names:
         raise InvalidSpecError(f"--tasks is empty: name one or more of {', '.join(TASKS)} (or all)")
     return list(dict.fromkeys(names))
