@@ -9,6 +9,10 @@ Per row / group / tensor (see :mod:`quantlm.core.spec` for the shapes):
 - an all-zero row/group uses ``xmin, xmax = -1, +1``;
 - codes ``q = clamp(round(x / scale) + zero, 0, maxq)`` with round-half-to-even; ``x ~ (q - zero) * scale``.
 
+Codebook grids (``spec.codebook`` "nf4" / "fp4", ``quantlm.core.codebook``): ``scale`` is the absmax of the row or
+group (1 for an all-zero one), ``zero`` is 0 and unused, the code is the index of the level nearest to
+``x / scale``, and ``x ~ level[q] * scale``.
+
 Everything is computed in float32 whatever the input dtype. ``scale`` and ``zero`` are float32 (``zero`` holds
 integers in ``[0, maxq]``), codes are ``torch.uint8``. Zero is always exactly representable.
 
@@ -24,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from quantlm.core import codebook
 from quantlm.core.spec import QuantSpec
 from quantlm.errors import InvalidSpecError, QuantlmError
 
@@ -216,6 +221,10 @@ def _check_column_weights(weights: Tensor, n: int) -> Tensor:
 @torch.no_grad()
 def _qparams_2d(x2: Tensor, spec: QuantSpec, column_weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
     units, shape = _units(x2, spec)
+    if spec.codebook != "none":
+        absmax = units.abs().amax(dim=1)
+        scale = torch.where(absmax > 0, absmax, torch.ones_like(absmax)).clamp_min(_F32_TINY)
+        return scale.reshape(shape).contiguous(), torch.zeros(shape, device=x2.device)
     xmin = units.amin(dim=1).clamp(max=0.0)
     xmax = units.amax(dim=1).clamp(min=0.0)
     xmin, xmax, scale, zero = _grid(xmin, xmax, spec)
@@ -272,6 +281,8 @@ def quantize(x: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec) -> Tensor:
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).to(torch.float32)
     s, z = _expand_params(scale, zero, spec, x2.shape[0], x2.shape[1])
+    if spec.codebook != "none":
+        return codebook.nearest_level(x2 / s.to(torch.float32), spec.codebook).reshape(shape)
     q = torch.clamp(torch.round(x2 / s.to(torch.float32)) + z.to(torch.float32), 0, spec.maxq)
     return q.to(torch.uint8).reshape(shape)
 
@@ -279,9 +290,14 @@ def quantize(x: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec) -> Tensor:
 def dequantize(
     codes: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec, dtype: torch.dtype = torch.float32
 ) -> Tensor:
-    """``(codes - zero) * scale`` computed in float32, returned in ``dtype`` with the shape of ``codes``."""
+    """``(codes - zero) * scale`` (codebook grids: ``level[codes] * scale``) computed in float32, returned in ``dtype``
+    with the shape of ``codes``."""
     _check_spec(spec)
     shape = codes.shape
+    if spec.codebook != "none":
+        c2 = codebook.decode(codes.reshape(-1, shape[-1]), spec.codebook)
+        s, _ = _expand_params(scale, scale, spec, c2.shape[0], c2.shape[1])
+        return (c2 * s.to(torch.float32)).to(dtype).reshape(shape)
     c2 = codes.reshape(-1, shape[-1]).to(torch.float32)
     s, z = _expand_params(scale, zero, spec, c2.shape[0], c2.shape[1])
     out = (c2 - z.to(torch.float32)) * s.to(torch.float32)
@@ -311,6 +327,9 @@ def fake_quantize(x: Tensor, spec: QuantSpec, scale: Tensor | None = None, zero:
     if scale is None:
         scale, zero = compute_qparams(x.detach(), spec)
     shape = x.shape
+    if spec.codebook != "none":  # straight through the level lookup; no gradient to the scales
+        on_grid = dequantize(quantize(x.detach(), scale.detach(), zero, spec), scale.detach(), zero, spec)
+        return x + (on_grid.to(x.dtype) - x).detach()
     x2 = x.reshape(-1, shape[-1]).to(torch.float32)
     s, z = _expand_params(scale, zero, spec, x2.shape[0], x2.shape[1])
     s = s.to(torch.float32)

@@ -17,10 +17,12 @@ import numbers
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from quantlm.core.codebook import CODEBOOKS as LEVEL_CODEBOOKS
 from quantlm.errors import InvalidSpecError
 
 GRANULARITIES = ("tensor", "channel", "group", "token")
 CLIPS = ("none", "mse")
+CODEBOOKS = ("none", *LEVEL_CODEBOOKS)  # "none": the integer grid
 MIN_BITS = 2
 MAX_BITS = 8
 
@@ -37,6 +39,9 @@ class QuantSpec:
     ``group_size``: -1 = one scale per row, >0 = groups of that many columns along the last dim.
     ``granularity``: "tensor" | "channel" | "group" | "token"; ``None`` is filled in as "group" when
     ``group_size > 0`` else "channel". ``clip``: "none" | "mse" (GPTQ-style shrink search, norm 2.4).
+    ``codebook``: "none" (the integer grid) or "nf4" / "fp4": each value is one of 16 fixed levels in [-1, 1] times
+    its group's absmax (``quantlm.core.codebook``); such grids are 4-bit and symmetric by construction (``symmetric``
+    is set to True) and have no zero point.
     """
 
     # ``metadata``: how the command line offers a field (``quantlm.methods.base.cli_settings``): its help, and the
@@ -48,6 +53,10 @@ class QuantSpec:
     )
     granularity: str | None = None
     clip: str = field(default="none", metadata={"help": "Grid clipping: none, or mse (a search over shrunk ranges)."})
+    codebook: str = field(
+        default="none",
+        metadata={"help": "Weight levels: none (the integer grid), or nf4 / fp4 (4-bit codebooks times the absmax)."},
+    )
 
     def __post_init__(self) -> None:
         bits = self.bits
@@ -90,11 +99,27 @@ class QuantSpec:
         if not isinstance(self.clip, str) or self.clip not in CLIPS:
             raise InvalidSpecError(f"clip must be one of {', '.join(CLIPS)}, got {self.clip!r}")
 
+        if not isinstance(self.codebook, str) or self.codebook not in CODEBOOKS:
+            raise InvalidSpecError(f"codebook must be one of {', '.join(CODEBOOKS)}, got {self.codebook!r}")
+        if self.codebook != "none":
+            if bits != 4:
+                raise InvalidSpecError(f"the {self.codebook} codebook has 4-bit codes: use bits=4, not {bits}")
+            if self.clip != "none":
+                raise InvalidSpecError(f"the {self.codebook} codebook scales by the absmax: drop clip={self.clip!r}")
+            if gran in ("tensor", "token"):
+                raise InvalidSpecError(f"the {self.codebook} codebook needs per-group or per-channel absmax scales")
+            object.__setattr__(self, "symmetric", True)
+
     # ------------------------------------------------------------------ derived values
     @property
     def maxq(self) -> int:
         """Largest code: ``2**bits - 1``. Codes live in ``[0, maxq]``."""
         return (1 << self.bits) - 1
+
+    @property
+    def has_zero_point(self) -> bool:
+        """Whether the grid has a zero point (integer grids do; codebook grids are level times absmax)."""
+        return self.codebook == "none"
 
     def n_groups(self, n_columns: int) -> int:
         """Number of qparam columns for a tensor with ``n_columns`` columns (1 unless granularity is 'group')."""
@@ -110,14 +135,18 @@ class QuantSpec:
 
     # ------------------------------------------------------------------ (de)serialization
     def to_dict(self) -> dict:
-        """JSON-friendly dict with every field (granularity already resolved)."""
-        return {
+        """JSON-friendly dict with every field (granularity already resolved; ``codebook`` only when there is one, so
+        integer grids read the same as before codebooks existed)."""
+        data = {
             "bits": self.bits,
             "symmetric": self.symmetric,
             "group_size": self.group_size,
             "granularity": self.granularity,
             "clip": self.clip,
         }
+        if self.codebook != "none":
+            data["codebook"] = self.codebook
+        return data
 
     @classmethod
     def from_dict(cls, d: dict) -> QuantSpec:
@@ -133,11 +162,13 @@ class QuantSpec:
         return cls(**d)
 
     def describe(self) -> str:
-        """Short human label, e.g. 'w4 g128 asym', 'w8 per-channel sym', 'w4 g64 sym mse'."""
+        """Short human label, e.g. 'w4 g128 asym', 'w8 per-channel sym', 'w4 g64 sym mse', 'nf4 g64'."""
         if self.granularity == "group":
             where = f"g{self.group_size}"
         else:
             where = f"per-{self.granularity}"
+        if self.codebook != "none":
+            return f"{self.codebook} {where}"
         text = f"w{self.bits} {where} {'sym' if self.symmetric else 'asym'}"
         if self.clip != "none":
             text += f" {self.clip}"

@@ -35,7 +35,7 @@ from quantlm.formats.safetensors_io import write_streaming
 from quantlm.models.blocks import set_submodule
 from quantlm.models.skeleton import empty_model
 from quantlm.nn.kv_cache import enable_kv_quantization
-from quantlm.nn.qlinear import QuantLinear
+from quantlm.nn.qlinear import QuantLinear, layout_scale_dtype
 from quantlm.paths import atomic_directory, atomic_write_text, quantlm_home
 
 FORMAT_NAME = "quantlm"
@@ -314,10 +314,10 @@ def load_checkpoint(
             del config.quantization_config
         model = empty_model(config)
         for name, entry in qc.get("modules", {}).items():
-            scales = tensors.get(f"{name}.scales")
-            if scales is None:
-                raise CheckpointError(f"{weights} has no tensor {name}.scales: the checkpoint is corrupt")
-            set_submodule(model, name, QuantLinear.from_layout(entry, scales.dtype))
+            scale_dtype = layout_scale_dtype(entry, tensors, name)
+            if scale_dtype is None:
+                raise CheckpointError(f"{weights} has no scales for {name}: the checkpoint is corrupt")
+            set_submodule(model, name, QuantLinear.from_layout(entry, scale_dtype))
         result = model.load_state_dict(tensors, strict=False, assign=True)
     except QuantlmError:
         raise

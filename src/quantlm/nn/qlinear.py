@@ -2,8 +2,13 @@
 
 Storage (all buffers, so they travel with ``state_dict``):
 - ``qweight``: uint8 [out_features, packed_length(in_features, bits)], the codes packed along in_features;
-- ``scales``: [out_features, n_groups] in ``scale_dtype`` (fp16 by default, fp32 where fp16 would overflow);
-- ``zeros``: uint8 [out_features, n_groups], integer zero points (2**(bits-1) for symmetric grids);
+- ``scales``: [out_features, n_groups] in ``scale_dtype`` (fp16 by default, fp32 where fp16 would overflow); with
+  ``double_quant`` they are stored double-quantized instead (``scale_codes`` int8 [out_features, n_groups],
+  ``scale_absmax`` fp32 per block of 256, ``scale_offset`` fp32 [1]: ``quantlm.core.codebook``) and ``scales`` is
+  their fp32 decoding, kept in memory only;
+- ``zeros``: [out_features, n_groups], the zero points: uint8 integers (2**(bits-1) for symmetric grids), or fp16 /
+  fp32 (``zero_dtype``) for methods that solve for a fractional zero point (HQQ); absent for codebook grids
+  (``spec.codebook``: NF4, FP4), whose weight is ``level[q] * scale``;
 - ``bias``: optional, in the original float dtype;
 - ``g_idx``: optional int32 [in_features], the group of each input column, for GPTQ act-order checkpoints whose
   groups were formed in a permuted column order (absent: column j is in group j // group_size).
@@ -25,12 +30,14 @@ from torch import nn
 
 from quantlm.core import QuantSpec, compute_qparams, dequantize, pack, quantize, unpack
 from quantlm.core.activation import ACT_GRANULARITIES, quantize_int8
+from quantlm.core.codebook import SCALE_BLOCK, DoubleQuantScales, decode
 from quantlm.core.packing import packed_length
 from quantlm.errors import InvalidSpecError
 from quantlm.nn.kernels import Kernel, choose_kernel
 from quantlm.nn.reference import reference_matmul
 
 ACT_BITS = (None, 8)
+ZERO_DTYPES = {"uint8": torch.uint8, "float16": torch.float16, "float32": torch.float32}
 
 
 def check_act_bits(act_bits) -> int | None:
@@ -62,6 +69,19 @@ def storage_scale_dtype(scale: torch.Tensor) -> torch.dtype:
     return torch.float16 if bool(((a >= fp16.tiny) & (a <= fp16.max)).all()) else torch.float32
 
 
+def storage_zero_dtype(zero: torch.Tensor) -> torch.dtype:
+    """For fractional zero points: fp16 when every one is within fp16's range, else fp32."""
+    return torch.float16 if bool((zero.abs() <= torch.finfo(torch.float16).max).all()) else torch.float32
+
+
+def layout_scale_dtype(layout: dict, tensors: dict[str, torch.Tensor], name: str) -> torch.dtype | None:
+    """The dtype a stored module's ``scales`` have in memory (None when the stored tensors lack them)."""
+    if layout.get("double_quant"):
+        return torch.float32 if f"{name}.scale_codes" in tensors else None
+    scales = tensors.get(f"{name}.scales")
+    return None if scales is None else scales.dtype
+
+
 class QuantLinear(nn.Module):
     def __init__(
         self,
@@ -77,6 +97,8 @@ class QuantLinear(nn.Module):
         act_bits: int | None = None,
         act_granularity: str = "token",
         outlier_threshold: float | None = None,
+        zero_dtype: torch.dtype = torch.uint8,
+        double_quant: bool = False,
     ) -> None:
         super().__init__()
         self.in_features = in_features
@@ -89,14 +111,33 @@ class QuantLinear(nn.Module):
             raise InvalidSpecError("per-tensor activations and outlier thresholds need 8-bit activations (act_bits=8)")
         if self.act_granularity == "tensor" and self.outlier_threshold is not None:
             raise InvalidSpecError("LLM.int8() layers quantize activations per token: drop the per-tensor setting")
+        if spec.codebook != "none" and self.act_bits is not None:
+            raise InvalidSpecError(f"{spec.codebook} layers are weight-only: drop the activation bits")
+        if zero_dtype not in ZERO_DTYPES.values():
+            raise InvalidSpecError(f"zero points are stored as uint8, float16 or float32, not {zero_dtype}")
         self.kernel: Kernel | None = None
+        self.double_quant = bool(double_quant)
         n_groups = spec.n_groups(in_features)
         self.register_buffer(
             "qweight",
             torch.zeros(out_features, packed_length(in_features, spec.bits), dtype=torch.uint8, device=device),
         )
-        self.register_buffer("scales", torch.ones(out_features, n_groups, dtype=scale_dtype, device=device))
-        self.register_buffer("zeros", torch.zeros(out_features, n_groups, dtype=torch.uint8, device=device))
+        if self.double_quant:
+            n_blocks = -(-out_features * n_groups // SCALE_BLOCK)
+            self.register_buffer("scale_codes", torch.zeros(out_features, n_groups, dtype=torch.int8, device=device))
+            self.register_buffer("scale_absmax", torch.ones(n_blocks, dtype=torch.float32, device=device))
+            self.register_buffer("scale_offset", torch.ones(1, dtype=torch.float32, device=device))
+            scale_dtype = torch.float32
+            self.register_load_state_dict_post_hook(lambda module, _: module.decode_scales())
+        self.register_buffer(
+            "scales",
+            torch.ones(out_features, n_groups, dtype=scale_dtype, device=device),
+            persistent=not self.double_quant,
+        )
+        if spec.has_zero_point:
+            self.register_buffer("zeros", torch.zeros(out_features, n_groups, dtype=zero_dtype, device=device))
+        else:
+            self.zeros = None
         if bias:
             self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device))
         else:
@@ -123,12 +164,16 @@ class QuantLinear(nn.Module):
         act_bits: int | None = None,
         act_scale: torch.Tensor | None = None,
         outlier_threshold: float | None = None,
+        zero_dtype: torch.dtype = torch.uint8,
     ) -> QuantLinear:
         """Build from integer codes [out, in], scales and zeros [out, n_groups] (as ``quantlm.core`` returns them).
 
-        ``g_idx`` is kept only when it differs from the natural order j // group_size. ``act_scale`` (a static
-        per-tensor activation scale) makes the activations per tensor; ``outlier_threshold`` makes an LLM.int8()
-        layer."""
+        ``scale`` may be ``DoubleQuantScales`` (the codes computed with its decoding): the layer stores them
+        double-quantized. ``zero`` is ignored for codebook grids; ``zero_dtype`` float16/float32 keeps fractional
+        zero points. ``g_idx`` is kept only when it differs from the natural order j // group_size. ``act_scale``
+        (a static per-tensor activation scale) makes the activations per tensor; ``outlier_threshold`` makes an
+        LLM.int8() layer."""
+        double_quant = isinstance(scale, DoubleQuantScales)
         if g_idx is not None and spec.granularity == "group":
             natural = torch.arange(codes.shape[1], device=g_idx.device) // spec.group_size
             if torch.equal(g_idx.to(natural.dtype), natural):
@@ -141,13 +186,15 @@ class QuantLinear(nn.Module):
             out_features,
             spec,
             bias=bias is not None,
-            scale_dtype=scale.dtype,
+            scale_dtype=torch.float32 if double_quant else scale.dtype,
             dtype=bias.dtype if bias is not None else torch.float32,
             device=codes.device,
             g_idx=g_idx is not None,
             act_bits=act_bits,
             act_granularity="token" if act_scale is None else "tensor",
             outlier_threshold=outlier_threshold,
+            zero_dtype=zero_dtype,
+            double_quant=double_quant,
         )
         if act_scale is not None:
             module.act_scale.copy_(torch.as_tensor(act_scale, dtype=torch.float32).reshape(1))
@@ -157,8 +204,15 @@ class QuantLinear(nn.Module):
             scale = scale.expand(out_features, 1)
             zero = zero.expand(out_features, 1)
         module.qweight.copy_(pack(codes.to(torch.uint8), spec.bits))
-        module.scales.copy_(scale)
-        module.zeros.copy_(zero.to(torch.uint8))
+        if double_quant:
+            module.scale_codes.copy_(scale.codes)
+            module.scale_absmax.copy_(scale.absmax)
+            module.scale_offset.copy_(scale.offset)
+            module.decode_scales()
+        else:
+            module.scales.copy_(scale)
+        if module.zeros is not None:
+            module.zeros.copy_(zero.to(zero_dtype))
         if bias is not None:
             module.bias.copy_(bias.detach())
         return module
@@ -172,19 +226,26 @@ class QuantLinear(nn.Module):
         act_bits: int | None = None,
         act_scale: torch.Tensor | None = None,
         outlier_threshold: float | None = None,
+        double_quant: bool = False,
     ) -> QuantLinear:
         """Round-to-nearest quantization of a float weight [out, in] on ``spec``'s grid.
 
-        The scales are rounded to their storage dtype *before* the codes are computed, so the stored model is
-        exactly the one whose error is measured.
+        The scales are rounded to their storage dtype (or double-quantized) *before* the codes are computed, so the
+        stored model is exactly the one whose error is measured.
         """
         w = weight.detach().float()
         scale, zero = compute_qparams(w, spec)
-        scale = scale.to(storage_scale_dtype(scale))
-        codes = quantize(w, scale.float(), zero, spec)
+        stored = DoubleQuantScales.of(scale) if double_quant else scale.to(storage_scale_dtype(scale))
+        used = stored.decode() if double_quant else stored.float()
+        codes = quantize(w, used, zero, spec)
         return cls.from_codes(
-            codes, scale, zero, spec, bias, act_bits=act_bits, act_scale=act_scale, outlier_threshold=outlier_threshold
+            codes, stored, zero, spec, bias, act_bits=act_bits, act_scale=act_scale, outlier_threshold=outlier_threshold
         )
+
+    def decode_scales(self) -> None:
+        """Recompute ``scales`` from their double-quantized form (after it was loaded or set)."""
+        if self.double_quant and not self.scale_codes.is_meta:
+            self.scales = DoubleQuantScales(self.scale_codes, self.scale_absmax, self.scale_offset).decode()
 
     def layout(self) -> dict:
         """What a checkpoint config records of this module: enough to rebuild it empty with ``from_layout``."""
@@ -201,6 +262,10 @@ class QuantLinear(nn.Module):
             layout["act_granularity"] = self.act_granularity
         if self.outlier_threshold is not None:
             layout["outlier_threshold"] = self.outlier_threshold
+        if self.zeros is not None and self.zeros.dtype != torch.uint8:
+            layout["zero_dtype"] = str(self.zeros.dtype).removeprefix("torch.")
+        if self.double_quant:
+            layout["double_quant"] = True
         return layout
 
     @classmethod
@@ -210,6 +275,10 @@ class QuantLinear(nn.Module):
         in_f, out_f, bias = entry.pop("in_features"), entry.pop("out_features"), entry.pop("bias")
         g_idx = bool(entry.pop("g_idx", False))
         act = {k: entry.pop(k) for k in ("act_bits", "act_granularity", "outlier_threshold") if k in entry}
+        zero_dtype = entry.pop("zero_dtype", "uint8")
+        if zero_dtype not in ZERO_DTYPES:
+            raise InvalidSpecError(f"unknown zero-point dtype {zero_dtype!r}: expected one of {', '.join(ZERO_DTYPES)}")
+        double_quant = bool(entry.pop("double_quant", False))
         return cls(
             in_f,
             out_f,
@@ -218,6 +287,8 @@ class QuantLinear(nn.Module):
             scale_dtype=scale_dtype,
             device=device,
             g_idx=g_idx,
+            zero_dtype=ZERO_DTYPES[zero_dtype],
+            double_quant=double_quant,
             **act,
         )
 
@@ -230,11 +301,15 @@ class QuantLinear(nn.Module):
         k, g = self.in_features, self.spec.group_size
         if self.spec.granularity in ("group", "channel") and self.g_idx is None and (g < 0 or k % g == 0):
             # whole groups in natural order: broadcast each group's scale over a [out, groups, size] view
-            codes = self.codes().view(self.out_features, self.scales.shape[1], -1).float()
-            w = (codes - self.zeros.float().unsqueeze(-1)) * self.scales.float().unsqueeze(-1)
+            codes = self.codes().view(self.out_features, self.scales.shape[1], -1)
+            if self.zeros is None:
+                values = decode(codes, self.spec.codebook)
+            else:
+                values = codes.float() - self.zeros.float().unsqueeze(-1)
+            w = values * self.scales.float().unsqueeze(-1)
             return w.view(self.out_features, k).to(dtype)
         scale = self.scales.float()
-        zero = self.zeros.float()
+        zero = self.zeros.float() if self.zeros is not None else torch.zeros_like(scale)
         if self.spec.granularity == "tensor":
             scale, zero = scale[:1, :1], zero[:1, :1]
         elif self.g_idx is not None:
@@ -242,17 +317,27 @@ class QuantLinear(nn.Module):
             scale, zero = scale[:, index], zero[:, index]
         return dequantize(self.codes(), scale, zero, self.spec, dtype=dtype)
 
+    def stored_tensors(self) -> list[torch.Tensor]:
+        """The tensors a checkpoint holds for the weight (codes, scales or their double-quantized form, zeros,
+        g_idx), without the bias."""
+        scales = [self.scale_codes, self.scale_absmax, self.scale_offset] if self.double_quant else [self.scales]
+        return [t for t in (self.qweight, *scales, self.zeros, self.g_idx) if t is not None]
+
     @property
     def weight_bytes(self) -> int:
-        tensors = [self.qweight, self.scales, self.zeros] + ([self.g_idx] if self.g_idx is not None else [])
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.numel() * t.element_size() for t in self.stored_tensors())
 
     def describe(self) -> str:
-        """e.g. 'w4 g64 asym', 'w8 per-channel sym a8', 'w8 per-channel sym a8 per-tensor' or
-        'w8 per-channel sym a8 outliers>=6'."""
+        """e.g. 'w4 g64 asym', 'nf4 g64 dq', 'w4 g64 asym fp16-zeros', 'w8 per-channel sym a8',
+        'w8 per-channel sym a8 per-tensor' or 'w8 per-channel sym a8 outliers>=6'."""
+        text = self.spec.describe()
+        if self.double_quant:
+            text += " dq"
+        if self.zeros is not None and self.zeros.dtype != torch.uint8:
+            text += f" {str(self.zeros.dtype).removeprefix('torch.').replace('float', 'fp')}-zeros"
         if self.act_bits is None:
-            return self.spec.describe()
-        text = f"{self.spec.describe()} a{self.act_bits}"
+            return text
+        text = f"{text} a{self.act_bits}"
         if self.act_granularity != "token":
             text += f" per-{self.act_granularity}"
         if self.outlier_threshold is not None:
@@ -276,7 +361,8 @@ class QuantLinear(nn.Module):
     def row_params(self) -> tuple[torch.Tensor, torch.Tensor]:
         """For row-scaled weights: scale and zero as fp32 vectors [out_features] (a per-tensor grid on every row)."""
         scale = self.scales.float()[:, 0].expand(self.out_features).contiguous()
-        zero = self.zeros.float()[:, 0].expand(self.out_features).contiguous()
+        zeros = self.zeros if self.zeros is not None else torch.zeros_like(self.scales)
+        zero = zeros.float()[:, 0].expand(self.out_features).contiguous()
         return scale, zero
 
     def integer_weight(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from quantlm.errors import CheckpointError, first_line
 from quantlm.formats.safetensors_io import file_layout, read_file
 from quantlm.models.blocks import DecoderBlocks, set_submodule
-from quantlm.nn.qlinear import QuantLinear
+from quantlm.nn.qlinear import QuantLinear, layout_scale_dtype
 from quantlm.paths import atomic_write_text
 from quantlm.pipeline.runner import LayerRecord
 
@@ -105,8 +105,10 @@ class BlockStore:
         block = blocks.blocks[i]
         try:
             for name, entry in data["modules"].items():
-                scales = tensors[f"{name}.scales"]
-                set_submodule(block, name[len(prefix) :], QuantLinear.from_layout(entry, scales.dtype))
+                scale_dtype = layout_scale_dtype(entry, tensors, name)
+                if scale_dtype is None:
+                    raise KeyError(f"{name}.scales")
+                set_submodule(block, name[len(prefix) :], QuantLinear.from_layout(entry, scale_dtype))
             block.load_state_dict(
                 {k[len(prefix) :]: v.to(device) for k, v in tensors.items()}, strict=True, assign=True
             )
