@@ -62,14 +62,14 @@ def swap_in(root: nn.Module, name: str, qlinear: QuantLinear, original: nn.Modul
     return qlinear
 
 
-def round_to_grid(root: nn.Module, name: str, module: nn.Module, spec, method: str, details=None, **act):
-    """Replace the Linear ``name`` by its round-to-nearest QuantLinear on ``spec``'s grid (``act``: the activation
-    settings of ``QuantLinear.from_weight``); return its quant-log record."""
+def round_to_grid(root: nn.Module, name: str, module: nn.Module, spec, method: str, details=None, **options):
+    """Replace the Linear ``name`` by its round-to-nearest QuantLinear on ``spec``'s grid (``options``: the
+    activation and double-quantization settings of ``QuantLinear.from_weight``); return its quant-log record."""
     from quantlm.pipeline.runner import LayerRecord
 
     t0 = time.perf_counter()
     weight = linear_weight(module)
-    q = QuantLinear.from_weight(weight, spec, getattr(module, "bias", None), **act)
+    q = QuantLinear.from_weight(weight, spec, getattr(module, "bias", None), **options)
     error = relative_weight_error(weight, q.dequantize_weight())
     swap_in(root, name, q, module)
     return LayerRecord(
@@ -79,6 +79,15 @@ def round_to_grid(root: nn.Module, name: str, module: nn.Module, spec, method: s
         error=error,
         details={"shape": list(weight.shape), "spec": q.describe(), **(details or {})},
     )
+
+
+def round_linears(ctx, spec: QuantSpec, method: str, exclude: Sequence[str], **options) -> list:
+    """Round every Linear of the block that no ``exclude`` pattern names onto ``spec``'s grid (``round_to_grid``)."""
+    return [
+        round_to_grid(ctx.model, name, module, spec, method, **options)
+        for name, module in ctx.linears().items()
+        if not is_excluded(name, exclude)
+    ]
 
 
 def round_output_projection(model: nn.Module, spec: QuantSpec, method: str, act_bits=None, *, required: bool):

@@ -19,6 +19,7 @@ from quantlm.methods.common import (
     check_activation_settings,
     exclude_setting,
     is_excluded,
+    round_linears,
     round_output_projection,
     round_to_grid,
     static_act_scales,
@@ -75,3 +76,28 @@ class RTN(Method):
 
     def describe(self) -> str:
         return super().describe().replace(self.name, "rtn+head", 1) if self.lm_head else super().describe()
+
+
+INT8_WEIGHT_ONLY_SPEC = QuantSpec(bits=8, symmetric=True)
+
+
+@register
+@dataclass(frozen=True)
+class Int8WeightOnly(Method):
+    """int8 weight-only, one symmetric scale per output channel (EETQ's scheme): W8A16 on the int8pack kernel."""
+
+    spec: QuantSpec = INT8_WEIGHT_ONLY_SPEC
+    exclude: tuple[str, ...] = exclude_setting()
+
+    name = "int8-weight-only"
+    needs_calibration = False
+
+    def __post_init__(self) -> None:
+        if self.spec != INT8_WEIGHT_ONLY_SPEC:
+            raise InvalidSpecError(
+                f"int8-weight-only is 8-bit, symmetric, per output channel, not {self.spec.describe()}: drop the grid "
+                "flags, or use --method rtn for other grids"
+            )
+
+    def process_block(self, ctx: BlockContext) -> list[LayerRecord]:
+        return round_linears(ctx, self.spec, self.name, self.exclude)

@@ -17,6 +17,10 @@ Kernels (y = x Wᵀ + b, W = (q − zero) · scale, as ``quantlm.core`` defines 
   activations, quantized per token on the fly or with the layer's static per-tensor scale: ``torch._int_mm`` with
   int32 accumulation, then both scales. LLM.int8() layers add their outlier columns in floating point. Layers
   fed the same input tensor (q, k, v; gate, up) quantize it once (``SHARED_INPUT``).
+- ``codebook``: NF4/FP4 layers (``spec.codebook``), any device: the packed codes are looked up two per byte in a
+  256-entry table of level pairs, multiplied by the group scales and fed to the dense GEMM in the activations'
+  dtype (fp32 for bf16 activations on CPUs without native bf16). No CPU op multiplies by a nonlinear 4-bit
+  codebook, so this reads the packed weight and writes a dense one on every call: it saves memory, not time.
 - ``torch``: the reference math of ``quantlm.nn.reference`` (dequantize, then ``F.linear``; W8A8 as the integer
   product); any device, any layer. It is what the others are tested against.
 (The quantization pipeline runs finished layers on a weight dequantized once: ``quantlm.pipeline.dequantized``, not
@@ -31,6 +35,8 @@ them ``torch._int_mm`` is slower than the fp32 GEMM.
 
 from __future__ import annotations
 
+import functools
+import sys
 import threading
 from typing import TYPE_CHECKING
 
@@ -38,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from quantlm.core.codebook import codebook_levels
 from quantlm.errors import QuantlmError
 from quantlm.hardware import cpu_has_fast_int8, cpu_has_native_bf16
 from quantlm.nn.reference import dense_matmul, quantized_rows, reference_matmul
@@ -52,13 +59,18 @@ INT4PACK_ROW_MULTIPLE = 16
 INT8PACK_K_MULTIPLE = 4  # _weight_int8pack_mm crashes on bf16 inputs when K is not a multiple of 4 (torch 2.13)
 
 
+def _dense_dtype(x: Tensor) -> torch.dtype:
+    """The dtype to run a dense GEMM on ``x`` in: x's, except fp32 for half-precision inputs on CPUs without fast
+    bf16."""
+    if x.dtype != torch.float32 and x.device.type == "cpu" and not cpu_has_native_bf16():
+        return torch.float32
+    return x.dtype
+
+
 def _prefill_matmul(layer: QuantLinear, x2: Tensor) -> Tensor:
     """x2 Wᵀ with the weight dequantized once: for many rows (prefill) the dense GEMM beats the weight-only ops,
     and the dequantization costs little next to it. bf16 inputs are multiplied in fp32 on CPUs without fast bf16."""
-    dtype = x2.dtype
-    if dtype != torch.float32 and x2.device.type == "cpu" and not cpu_has_native_bf16():
-        dtype = torch.float32
-    return dense_matmul(layer, x2, dtype)
+    return dense_matmul(layer, x2, _dense_dtype(x2))
 
 
 def _op_input(x2: Tensor) -> Tensor:
@@ -148,6 +160,8 @@ class Int4PackKernel(Kernel):
             return reason
         if layer.spec.bits > 4:
             return f"needs at most 4-bit codes, the layer has {layer.spec.bits}"
+        if layer.spec.codebook != "none":
+            return f"needs an integer grid, the layer has {layer.spec.codebook} levels"
         if layer.spec.granularity not in ("group", "channel"):
             return f"needs group or per-channel scales, the layer has {layer.spec.granularity}"
         if _int4pack_group(layer) is None:
@@ -353,11 +367,55 @@ class Int8GemmKernel(Kernel):
         return y.reshape(*lead, self.out_features)
 
 
+@functools.cache
+def _level_quads(codebook: str, device: torch.device) -> Tensor:
+    """[65536, 4]: the levels of the four 4-bit codes packed in every 16-bit word (``quantlm.core.packing``'s
+    order read as little-endian int16), one table per codebook and device, shared by every layer."""
+    levels = codebook_levels(codebook, device)
+    word = torch.arange(1 << 16, device=device)
+    return torch.stack([levels[(word >> shift) & 15] for shift in (0, 4, 8, 12)], dim=1)
+
+
+class CodebookKernel(Kernel):
+    """NF4/FP4 layers: four levels per packed 16-bit word from a shared table, times the group scales, then the
+    dense GEMM. The table is no buffer of the kernel, so the packed codes count as what it reads."""
+
+    name = "codebook"
+
+    @classmethod
+    def why_not(cls, layer, device):
+        if layer.spec.codebook == "none":
+            return "needs a codebook (nf4, fp4) layer"
+        if layer.g_idx is not None:
+            return "needs groups in natural column order"
+        if layer.qweight.shape[1] % 2 or sys.byteorder != "little":
+            return f"needs in_features divisible by 4 (the layer has {layer.in_features}) on a little-endian machine"
+        return None
+
+    def weight(self, dtype: torch.dtype) -> Tensor:
+        """The dequantized weight [out, in] in ``dtype`` (computed in fp32, as the reference computes it)."""
+        layer = self.layer[0]
+        out, k = layer.out_features, layer.in_features
+        words = layer.qweight.view(torch.int16).reshape(-1).int() & 0xFFFF
+        values = _level_quads(layer.spec.codebook, layer.qweight.device).index_select(0, words).view(out, -1)[:, :k]
+        scales = layer.scales.float()
+        size = k if layer.spec.granularity == "channel" else layer.spec.group_size
+        if k % size == 0:
+            w = values.reshape(out, k // size, size) * scales.unsqueeze(-1)
+        else:
+            w = values * scales.index_select(1, torch.arange(k, device=scales.device) // size)
+        return w.reshape(out, k).to(dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = _dense_dtype(x)
+        return F.linear(x.to(dtype), self.weight(dtype)).to(x.dtype)
+
+
 KERNELS: dict[str, type[Kernel]] = {
-    k.name: k for k in (Int4PackKernel, Int8PackKernel, Int8GemmKernel, TorchDequantKernel)
+    k.name: k for k in (Int4PackKernel, Int8PackKernel, Int8GemmKernel, CodebookKernel, TorchDequantKernel)
 }
 KERNEL_ALIASES = {"int8-dynamic": "int8"}  # the int8 kernel's name before it took static and LLM.int8() layers
-AUTO_ORDER = ("int8", "int4pack", "int8pack", "torch")
+AUTO_ORDER = ("int8", "int4pack", "int8pack", "codebook", "torch")
 KERNEL_CHOICES = ("auto", *KERNELS, *KERNEL_ALIASES)
 
 
