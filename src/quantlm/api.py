@@ -29,6 +29,7 @@ from quantlm.formats.native import (
 )
 from quantlm.formats.record import QuantizationRecord
 from quantlm.hardware import DTYPE_CHOICES, TRAIN_DTYPES, choose_dtype, describe_cpu
+from quantlm.methods.base import registered_methods
 from quantlm.methods.head import head_step
 from quantlm.methods.recipe import Recipe, add_head_step, parse_recipe, recipe_from_options
 from quantlm.models.context import check_context
@@ -111,8 +112,11 @@ def load(
     attention: str = "auto",
     kernel_cache: bool = True,
     verify: bool | None = None,
+    quantize: str | Any | None = None,
+    progress: bool = True,
 ) -> nn.Module:
-    """A quantlm checkpoint as a quantized model ready to run, or any other model source as a full-precision model.
+    """A quantlm checkpoint as a quantized model ready to run, or any other model source as a full-precision model
+    (with ``quantize``, quantized as it loads).
 
     ``dtype`` is the compute dtype (a torch dtype or its name; ``"auto"``: the fastest this machine runs natively,
     ``quantlm.hardware.choose_dtype``): the float parts of the model (embeddings, norms, unquantized Linears) are cast
@@ -122,17 +126,57 @@ def load(
     steps of a bf16/fp16 SDPA model on the CPU in fp32, any other model as it loads). ``kernel_cache``: reuse the
     kernels' packed weights from an earlier load of the same checkpoint (``quantlm.nn.kernel_cache``; off also with
     ``QUANTLM_KERNEL_CACHE=0``). ``verify``: check every file of a checkpoint against its recorded checksum first
-    (default: yes, unless ``QUANTLM_VERIFY=0``; about 0.1 s per 100 MB).
+    (default: yes, unless ``QUANTLM_VERIFY=0``; about 0.1 s per 100 MB). ``quantize``: a calibration-free method
+    name (``LOAD_TIME_METHODS``: rtn, hqq, nf4, fp4, int8-weight-only, with their default settings) or recipe
+    (anything ``parse_recipe`` takes) applied to a float model in fp32 as it loads, before it is cast to ``dtype``:
+    what transformers users get from a quantization config at load time, with nothing written to disk.
     """
     from quantlm.nn.attention import check_attention_name
 
     check_attention_name(attention)
     dtype = choose_dtype(dtype, device).dtype
     path = Path(str(source)).expanduser()
+    recipe = None if quantize is None else load_time_recipe(quantize)
     if is_quantlm_checkpoint(path):
+        if recipe is not None:
+            raise QuantlmError(f"{source} is a quantized checkpoint already: load it without --quantize/quantize=")
         model = load_checkpoint(path, device=device, verify=verify)
         return _ready(model, dtype, kernel, attention, cache_for=path / WEIGHTS_FILE if kernel_cache else None)
-    return _ready(load_float_model(source, dtype=dtype, device=device), dtype, kernel, attention)
+    if recipe is None:
+        return _ready(load_float_model(source, dtype=dtype, device=device), dtype, kernel, attention)
+    model = _quantize_model(load_float_model(source, dtype=torch.float32, device=device), recipe, progress)
+    return _ready(model, dtype, kernel, attention)
+
+
+LOAD_TIME_METHODS = ("rtn", "hqq", "nf4", "fp4", "int8-weight-only")
+
+
+def load_time_recipe(quantize) -> Recipe:
+    """The recipe ``load(..., quantize=...)`` applies: a method name of ``LOAD_TIME_METHODS`` or a recipe file
+    (``str``), or any recipe; it must need no calibration data."""
+    if isinstance(quantize, str) and quantize in registered_methods():
+        if quantize not in LOAD_TIME_METHODS:
+            raise QuantlmError(
+                f"{quantize} needs calibration data: quantize at load time with one of {', '.join(LOAD_TIME_METHODS)}, "
+                f"or run quantlm quantize --method {quantize} first"
+            )
+        quantize = {"method": quantize}
+    elif isinstance(quantize, str) and not Path(quantize).suffix:
+        raise QuantlmError(
+            f"unknown method '{quantize}' to quantize at load time: use one of {', '.join(LOAD_TIME_METHODS)}, or "
+            "a JSON/YAML recipe file"
+        )
+    recipe = parse_recipe(quantize)
+    if recipe.needs_calibration:
+        raise QuantlmError(
+            "this recipe needs calibration data: quantize at load time only with calibration-free steps, or run "
+            "quantlm quantize first"
+        )
+    return recipe
+
+
+def _quantize_model(model: nn.Module, recipe: Recipe, progress: bool) -> nn.Module:
+    return quantize(model, recipe, progress=progress)
 
 
 def recast(model: nn.Module, dtype: torch.dtype | str, *, kernel: str = "auto", attention: str = "auto") -> nn.Module:

@@ -31,7 +31,11 @@ TrainDType = Enum("TrainDType", {name: name for name in api.TRAIN_DTYPES}, type=
 VERBOSE_HELP = "Say which dtype was taken and why, and print the kernel of every quantized layer (stderr)."
 KERNEL_HELP = (
     "Matmul kernel of the quantized layers: auto (fastest that fits each layer), int4pack, int8pack, "
-    "int8 (W8A8 int8 GEMM) or torch."
+    "int8 (W8A8 int8 GEMM), codebook (NF4/FP4) or torch."
+)
+QUANTIZE_AT_LOAD_HELP = (
+    "Quantize a float model as it loads (nothing written): rtn, hqq, nf4, fp4 or int8-weight-only with their "
+    "default settings, or a JSON/YAML recipe file of calibration-free steps."
 )
 DTYPE_HELP = (
     "Compute dtype: auto (the faster of bfloat16 and float32 for this command's work on this CPU, by its flags and "
@@ -329,6 +333,7 @@ def eval_cmd(
     ),
     dtype: DType = typer.Option(DType.auto, help=DTYPE_HELP),
     kernel: str = typer.Option("auto", help=KERNEL_HELP),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help=QUANTIZE_AT_LOAD_HELP),
     kv_bits: Optional[int] = typer.Option(
         None,
         "--kv-bits",
@@ -358,7 +363,7 @@ def eval_cmd(
         task_data.task_data_root()  # so does missing task data
     kv = api.kv_cache_setting(kv_bits)
     compute = _compute_dtype(dtype, verbose, rows=seqlen if with_ppl else batch_tokens)
-    lm, kernels, _ = _load_for_inference(model, compute, kernel, verbose)
+    lm, kernels, _ = _load_for_inference(model, compute, kernel, verbose, quantize=quantize)
     if kv_bits is not None:
         api.enable_kv_quantization(lm, kv)
     tokenizer = api.load_tokenizer(model)
@@ -411,13 +416,15 @@ def _compute_dtype(dtype: DType, verbose: bool, rows: int):
     return choice
 
 
-def _load_for_inference(model: str, compute, kernel: str, verbose: bool, attention: str = "auto"):
-    """Load a model (quantized or dense) in the ``compute`` dtype with ``kernel`` and ``attention``; print each
-    layer's kernel with ``verbose``."""
+def _load_for_inference(
+    model: str, compute, kernel: str, verbose: bool, attention: str = "auto", quantize: str | None = None
+):
+    """Load a model (quantized or dense; with ``quantize``, quantized as it loads) in the ``compute`` dtype with
+    ``kernel`` and ``attention``; print each layer's kernel with ``verbose``."""
     if kernel not in api.KERNEL_CHOICES:
         raise QuantlmError(f"unknown kernel '{kernel}': choose one of {', '.join(api.KERNEL_CHOICES)}")
     t0 = time.perf_counter()
-    lm = api.load(model, dtype=compute.dtype, kernel=kernel, attention=attention)
+    lm = api.load(model, dtype=compute.dtype, kernel=kernel, attention=attention, quantize=quantize, progress=verbose)
     seconds = time.perf_counter() - t0
     kernels = getattr(lm, "quantlm_kernels", {})
     if verbose:
@@ -444,6 +451,7 @@ def generate(
     dtype: DType = typer.Option(DType.auto, help=DTYPE_HELP),
     kernel: str = typer.Option("auto", help=KERNEL_HELP),
     attention: str = typer.Option("auto", help=ATTENTION_HELP),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help=QUANTIZE_AT_LOAD_HELP),
     compile: bool = typer.Option(
         False, "--compile", help="Static KV cache and a torch.compile'd forward (slow first call)."
     ),
@@ -456,7 +464,9 @@ def generate(
         _fail(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     _setup_threads()
     tokenizer = api.load_tokenizer(model)
-    lm, _, _ = _load_for_inference(model, _compute_dtype(dtype, verbose, rows=1), kernel, verbose, attention)
+    lm, _, _ = _load_for_inference(
+        model, _compute_dtype(dtype, verbose, rows=1), kernel, verbose, attention, quantize=quantize
+    )
     prompt_tokens = len(tokenizer(prompt)["input_ids"])
     api.check_generation_request(lm, prompt_tokens, max_new_tokens, sample, temperature, top_p)
     if not as_json:
@@ -486,6 +496,7 @@ def bench(
     dtype: DType = typer.Option(DType.auto, help=DTYPE_HELP),
     kernel: str = typer.Option("auto", help=KERNEL_HELP),
     attention: str = typer.Option("auto", help=ATTENTION_HELP),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help=QUANTIZE_AT_LOAD_HELP),
     compile: bool = typer.Option(
         False, "--compile", help="Decode with a static KV cache and a torch.compile'd forward."
     ),
@@ -514,7 +525,7 @@ def bench(
     # can pay in bf16 while prefill (many rows) is several times slower there
     prefill_dtype = _compute_dtype(dtype, verbose, rows=prefill_tokens)
     decode_dtype = _compute_dtype(dtype, verbose, rows=1)
-    lm, kernels, load_seconds = _load_for_inference(model, prefill_dtype, kernel, verbose, attention)
+    lm, kernels, load_seconds = _load_for_inference(model, prefill_dtype, kernel, verbose, attention, quantize=quantize)
 
     def to_decode_dtype(lm) -> None:
         if decode_dtype.dtype != prefill_dtype.dtype:
