@@ -60,6 +60,22 @@ ROWS = {
         "GPTQ W4 g64 asym, activations offloaded to disk",
         "--method gptq --bits 4 --group-size 64 --asym --offload-activations",
     ),
+    "nf4-gptq": (
+        "GPTQ on the NF4 grid (blocks of 64, absmax scales): calibrated NF4",
+        "--method gptq --codebook nf4 --group-size 64",
+    ),
+    "w4-awq-rtn": (
+        "AWQ W4 g64 asym (scale and clip search), then round-to-nearest",
+        "--method awq --bits 4 --group-size 64 --asym",
+    ),
+    "w4-awq-gptq": (
+        "AWQ W4 g64 asym, then GPTQ (defaults)",
+        "--method awq --weights gptq --bits 4 --group-size 64 --asym",
+    ),
+    "w4-awq-gptq-hmse": (
+        "AWQ W4 g64 asym, then GPTQ with MSE clip weighted by the Hessian diagonal",
+        "--method awq --weights gptq --bits 4 --group-size 64 --asym --clip mse --hessian-clip",
+    ),
 }
 RESULTS = Path(__file__).parent / "results" / "gptq_smollm2"
 
