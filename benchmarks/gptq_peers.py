@@ -13,7 +13,8 @@ How it keeps the comparison fair:
   of the model it is handed, loaded here in fp32). Same bits, group size, symmetry, damping and act-order for all;
   the differences that remain (llm-compressor's static group grids, GPTQModel's fp16 scales on disk) are listed
   in the workers' docstrings and in the table's notes.
-- Every quantized model is scored by the same function below, in the peer's own process: each window runs once
+- Every quantized model is scored by the same function (``peer_harness.perplexity_on_windows``, which
+  calibration_free_peers.py uses too), in the peer's own process: each window runs once
   under ``torch.no_grad``, loss = cross entropy of logits[:-1] against ids[1:] summed over tokens, and
   ppl = exp(total / count). The table says in which dtype each model ran (GPTQModel has a float32 CPU kernel for
   4-bit only; other widths are scored in bfloat16).
@@ -22,7 +23,8 @@ How it keeps the comparison fair:
 Peers are never dependencies of quantlm: each one gets a throwaway virtualenv under
 ``$QUANTLM_HOME/peer-venvs/<peer>`` (torch==2.13.0 is installed first and stays pinned, so pip never pulls CUDA
 packages), reused while its marker file matches the pinned versions. The peers' workers run this same file with
-``--worker``; in that mode it imports neither quantlm nor anything outside the peer's venv.
+``--worker``; in that mode it imports neither quantlm nor anything outside the peer's venv. The venvs, the token
+files, the scorer, the child processes and the report files are benchmarks/peer_harness.py's.
 
 Run (from the repository root, with the project's venv; progress goes to stderr):
 
@@ -42,111 +44,51 @@ recorded as ``failed: <reason>`` and the others still run.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import math
 import os
 import platform
-import resource
 import shlex
 import shutil
-import subprocess
 import sys
 import time
-import traceback
-from collections import deque
 from datetime import UTC, datetime
 from pathlib import Path
-from types import SimpleNamespace
 
-REPO = Path(__file__).resolve().parent.parent
+from peer_harness import (
+    REPO,
+    TORCH_PIN,
+    PeerFailure,
+    cell,
+    cpu_info,
+    cpu_line,
+    ensure_venv,
+    first_line,
+    format_seconds,
+    git_revision,
+    kept_rows,
+    load_fp32,
+    log,
+    package_versions,
+    prepare_windows,
+    quantized_module_types,
+    run_job,
+    run_worker,
+    write_report_files,
+)
+from peer_harness import worker_env as harness_worker_env
+
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "gptq_peers"
 DEFAULT_WORK_DIR = REPO / "out" / "gptq_peers"
-TORCH_PIN = "torch==2.13.0"
 PEER_VERSIONS = {"gptqmodel": "7.6.0", "llmcompressor": "0.14.0.1"}
 # GPTQModel 7.6.0's setup.py builds no extension at install time (its kernels are compiled on first use);
 # BUILD_CUDA_EXT=0 is the variable older releases read, kept so an older pin cannot start a CUDA build.
 PEER_INSTALL_ENV = {"gptqmodel": {"BUILD_CUDA_EXT": "0"}, "llmcompressor": {}}
 ALL_PEERS = ("fp32", "gptqmodel", "llmcompressor", "quantlm")
 VENV_PEERS = ("gptqmodel", "llmcompressor")
-MARKER = ".quantlm-peer-installed"
-GB = 1024**3
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Shared by the orchestrator and the workers: stdlib only at import time.
-
-
-def log(message: str) -> None:
-    """Progress goes to stderr, so stdout carries only the final table."""
-    print(f"[gptq_peers] {message}", file=sys.stderr, flush=True)
-
-
-def first_line(text: str, limit: int = 300) -> str:
-    """The first non-empty line of ``text``, shortened for a table cell."""
-    line = next((part.strip() for part in str(text).splitlines() if part.strip()), "")
-    return line if len(line) <= limit else line[: limit - 1] + "…"
-
-
-def write_json_atomically(path: Path, data) -> None:
-    """Write ``data`` as JSON through a temporary file in the same directory and a rename."""
-    write_text_atomically(path, json.dumps(data, indent=2, default=str) + "\n")
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    """Write ``text`` through a temporary file in the same directory and a rename. (Workers run in a peer's venv
-    without quantlm, so this cannot be ``quantlm.paths.atomic_write_text``.)"""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def package_versions(*names: str) -> dict[str, str | None]:
-    """Installed versions of ``names`` (None where a package is missing) plus python's."""
-    import importlib.metadata
-
-    versions: dict[str, str | None] = {"python": platform.python_version()}
-    for name in names:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
-
-
-def tensor_digest(tensor) -> str:
-    """A short hash of a token tensor, to show that every peer read the same tokens."""
-    return hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Worker side: runs inside a peer's venv (or the project's venv for quantlm and fp32).
-
-
-def perplexity_on_windows(model, windows, bos_token_id: int | None) -> dict:
-    """Score each row of ``windows`` as one sequence (BOS prepended if given, never scored); fp32 loss."""
-    import torch
-    import torch.nn.functional as F
-
-    total_nll, total_tokens = 0.0, 0
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        for row in windows:
-            ids = row.unsqueeze(0)
-            if bos_token_id is not None:
-                ids = torch.cat([torch.tensor([[bos_token_id]]), ids], dim=1)
-            logits = model(input_ids=ids, use_cache=False).logits[0, :-1]
-            targets = ids[0, 1:]
-            total_nll += F.cross_entropy(logits.float(), targets, reduction="sum").item()
-            total_tokens += targets.numel()
-    return {
-        "ppl": math.exp(total_nll / total_tokens),
-        "nll": total_nll,
-        "tokens": total_tokens,
-        "eval_s": time.perf_counter() - t0,
-    }
 
 
 def calibration_samples(windows) -> list[dict]:
@@ -372,22 +314,6 @@ def quantize_with_quantlm(job: dict, calib) -> dict:
     }
 
 
-def load_fp32(job: dict, calib) -> dict:
-    """The unquantized fp32 model: the reference row."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(job["model_dir"], dtype=torch.float32)
-    return {
-        "model": model.eval(),
-        "load_s": time.perf_counter() - t0,
-        "quantize_s": None,
-        "versions": package_versions("torch", "transformers"),
-        "settings": {},
-    }
-
-
 WORKERS = {
     "fp32": load_fp32,
     "gptqmodel": quantize_with_gptqmodel,
@@ -396,108 +322,8 @@ WORKERS = {
 }
 
 
-def quantized_module_types(model) -> str:
-    """Which module classes now hold the decoder's projection weights, e.g. 'TorchQuantLinear x210'."""
-    counts: dict[str, int] = {}
-    for name, module in model.named_modules():
-        if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")):
-            kind = type(module).__name__
-            counts[kind] = counts.get(kind, 0) + 1
-    return ", ".join(f"{kind} x{n}" for kind, n in sorted(counts.items()))
-
-
-def run_worker(peer: str, job_path: Path) -> int:
-    """Quantize with ``peer``, score the result, write the result file; errors are recorded, not raised."""
-    job = json.loads(Path(job_path).read_text())
-    result_path = Path(job["result_path"])
-    try:
-        import torch
-
-        torch.set_num_threads(job["threads"])
-        calib = torch.load(job["calib_path"])["input_ids"]
-        evaluation = torch.load(job["eval_path"])
-        outcome = WORKERS[peer](job, calib)
-        # load + quantize (+ save and reload where the peer does that), before scoring adds its own memory
-        rss_before_scoring = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB
-        log(f"{peer}: scoring {evaluation['input_ids'].shape[0]} windows")
-        score = perplexity_on_windows(outcome["model"], evaluation["input_ids"], evaluation["bos_token_id"])
-        result = {
-            "ok": True,
-            **score,
-            "load_s": outcome["load_s"],
-            "quantize_s": outcome["quantize_s"],
-            "quantize_rss_gb": rss_before_scoring,
-            "versions": outcome["versions"],
-            "settings": outcome["settings"],
-            "calib_digest": tensor_digest(calib),
-            "eval_digest": tensor_digest(evaluation["input_ids"]),
-            "threads": torch.get_num_threads(),
-            "eval_dtype": str(next(outcome["model"].parameters()).dtype).removeprefix("torch."),
-        }
-    except Exception as e:
-        traceback.print_exc()
-        result = {"ok": False, "error": f"{type(e).__name__}: {first_line(str(e))}"}
-    write_json_atomically(result_path, result)
-    return 0 if result["ok"] else 1
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Orchestrator side: runs in the project's venv.
-
-
-class PeerFailure(Exception):
-    """A peer could not be installed or run; the message becomes its row."""
-
-
-def run_streamed(cmd: list[str], log_path: Path, env: dict[str, str] | None = None, cwd: Path = REPO) -> dict:
-    """Run ``cmd``, copying its output to stderr and to ``log_path``; return rc, wall time, peak RSS, last lines.
-
-    The peak RSS comes from ``os.wait4`` on this one child, so it covers the child (and any process it waited
-    for) and nothing else this script ran.
-    """
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    tail: deque[str] = deque(maxlen=40)
-    t0 = time.perf_counter()
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=cwd)
-        pending = b""
-        while chunk := os.read(proc.stdout.fileno(), 65536):
-            sys.stderr.buffer.write(chunk)
-            sys.stderr.flush()
-            log_file.write(chunk)
-            log_file.flush()
-            pending += chunk
-            *lines, pending = pending.replace(b"\r", b"\n").split(b"\n")
-            tail.extend(line.decode(errors="replace") for line in lines if line.strip())
-        if pending.strip():
-            tail.append(pending.decode(errors="replace"))
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        proc.stdout.close()
-    return {
-        "rc": proc.returncode,
-        "wall_s": time.perf_counter() - t0,
-        "peak_rss_gb": usage.ru_maxrss * 1024 / GB,  # ru_maxrss is in KiB on Linux
-        "tail": list(tail),
-    }
-
-
-def failure_reason(run: dict) -> str:
-    """One line on why a command failed: pip's ERROR line, an exception line, or the exit status."""
-    for line in reversed(run["tail"]):
-        if line.startswith("ERROR") or "Error" in line.split(":")[0] or line.startswith("Killed"):
-            return first_line(line)
-    if run["rc"] < 0:
-        return f"killed by signal {-run['rc']}"
-    return first_line(run["tail"][-1]) if run["tail"] else f"exit status {run['rc']}"
-
-
-def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment of every child process: CPU only, unbuffered, no stray Python path."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    env.update(CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
-    env.update(extra or {})
-    return env
 
 
 def worker_env(threads: int) -> dict[str, str]:
@@ -507,8 +333,7 @@ def worker_env(threads: int) -> dict[str, str]:
     "model_loader:cpu" pool of 2 workers inside it, which fails ("requests 2 workers but parent 'cpu' only has
     1") whenever the parent has fewer than 2: on a 2-core machine the variable must be set, to at least 2.
     """
-    n = str(threads)
-    return child_env({"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "GPTQMODEL_CPU_WORKERS": str(max(2, threads))})
+    return harness_worker_env(threads, {"GPTQMODEL_CPU_WORKERS": str(max(2, threads))})
 
 
 def peer_requirements(peer: str, args) -> list[str]:
@@ -517,84 +342,35 @@ def peer_requirements(peer: str, args) -> list[str]:
     return [TORCH_PIN, f"{peer}=={version}"]
 
 
-def venv_python(venv: Path) -> Path:
-    return venv / "bin" / "python"
-
-
 def ensure_peer_venv(peer: str, args, work_dir: Path) -> tuple[Path, float | None]:
     """The python of the peer's venv, installing it first unless its marker matches; and the install time."""
-    venv = args.venv_root / peer
-    requirements = peer_requirements(peer, args)
-    marker = venv / MARKER
-    if marker.is_file() and json.loads(marker.read_text()) == requirements and venv_python(venv).exists():
-        log(f"{peer}: reusing {venv}")
-        return venv_python(venv), None
-    if args.skip_install:
-        raise PeerFailure(f"not installed in {venv} (run without --skip-install)")
-    log(f"{peer}: installing {' '.join(requirements)} into {venv}")
-    t0 = time.perf_counter()
-    env = child_env(PEER_INSTALL_ENV[peer])
-    python = str(venv_python(venv))
-    steps = {
-        "venv": [sys.executable, "-m", "venv", "--clear", str(venv)],
-        "torch": [python, "-m", "pip", "install", "--progress-bar", "off", TORCH_PIN],
-        peer: [python, "-m", "pip", "install", "--progress-bar", "off", *requirements[1:], TORCH_PIN],
-    }
-    for step, cmd in steps.items():
-        run = run_streamed(cmd, work_dir / "logs" / f"install-{peer}-{step}.log", env=env)
-        if run["rc"] != 0:
-            raise PeerFailure(f"install ({step}): {failure_reason(run)}")
-    marker.write_text(json.dumps(requirements))
-    seconds = time.perf_counter() - t0
-    log(f"{peer}: installed in {seconds:.0f}s")
-    return venv_python(venv), seconds
+    return ensure_venv(
+        args.venv_root / peer,
+        peer_requirements(peer, args),
+        logs=work_dir / "logs",
+        skip_install=args.skip_install,
+        install_env=PEER_INSTALL_ENV[peer],
+    )
 
 
 def prepare_tokens(args, work_dir: Path) -> dict:
     """Compute the calibration and evaluation windows with quantlm's own code and save them for every peer."""
-    import torch
-
-    from quantlm.api import Calibration
-    from quantlm.data import load_text, tokenize_text
-    from quantlm.eval.perplexity import eval_windows, needs_bos
-    from quantlm.models.sources import load_tokenizer, resolve_model_dir
-
-    model_dir = resolve_model_dir(args.model)
-    tokenizer = load_tokenizer(model_dir)
-    calibration = Calibration(n_samples=args.calib_samples, seqlen=args.calib_seqlen)
-    calib = calibration.windows(tokenizer)
-    eval_tokens = tokenize_text(tokenizer, load_text("enwiki", "eval"))
-    evaluation = eval_windows(eval_tokens, args.eval_seqlen, args.eval_windows)
-    model_type = json.loads((model_dir / "config.json").read_text()).get("model_type", "")
-    config_only = SimpleNamespace(config=SimpleNamespace(model_type=model_type))  # all that needs_bos looks at
-    bos = tokenizer.bos_token_id if needs_bos(config_only) else None
-    paths = {"calib_path": work_dir / "calibration.pt", "eval_path": work_dir / "eval.pt"}
-    torch.save({"input_ids": calib}, paths["calib_path"])
-    torch.save({"input_ids": evaluation, "bos_token_id": bos}, paths["eval_path"])
-    return {
-        "model_dir": model_dir,
-        **paths,
-        "calibration": {**calibration.to_dict(), "digest": tensor_digest(calib)},
-        "evaluation": {
-            "source": "enwiki",
-            "split": "eval",
-            "windows": evaluation.shape[0],
-            "seqlen": evaluation.shape[1],
-            "bos_token_id": bos,
-            "digest": tensor_digest(evaluation),
-        },
-    }
+    return prepare_windows(
+        args.model,
+        work_dir,
+        eval_windows=args.eval_windows,
+        eval_seqlen=args.eval_seqlen,
+        calibration=(args.calib_samples, args.calib_seqlen),
+    )
 
 
-def job_for(peer: str, args, tokens: dict, work_dir: Path) -> dict:
+def job_for(peer: str, args, tokens: dict) -> dict:
     """Everything a worker needs, as plain JSON."""
     return {
         "peer": peer,
         "model_dir": str(tokens["model_dir"]),
         "calib_path": str(tokens["calib_path"]),
         "eval_path": str(tokens["eval_path"]),
-        "result_path": str(work_dir / f"result-{peer}.json"),
-        "work_dir": str(work_dir),
         "bits": args.bits,
         "group_size": args.group_size,
         "sym": args.sym,
@@ -617,38 +393,21 @@ def run_peer(peer: str, args, tokens: dict, work_dir: Path) -> dict:
             python, row["install_s"] = ensure_peer_venv(peer, args, work_dir)
         else:
             python = Path(sys.executable)
-        job = job_for(peer, args, tokens, work_dir)
-        job_path = work_dir / f"job-{peer}.json"
-        write_json_atomically(job_path, job)
-        Path(job["result_path"]).unlink(missing_ok=True)
-        log(f"{peer}: quantizing and scoring (log: {work_dir / 'logs' / f'{peer}.log'})")
-        cmd = [str(python), str(Path(__file__).resolve()), "--worker", peer, "--job", str(job_path)]
-        # run in the work dir: GPTQModel writes its own logs/ folder into the current directory
-        run = run_streamed(cmd, work_dir / "logs" / f"{peer}.log", env=worker_env(args.threads), cwd=work_dir)
-        row.update(total_s=run["wall_s"], peak_rss_gb=run["peak_rss_gb"])
-        result_path = Path(job["result_path"])
-        if not result_path.is_file():
-            raise PeerFailure(failure_reason(run))
-        result = json.loads(result_path.read_text())
+        log(f"{peer}: quantizing and scoring")
+        job = job_for(peer, args, tokens)
+        result = run_job(peer, peer, python, Path(__file__).resolve(), job, work_dir, worker_env(args.threads))
+        row.update(total_s=result["total_s"], peak_rss_gb=result["peak_rss_gb"])
         if not result["ok"]:
             raise PeerFailure(result["error"])
         row.update(result)
         log(
             f"{peer}: ppl {result['ppl']:.3f}, quantize {format_seconds(result['quantize_s'])}, "
-            f"total {run['wall_s']:.1f}s, peak RSS {run['peak_rss_gb']:.2f} GB"
+            f"total {result['total_s']:.1f}s, peak RSS {result['peak_rss_gb']:.2f} GB"
         )
     except (PeerFailure, OSError) as e:
         row.update(ok=False, error=str(e) if isinstance(e, PeerFailure) else f"{type(e).__name__}: {e}")
         log(f"{peer}: failed: {e}")
     return row
-
-
-def format_seconds(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds:.1f}s"
-
-
-def cell(value, fmt: str) -> str:
-    return "-" if value is None else format(value, fmt)
 
 
 def setting_label(args) -> str:
@@ -677,6 +436,7 @@ def markdown_table(report: dict) -> str:
         f"GPTQ {report['setting']} on `{report['model']}`, "
         f"CPU ({report['cpu_count']} cores, {report['args']['threads']} "
         "threads per worker); calibration and solvers in float32, each model's scoring dtype in its notes.",
+        *([f"CPU: {cpu_line(report['cpu'])}."] if report.get("cpu") else []),
         f"Calibration: {calib['n_samples']} x {calib['seqlen']} tokens (enwiki calibration split, seed "
         f"{calib['seed']}, digest {calib['digest']}); evaluation: {evaluation['windows']} x {evaluation['seqlen']} "
         f"tokens (enwiki eval split, digest {evaluation['digest']}); batch size {report['args']['batch_size']}.",
@@ -721,18 +481,6 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def git_revision() -> str:
-    """The commit, with '+dirty' when the working tree has changes."""
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout
-        return head + ("+dirty" if dirty.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def check_consistency(rows: list[dict], tokens: dict) -> None:
     """Every peer must have read the very tokens this script wrote."""
     for r in rows:
@@ -762,18 +510,7 @@ def with_kept_rows(rows: list[dict], args, tokens: dict) -> list[dict]:
             "keeping none of its rows"
         )
         return rows
-    fresh = {r["peer"]: r for r in rows}
-    merged = [
-        fresh.pop(r["peer"])
-        if r["peer"] in fresh
-        else {
-            **r,
-            "kept_from": r.get("kept_from")
-            or {"date": previous["date"], "git": previous["git"], "command": previous["command"]},
-        }
-        for r in previous["rows"]
-    ]
-    return merged + list(fresh.values())
+    return kept_rows(rows, previous, "peer")
 
 
 def run_benchmark(args) -> None:
@@ -814,12 +551,12 @@ def write_report(args, tokens: dict, rows: list[dict], started: str, pending: li
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "pending": list(pending),
         "cpu_count": os.cpu_count(),
+        "cpu": cpu_info(),
         "machine": platform.platform(),
         "rows": rows,
     }
     table = markdown_table(report)
-    write_json_atomically(args.out.with_suffix(".json"), report)
-    write_text_atomically(args.out.with_suffix(".md"), table)
+    write_report_files(args.out, report, table)
     log(
         f"wrote {args.out.with_suffix('.md')} and .json" + (f" (still to run: {', '.join(pending)})" if pending else "")
     )
@@ -910,7 +647,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     if args.worker:
-        sys.exit(run_worker(args.worker, args.job))
+        sys.exit(run_worker(args.worker, args.job, WORKERS))
     if args.venv_root is None:
         from quantlm.paths import quantlm_home
 
