@@ -305,6 +305,10 @@ class Method:
         per_tensor = " per-tensor" if act and getattr(self, "act_granularity", "token") == "tensor" else ""
         return f"{self.name}({spec.describe()}{f' a{act}' if act else ''}{per_tensor})"
 
+    def check_next_step(self, step) -> None:
+        """A step that only prepares float weights may refuse the step that quantizes them after it (AWQ: one on
+        another grid than the one it searched on) with a one-line ``InvalidSpecError``."""
+
     def process_block(self, ctx) -> list:
         return []
 

@@ -120,6 +120,10 @@ def _check_order(steps: list) -> None:
     if quantizing and preparing and max(preparing) > min(quantizing):
         late = steps[max(preparing)].name
         raise InvalidSpecError(f"{late} must come before the step that quantizes the weights (e.g. {late} -> rtn)")
+    for i in preparing:
+        following = next((steps[j] for j in quantizing if j > i), None)
+        if following is not None:
+            steps[i].check_next_step(following)
 
 
 def offered_methods() -> dict[str, type]:

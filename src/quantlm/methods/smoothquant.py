@@ -38,13 +38,10 @@ from quantlm.models.blocks import linear_weight
 from quantlm.models.smoothing import (
     FOLD_KINDS,
     SmoothGroup,
-    divide_linear_output,
-    divide_norm_output,
-    head_dim_of,
-    kv_head_map,
-    linear_groups,
-    multiply_linear_input,
-    norm_groups,
+    apply_fold,
+    fold_channel_map,
+    fold_groups,
+    parse_folds,
 )
 from quantlm.pipeline.runner import BlockContext, LayerRecord
 from quantlm.pipeline.stats import InputStats, collect_input_stats
@@ -121,15 +118,7 @@ class SmoothQuant(Method):
         if alpha != "auto" and (isinstance(alpha, bool) or not 0 <= float(alpha) <= 1):
             raise InvalidSpecError(f"alpha must be a number in [0, 1] or 'auto', got {self.alpha!r}")
         object.__setattr__(self, "alpha", alpha if alpha == "auto" else float(alpha))
-        folds = self.folds
-        if isinstance(folds, str):
-            folds = tuple(f.strip() for f in folds.split(",") if f.strip())
-        object.__setattr__(self, "folds", tuple(folds))
-        unknown = [f for f in self.folds if f not in FOLD_KINDS]
-        if unknown or not self.folds:
-            raise InvalidSpecError(
-                f"folds must be some of {', '.join(FOLD_KINDS)}, got {', '.join(self.folds) or 'none'}"
-            )
+        object.__setattr__(self, "folds", parse_folds(self.folds))
         if self.search_granularity not in ACT_GRANULARITIES:
             raise InvalidSpecError(
                 f"search_granularity must be one of {', '.join(ACT_GRANULARITIES)}, got {self.search_granularity!r}"
@@ -142,7 +131,7 @@ class SmoothQuant(Method):
         t0 = time.perf_counter()
         block = ctx.block
         outputs: list[Tensor] = []
-        groups = self._groups(ctx, lambda: outputs.append(ctx.probe()))
+        groups = fold_groups(ctx.block, self.folds, lambda: outputs.append(ctx.probe()))
         if not groups:
             raise QuantlmError(
                 f"SmoothQuant found nothing to smooth in {ctx.name}: no normalization layer feeds its Linears "
@@ -160,8 +149,10 @@ class SmoothQuant(Method):
         plans = []
         for group in groups:  # each plan sees the weights as the folds before it left them
             plans.append(self._plan(ctx, group, stats[f"{ctx.name}.{group.targets[0]}"], linears))
-            self._apply(group, plans[-1], linears)
-        self._check(ctx, reference, saved, groups, plans, linears)
+            apply_fold(group, plans[-1]["s_producer"], plans[-1]["s_consumer"], linears)
+        check_folds(
+            ctx, reference, saved, [(g, p["s_producer"], p["s_consumer"]) for g, p in zip(groups, plans)], linears
+        )
         seconds = (time.perf_counter() - t0) / len(groups)
         return [
             LayerRecord(
@@ -175,15 +166,6 @@ class SmoothQuant(Method):
             for group, plan in zip(groups, plans)
         ]
 
-    def _groups(self, ctx: BlockContext, run_block) -> list[SmoothGroup]:
-        """Linear-to-linear folds first: they divide rows of Linears (v, up) whose columns a norm fold then scales,
-        so the norm folds' weight maxima are taken from the weights as they will be. ``run_block`` runs the block
-        once for the generic discovery of the norm groups."""
-        groups = [g for g in linear_groups(ctx.block) if g.kind in self.folds]
-        if "norm" in self.folds:
-            groups += norm_groups(ctx.block, run_block)
-        return groups
-
     def _plan(
         self, ctx: BlockContext, group: SmoothGroup, stats: InputStats, linears: dict[str, nn.Module]
     ) -> dict[str, Any]:
@@ -192,13 +174,7 @@ class SmoothQuant(Method):
         device = weights[0].device  # the statistics live on the CPU; the plan is made where the weights are
         act = stats.absmax.to(device)
         wmax = torch.stack([w.abs().amax(dim=0) for w in weights]).amax(dim=0)
-        head_map = None
-        if group.kind == "v-o":
-            n_out = linear_weight(linears[group.producer]).shape[0]
-            head_dim = head_dim_of(getattr(ctx.model, "config", None))
-            if n_out != act.numel() and head_dim is None:
-                raise QuantlmError(f"cannot map {group.describe(ctx.name)}: the model's config has no head_dim")
-            head_map = kv_head_map(act.numel(), n_out, head_dim or 1)
+        head_map = fold_channel_map(group, linears, getattr(ctx.model, "config", None), ctx.name)
         if head_map is not None:  # every query head that reads a KV head shares its scales
             head_map = head_map.to(device)
             n_out = int(head_map.max()) + 1
@@ -240,45 +216,49 @@ class SmoothQuant(Method):
         )
         return plan
 
-    @staticmethod
-    def _apply(group: SmoothGroup, plan: dict[str, Any], linears: dict[str, nn.Module]) -> None:
-        producer = linears[group.producer]
-        if group.kind == "norm":
-            divide_norm_output(producer, plan["s_producer"].to(producer.weight.device))
-        else:
-            divide_linear_output(producer, plan["s_producer"].to(linear_weight(producer).device))
-        for t in group.targets:
-            multiply_linear_input(linears[t], plan["s_consumer"].to(linear_weight(linears[t]).device))
-
-    def _check(self, ctx, reference: Tensor, saved: dict, groups, plans, linears) -> None:
-        """The block's output must not change beyond float rounding; else name the fold that changed it."""
-        tolerance = FOLD_TOLERANCE.get(reference.dtype, HALF_TOLERANCE)
-        together = _relative_change(ctx.probe(), reference)
-        if together <= tolerance:
-            return
-        for group, plan in zip(groups, plans):  # find the culprit: one fold at a time from the original weights
-            ctx.block.load_state_dict(saved)
-            self._apply(group, plan, linears)
-            change = _relative_change(ctx.probe(), reference)
-            if change > tolerance:
-                ctx.block.load_state_dict(saved)
-                raise QuantlmError(
-                    f"SmoothQuant cannot fold {group.describe(ctx.name)} exactly (the block's output changed by "
-                    f"{change:.1e}): its output feeds more than these Linears; drop the '{group.kind}' fold "
-                    f"(--smooth-folds) or use a method without smoothing"
-                )
-        ctx.block.load_state_dict(saved)
-        raise QuantlmError(
-            f"SmoothQuant's folds in {ctx.name} are exact one by one but together change the block's output by "
-            f"{together:.1e} (more than float rounding, {tolerance:g}): calibrate in float32 (--dtype float32)"
-        )
-
     def describe(self) -> str:
         alpha = self.alpha if self.alpha == "auto" else f"{self.alpha:g}"
         folds = "" if self.folds == FOLD_KINDS else f", folds {'+'.join(self.folds)}"
         return f"{self.name}(alpha {alpha}{folds})"
 
 
-def _relative_change(y: Tensor, reference: Tensor) -> float:
+def check_folds(
+    ctx: BlockContext,
+    reference: Tensor,
+    saved: dict,
+    folds: list[tuple[SmoothGroup, Tensor, Tensor]],
+    linears: dict[str, nn.Module],
+    *,
+    method: str = "SmoothQuant",
+    flag: str = "--smooth-folds",
+) -> None:
+    """The block's output (``reference``: before any fold) must not change beyond float rounding after the
+    ``folds`` (group, s_producer, s_consumer) applied to it; else the block is restored from ``saved`` (its state
+    dict before the folds) and the fold that changed it is named in the error (``method``, ``flag``: how the
+    message names the step and the setting that drops a fold)."""
+    tolerance = FOLD_TOLERANCE.get(reference.dtype, HALF_TOLERANCE)
+    together = relative_change(ctx.probe(), reference)
+    if together <= tolerance:
+        return
+    for group, s_producer, s_consumer in folds:  # find the culprit: one fold at a time from the original weights
+        ctx.block.load_state_dict(saved)
+        apply_fold(group, s_producer, s_consumer, linears)
+        change = relative_change(ctx.probe(), reference)
+        if change > tolerance:
+            ctx.block.load_state_dict(saved)
+            raise QuantlmError(
+                f"{method} cannot fold {group.describe(ctx.name)} exactly (the block's output changed by "
+                f"{change:.1e}): its output feeds more than these Linears; drop the '{group.kind}' fold "
+                f"({flag}) or use a method without smoothing"
+            )
+    ctx.block.load_state_dict(saved)
+    raise QuantlmError(
+        f"{method}'s folds in {ctx.name} are exact one by one but together change the block's output by "
+        f"{together:.1e} (more than float rounding, {tolerance:g}): calibrate in float32 (--dtype float32)"
+    )
+
+
+def relative_change(y: Tensor, reference: Tensor) -> float:
+    """||y - reference|| / ||reference|| in float32 (0 for a zero reference)."""
     denom = reference.float().norm().item()
     return (y.float() - reference.float()).norm().item() / denom if denom > 0 else 0.0

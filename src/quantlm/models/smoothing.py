@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from quantlm.errors import InvalidSpecError, QuantlmError
 from quantlm.models.blocks import is_linear, linear_weight, tensor_key
 
 FOLD_KINDS = ("norm", "v-o", "up-down")
@@ -49,6 +50,18 @@ class SmoothGroup:
         """e.g. 'model.layers.0.input_layernorm -> model.layers.0.self_attn.q_proj, ...' with ``prefix``."""
         name = (lambda n: f"{prefix}.{n}") if prefix else (lambda n: n)  # noqa: E731
         return f"{name(self.producer)} -> {', '.join(name(t) for t in self.targets)}"
+
+
+def parse_folds(folds) -> tuple[str, ...]:
+    """A ``folds`` setting (a tuple, or a comma string) as a tuple of ``FOLD_KINDS``; none or an unknown one is an
+    error."""
+    if isinstance(folds, str):
+        folds = tuple(f.strip() for f in folds.split(",") if f.strip())
+    folds = tuple(folds)
+    unknown = [f for f in folds if f not in FOLD_KINDS]
+    if unknown or not folds:
+        raise InvalidSpecError(f"folds must be some of {', '.join(FOLD_KINDS)}, got {', '.join(folds) or 'none'}")
+    return folds
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -104,6 +117,16 @@ def linear_groups(block: nn.Module) -> list[SmoothGroup]:
     return [SmoothGroup(kind, p, [c]) for kind, p, c in LINEAR_PAIRS if p in names and c in names]
 
 
+def fold_groups(block: nn.Module, folds: tuple[str, ...], run_block) -> list[SmoothGroup]:
+    """The groups of ``block`` of the kinds in ``folds``: linear-to-linear folds first (they divide rows of Linears,
+    v and up, whose columns a norm fold then scales), then the norm groups (``run_block()`` runs the block once
+    for their discovery)."""
+    groups = [g for g in linear_groups(block) if g.kind in folds]
+    if "norm" in folds:
+        groups += norm_groups(block, run_block)
+    return groups
+
+
 # -- folding ------------------------------------------------------------------------------------------------------
 
 
@@ -153,6 +176,31 @@ def multiply_linear_input(linear: nn.Module, s: Tensor) -> None:
     """Multiply column j of ``linear``'s weight by s_j (so an input divided by s gives the same output)."""
     w = linear_weight(linear)
     w.copy_((w.float() * s.unsqueeze(0)).to(w.dtype))
+
+
+def apply_fold(group: SmoothGroup, s_producer: Tensor, s_consumer: Tensor, linears: dict[str, nn.Module]) -> None:
+    """Fold one group's scales: the producer's output channels divided by ``s_producer``, the targets' input
+    columns multiplied by ``s_consumer`` (``linears``: the block's modules by relative name)."""
+    producer = linears[group.producer]
+    if group.kind == "norm":
+        divide_norm_output(producer, s_producer.to(producer.weight.device))
+    else:
+        divide_linear_output(producer, s_producer.to(linear_weight(producer).device))
+    for t in group.targets:
+        multiply_linear_input(linears[t], s_consumer.to(linear_weight(linears[t]).device))
+
+
+def fold_channel_map(group: SmoothGroup, linears: dict[str, nn.Module], config, prefix: str = "") -> Tensor | None:
+    """For a v -> o fold with grouped KV heads: the producer channel each consumer input channel reads
+    (``kv_head_map``); None where they correspond one to one (every other fold)."""
+    if group.kind != "v-o":
+        return None
+    n_out = linear_weight(linears[group.producer]).shape[0]
+    n_in = linear_weight(linears[group.targets[0]]).shape[1]
+    head_dim = head_dim_of(config)
+    if n_out != n_in and head_dim is None:
+        raise QuantlmError(f"cannot map {group.describe(prefix)}: the model's config has no head_dim")
+    return kv_head_map(n_in, n_out, head_dim or 1)
 
 
 def kv_head_map(n_consumer_channels: int, n_producer_channels: int, head_dim: int) -> Tensor | None:
