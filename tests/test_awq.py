@@ -232,6 +232,20 @@ def test_the_scale_search_can_run_on_fewer_windows():
     assert {r["details"]["windows"] for r in log} == {2}  # whole mini-batches of 2
 
 
+def test_kept_candidates_give_the_same_search(monkeypatch):
+    from quantlm.methods import awq
+
+    def run(model):
+        return [(r["module"], r["error"], r["details"]) for r in _quantize(model, [AWQ(W4, n_grid=4)])]
+
+    kept, again = tiny_model("llama"), tiny_model("llama")
+    log = run(kept)
+    monkeypatch.setattr(awq, "CANDIDATE_CACHE_BYTES", 0)  # every candidate rounded again on every mini-batch
+    assert run(again) == log
+    for a, b in zip(kept.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(a, b)
+
+
 # -- recipes, checkpoints, command line -----------------------------------------------------------------------------
 @pytest.mark.parametrize("family, weights", [("llama", "rtn"), ("llama", "gptq"), ("gpt2", "rtn"), ("opt", "gptq")])
 def test_awq_then_rtn_or_gptq_saves_and_loads(family, weights, tmp_path):

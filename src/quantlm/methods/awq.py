@@ -56,6 +56,9 @@ CLIP_RATIOS = tuple(1 - i / CLIP_GRID for i in range(round(CLIP_MAX_SHRINK * CLI
 # Linears AWQ does not clip (by the last part of their name): queries and keys, alone or fused with the values
 NO_CLIP = ("q_proj", "k_proj", "query", "key", "qkv_proj", "query_key_value", "c_attn", "Wqkv")
 _CLIP_CHUNK = 1 << 22  # elements of the partial outputs one chunk of rows of the clip search holds
+# bytes of candidate weights (Q(W·s)/s for every α) a block's scale search keeps instead of rounding them again on
+# every mini-batch; groups past it round their candidates anew each time (the same numbers, more time)
+CANDIDATE_CACHE_BYTES = 1 << 30
 
 
 def awq_scales(x_mean: Tensor, alpha: float) -> Tensor:
@@ -169,6 +172,7 @@ class _Search:
     reference: float = 0.0
     calls: int = 0  # mini-batches searched on
     best: int = 0  # the index of the chosen α
+    candidates: dict[tuple[int, str], Tensor] | None = None  # (α index, target) -> Q(W·s)/s; None: not kept
 
 
 @register
@@ -291,6 +295,11 @@ class AWQ(Method):
                     errors=[0.0] * len(scales),
                 )
             )
+        budget = CANDIDATE_CACHE_BYTES
+        for search in searches:
+            size = len(search.scales) * sum(linear_weight(modules[t]).nbytes for t in search.rounded)
+            if size <= budget:
+                search.candidates, budget = {}, budget - size
         limit = self._search_batches(ctx)
         busy = False  # a loss module runs others' hooks' modules (o_proj inside the attention): those calls are ours
 
@@ -319,6 +328,7 @@ class AWQ(Method):
             for h in handles:
                 h.remove()
         for s in searches:
+            s.candidates = None  # their memory is not needed past the search
             if not s.calls:
                 raise QuantlmError(
                     f"AWQ: {ctx.name}.{s.loss or s.group.targets[0]} never ran on the calibration batch, so the "
@@ -371,14 +381,26 @@ class AWQ(Method):
         reference = run()
         search.reference += sum(float(y.pow(2).sum()) for y in reference)
         try:
-            for i, (_, s) in enumerate(search.scales):
+            for i in range(len(search.scales)):
                 for t in search.rounded:
-                    weight = search.originals[t]
-                    linear_weight(modules[t]).copy_(scaled_on_grid(weight, s.to(weight.device), self.spec))
+                    linear_weight(modules[t]).copy_(self._candidate(search, i, t, modules))
                 search.errors[i] += sum(float((y - r).pow(2).sum()) for y, r in zip(run(), reference))
         finally:
             for t in search.rounded:  # exactly the weights as they were (float32 holds every half-precision value)
                 linear_weight(modules[t]).copy_(search.originals[t])
+
+    def _candidate(self, search: _Search, i: int, target: str, modules: dict[str, nn.Module]) -> Tensor:
+        """Q(W·s)/s of ``target`` for the i-th α, in the weight's dtype (kept for the next mini-batch if there is
+        room)."""
+        cached = None if search.candidates is None else search.candidates.get((i, target))
+        if cached is not None:
+            return cached
+        weight = search.originals[target]
+        s = search.scales[i][1].to(weight.device)
+        candidate = scaled_on_grid(weight, s, self.spec).to(linear_weight(modules[target]).dtype)
+        if search.candidates is not None:
+            search.candidates[(i, target)] = candidate
+        return candidate
 
     def _group_record(self, ctx: BlockContext, search: _Search, seconds: float) -> LayerRecord:
         best = search.best
