@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -234,6 +235,7 @@ def test_zero_iterations_is_the_min_max_grid_with_a_float_zero():
         ({"iters": -1}, "iters"),
         ({"lp_norm": 0.0}, "lp_norm"),
         ({"kappa": 0.5}, "kappa"),
+        ({"zero_point": "half"}, "zero_point"),
     ],
 )
 def test_bad_settings_are_refused(kwargs, message):
@@ -257,7 +259,7 @@ def _logits(model):
 def test_tiny_model_end_to_end_and_float_zeros_survive_save_and_load(tmp_path):
     model = tiny_model("llama")
     reference = _logits(model)
-    step = HQQ(QuantSpec(bits=3, group_size=16), iters=10, exclude=("*.o_proj",))
+    step = HQQ(QuantSpec(bits=3, group_size=16), iters=10, zero_point="float", exclude=("*.o_proj",))
     quantlm.quantize(model, step, progress=False)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     assert len(layers) == 3 * 6 and not any(n.endswith("o_proj") for n in layers)
@@ -294,3 +296,28 @@ def test_cli(tiny_model_dir, tmp_path):
     assert result.exit_code == 0, result.output
     step = json.loads(result.stdout)["recipe"][0]
     assert step["method"] == "hqq" and step["iters"] == 5 and step["optimize_scale"] is True
+
+
+@pytest.mark.parametrize("bits,integer", [(2, True), (3, True), (4, False), (8, False)])
+def test_auto_zero_points_are_integers_below_4_bits(bits, integer):
+    step = HQQ(QuantSpec(bits=bits, group_size=16))
+    assert step.integer_zero is integer and ("integer-zero" in step.describe()) is integer
+    assert HQQ(QuantSpec(bits=bits, group_size=16), zero_point="float").integer_zero is False
+    assert HQQ(QuantSpec(bits=bits, group_size=16), zero_point="integer").integer_zero is True
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 6), st.sampled_from([2, 3, 4]), st.floats(1e-3, 30.0), st.integers(0, 2**16))
+def test_integer_zeros_from_the_clipped_start_never_lose_to_either_rtn_grid(rows, bits, magnitude, seed):
+    w = _spiky(rows, 64, seed=seed, scale=magnitude)
+    spec = QuantSpec(bits=bits, group_size=16)
+    r = hqq_quantize(w, spec, integer_zero=True, clipped_start=True, optimize_scale=True)
+    assert r.zero.dtype == torch.uint8 and torch.equal(r.zero.float(), r.zero.float().round())
+
+    def group_sse(q):
+        return ((q - w) ** 2).reshape(rows, -1, 16).sum(-1)
+
+    hqq_sse = group_sse(r.dequantized)
+    for grid in (spec, dataclasses.replace(spec, clip="mse")):
+        rtn = QuantLinear.from_weight(w, grid).dequantize_weight()
+        assert bool((hqq_sse <= group_sse(rtn) * (1 + 1e-5) + 1e-12).all())

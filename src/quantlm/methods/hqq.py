@@ -17,19 +17,23 @@ Each group stops the first time its mean |W - W_r| does not decrease and keeps t
 library stops on the whole tensor's mean and returns the zero of the update after its last measurement).
 ``optimize_scale`` also refits s in step 2 (a two-parameter least-squares line through (Q(W), W - W_e)).
 
-Why a guard against round-to-nearest (measured on 256 x 1024 Gaussian weights with 1% of them x20, 3 bits,
-groups of 64; ``test_the_unguarded_solver_misses_the_bulk_at_3_bits`` checks it on a smaller one): at 3 bits the
-step is wide next to a group's bulk of near-zero weights (half of them lie within half a step of 0). RTN's integer
-zero puts a grid point exactly on 0; the float zero -min/s puts grid points on the min and the max, and 0 falls a
-quarter step from the nearest one on average, so the start has 2.3x RTN's squared error, all of the excess on
-|w| < s/2 (nothing is clamped: the range covers every weight). The iterations should pull a grid point back onto
-the bulk, but how fast depends on the weights' absolute size, as the shrink threshold |e|^(p-1)/β is not scale
-free: errors below β^(-1/(2-p)) ≈ 0.17 are shrunk to W_e = 0, so the z step is a full least-squares step (a bulk
-of std 0.02: 1.03x RTN after 20 iterations), while larger errors stay in W_e and z creeps (the same weights x50:
-1.67x after 20 iterations, 1.08x after 100). Even converged it is a local search judged by mean |e|: a quarter of
-the groups end with more squared error than RTN. So every group keeps whichever of the HQQ grid and quantlm's RTN
-grid (integer zero, range containing 0) has the lower squared error: never worse than RTN on any group (0.97x RTN's
-squared error on that matrix).
+Why it collapses at 3 bits, and what quantlm does instead. A float zero moves the grid point nearest 0 off 0:
+every weight of a group's bulk of near-zero weights (half of them lie within half a step of 0 at 3 bits) then
+carries the same offset δ = (round(z) - z)·s, an error that is small in the squared sum but has one sign across
+the group, so it adds up coherently over inputs that are not zero-mean, as LLM hidden states are not. Measured on
+SmolLM2-135M, W3 g64, 4 × 512 enwiki eval tokens (fp 27.66): RTN 86.99; the min/max grid with a float zero and no
+iterations 182.6; HQQ as published 210.7 (the same collapse as the library's 7.6x); HQQ with its zeros rounded
+87.3; started from the MSE-clipped grid with scale and zero fitted and the zero rounded 82.08 (RTN on the clipped
+grid: 82.85). At 4 bits the offset is half as large and the float zero pays (HQQ 34.10 against RTN 35.78; rounded
+zeros 35.76). So ``zero_point="auto"`` keeps float zeros from 4 bits up and uses the integer variant below.
+The squared weight error does not see this (the float-zero grids have the lower one), so it is not the guard.
+
+A second guard, per group: keep whichever of the HQQ grid and RTN's grid(s) (min/max; and the MSE-clipped one
+when the search started from it) has the lower squared error, so no group ends worse than RTN on that measure.
+(On a synthetic 256 x 1024 matrix with 1% of the weights x20, the unguarded solver left a quarter of the groups
+worse than RTN: the iterations are a local search judged by mean |e|, and the shrink threshold |e|^(p-1)/β is not
+scale-free: errors below β^(-1/(2-p)) ≈ 0.17 are shrunk to 0, so for LLM-sized weights the z step is a plain
+least-squares step.)
 
 The scales and zeros are rounded to their storage dtypes before the final codes are computed, so the result is
 exactly the stored layer.
@@ -37,6 +41,7 @@ exactly the stored layer.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -53,6 +58,8 @@ from quantlm.nn.qlinear import QuantLinear, storage_scale_dtype, storage_zero_dt
 from quantlm.pipeline.runner import BlockContext, LayerRecord
 
 _F32_TINY = torch.finfo(torch.float32).tiny
+ZERO_POINTS = ("auto", "float", "integer")
+INTEGER_ZERO_BELOW_BITS = 4  # auto: integer zeros below this many bits, float zeros from it up
 
 
 @dataclass(frozen=True)
@@ -70,11 +77,20 @@ class HQQResult:
         return self.zero.dtype
 
 
-def shrink_lp(x: Tensor, beta: float, p: float) -> Tensor:
-    """The generalised soft threshold: the proximal step of (1/β)·|x|^p (p = 1: plain soft thresholding)."""
+def shrink_lp(x: Tensor, beta: float, p: float) -> Tensor | None:
+    """The generalised soft threshold sign(x) · relu(|x| - |x|^(p-1) / β), the proximal step of (1/β)·|x|^p
+    (p = 1: plain soft thresholding), or None where it is 0 everywhere.
+
+    It is nonzero only where |x|^(2-p) > 1/β, i.e. |x| > β^(-1/(2-p)) (about 0.17 for the defaults), which LLM weight
+    errors rarely reach: the power is computed for those entries alone."""
     a = x.abs()
-    threshold = a.pow(p - 1) / beta if p != 1 else torch.full_like(a, 1 / beta)
-    return torch.sign(x) * torch.relu(a - threshold)  # at x = 0 the threshold is inf and sign(0) = 0: 0
+    big = a > beta ** (-1 / (2 - p))
+    if not bool(big.any()):
+        return None
+    out = torch.zeros_like(x)
+    ab = a[big]
+    out[big] = torch.sign(x[big]) * (ab - ab.pow(p - 1) / beta).clamp_min(0)
+    return out
 
 
 def check_hqq_spec(spec: QuantSpec) -> None:
@@ -84,7 +100,9 @@ def check_hqq_spec(spec: QuantSpec) -> None:
     if spec.symmetric:
         raise InvalidSpecError("HQQ fits an asymmetric grid with a float zero point: drop --sym (symmetric=False)")
     if spec.clip != "none":
-        raise InvalidSpecError("HQQ fits its own grid: use clip='none' (drop --clip mse), or RTN for the clip search")
+        raise InvalidSpecError(
+            "HQQ fits its own grid: drop --clip mse (clip='none'); --zero-point integer starts from the clipped grid"
+        )
     if spec.granularity not in ("channel", "group"):
         raise InvalidSpecError(f"HQQ quantizes weights per channel or per group, not per {spec.granularity}")
 
@@ -162,27 +180,30 @@ def hqq_solve(
 ) -> tuple[Tensor, Tensor, int]:
     """The half-quadratic iterations on groups laid out as rows of ``W`` [groups, size] (``mask``: real entries),
     from the grids ``s``, ``z`` [groups, 1]; returns the (s, z) of each group's lowest mean |W - W_r| and the number
-    of updates the longest-running group made. No guard, no storage rounding: ``hqq_quantize`` adds those."""
+    of updates the longest-running group made. No guard, no storage rounding: ``hqq_quantize`` adds those.
+
+    A group stops the first time its error does not decrease, and from then on it is dropped from the work: most
+    groups of an LLM weight stop after a few updates, so later iterations touch few rows."""
     m = mask.float()
     count = m.sum(1, keepdim=True).clamp_min(1)
     best_err = torch.full_like(s, math.inf)
     best_s, best_z = s.clone(), z.clone()
-    active = torch.ones_like(s, dtype=torch.bool)
+    rows = torch.arange(W.shape[0], device=W.device)  # the groups still running, and their slices of everything
     updates = 0
     for t in range(iters + 1):
         q = torch.clamp(torch.round(W / s + z), 0, maxq)
-        W_r = (q - z) * s
-        err = ((W - W_r).abs() * m).sum(1, keepdim=True) / count
-        active &= err < best_err  # a group stops the first time its error does not decrease
-        best_err = torch.where(active, err, best_err)
-        best_s = torch.where(active, s, best_s)
-        best_z = torch.where(active, z, best_z)
-        if t == iters or not bool(active.any()):
+        e = W - (q - z) * s  # W - W_r
+        err = (e.abs() * m).sum(1, keepdim=True) / count
+        going = (err < best_err[rows]).squeeze(1)
+        kept = rows[going]
+        best_err[kept], best_s[kept], best_z[kept] = err[going], s[going], z[going]
+        if t == iters or kept.numel() == 0:
             break
-        W_e = shrink_lp(W - W_r, beta, lp_norm)
-        s_new, z_new = _fit(m, count, q, W - W_e, s, optimize_scale)
-        s = torch.where(active, s_new, s)
-        z = torch.where(active, z_new, z)
+        if kept.numel() < rows.numel():
+            rows = kept
+            W, m, count, q, e, s, z = (t[going] for t in (W, m, count, q, e, s, z))
+        W_e = shrink_lp(e, beta, lp_norm)
+        s, z = _fit(m, count, q, W if W_e is None else W - W_e, s, optimize_scale)
         beta *= kappa
         updates = t + 1
     return best_s, best_z, updates
@@ -202,9 +223,13 @@ def hqq_quantize(
     beta: float = 10.0,
     kappa: float = 1.01,
     optimize_scale: bool = False,
+    integer_zero: bool = False,
+    clipped_start: bool = False,
 ) -> HQQResult:
-    """Quantize ``weight`` [out, in] on ``spec``'s grid (asymmetric, per channel or per group) with HQQ float zeros,
-    falling back to round-to-nearest on every group where that has the lower squared error."""
+    """Quantize ``weight`` [out, in] on ``spec``'s grid (asymmetric, per channel or per group) with HQQ float zeros
+    (``integer_zero``: the fitted zeros rounded to integers, stored as uint8), falling back to round-to-nearest on
+    every group where that has the lower squared error. ``clipped_start``: start from the MSE-clipped RTN grid (and
+    let it be a fallback too) instead of the min/max range with a float zero."""
     _check(weight, spec)
     check_hqq_settings(iters, lp_norm, beta, kappa)
     n_out, n_in = weight.shape
@@ -217,24 +242,41 @@ def hqq_quantize(
     # start: the same range with the zero left unrounded, z = -min / s (the range contains 0, so min = -z0 · s0)
     lo = W.amin(1, keepdim=True).clamp(max=0.0)  # the padding is 0, inside the range anyway
     lo = torch.where(W.abs().amax(1, keepdim=True) == 0, -1.0, lo)  # an all-zero group: [-1, 1] as in RTN
-    s0 = rtn_scale
+    rtn_grids = [(rtn_scale, rtn_zero)]
+    if clipped_start:  # the MSE-clipped range, its integer zero
+        clipped = dataclasses.replace(spec, clip="mse")
+        rtn_grids.append(tuple(t.reshape(-1, 1) for t in compute_qparams(weight.detach().float(), clipped)))
+        s0, z0 = rtn_grids[-1]
+    else:  # the min/max range with the zero left unrounded, z = -min / s (the range contains 0: min = -z0 · s0)
+        s0, z0 = rtn_scale, -lo / rtn_scale
     if not optimize_scale:  # the scale never changes: use the stored one throughout
         s0 = s0.to(storage_scale_dtype(s0)).float()
+        z0 = z0 if clipped_start else -lo / s0
     s, z, updates = hqq_solve(
-        W, mask, s0, -lo / s0, maxq, iters=iters, lp_norm=lp_norm, beta=beta, kappa=kappa, optimize_scale=optimize_scale
+        W, mask, s0, z0, maxq, iters=iters, lp_norm=lp_norm, beta=beta, kappa=kappa, optimize_scale=optimize_scale
     )
 
-    # round both candidates' grids to the storage dtypes, then codes, then keep the better of the two per group
-    scale_dtype = storage_scale_dtype(torch.cat([s, rtn_scale]))
-    zero_dtype = storage_zero_dtype(z)
-    s_h, s_r = s.to(scale_dtype).float(), rtn_scale.to(scale_dtype).float()
-    z_h = z.to(zero_dtype).float()
-    codes_h = torch.clamp(torch.round(W / s_h + z_h), 0, maxq)
-    codes_r = quantize(W, s_r, rtn_zero, QuantSpec(bits=spec.bits)).float()  # RTN's own codes, exactly
-    use_rtn = _sse(W, m, codes_r, s_r, rtn_zero) < _sse(W, m, codes_h, s_h, z_h)
-    codes = torch.where(use_rtn, codes_r, codes_h)
-    scale = torch.where(use_rtn, s_r, s_h)
-    zero = torch.where(use_rtn, rtn_zero, z_h)
+    # round every candidate's grid to the storage dtypes, then codes, then keep the best per group (squared error)
+    scale_dtype = storage_scale_dtype(torch.cat([s, *(g[0] for g in rtn_grids)]))
+    if integer_zero:
+        z = torch.round(z).clamp_(0, maxq)
+    zero_dtype = torch.uint8 if integer_zero else storage_zero_dtype(z)
+    s_h, z_h = s.to(scale_dtype).float(), z.to(zero_dtype).float()
+    codes = torch.clamp(torch.round(W / s_h + z_h), 0, maxq)
+    scale, zero = s_h, z_h
+    best = _sse(W, m, codes, s_h, z_h)
+    use_rtn = torch.zeros_like(best, dtype=torch.bool)
+    integer_spec = QuantSpec(bits=spec.bits)
+    for grid_scale, grid_zero in rtn_grids:
+        s_r = grid_scale.to(scale_dtype).float()
+        codes_r = quantize(W, s_r, grid_zero, integer_spec).float()  # RTN's own codes on that grid, exactly
+        sse = _sse(W, m, codes_r, s_r, grid_zero)
+        better = sse < best
+        best = torch.where(better, sse, best)
+        use_rtn |= better
+        codes = torch.where(better, codes_r, codes)
+        scale = torch.where(better, s_r, scale)
+        zero = torch.where(better, grid_zero, zero)
 
     dequantized = _columns((codes - zero) * scale, n_out, n_in)
     ref = weight.detach().float()
@@ -270,6 +312,12 @@ class HQQ(Method):
         "Also refit each group's scale by least squares in every iteration.",
         flag="--optimize-scale/--no-optimize-scale",
     )
+    zero_point: str = setting(
+        "auto",
+        "float (HQQ as published: min/max start, fitted float zero), integer (MSE-clipped start, scale and zero "
+        "fitted, zero rounded so 0 stays on the grid) or auto (float from 4 bits up, integer below).",
+        flag="--zero-point",
+    )
     exclude: tuple[str, ...] = exclude_setting()
 
     name = "hqq"
@@ -278,6 +326,15 @@ class HQQ(Method):
     def __post_init__(self) -> None:
         check_hqq_spec(self.spec)
         check_hqq_settings(self.iters, self.lp_norm, self.beta, self.kappa)
+        if self.zero_point not in ZERO_POINTS:
+            raise InvalidSpecError(f"zero_point must be one of {', '.join(ZERO_POINTS)}, got {self.zero_point!r}")
+
+    @property
+    def integer_zero(self) -> bool:
+        """Whether the fitted zeros are rounded (then the search starts from the MSE-clipped grid and fits the scale
+        too): ``auto`` does so below 4 bits, where a float zero moves the grid point nearest 0 off it and the bulk of
+        small weights with it (docs/calibration_free.md)."""
+        return self.zero_point == "integer" or (self.zero_point == "auto" and self.spec.bits < INTEGER_ZERO_BELOW_BITS)
 
     def process_block(self, ctx: BlockContext) -> list[LayerRecord]:
         targets = {n: m for n, m in ctx.linears().items() if not is_excluded(n, self.exclude)}
@@ -293,7 +350,9 @@ class HQQ(Method):
             lp_norm=self.lp_norm,
             beta=self.beta,
             kappa=self.kappa,
-            optimize_scale=self.optimize_scale,
+            optimize_scale=self.optimize_scale or self.integer_zero,
+            integer_zero=self.integer_zero,
+            clipped_start=self.integer_zero,
         )
         qlinear = QuantLinear.from_codes(
             result.codes,
@@ -320,4 +379,5 @@ class HQQ(Method):
         )
 
     def describe(self) -> str:
-        return super().describe().replace(")", " scale-fit)", 1) if self.optimize_scale else super().describe()
+        extra = (" scale-fit" if self.optimize_scale else "") + (" integer-zero" if self.integer_zero else "")
+        return super().describe().replace(")", f"{extra})", 1)
