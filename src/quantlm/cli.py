@@ -264,8 +264,11 @@ def _write_quantize_report(out: Path, seconds: float, perplexity) -> Path:
 def summarize_log(records: list[dict]) -> str:
     """A few lines on the quant log: error spread, the worst and slowest modules, any extra damping, what smoothing
     did and how many outlier columns LLM.int8() layers saw."""
+    from quantlm.methods.base import method_quantizes_weights
+
     smoothed = [r for r in records if r.get("method") == "smoothquant"]
-    records = [r for r in records if r.get("method") != "smoothquant"]
+    scaled = [r for r in records if r.get("method") == "awq" and "alpha" in r.get("details", {})]
+    records = [r for r in records if method_quantizes_weights(r.get("method"))]
     errors = [r for r in records if r.get("error") is not None]
     if not errors:
         return "quant log: empty"
@@ -281,6 +284,12 @@ def summarize_log(records: list[dict]) -> str:
             + f"); largest input |x| {top['details']['act_absmax_before']:.1f} "
             f"-> {top['details']['act_absmax_after']:.1f}"
             f" ({', '.join(top['details']['targets'])})"
+        )
+    if scaled:
+        alphas = sorted(r["details"]["alpha"] for r in scaled)
+        lines.append(
+            f"awq: {len(scaled)} groups scaled (alpha {alphas[0]:g}-{alphas[-1]:g}, "
+            f"median {alphas[len(alphas) // 2]:g})"
         )
     outliers = [r for r in records if "outlier_fraction_mean" in r.get("details", {})]
     if outliers:

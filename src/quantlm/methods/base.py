@@ -60,6 +60,12 @@ def method_class(name: str) -> type:
     return methods[name]
 
 
+def method_quantizes_weights(name: str | None) -> bool:
+    """Whether the registered method ``name`` quantizes weights (unknown names: assumed so); steps that only prepare
+    float weights (SmoothQuant, AWQ) log no weight error."""
+    return getattr(registered_methods().get(name or ""), "quantizes_weights", True)
+
+
 def setting(
     default: Any = dataclasses.MISSING,
     help: str | None = None,

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from quantlm.errors import QuantlmError
+from quantlm.methods.base import method_quantizes_weights
 
 EVAL_COMMAND = "quantlm eval MODEL --json"
 BENCH_COMMAND = "quantlm bench MODEL --json"
@@ -270,19 +271,12 @@ def layer_kind(module: str) -> str:
     return module[match.end() :] if match else module
 
 
-def _quantizes_weights(method: str) -> bool:
-    from quantlm.methods.base import registered_methods
-
-    cls = registered_methods().get(method)
-    return getattr(cls, "quantizes_weights", True)
-
-
 def layer_errors(log: Iterable[Mapping[str, Any]]) -> tuple[LayerError, ...]:
     """The quant log's weight errors (steps that only smooth float weights log no weight error and are left out)."""
     errors = []
     for entry in log:
         error, module, method = entry.get("error"), entry.get("module"), str(entry.get("method", ""))
-        if not isinstance(error, (int, float)) or not isinstance(module, str) or not _quantizes_weights(method):
+        if not isinstance(error, (int, float)) or not isinstance(module, str) or not method_quantizes_weights(method):
             continue
         errors.append(LayerError(module, block_index(module), layer_kind(module), float(error), method))
     return tuple(errors)
