@@ -30,6 +30,7 @@ after the folds, and a change beyond float rounding is an error, as in SmoothQua
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -230,11 +231,17 @@ class AWQ(Method):
             raise InvalidSpecError(
                 f"awq needs a step after it that rounds on a weight grid (rtn, gptq), not {step.name}"
             )
-        if spec != self.spec:
+        if dataclasses.replace(spec, clip="none") != self.search_spec:
             raise InvalidSpecError(
-                f"awq searched on {self.spec.describe()} but {step.name} after it quantizes on {spec.describe()}: "
-                "give both steps the same bits, group_size, symmetric and clip"
+                f"awq searched on {self.search_spec.describe()} but {step.name} after it quantizes on "
+                f"{spec.describe()}: give both steps the same bits, group_size and symmetric"
             )
+
+    @property
+    def search_spec(self) -> QuantSpec:
+        """The grid the searches round on: the step's, without an MSE clip search (rounding on it is ~60x slower,
+        and the searches run it thousands of times); the next step's ``--clip`` applies to the final rounding."""
+        return dataclasses.replace(self.spec, clip="none")
 
     @property
     def alphas(self) -> tuple[float, ...]:
@@ -397,7 +404,7 @@ class AWQ(Method):
             return cached
         weight = search.originals[target]
         s = search.scales[i][1].to(weight.device)
-        candidate = scaled_on_grid(weight, s, self.spec).to(linear_weight(modules[target]).dtype)
+        candidate = scaled_on_grid(weight, s, self.search_spec).to(linear_weight(modules[target]).dtype)
         if search.candidates is not None:
             search.candidates[(i, target)] = candidate
         return candidate
@@ -443,8 +450,8 @@ class AWQ(Method):
             weight = linear_weight(module)
             original = weight.detach().float().clone()  # the weight itself is clamped below
             x = stats[name].rows().to(original.device)
-            result = clip_search(original, x, self.spec)
-            clipped = clamp_weight(original, result.max_val, self.spec)
+            result = clip_search(original, x, self.search_spec)
+            clipped = clamp_weight(original, result.max_val, self.search_spec)
             weight.copy_(clipped)
             records.append(
                 LayerRecord(
@@ -467,7 +474,7 @@ class AWQ(Method):
         """||x Q(weight)ᵀ - x originalᵀ|| / ||x originalᵀ||: the relative output error of ``weight`` once rounded."""
         y = x @ original.t()
         denom = float(y.norm())
-        return float((x @ on_grid(weight, self.spec).t() - y).norm()) / denom if denom > 0 else 0.0
+        return float((x @ on_grid(weight, self.search_spec).t() - y).norm()) / denom if denom > 0 else 0.0
 
     def describe(self) -> str:
         extra = "" if self.auto_clip else ", no clip search"
