@@ -137,7 +137,15 @@ ROWS = [
     quantlm_row("quantlm-rtn-w3g64", "rtn", "W3 g64 asym", {"bits": 3, "group_size": 64, "sym": False}),
     quantlm_row("quantlm-hqq-w4g64", "hqq", "W4 g64", {"bits": 4, "group_size": 64}),
     Row("hqq-w4g64", "hqq", "HQQ", "W4 g64 axis=1", {"nbits": 4, "group_size": 64}),
-    quantlm_row("quantlm-hqq-w3g64", "hqq", "W3 g64", {"bits": 3, "group_size": 64}),
+    quantlm_row(
+        "quantlm-hqq-w3g64", "hqq", "W3 g64 (integer zeros, the default below 4 bits)", {"bits": 3, "group_size": 64}
+    ),
+    quantlm_row(
+        "quantlm-hqq-w3g64-float",
+        "hqq",
+        "W3 g64, float zeros (HQQ as published)",
+        {"bits": 3, "group_size": 64, "zero_point": "float"},
+    ),
     Row("hqq-w3g64", "hqq", "HQQ", "W3 g64 axis=1", {"nbits": 3, "group_size": 64}),
     quantlm_row("quantlm-hqq-w4g128", "hqq", "W4 g128", {"bits": 4, "group_size": 128}),
     Row("hqq-w4g128", "hqq", "HQQ", "W4 g128 axis=1", {"nbits": 4, "group_size": 128}),
@@ -173,7 +181,12 @@ ROWS = [
 ]
 ROWS_BY_NAME = {r.name: r for r in ROWS}
 # the command line's flag for each option key of quantlm_row (what the lead's CLI must accept)
-OPTION_FLAGS = {"bits": "--bits", "group_size": "--group-size", "threshold": "--threshold"}
+OPTION_FLAGS = {
+    "bits": "--bits",
+    "group_size": "--group-size",
+    "threshold": "--threshold",
+    "zero_point": "--zero-point",
+}
 
 
 def quantlm_cli(row: Row, model: str = "smollm2-135m") -> str:
