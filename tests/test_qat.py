@@ -18,6 +18,7 @@ from quantlm.core import QuantSpec
 from quantlm.errors import CheckpointError, DataSourceError, InvalidSpecError
 from quantlm.formats.nested_state import load_nested
 from quantlm.methods import RTN
+from quantlm.methods.codebook import NF4
 from quantlm.methods.qat import QATBits, QATConfig
 from quantlm.nn.kv_cache import KVQuantConfig
 from quantlm.nn.qlinear import QuantLinear
@@ -129,6 +130,10 @@ def test_init_from_a_ptq_checkpoint_starts_exactly_there(tmp_path):
     other = prepare_qat(copy.deepcopy(model), QATConfig.from_bits("4-16-16", group_size=16))
     with pytest.raises(InvalidSpecError, match="same bits"):
         init_from_quantized(other, ptq)
+    nf4 = api.quantize(copy.deepcopy(model), [NF4(QuantSpec(bits=4, group_size=16, codebook="nf4"))], progress=False)
+    grouped = prepare_qat(copy.deepcopy(model), QATConfig.from_bits("4-16-16", group_size=16))
+    with pytest.raises(InvalidSpecError, match="integer grids"):
+        init_from_quantized(grouped, nf4)
 
 
 # ---------------------------------------------------------------------------------------------- trainer

@@ -55,6 +55,11 @@ def init_from_quantized(student: nn.Module, quantized: nn.Module) -> int:
         if not isinstance(q, QuantLinear) or name not in targets:
             continue
         fq: FakeQuantLinear = targets[name]
+        if q.zeros is None or q.zeros.dtype != torch.uint8:
+            raise InvalidSpecError(
+                f"{name}: QAT starts from integer grids with integer zero points (RTN, GPTQ, HQQ below 4 bits), not "
+                f"{q.describe()}: quantize the initial checkpoint with one of those"
+            )
         if fq.spec is None or _grid_shape(q.spec) != _grid_shape(fq.spec) or q.g_idx is not None:
             raise InvalidSpecError(
                 f"{name}: the initial checkpoint's grid ({q.describe()}) differs from the QAT weight grid "
