@@ -278,6 +278,14 @@ def test_the_next_step_must_round_on_the_searched_grid():
     assert flags.steps[0].spec == flags.steps[1].spec == QuantSpec(bits=3, group_size=32, symmetric=True, clip="mse")
     head = recipe_from_options("awq", {}, head_bits=8)  # the output projection's own grid is not AWQ's business
     assert head.describe() == "awq(w4 g64 asym) -> rtn(w4 g64 asym) -> rtn-head(w8 per-channel sym)"
+    with pytest.raises(InvalidSpecError, match="on w3 g64"):  # a head-only step in between is looked past
+        parse_recipe([{"method": "awq"}, {"method": "rtn-head"}, {"method": "rtn", "bits": 3}])
+    with pytest.raises(InvalidSpecError, match="fits a grid of its own"):
+        parse_recipe([{"method": "awq"}, {"method": "hqq"}])
+    with pytest.raises(InvalidSpecError, match="same bits, group_size, symmetric and codebook"):
+        recipe_from_options("awq", {}, weights="nf4")
+    nf4 = recipe_from_options("awq", {"codebook": "nf4", "sym": True}, weights="nf4")
+    assert nf4.steps[0].search_spec == nf4.steps[1].spec
 
 
 @pytest.mark.parametrize(

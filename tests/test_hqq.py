@@ -80,7 +80,7 @@ def _slow_hqq(weight, spec, iters=20, p=0.7, beta=10.0, kappa=1.01, optimize_sca
         fitted[r, g] = _slow_group(w, s0, -lo / s0, maxq, iters, p, beta, kappa, optimize_scale)
     hqq_s = torch.tensor([[fitted[r, g][0] for g in range(rtn_s.shape[1])] for r in range(n_out)])
     hqq_z = torch.tensor([[fitted[r, g][1] for g in range(rtn_s.shape[1])] for r in range(n_out)])
-    sd, zd = storage_scale_dtype(torch.cat([hqq_s, rtn_s])), storage_zero_dtype(hqq_z)
+    sd, zd = storage_scale_dtype(torch.cat([hqq_s, rtn_s])), storage_zero_dtype(hqq_z, spec.bits)
     codes = torch.zeros(n_out, n_in)
     scale, zero = torch.zeros_like(rtn_s), torch.zeros_like(rtn_s)
     rtn_groups = torch.zeros_like(rtn_s, dtype=torch.bool)

@@ -31,7 +31,7 @@ from quantlm.formats.record import QuantizationRecord
 from quantlm.hardware import DTYPE_CHOICES, TRAIN_DTYPES, choose_dtype, describe_cpu
 from quantlm.methods.base import registered_methods
 from quantlm.methods.head import head_step
-from quantlm.methods.recipe import Recipe, add_head_step, parse_recipe, recipe_from_options
+from quantlm.methods.recipe import Recipe, add_head_step, offered_methods, parse_recipe, recipe_from_options
 from quantlm.models.context import check_context
 from quantlm.models.sources import load_float_model, load_model_config, load_tokenizer, resolve_model_dir
 from quantlm.paths import check_output_paths, default_work_dir, output_lock
@@ -127,7 +127,7 @@ def load(
     kernels' packed weights from an earlier load of the same checkpoint (``quantlm.nn.kernel_cache``; off also with
     ``QUANTLM_KERNEL_CACHE=0``). ``verify``: check every file of a checkpoint against its recorded checksum first
     (default: yes, unless ``QUANTLM_VERIFY=0``; about 0.1 s per 100 MB). ``quantize``: a calibration-free method
-    name (``LOAD_TIME_METHODS``: rtn, hqq, nf4, fp4, int8-weight-only, with their default settings) or recipe
+    name (``load_time_methods()``: rtn, hqq, nf4, fp4, int8-weight-only, with their default settings) or recipe
     (anything ``parse_recipe`` takes) applied to a float model in fp32 as it loads, before it is cast to ``dtype``:
     what transformers users get from a quantization config at load time, with nothing written to disk.
     """
@@ -148,25 +148,41 @@ def load(
     return _ready(model, dtype, kernel, attention)
 
 
-LOAD_TIME_METHODS = ("rtn", "hqq", "nf4", "fp4", "int8-weight-only")
+def load_time_methods() -> tuple[str, ...]:
+    """The methods ``load(..., quantize=NAME)`` takes by name: those of ``quantlm quantize`` that quantize weights
+    with their default settings and need no calibration data."""
+    return tuple(
+        name for name, cls in offered_methods().items() if cls.quantizes_weights and not cls().needs_calibration
+    )
 
 
 def load_time_recipe(quantize) -> Recipe:
-    """The recipe ``load(..., quantize=...)`` applies: a method name of ``LOAD_TIME_METHODS`` or a recipe file
+    """The recipe ``load(..., quantize=...)`` applies: a method name of ``load_time_methods()`` or a recipe file
     (``str``), or any recipe; it must need no calibration data."""
+    names = load_time_methods()
     if isinstance(quantize, str) and quantize in registered_methods():
-        if quantize not in LOAD_TIME_METHODS:
+        if quantize not in names:
+            cls = registered_methods()[quantize]
+            why = (
+                "trains the model"
+                if not cls.pipeline
+                else "needs calibration data"
+                if cls.offered
+                else "is a step of other recipes, not a method of its own"
+            )
             raise QuantlmError(
-                f"{quantize} needs calibration data: quantize at load time with one of {', '.join(LOAD_TIME_METHODS)}, "
-                f"or run quantlm quantize --method {quantize} first"
+                f"{quantize} {why}: quantize at load time with one of {', '.join(names)}, or run quantlm quantize "
+                "(or quantlm qat) first"
             )
         quantize = {"method": quantize}
     elif isinstance(quantize, str) and not Path(quantize).suffix:
         raise QuantlmError(
-            f"unknown method '{quantize}' to quantize at load time: use one of {', '.join(LOAD_TIME_METHODS)}, or "
-            "a JSON/YAML recipe file"
+            f"unknown method '{quantize}' to quantize at load time: use one of {', '.join(names)}, or a JSON/YAML "
+            "recipe file"
         )
     recipe = parse_recipe(quantize)
+    if any(not getattr(step, "pipeline", True) for step in recipe.steps):
+        raise QuantlmError("QAT trains the model: run quantlm qat, then load its checkpoint")
     if recipe.needs_calibration:
         raise QuantlmError(
             "this recipe needs calibration data: quantize at load time only with calibration-free steps, or run "

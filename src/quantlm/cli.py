@@ -34,8 +34,8 @@ KERNEL_HELP = (
     "int8 (W8A8 int8 GEMM), codebook (NF4/FP4) or torch."
 )
 QUANTIZE_AT_LOAD_HELP = (
-    "Quantize a float model as it loads (nothing written): rtn, hqq, nf4, fp4 or int8-weight-only with their "
-    "default settings, or a JSON/YAML recipe file of calibration-free steps."
+    f"Quantize a float model as it loads (nothing written): {', '.join(api.load_time_methods())} with their default "
+    "settings, or a JSON/YAML recipe file of calibration-free steps."
 )
 DTYPE_HELP = (
     "Compute dtype: auto (the faster of bfloat16 and float32 for this command's work on this CPU, by its flags and "
@@ -376,7 +376,7 @@ def eval_cmd(
     if kv_bits is not None:
         api.enable_kv_quantization(lm, kv)
     tokenizer = api.load_tokenizer(model)
-    summary: dict = {"model": model}
+    summary: dict = {"model": _measured_model(model, quantize)}
     if with_ppl:
         result = api.evaluate(
             lm,
@@ -423,6 +423,12 @@ def _compute_dtype(dtype: DType, verbose: bool, rows: int):
     if verbose:
         typer.echo(f"dtype: {choice.describe()}; CPU {api.describe_cpu()}", err=True)
     return choice
+
+
+def _measured_model(model: str, quantize: str | None) -> str:
+    """What the JSON of eval/bench calls the model measured: with --quantize, the model and how it was quantized
+    (``quantlm report`` keeps it apart from the float model's own measurements)."""
+    return model if quantize is None else f"{model} --quantize {quantize}"
 
 
 def _load_for_inference(
@@ -552,13 +558,13 @@ def bench(
         before_decode=to_decode_dtype,
     )
     report.extra.update(
-        model=model,
+        model=_measured_model(model, quantize),
         load_seconds=round(load_seconds, 3),
         kernels=api.kernel_summary(getattr(lm, "quantlm_kernels", kernels)),
         attention=lm.config._attn_implementation,
     )
     if as_json:
-        _print_json({"model": model, **report.to_dict()})
+        _print_json({"model": _measured_model(model, quantize), **report.to_dict()})
         return
     w = report.weight_bytes
     typer.echo(

@@ -13,11 +13,13 @@ weights its absmax: w ≈ level[q] · absmax. The levels are not evenly spaced:
   magnitudes 0, 0.0052083, 1/6, 1/4, 1/3, 1/2, 2/3 and 1, both signs (0 twice). Level ``i`` is the value of
   bitsandbytes' 4-bit code ``i``.
 
-Double quantization (QLoRA, section 3): the fp32 absmax of every block is itself quantized. The mean of all of a
-layer's scales is taken out as one fp32 offset, the rest is quantized to int8 in blocks of ``SCALE_BLOCK`` (256)
-consecutive scales (row-major), each block with an fp32 absmax of its own: 8.125 bits instead of 32 (or 16) per
-block of weights. bitsandbytes rounds these to its 8-bit dynamic (log-spaced) map; a linear int8 grid is used here,
-whose error on scales that sit around their mean is no larger.
+Double quantization (QLoRA, section 3): the absmax of every block of weights is itself quantized to 8 bits. Here
+each scale's log2 is rounded on 256 even steps between the least and the greatest log2 scale of its block of
+``SCALE_BLOCK`` (256) consecutive scales (row-major), and each block keeps that range as two fp32 numbers: 8.25 bits
+instead of 16 per block of weights, with a relative error of at most half a step, 2^((max - min) / 510) - 1 (0.3%
+for a block whose scales span 2 octaves). An outlier scale (or the scale 1 of an all-zero group) widens one block's
+steps but never sends a scale to zero. bitsandbytes instead takes out the mean scale and rounds the rest on its
+8-bit dynamic map with an absmax per block, whose error depends on how far the scales sit from that mean.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ CODEBOOKS = ("nf4", "fp4")
 NF4_OFFSET = 0.9677083  # QLoRA's choice: the mean of the outermost quantiles for 2^4 levels (1/2 (1 - 1/32 + 1 - 1/30))
 FP4_MAGNITUDES = (0.0, 0.005208333333, 2 / 3, 1.0, 1 / 3, 0.5, 1 / 6, 0.25)  # code & 0b0111 -> magnitude
 SCALE_BLOCK = 256
-SCALE_CODE_MAX = 127
+SCALE_CODE_MAX = 255
 
 
 def _normal_quantiles(probabilities: Tensor) -> Tensor:
@@ -79,49 +81,42 @@ def decode(codes: Tensor, name: str, dtype: torch.dtype = torch.float32) -> Tens
 
 
 # -- double quantization of the scales ---------------------------------------------------------------------------
-def double_quantize(scales: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Quantize positive block scales ``[rows, groups]`` (fp32): (int8 codes [rows, groups], fp32 absmax per block of
-    ``SCALE_BLOCK`` scales taken row-major [ceil(n / SCALE_BLOCK)], fp32 offset [1] = the mean scale)."""
-    flat = scales.detach().to(torch.float32).reshape(-1)
-    offset = flat.mean().reshape(1)
-    centred = flat - offset
+def double_quantize(scales: Tensor) -> tuple[Tensor, Tensor]:
+    """Quantize positive block scales ``[rows, groups]``: (uint8 codes [rows, groups], fp32 [n_blocks, 2] the least
+    and the greatest log2 scale of each block of ``SCALE_BLOCK`` scales taken row-major)."""
+    flat = scales.detach().to(torch.float32).reshape(-1).clamp_min(torch.finfo(torch.float32).tiny).log2()
     n_blocks = math.ceil(flat.numel() / SCALE_BLOCK)
-    padded = torch.nn.functional.pad(centred, (0, n_blocks * SCALE_BLOCK - flat.numel())).view(n_blocks, SCALE_BLOCK)
-    absmax = padded.abs().amax(dim=1)
-    absmax = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-    codes = torch.round(padded / absmax.unsqueeze(1) * SCALE_CODE_MAX).clamp_(-SCALE_CODE_MAX, SCALE_CODE_MAX)
-    codes = codes.reshape(-1)[: flat.numel()].to(torch.int8).view(scales.shape)
-    return codes, absmax, offset
+    padded = torch.nn.functional.pad(flat, (0, n_blocks * SCALE_BLOCK - flat.numel()), value=float("nan"))
+    blocks = padded.view(n_blocks, SCALE_BLOCK)
+    low = torch.where(torch.isnan(blocks), math.inf, blocks).amin(dim=1)
+    high = torch.where(torch.isnan(blocks), -math.inf, blocks).amax(dim=1)
+    step = ((high - low) / SCALE_CODE_MAX).clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)
+    codes = torch.round((blocks - low.unsqueeze(1)) / step).clamp_(0, SCALE_CODE_MAX)
+    codes = codes.reshape(-1)[: flat.numel()].to(torch.uint8).view(scales.shape)
+    return codes, torch.stack([low, high], dim=1)
 
 
-def decode_scales(codes: Tensor, absmax: Tensor, offset: Tensor) -> Tensor:
-    """The fp32 scales that double-quantized ``codes`` stand for, never below the smallest normal float32 (a
-    scale at the bottom of its block's range may decode to 0 or below)."""
+def decode_scales(codes: Tensor, log_range: Tensor) -> Tensor:
+    """The scales that double-quantized ``codes`` stand for: fp16 where every one is a normal fp16 number (the
+    layers' usual scale dtype), else fp32."""
     flat = codes.reshape(-1).to(torch.float32)
-    per_value = absmax.to(torch.float32).repeat_interleave(SCALE_BLOCK)[: flat.numel()]
-    values = flat / SCALE_CODE_MAX * per_value + offset.to(torch.float32)
-    return values.clamp_min(torch.finfo(torch.float32).tiny).view(codes.shape)
-
-
-def scale_bits_per_group(double_quant: bool, scale_dtype: torch.dtype = torch.float16) -> float:
-    """Bits a group's scale costs: 8 + the block absmax's share with double quantization, else the dtype's width."""
-    if double_quant:
-        return 8 + 32 / SCALE_BLOCK
-    return torch.finfo(scale_dtype).bits
+    low, high = (t.to(torch.float32).repeat_interleave(SCALE_BLOCK)[: flat.numel()] for t in log_range.unbind(1))
+    values = torch.exp2(low + flat * ((high - low) / SCALE_CODE_MAX)).view(codes.shape)
+    fp16 = torch.finfo(torch.float16)
+    return values.half() if bool(((values >= fp16.tiny) & (values <= fp16.max)).all()) else values
 
 
 @dataclass(frozen=True)
 class DoubleQuantScales:
-    """Double-quantized block scales: int8 ``codes`` [rows, groups], fp32 ``absmax`` per block of ``SCALE_BLOCK``
-    codes (row-major), fp32 ``offset`` [1]."""
+    """Double-quantized block scales: uint8 ``codes`` [rows, groups] of log2 scale, and per block of ``SCALE_BLOCK``
+    codes (row-major) the fp32 ``log_range`` [n_blocks, 2] they span."""
 
     codes: Tensor
-    absmax: Tensor
-    offset: Tensor
+    log_range: Tensor
 
     @classmethod
     def of(cls, scales: Tensor) -> DoubleQuantScales:
         return cls(*double_quantize(scales))
 
     def decode(self) -> Tensor:
-        return decode_scales(self.codes, self.absmax, self.offset)
+        return decode_scales(self.codes, self.log_range)

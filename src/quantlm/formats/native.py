@@ -5,8 +5,9 @@ Layout of a checkpoint directory:
   format version, the quantlm version, the recipe and its calibration (``quantlm.formats.record``), and for every
   quantized module its QuantSpec;
 - ``model.safetensors``: float tensors as they are in the model, and for each quantized module
-  ``{name}.qweight`` (packed uint8 codes), ``{name}.scales``, ``{name}.zeros`` (and ``{name}.bias``); tensors
-  shared by tied modules are stored once;
+  ``{name}.qweight`` (packed uint8 codes), ``{name}.scales``, ``{name}.zeros`` (and ``{name}.bias``); codebook
+  layers (NF4/FP4) have no zeros, HQQ's zeros are fp16/fp32, and double-quantized layers hold ``scale_codes`` and
+  ``scale_range`` instead of ``scales`` (``quantlm.nn.qlinear``); tensors shared by tied modules are stored once;
 - ``quantization_config.kv_cache`` (when the KV cache is quantized): its bits and grid;
 - ``quant_log.json``: the per-module log of the run (error, seconds, settings);
 - ``checksums.json``: the SHA-256 of every other file, checked when the checkpoint is loaded (``verify=False`` or
@@ -39,7 +40,19 @@ from quantlm.nn.qlinear import QuantLinear, layout_scale_dtype
 from quantlm.paths import atomic_directory, atomic_write_text, quantlm_home
 
 FORMAT_NAME = "quantlm"
-FORMAT_VERSION = 2  # 2: the calibration once per recipe, head-only and QAT steps in the method registry's terms
+FORMAT_VERSION = 3  # the newest this reader takes, and what a checkpoint that needs it is written as
+# 2: the calibration once per recipe, head-only and QAT steps in the method registry's terms; 3: module layouts
+# with a codebook grid, float zero points or double-quantized scales (a checkpoint without them is still written as
+# 2, so that earlier quantlm versions read it; with them, they say "upgrade" instead of failing on the layout)
+LAYOUT_KEYS_OF_VERSION_3 = ("codebook", "zero_dtype", "double_quant")
+
+
+def format_version(modules: dict[str, dict]) -> int:
+    """The format version a checkpoint with these module layouts is written as."""
+    newer = any(key in layout for layout in modules.values() for key in LAYOUT_KEYS_OF_VERSION_3)
+    return FORMAT_VERSION if newer else 2
+
+
 WEIGHTS_FILE = "model.safetensors"
 LOG_FILE = "quant_log.json"
 CHECKSUMS_FILE = "checksums.json"
@@ -220,7 +233,7 @@ def save_checkpoint(
     config.pop("quantization_config", None)
     config["quantization_config"] = {
         "quant_method": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": format_version(modules),
         "checksums": CHECKSUMS_FILE,  # every file's SHA-256 is recorded there: its absence is damage
         **record.config_entries(),
         "modules": modules,

@@ -42,7 +42,6 @@ from quantlm.core import QuantSpec, compute_qparams, dequantize, expand_to_colum
 from quantlm.errors import InvalidSpecError, QuantlmError
 from quantlm.methods.base import Method, register, setting
 from quantlm.methods.common import exclude_setting, is_excluded
-from quantlm.methods.head import HeadRounding
 from quantlm.methods.smoothquant import check_folds
 from quantlm.models.blocks import linear_weight
 from quantlm.models.smoothing import FOLD_KINDS, SmoothGroup, apply_fold, fold_channel_map, fold_groups, parse_folds
@@ -227,17 +226,20 @@ class AWQ(Method):
         object.__setattr__(self, "folds", parse_folds(self.folds))
 
     def check_next_step(self, step) -> None:
-        if isinstance(step, HeadRounding):  # the output projection only: AWQ does not touch it
-            return
         spec = getattr(step, "spec", None)
         if not isinstance(spec, QuantSpec):
             raise InvalidSpecError(
                 f"awq needs a step after it that rounds on a weight grid (rtn, gptq), not {step.name}"
             )
+        if getattr(step, "fits_own_grid", False):
+            raise InvalidSpecError(
+                f"{step.name} fits a grid of its own to the weights, not the one awq searched on: use --weights rtn "
+                "or gptq after awq"
+            )
         if dataclasses.replace(spec, clip="none") != self.search_spec:
             raise InvalidSpecError(
                 f"awq searched on {self.search_spec.describe()} but {step.name} after it quantizes on "
-                f"{spec.describe()}: give both steps the same bits, group_size and symmetric"
+                f"{spec.describe()}: give both steps the same bits, group_size, symmetric and codebook"
             )
 
     @property

@@ -109,10 +109,13 @@ def round_output_projection(model: nn.Module, spec: QuantSpec, method: str, act_
     return [record]
 
 
-def check_activation_settings(act_bits, act_granularity: str) -> None:
-    """The activation settings of a weight-quantizing step: none, or int8 per token / static per tensor."""
+def check_activation_settings(act_bits, act_granularity: str, spec: QuantSpec | None = None) -> None:
+    """The activation settings of a weight-quantizing step: none, or int8 per token / static per tensor (and none
+    with a codebook weight grid, whose layers are weight-only)."""
     check_act_bits(act_bits)
     check_act_granularity(act_granularity)
+    if spec is not None and spec.codebook != "none" and act_bits is not None:
+        raise InvalidSpecError(f"{spec.codebook} layers are weight-only: drop --a-bits, or drop --codebook")
     if act_granularity == "tensor" and act_bits is None:
         raise InvalidSpecError("per-tensor static activations need 8-bit activations: add act_bits=8 (--a-bits 8)")
 

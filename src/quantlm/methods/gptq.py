@@ -325,7 +325,7 @@ class GPTQ(Method):
             raise InvalidSpecError(f"sink_weight must be at least 1 (1 = plain GPTQ), got {self.sink_weight}")
         if self.hessian_clip and self.spec.clip != "mse":
             raise InvalidSpecError("hessian_clip weighs the MSE clip search: use it with clip='mse' (--clip mse)")
-        check_activation_settings(self.act_bits, self.act_granularity)
+        check_activation_settings(self.act_bits, self.act_granularity, self.spec)
 
     def process_block(self, ctx: BlockContext) -> list[LayerRecord]:
         targets = {n: m for n, m in ctx.linears().items() if not is_excluded(n, self.exclude)}

@@ -260,7 +260,7 @@ def hqq_quantize(
     scale_dtype = storage_scale_dtype(torch.cat([s, *(g[0] for g in rtn_grids)]))
     if integer_zero:
         z = torch.round(z).clamp_(0, maxq)
-    zero_dtype = torch.uint8 if integer_zero else storage_zero_dtype(z)
+    zero_dtype = torch.uint8 if integer_zero else storage_zero_dtype(z, spec.bits)
     s_h, z_h = s.to(scale_dtype).float(), z.to(zero_dtype).float()
     codes = torch.clamp(torch.round(W / s_h + z_h), 0, maxq)
     scale, zero = s_h, z_h
@@ -322,6 +322,7 @@ class HQQ(Method):
 
     name = "hqq"
     needs_calibration = False
+    fits_own_grid = True  # a step before it (AWQ) cannot search on the grid HQQ will fit
 
     def __post_init__(self) -> None:
         check_hqq_spec(self.spec)

@@ -77,6 +77,8 @@ class QATConfig(Method):
                 raise InvalidSpecError(f"{part} bits must be 2..8, or None for full precision, got {bits!r}")
         if self.weight is not None and not isinstance(self.weight, QuantSpec):
             raise InvalidSpecError(f"the QAT weight grid must be a QuantSpec or None, got {self.weight!r}")
+        if self.weight is not None and self.weight.codebook != "none":
+            raise InvalidSpecError(f"QAT trains integer grids, not {self.weight.codebook}: drop the codebook")
         if self.learnable_clip and self.weight is None:
             raise InvalidSpecError("learnable clipping needs quantized weights: set the weight bits below 16")
 

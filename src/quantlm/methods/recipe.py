@@ -22,7 +22,7 @@ from quantlm.methods.base import (
     settings_from_flags,
     settings_keys,
 )
-from quantlm.methods.head import head_step
+from quantlm.methods.head import HeadRounding, head_step
 
 
 @dataclass
@@ -120,8 +120,8 @@ def _check_order(steps: list) -> None:
     if quantizing and preparing and max(preparing) > min(quantizing):
         late = steps[max(preparing)].name
         raise InvalidSpecError(f"{late} must come before the step that quantizes the weights (e.g. {late} -> rtn)")
-    for i in preparing:
-        following = next((steps[j] for j in quantizing if j > i), None)
+    for i in preparing:  # the step that quantizes the blocks after it (a head-only step rounds lm_head alone)
+        following = next((steps[j] for j in quantizing if j > i and not isinstance(steps[j], HeadRounding)), None)
         if following is not None:
             steps[i].check_next_step(following)
 

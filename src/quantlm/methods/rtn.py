@@ -51,7 +51,7 @@ class RTN(Method):
         return self.act_granularity == "tensor"
 
     def __post_init__(self) -> None:
-        check_activation_settings(self.act_bits, self.act_granularity)
+        check_activation_settings(self.act_bits, self.act_granularity, self.spec)
         if self.lm_head and self.act_granularity == "tensor":
             raise InvalidSpecError(
                 "the output projection gets no static activation scale: use per-token activations with lm_head"

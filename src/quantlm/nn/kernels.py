@@ -389,7 +389,10 @@ class CodebookKernel(Kernel):
         if layer.g_idx is not None:
             return "needs groups in natural column order"
         if layer.qweight.shape[1] % 2 or sys.byteorder != "little":
-            return f"needs in_features divisible by 4 (the layer has {layer.in_features}) on a little-endian machine"
+            return (
+                "reads the codes as 16-bit words: needs ceil(in_features / 2) even (the layer has "
+                f"{layer.in_features}) on a little-endian machine"
+            )
         return None
 
     def weight(self, dtype: torch.dtype) -> Tensor:

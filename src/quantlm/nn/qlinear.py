@@ -3,9 +3,10 @@
 Storage (all buffers, so they travel with ``state_dict``):
 - ``qweight``: uint8 [out_features, packed_length(in_features, bits)], the codes packed along in_features;
 - ``scales``: [out_features, n_groups] in ``scale_dtype`` (fp16 by default, fp32 where fp16 would overflow); with
-  ``double_quant`` they are stored double-quantized instead (``scale_codes`` int8 [out_features, n_groups],
-  ``scale_absmax`` fp32 per block of 256, ``scale_offset`` fp32 [1]: ``quantlm.core.codebook``) and ``scales`` is
-  their fp32 decoding, kept in memory only;
+  ``double_quant`` they are stored double-quantized instead (``scale_codes`` uint8 [out_features, n_groups] of
+  log2 scale, ``scale_range`` fp32 [n_blocks, 2], the log2 range of each block of 256: ``quantlm.core.codebook``)
+  and ``scales`` is their decoding (fp16 where it fits), kept in memory only: double quantization makes the
+  checkpoint smaller, not the loaded model;
 - ``zeros``: [out_features, n_groups], the zero points: uint8 integers (2**(bits-1) for symmetric grids), or fp16 /
   fp32 (``zero_dtype``) for methods that solve for a fractional zero point (HQQ); absent for codebook grids
   (``spec.codebook``: NF4, FP4), whose weight is ``level[q] * scale``;
@@ -69,15 +70,21 @@ def storage_scale_dtype(scale: torch.Tensor) -> torch.dtype:
     return torch.float16 if bool(((a >= fp16.tiny) & (a <= fp16.max)).all()) else torch.float32
 
 
-def storage_zero_dtype(zero: torch.Tensor) -> torch.dtype:
-    """For fractional zero points: fp16 when every one is within fp16's range, else fp32."""
-    return torch.float16 if bool((zero.abs() <= torch.finfo(torch.float16).max).all()) else torch.float32
+FP16_ZERO_MAX_BITS = 5  # fp16 holds zeros up to 31 to 1/64 of a step; wider grids keep fp32 zeros
+
+
+def storage_zero_dtype(zero: torch.Tensor, bits: int) -> torch.dtype:
+    """For fractional zero points of a ``bits``-bit grid: fp16 up to FP16_ZERO_MAX_BITS bits when every one is
+    within fp16's range, else fp32 (an fp16 zero near 200 is only resolved to 1/8 of a step)."""
+    fits = bits <= FP16_ZERO_MAX_BITS and bool((zero.abs() <= torch.finfo(torch.float16).max).all())
+    return torch.float16 if fits else torch.float32
 
 
 def layout_scale_dtype(layout: dict, tensors: dict[str, torch.Tensor], name: str) -> torch.dtype | None:
     """The dtype a stored module's ``scales`` have in memory (None when the stored tensors lack them)."""
     if layout.get("double_quant"):
-        return torch.float32 if f"{name}.scale_codes" in tensors else None
+        stored = f"{name}.scale_codes" in tensors and f"{name}.scale_range" in tensors
+        return torch.float32 if stored else None
     scales = tensors.get(f"{name}.scales")
     return None if scales is None else scales.dtype
 
@@ -124,10 +131,8 @@ class QuantLinear(nn.Module):
         )
         if self.double_quant:
             n_blocks = -(-out_features * n_groups // SCALE_BLOCK)
-            self.register_buffer("scale_codes", torch.zeros(out_features, n_groups, dtype=torch.int8, device=device))
-            self.register_buffer("scale_absmax", torch.ones(n_blocks, dtype=torch.float32, device=device))
-            self.register_buffer("scale_offset", torch.ones(1, dtype=torch.float32, device=device))
-            scale_dtype = torch.float32
+            self.register_buffer("scale_codes", torch.zeros(out_features, n_groups, dtype=torch.uint8, device=device))
+            self.register_buffer("scale_range", torch.zeros(n_blocks, 2, dtype=torch.float32, device=device))
             self.register_load_state_dict_post_hook(lambda module, _: module.decode_scales())
         self.register_buffer(
             "scales",
@@ -186,7 +191,7 @@ class QuantLinear(nn.Module):
             out_features,
             spec,
             bias=bias is not None,
-            scale_dtype=torch.float32 if double_quant else scale.dtype,
+            scale_dtype=scale.decode().dtype if double_quant else scale.dtype,
             dtype=bias.dtype if bias is not None else torch.float32,
             device=codes.device,
             g_idx=g_idx is not None,
@@ -206,8 +211,7 @@ class QuantLinear(nn.Module):
         module.qweight.copy_(pack(codes.to(torch.uint8), spec.bits))
         if double_quant:
             module.scale_codes.copy_(scale.codes)
-            module.scale_absmax.copy_(scale.absmax)
-            module.scale_offset.copy_(scale.offset)
+            module.scale_range.copy_(scale.log_range)
             module.decode_scales()
         else:
             module.scales.copy_(scale)
@@ -244,8 +248,8 @@ class QuantLinear(nn.Module):
 
     def decode_scales(self) -> None:
         """Recompute ``scales`` from their double-quantized form (after it was loaded or set)."""
-        if self.double_quant and not self.scale_codes.is_meta:
-            self.scales = DoubleQuantScales(self.scale_codes, self.scale_absmax, self.scale_offset).decode()
+        if self.double_quant and not (self.scale_codes.is_meta or self.scale_range.is_meta):
+            self.scales = DoubleQuantScales(self.scale_codes, self.scale_range).decode()
 
     def layout(self) -> dict:
         """What a checkpoint config records of this module: enough to rebuild it empty with ``from_layout``."""
@@ -320,7 +324,7 @@ class QuantLinear(nn.Module):
     def stored_tensors(self) -> list[torch.Tensor]:
         """The tensors a checkpoint holds for the weight (codes, scales or their double-quantized form, zeros,
         g_idx), without the bias."""
-        scales = [self.scale_codes, self.scale_absmax, self.scale_offset] if self.double_quant else [self.scales]
+        scales = [self.scale_codes, self.scale_range] if self.double_quant else [self.scales]
         return [t for t in (self.qweight, *scales, self.zeros, self.g_idx) if t is not None]
 
     @property
