@@ -58,6 +58,7 @@ from quantlm.nn.qlinear import QuantLinear, storage_scale_dtype, storage_zero_dt
 from quantlm.pipeline.runner import BlockContext, LayerRecord
 
 _F32_TINY = torch.finfo(torch.float32).tiny
+ITERS, LP_NORM, BETA, KAPPA = 20, 0.7, 10.0, 1.01  # the hqq library's defaults
 ZERO_POINTS = ("auto", "float", "integer")
 INTEGER_ZERO_BELOW_BITS = 4  # auto: integer zeros below this many bits, float zeros from it up
 
@@ -172,10 +173,10 @@ def hqq_solve(
     z: Tensor,
     maxq: int,
     *,
-    iters: int = 20,
-    lp_norm: float = 0.7,
-    beta: float = 10.0,
-    kappa: float = 1.01,
+    iters: int = ITERS,
+    lp_norm: float = LP_NORM,
+    beta: float = BETA,
+    kappa: float = KAPPA,
     optimize_scale: bool = False,
 ) -> tuple[Tensor, Tensor, int]:
     """The half-quadratic iterations on groups laid out as rows of ``W`` [groups, size] (``mask``: real entries),
@@ -218,10 +219,10 @@ def hqq_quantize(
     weight: Tensor,
     spec: QuantSpec,
     *,
-    iters: int = 20,
-    lp_norm: float = 0.7,
-    beta: float = 10.0,
-    kappa: float = 1.01,
+    iters: int = ITERS,
+    lp_norm: float = LP_NORM,
+    beta: float = BETA,
+    kappa: float = KAPPA,
     optimize_scale: bool = False,
     integer_zero: bool = False,
     clipped_start: bool = False,
@@ -303,10 +304,10 @@ class HQQ(Method):
     """
 
     spec: QuantSpec = QuantSpec(bits=4, group_size=64)
-    iters: int = setting(20, "Iterations per group (0: the min/max grid with a float zero).", flag="--hqq-iters")
-    lp_norm: float = setting(0.7)
-    beta: float = setting(10.0)
-    kappa: float = setting(1.01)
+    iters: int = setting(ITERS, "Iterations per group (0: the min/max grid with a float zero).", flag="--hqq-iters")
+    lp_norm: float = setting(LP_NORM)
+    beta: float = setting(BETA)
+    kappa: float = setting(KAPPA)
     optimize_scale: bool = setting(
         False,
         "Also refit each group's scale by least squares in every iteration.",
