@@ -66,15 +66,15 @@ ROWS = {
     ),
     "w4-awq-rtn": (
         "AWQ W4 g64 asym (scale and clip search), then round-to-nearest",
-        "--method awq --bits 4 --group-size 64 --asym",
+        "--method awq --bits 4 --group-size 64 --asym --awq-search-windows 4",
     ),
     "w4-awq-gptq": (
         "AWQ W4 g64 asym, then GPTQ (defaults)",
-        "--method awq --weights gptq --bits 4 --group-size 64 --asym",
+        "--method awq --weights gptq --bits 4 --group-size 64 --asym --awq-search-windows 4",
     ),
     "w4-awq-gptq-hmse": (
         "AWQ W4 g64 asym, then GPTQ with MSE clip weighted by the Hessian diagonal",
-        "--method awq --weights gptq --bits 4 --group-size 64 --asym --clip mse --hessian-clip",
+        "--method awq --weights gptq --bits 4 --group-size 64 --asym --clip mse --hessian-clip --awq-search-windows 4",
     ),
 }
 RESULTS = Path(__file__).parent / "results" / "gptq_smollm2"
