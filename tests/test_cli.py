@@ -296,7 +296,7 @@ def test_calibration_problems_are_caught_before_loading(tiny_model_dir, tmp_path
     [
         (["quantize"], "Missing argument 'model'"),
         (["quantize", "m", "--out", "o", "--bits"], "Option '--bits' requires an argument"),
-        (["quantize", "m", "--out", "o", "--method", "awq"], "'awq' is not one of"),
+        (["quantize", "m", "--out", "o", "--method", "spqr"], "'spqr' is not one of"),
         (["frobnicate"], "No such command 'frobnicate'"),
     ],
 )
