@@ -185,7 +185,7 @@ class AWQ(Method):
 
     ``auto_clip``: the clipping search (the reference's ``auto_clip``), on ``clip_tokens`` input rows sampled (with
     ``seed``) per Linear. ``search_windows``: the scale search runs on the first calibration windows only (whole
-    mini-batches; 8 by default), None: all. ``folds``: which producers scales are folded into (``FOLD_KINDS``);
+    mini-batches; 4 by default), None: all. ``folds``: which producers scales are folded into (``FOLD_KINDS``);
     ``exclude``: Linears kept in float (not rounded by the searches, not clipped)."""
 
     spec: QuantSpec = DEFAULT_SPEC
@@ -196,9 +196,9 @@ class AWQ(Method):
     )
     clip_tokens: int = setting(512, "Calibration tokens per Linear in AWQ's clipping search.", flag="--awq-clip-tokens")
     search_windows: int | None = setting(
-        8,
+        4,
         "Calibration windows AWQ's scale search runs on (its cost: n_grid + 1 runs of each group's module on them; "
-        "8 x 2048 tokens, a quarter of the paper's 128 x 512; null: all).",
+        "4 x 2048 tokens, an eighth of the paper's 128 x 512; null: all).",
         flag="--awq-search-windows",
     )
     folds: tuple[str, ...] = setting(
