@@ -136,7 +136,7 @@ def test_named_kernel_that_cannot_run_says_why():
 
 
 def test_every_kernel_is_reachable_by_name():
-    assert set(KERNELS) == {"int4pack", "int8pack", "int8", "torch"}
+    assert set(KERNELS) == {"int4pack", "int8pack", "int8", "codebook", "torch"}
     assert "dequantized" not in KERNEL_CHOICES  # the pipeline's copies (quantlm.pipeline.dequantized), not a kernel
     with pytest.raises(QuantlmError, match="unknown kernel"):
         make_layer(32, 100, 4, 64).use_kernel("dequantized")
