@@ -58,13 +58,13 @@ def _slow_group(w, s, z, maxq, iters, p, beta, kappa, optimize_scale):
         if slope is not None and slope > 0:
             s, z = torch.tensor(slope, dtype=torch.float32), torch.tensor(-intercept / slope, dtype=torch.float32)
         else:
-            z = (q - target / s).mean()
+            z = q.mean() - target.mean() / s
         beta *= kappa
     return best
 
 
 def _slow_hqq(weight, spec, iters=20, p=0.7, beta=10.0, kappa=1.01, optimize_scale=False):
-    """Every group on its own: its min/max start, the iterations, then RTN's grid where that is better."""
+    """Every group on its own: RTN's grid as the start, the iterations, then RTN's grid where that is better."""
     n_out, n_in = weight.shape
     gs = spec.group_size if spec.granularity == "group" else n_in
     maxq = spec.maxq
@@ -76,8 +76,7 @@ def _slow_hqq(weight, spec, iters=20, p=0.7, beta=10.0, kappa=1.01, optimize_sca
         s0 = rtn_s[r, g]
         if not optimize_scale:
             s0 = s0.to(storage_scale_dtype(rtn_s)).float()
-        lo = min(w.min().item(), 0.0) if w.abs().max() > 0 else -1.0
-        fitted[r, g] = _slow_group(w, s0, -lo / s0, maxq, iters, p, beta, kappa, optimize_scale)
+        fitted[r, g] = _slow_group(w, s0, rtn_z[r, g], maxq, iters, p, beta, kappa, optimize_scale)
     hqq_s = torch.tensor([[fitted[r, g][0] for g in range(rtn_s.shape[1])] for r in range(n_out)])
     hqq_z = torch.tensor([[fitted[r, g][1] for g in range(rtn_s.shape[1])] for r in range(n_out)])
     sd, zd = storage_scale_dtype(torch.cat([hqq_s, rtn_s])), storage_zero_dtype(hqq_z, spec.bits)
@@ -113,11 +112,16 @@ def test_matches_the_slow_per_group_loop(spec, n_in, optimize_scale):
     w = _heavy(6, n_in, seed=n_in + spec.bits)
     r = hqq_quantize(w, spec, optimize_scale=optimize_scale)
     codes, scale, zero, rtn_groups = _slow_hqq(w, spec, optimize_scale=optimize_scale)
-    # float sums in another order may flip a near-tie (an early stop, a guard decision) in a rare group
+    # float sums in another order may flip a near-tie (an early stop, a guard decision) in a rare group; the mean
+    # |error| is flat in z while no code changes, so such a flip moves z at no cost in the solver's objective
+    group = spec.group_size if spec.group_size > 0 else n_in
+    idx = torch.arange(n_in) // group
+    slow = (codes - zero[:, idx]) * scale[:, idx]
     same_group = (r.zero.float() - zero).abs().le(1e-2) & (r.scale.float() - scale).abs().le(1e-3 * scale)
-    assert same_group.float().mean() >= 0.97, (r.zero, zero)
-    assert (r.rtn_groups == rtn_groups).float().mean() >= 0.97
-    assert (r.codes.float() != codes).float().mean() <= 0.01
+    assert same_group.float().mean() >= 0.9, (r.zero, zero)
+    l1 = [_group_error(w, d, spec, power=1) for d in (slow, r.dequantized)]
+    torch.testing.assert_close(l1[1], l1[0], rtol=0.02, atol=1e-7)
+    assert (r.rtn_groups == rtn_groups).float().mean() >= 0.9
 
 
 def test_result_is_the_stored_layer():
@@ -145,12 +149,12 @@ def test_padding_of_a_partial_group_moves_nothing():
     assert torch.equal(whole.codes[:, 96:], alone.codes)
 
 
-def _group_sse(w, q, spec):
-    """Squared error of each group [out, n_groups] (a partial last group padded with exact zeros)."""
+def _group_error(w, q, spec, power=2):
+    """Sum of |error|^power of each group [out, n_groups] (a partial last group padded with exact zeros)."""
     n_out, n_in = w.shape
     gs = spec.group_size if spec.granularity == "group" else n_in
     pad = -n_in % gs
-    d = torch.nn.functional.pad((q.float() - w.float()) ** 2, (0, pad))
+    d = torch.nn.functional.pad((q.float() - w.float()).abs() ** power, (0, pad))
     return d.reshape(n_out, -1, gs).sum(-1)
 
 
@@ -170,7 +174,7 @@ def test_never_worse_than_rtn_on_any_group(rows, cols, group_size, bits, magnitu
     w[0, 0] = 0.0 if seed % 3 == 0 else w[0, 0]  # an exact zero now and then
     r = hqq_quantize(w, spec, optimize_scale=optimize_scale)
     rtn = QuantLinear.from_weight(w, spec).dequantize_weight()
-    hqq, base = _group_sse(w, r.dequantized, spec), _group_sse(w, rtn, spec)
+    hqq, base = _group_error(w, r.dequantized, spec), _group_error(w, rtn, spec)
     assert bool((hqq <= base * (1 + 1e-5) + 1e-30).all()), (hqq - base).max()
     assert r.error <= ((rtn - w).norm() / w.norm().clamp_min(1e-30)).item() * (1 + 1e-5) + 1e-12
 
@@ -185,7 +189,7 @@ def test_the_unguarded_solver_misses_the_bulk_at_3_bits():
         s, z = (t.reshape(-1, 1) for t in compute_qparams(w, spec))
         rtn = ((torch.clamp(torch.round(W / s) + z, 0, spec.maxq) - z) * s - W).pow(2)
         z0 = -W.amin(1, keepdim=True).clamp(max=0) / s  # the float zero of the min/max grid
-        s_h, z_h, _ = hqq_solve(W, mask, s, z0, spec.maxq, iters=iters)
+        s_h, z_h, _ = hqq_solve(W, mask, s, z0, spec.maxq, iters=iters, optimize_scale=False)
         hqq = ((torch.clamp(torch.round(W / s_h + z_h), 0, spec.maxq) - z_h) * s_h - W).pow(2)
         bulk = W.abs() < s / 2  # within half a step of 0, where RTN's integer zero puts a grid point
         return (hqq.sum() / rtn.sum()).item(), ((hqq - rtn) * bulk).sum().item() / (hqq - rtn).sum().item()
@@ -195,9 +199,9 @@ def test_the_unguarded_solver_misses_the_bulk_at_3_bits():
     small, _ = unguarded_sse_over_rtn(w, 20)  # bulk std 0.02: the shrink is total, full least-squares z steps
     large, _ = unguarded_sse_over_rtn(w * 50, 20)  # errors past the shrink threshold: z creeps
     assert small < 1.2 and large > 1.4
-    for scale in (1, 50):
-        r = hqq_quantize(w * scale, spec)
-        assert r.rtn_groups.any() and not r.rtn_groups.all()
+    for scale in (1, 50):  # hqq_quantize starts from RTN's grid instead, and keeps RTN's where that is better
+        r = hqq_quantize(w * scale, spec, integer_zero=False)
+        assert not r.rtn_groups.all()
         assert (
             r.error
             < QuantLinear.from_weight(w * scale, spec).dequantize_weight().sub(w * scale).norm().item()
@@ -208,21 +212,19 @@ def test_the_unguarded_solver_misses_the_bulk_at_3_bits():
 def test_optimize_scale_fits_scales_too():
     spec = QuantSpec(bits=3, group_size=32)
     w = _heavy(16, 128, seed=5)
-    plain, fitted = hqq_quantize(w, spec), hqq_quantize(w, spec, optimize_scale=True)
+    plain, fitted = hqq_quantize(w, spec, optimize_scale=False), hqq_quantize(w, spec)
     assert torch.equal(plain.scale, compute_qparams(w, spec)[0].half())  # without it: RTN's scales
     assert not torch.equal(fitted.scale, plain.scale)
     assert fitted.error < plain.error
 
 
-def test_zero_iterations_is_the_min_max_grid_with_a_float_zero():
+@pytest.mark.parametrize("optimize_scale", [False, True])
+def test_zero_iterations_is_rtn(optimize_scale):
     spec = QuantSpec(bits=4, group_size=16)
     w = _heavy(4, 64, seed=2)
-    r = hqq_quantize(w, spec, iters=0)
-    s, _ = compute_qparams(w, spec)
-    lo = w.reshape(4, 4, 16).amin(-1).clamp(max=0)
-    z = (-lo / s.half().float()).half()
-    assert r.iterations == 0
-    assert torch.equal(r.zero[~r.rtn_groups], z[~r.rtn_groups])
+    r = hqq_quantize(w, spec, iters=0, optimize_scale=optimize_scale)
+    assert torch.equal(r.dequantized, QuantLinear.from_weight(w, spec).dequantize_weight())
+    assert r.iterations == 0 and hqq_quantize(w, spec).iterations > 0
 
 
 @pytest.mark.parametrize(

@@ -197,10 +197,11 @@ def test_cli_llm_int8(tiny_model_dir, text_file, tmp_path):
 def test_pipeline_copy_of_a_w8a8_layer_keeps_one_weight():
     layer = _layer()
     run_dequantized(layer, torch.float32)
-    assert layer.kernel.weight is None and layer.kernel.int_weight is not None
     x = _input()
     torch.testing.assert_close(layer(x), layer.reference_forward(x) + layer.bias, rtol=0, atol=0)
+    assert layer.kernel.weight is None and layer.kernel.int_weight is not None  # after a forward: still none
     mixed = _layer(outlier_threshold=6.0)
     run_dequantized(mixed, torch.float32)
-    assert mixed.kernel.weight is not None  # LLM.int8() needs the dense columns of its outliers
+    assert mixed.kernel.weight is None  # made on the first forward
     torch.testing.assert_close(mixed(x), mixed.reference_forward(x) + mixed.bias, rtol=0, atol=0)
+    assert mixed.kernel.weight is not None  # LLM.int8() needs the dense columns of its outliers

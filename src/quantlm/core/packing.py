@@ -4,8 +4,9 @@ Layout (little-endian bit stream): code ``i`` of a row occupies bits ``[i * bits
 row's stream, where bit ``j`` of the stream is bit ``j % 8`` of byte ``j // 8``. A row of ``n`` codes packs to
 ``ceil(n * bits / 8)`` bytes; unused high bits of the last byte are zero. Leading dims are kept.
 
-Vectorized: rows are padded to a multiple of 8 codes, each 8 codes form one ``8 * bits``-bit word (int64)
-that is split into ``bits`` bytes, and the reverse.
+Vectorized: for 1, 2 and 4 bits the codes of each byte are shifted into place and or-ed in uint8; for the other
+widths rows are padded to a multiple of 8 codes, each 8 codes form one ``8 * bits``-bit word (int64) that is split
+into ``bits`` bytes; unpacking is the reverse.
 """
 
 from __future__ import annotations
@@ -50,6 +51,15 @@ def pack(codes: Tensor, bits: int) -> Tensor:
     out_len = packed_length(n, bits)
     if bits == 8:
         return codes.to(torch.uint8, copy=True).contiguous()
+    if 8 % bits == 0:  # 1, 2, 4 bits: whole codes per byte, lowest bits first, or-ed together in uint8
+        per_byte = 8 // bits
+        v = codes.to(torch.uint8)
+        if n % per_byte:
+            v = torch.nn.functional.pad(v, (0, per_byte - n % per_byte))
+        out = v[..., 0::per_byte].clone(memory_format=torch.contiguous_format)
+        for i in range(1, per_byte):
+            out |= v[..., i::per_byte] << (i * bits)
+        return out
     k = (n + 7) // 8
     v = codes.to(torch.int64)
     if k * 8 != n:

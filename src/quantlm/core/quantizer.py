@@ -11,7 +11,11 @@ Per row / group / tensor (see :mod:`quantlm.core.spec` for the shapes):
 
 Codebook grids (``spec.codebook`` "nf4" / "fp4", ``quantlm.core.codebook``): ``scale`` is the absmax of the row or
 group (1 for an all-zero one), ``zero`` is 0 and unused, the code is the index of the level nearest to
-``x / scale``, and ``x ~ level[q] * scale``.
+``x / scale``, and ``x ~ level[q] * scale``. With ``clip="fit"`` each absmax scale is then refitted by Lloyd's
+alternation: the nearest levels for the current scale, then the scale ``s = sum(x * l) / sum(l * l)`` that fits
+those levels best in the least-squares sense, until no unit's squared error falls (at most ``FIT_ITERS`` refits).
+The grid's largest level no longer has to land on the absmax: on SmolLM2-135M the NF4 weight error falls from 9.3%
+to 8.8% and perplexity with it (docs/calibration_free.md), in the same storage as bitsandbytes' NF4.
 
 Everything is computed in float32 whatever the input dtype. ``scale`` and ``zero`` are float32 (``zero`` holds
 integers in ``[0, maxq]``), codes are ``torch.uint8``. Zero is always exactly representable.
@@ -47,7 +51,8 @@ __all__ = [
 MSE_NORM = 2.4
 MSE_GRID = 100
 MSE_MAXSHRINK = 0.8
-_MSE_CHUNK_ELEMENTS = 1 << 20  # bound the temporaries of the mse search
+_MSE_CHUNK_ELEMENTS = 1 << 20  # bound the temporaries of the mse search and the codebook scale fit
+FIT_ITERS = 2  # clip="fit": least-squares refits of a codebook scale (more lower the weight error, not perplexity)
 
 _F32_TINY = torch.finfo(torch.float32).tiny
 
@@ -56,6 +61,12 @@ _F32_TINY = torch.finfo(torch.float32).tiny
 def _check_spec(spec: QuantSpec) -> None:
     if not isinstance(spec, QuantSpec):
         raise InvalidSpecError(f"expected a QuantSpec, got {type(spec).__name__}")
+
+
+def all_finite(x: Tensor) -> bool:
+    """Whether ``x`` (non-empty, floating point) has no NaN or inf: one reduction pass (NaN reaches the min and the
+    max), about 10x faster than ``isfinite(x).all()`` on the CPU."""
+    return bool(torch.isfinite(torch.stack(torch.aminmax(x))).all())
 
 
 def _as_rows(x: Tensor, check_values: bool = True) -> Tensor:
@@ -69,7 +80,7 @@ def _as_rows(x: Tensor, check_values: bool = True) -> Tensor:
     if x.numel() == 0:
         raise QuantlmError(f"cannot quantize an empty tensor (shape {list(x.shape)})")
     x2 = x.reshape(-1, x.shape[-1]).to(torch.float32)
-    if check_values and not bool(torch.isfinite(x2).all()):
+    if check_values and not all_finite(x2):
         bad = int((~torch.isfinite(x2)).sum())
         raise QuantlmError(f"cannot quantize a tensor with NaN or inf values ({bad} of {x2.numel()} are not finite)")
     return x2
@@ -191,15 +202,43 @@ def _mse_search(
     return out_scale, out_zero
 
 
+def _fit_codebook_scale(units: Tensor, scale: Tensor, spec: QuantSpec, unit_weights: Tensor | None = None) -> Tensor:
+    """``clip="fit"``: each unit's scale refitted by Lloyd's alternation from ``scale`` (the absmax): the least-squares
+    scale for the current levels, then the levels nearest under it, kept only where the (``unit_weights``-weighted)
+    squared error falls; a unit stops when it does not, all stop after ``FIT_ITERS`` refits. A partial group's zero
+    padding sits on the level 0, so it adds nothing to either sum."""
+    levels = codebook.codebook_levels(spec.codebook, units.device)
+    out = scale.clone()
+    chunk = max(1, _MSE_CHUNK_ELEMENTS // max(units.shape[1], 1))
+    for start in range(0, units.shape[0], chunk):
+        sl = slice(start, start + chunk)
+        x = units[sl]
+        w = torch.ones_like(x) if unit_weights is None else unit_weights[sl]
+        s = scale[sl].unsqueeze(1)
+        lv = levels[codebook.nearest_level(x / s, spec.codebook).long()]
+        err = (w * (x - lv * s).square()).sum(1, keepdim=True)
+        for _ in range(FIT_ITERS):
+            fitted = (w * x * lv).sum(1, keepdim=True) / (w * lv * lv).sum(1, keepdim=True)
+            fitted = torch.where(torch.isfinite(fitted) & (fitted > _F32_TINY), fitted, s)
+            lv_new = levels[codebook.nearest_level(x / fitted, spec.codebook).long()]
+            err_new = (w * (x - lv_new * fitted).square()).sum(1, keepdim=True)
+            better = err_new < err
+            if not bool(better.any()):
+                break
+            s, lv, err = torch.where(better, fitted, s), torch.where(better, lv_new, lv), torch.minimum(err, err_new)
+        out[sl] = s.squeeze(1)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- public API
 def compute_qparams(x: Tensor, spec: QuantSpec, *, column_weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Scale and zero point of ``x`` for ``spec`` (float32, shape ``spec.qparams_shape(rows, n)``).
 
     ``x`` may have any shape with at least one dim; it is viewed as ``[rows, n]`` with ``n = x.shape[-1]``.
-    ``column_weights`` ([n], finite, non-negative; only read when ``spec.clip == "mse"``): the MSE search weighs
-    each column's error by it, e.g. the Hessian diagonal (the inputs' second moments), so the clipping protects
-    the columns that reach the output most. Raises :class:`QuantlmError` for non-floating, empty or non-finite
-    input. The result carries no gradient.
+    ``column_weights`` ([n], finite, non-negative; only read when ``spec.clip`` is "mse" or "fit"): the MSE search
+    (and the codebook scale fit) weighs each column's error by it, e.g. the Hessian diagonal (the inputs' second
+    moments), so the clipping protects the columns that reach the output most. Raises :class:`QuantlmError` for
+    non-floating, empty or non-finite input. The result carries no gradient.
     """
     _check_spec(spec)
     x2 = _as_rows(x)
@@ -221,16 +260,18 @@ def _check_column_weights(weights: Tensor, n: int) -> Tensor:
 @torch.no_grad()
 def _qparams_2d(x2: Tensor, spec: QuantSpec, column_weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
     units, shape = _units(x2, spec)
+    # the weights laid out like the values: one per element of each unit (0 on a partial group's padding)
+    weights = None if column_weights is None else _units(column_weights.to(units.device).expand_as(x2), spec)[0]
     if spec.codebook != "none":
         absmax = units.abs().amax(dim=1)
         scale = torch.where(absmax > 0, absmax, torch.ones_like(absmax)).clamp_min(_F32_TINY)
+        if spec.clip == "fit":
+            scale = _fit_codebook_scale(units, scale, spec, weights)
         return scale.reshape(shape).contiguous(), torch.zeros(shape, device=x2.device)
     xmin = units.amin(dim=1).clamp(max=0.0)
     xmax = units.amax(dim=1).clamp(min=0.0)
     xmin, xmax, scale, zero = _grid(xmin, xmax, spec)
     if spec.clip == "mse":
-        # the weights laid out like the values: one per element of each unit (0 on a partial group's padding)
-        weights = None if column_weights is None else _units(column_weights.to(units.device).expand_as(x2), spec)[0]
         scale, zero = _mse_search(units, xmin, xmax, scale, zero, spec, weights)
     return scale.reshape(shape).contiguous(), zero.reshape(shape).contiguous()
 

@@ -21,7 +21,8 @@ from quantlm.core.codebook import CODEBOOKS as LEVEL_CODEBOOKS
 from quantlm.errors import InvalidSpecError
 
 GRANULARITIES = ("tensor", "channel", "group", "token")
-CLIPS = ("none", "mse")
+CLIPS = ("none", "mse", "fit")
+CODEBOOK_CLIPS = ("none", "fit")  # absmax scales, or refitted by least squares
 CODEBOOKS = ("none", *LEVEL_CODEBOOKS)  # "none": the integer grid
 MIN_BITS = 2
 MAX_BITS = 8
@@ -38,10 +39,11 @@ class QuantSpec:
     ``bits``: 2..8. ``symmetric``: grid centered on zero (zero point fixed at ``2**(bits-1)``).
     ``group_size``: -1 = one scale per row, >0 = groups of that many columns along the last dim.
     ``granularity``: "tensor" | "channel" | "group" | "token"; ``None`` is filled in as "group" when
-    ``group_size > 0`` else "channel". ``clip``: "none" | "mse" (GPTQ-style shrink search, norm 2.4).
+    ``group_size > 0`` else "channel". ``clip``: "none" | "mse" (GPTQ-style shrink search, norm 2.4) | "fit"
+    (codebook grids only: each absmax scale refitted by least squares, ``quantlm.core.quantizer``).
     ``codebook``: "none" (the integer grid) or "nf4" / "fp4": each value is one of 16 fixed levels in [-1, 1] times
-    its group's absmax (``quantlm.core.codebook``); such grids are 4-bit and symmetric by construction (``symmetric``
-    is set to True) and have no zero point.
+    its group's scale, the absmax (``quantlm.core.codebook``); such grids are 4-bit and symmetric by construction
+    (``symmetric`` is set to True) and have no zero point.
     """
 
     # ``metadata``: how the command line offers a field (``quantlm.methods.base.cli_settings``): its help, and the
@@ -52,10 +54,15 @@ class QuantSpec:
         default=-1, metadata={"help": "Columns per group; -1 = one scale per output channel.", "aliases": ("-g",)}
     )
     granularity: str | None = None
-    clip: str = field(default="none", metadata={"help": "Grid clipping: none, or mse (a search over shrunk ranges)."})
+    clip: str = field(
+        default="none",
+        metadata={
+            "help": "Grid clipping: none, mse (a search over shrunk ranges), or fit (nf4/fp4: least-squares scales)."
+        },
+    )
     codebook: str = field(
         default="none",
-        metadata={"help": "Weight levels: none (the integer grid), or nf4 / fp4 (4-bit codebooks times the absmax)."},
+        metadata={"help": "Weight levels: none (the integer grid), or nf4 / fp4 (4-bit codebooks times block scales)."},
     )
 
     def __post_init__(self) -> None:
@@ -104,11 +111,16 @@ class QuantSpec:
         if self.codebook != "none":
             if bits != 4:
                 raise InvalidSpecError(f"the {self.codebook} codebook has 4-bit codes: use bits=4, not {bits}")
-            if self.clip != "none":
-                raise InvalidSpecError(f"the {self.codebook} codebook scales by the absmax: drop clip={self.clip!r}")
+            if self.clip not in CODEBOOK_CLIPS:
+                raise InvalidSpecError(
+                    f"the {self.codebook} codebook takes clip none (absmax scales) or fit (least-squares scales), "
+                    f"not {self.clip!r}"
+                )
             if gran in ("tensor", "token"):
                 raise InvalidSpecError(f"the {self.codebook} codebook needs per-group or per-channel absmax scales")
             object.__setattr__(self, "symmetric", True)
+        elif self.clip == "fit":
+            raise InvalidSpecError("clip='fit' refits the scales of nf4/fp4 grids: use clip='mse' on an integer grid")
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -168,7 +180,7 @@ class QuantSpec:
         else:
             where = f"per-{self.granularity}"
         if self.codebook != "none":
-            return f"{self.codebook} {where}"
+            return f"{self.codebook} {where}" + (f" {self.clip}" if self.clip != "none" else "")
         text = f"w{self.bits} {where} {'sym' if self.symmetric else 'asym'}"
         if self.clip != "none":
             text += f" {self.clip}"

@@ -18,8 +18,8 @@ from quantlm.nn.reference import w8a8_matmul
 
 
 class DequantizedCopy(Kernel):
-    """The weight dequantized once and kept in the compute dtype: dense-GEMM speed at a dense layer's memory, the
-    same numbers as ``quantlm.nn.reference``."""
+    """The weight dequantized once (on the first call) and kept in the compute dtype: dense-GEMM speed at a dense
+    layer's memory, the same numbers as ``quantlm.nn.reference``."""
 
     name = "dequantized"
 
@@ -31,13 +31,17 @@ class DequantizedCopy(Kernel):
             weight, scale = layer.integer_weight()
             self.register_buffer("int_weight", weight, persistent=False)
             self.register_buffer("int_scale", scale, persistent=False)
-        # one [out, in] copy per layer: the integer form is enough for W8A8 layers without outlier columns
-        dense_needed = not self.integer or layer.outlier_threshold is not None
-        self.register_buffer("weight", layer.dequantize_weight(dtype) if dense_needed else None, persistent=False)
+        # one [out, in] copy per layer, made when the layer first runs (a step without calibration never runs it):
+        # the integer form is enough for W8A8 layers without outlier columns
+        self.keeps_dense = not self.integer or layer.outlier_threshold is not None
+        self.dtype = dtype
+        self.register_buffer("weight", None, persistent=False)
 
     def _dense(self, dtype: torch.dtype) -> Tensor:
-        if self.weight is None:
+        if not self.keeps_dense:
             return self.layer[0].dequantize_weight(dtype)
+        if self.weight is None:
+            self.weight = self.layer[0].dequantize_weight(self.dtype)
         return self.weight if dtype == self.weight.dtype else self.weight.to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
