@@ -241,7 +241,7 @@ def hqq_solve(
 
 def _sse(W: Tensor, m: Tensor | None, codes: Tensor, s: Tensor, z: Tensor) -> Tensor:
     """Each group's squared error ‖(codes - z) · s - W‖² over its real entries (``m``: their mask, None: all)."""
-    d = torch.addcmul(W, codes - z, s, value=-1)
+    d = (codes - z).mul_(s).sub_(W)  # rounded as the stored layer's weight is (no fused multiply-add)
     if m is not None:
         d.mul_(m)
     return torch.linalg.vecdot(d, d, dim=1).unsqueeze(1)
