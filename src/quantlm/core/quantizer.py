@@ -261,7 +261,9 @@ def _check_column_weights(weights: Tensor, n: int) -> Tensor:
 def _qparams_2d(x2: Tensor, spec: QuantSpec, column_weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
     units, shape = _units(x2, spec)
     # the weights laid out like the values: one per element of each unit (0 on a partial group's padding)
-    weights = None if column_weights is None else _units(column_weights.to(units.device).expand_as(x2), spec)[0]
+    weights = None
+    if column_weights is not None and spec.clip != "none":
+        weights = _units(column_weights.to(units.device).expand_as(x2), spec)[0]
     if spec.codebook != "none":
         absmax = units.abs().amax(dim=1)
         scale = torch.where(absmax > 0, absmax, torch.ones_like(absmax)).clamp_min(_F32_TINY)

@@ -72,7 +72,7 @@ _F32_TINY = torch.finfo(torch.float32).tiny
 ITERS, LP_NORM, BETA, KAPPA = 20, 0.7, 10.0, 1.01  # the hqq library's defaults
 OPTIMIZE_SCALE = True  # fit the scale with the zero (the library fits the zero alone)
 ZERO_POINTS = ("auto", "float", "integer")
-SOLVE_CHUNK_ELEMENTS = 1 << 20  # weights per chunk of groups hqq_quantize solves at a time (1 MB in float32)
+SOLVE_CHUNK_ELEMENTS = 1 << 20  # weights per chunk of groups solved at a time: bounds the temporaries (4 MB each)
 INTEGER_ZERO_BELOW_BITS = 4  # auto: integer zeros below this many bits, float zeros from it up
 
 
