@@ -73,7 +73,8 @@ ROWS = {
         "--method awq --weights gptq --bits 4 --group-size 64 --asym --awq-search-windows 4",
     ),
     "w4-awq-gptq-hmse": (
-        "AWQ W4 g64 asym, then GPTQ with MSE clip weighted by the Hessian diagonal",
+        "AWQ W4 g64 asym (scales searched with GPTQ rounding, no clip search: the defaults before GPTQ), then GPTQ "
+        "with MSE clip weighted by the Hessian diagonal",
         "--method awq --weights gptq --bits 4 --group-size 64 --asym --clip mse --hessian-clip --awq-search-windows 4",
     ),
 }

@@ -130,7 +130,7 @@ def test_folds_keep_the_float_model_unchanged(family):
     assert "norm" in {r["details"]["kind"] for r in log}
     assert any(r["details"]["alpha"] > 0 for r in log)  # the folds moved weights: the check is not trivial
     for r in log:  # α = 0 (plain RTN) is on the grid: the search never does worse on its own objective
-        assert r["error"] <= r["details"]["error_rtn"]
+        assert r["error"] <= r["details"]["error_unscaled"]
         assert r["details"]["windows"] == 4
 
 
@@ -201,7 +201,7 @@ def test_uniform_activations_keep_unit_scales():
         assert r["details"]["alpha"] == 0.0
         assert r["details"]["loss_module"] == r["module"].replace(".norm", ".mlp")
         assert r["details"]["scale_min"] == r["details"]["scale_max"] == 1.0
-        assert r["error"] == r["details"]["error_rtn"]
+        assert r["error"] == r["details"]["error_unscaled"]
     assert torch.equal(model.layers[0].norm.weight, torch.ones(32))
 
 
@@ -213,7 +213,7 @@ def test_an_outlier_channel_gets_a_positive_alpha_and_beats_rtn():
     awq = copy.deepcopy(base)
     log = _quantize(awq, [AWQ(W4), RTN(W4)])
     norms = [r for r in log if r["module"].endswith("input_layernorm")]
-    assert norms and all(r["details"]["alpha"] > 0 and r["error"] < r["details"]["error_rtn"] for r in norms)
+    assert norms and all(r["details"]["alpha"] > 0 and r["error"] < r["details"]["error_unscaled"] for r in norms)
     assert _rel(_logits(awq), reference) < 0.8 * _rel(_logits(rtn), reference)
 
 
@@ -253,7 +253,8 @@ def test_awq_then_rtn_or_gptq_saves_and_loads(family, weights, tmp_path):
     model = tiny_model(family)
     reference = _logits(model)
     recipe = recipe_from_options("awq", {"bits": 4, "group_size": 16, "awq_grid": 5}, weights=weights)
-    assert recipe.describe() == f"awq(w4 g16 asym) -> {weights}(w4 g16 asym)"
+    awq = "awq(w4 g16 asym)" if weights == "rtn" else "awq(w4 g16 asym, no clip search, GPTQ-rounded scale search)"
+    assert recipe.describe() == f"{awq} -> {weights}(w4 g16 asym)"
     _quantize(model, recipe)
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert layers and all(m.spec == W4 for m in layers)
@@ -342,3 +343,51 @@ def test_cli_awq_builds_the_recipe_and_refuses_bad_settings(tiny_model_dir, text
         lines = result.stderr.strip().splitlines()
         assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], result.stderr
         assert not bad_out.exists()
+
+
+# -- before GPTQ ----------------------------------------------------------------------------------------------------
+def test_the_step_after_awq_settles_its_search_and_clipping():
+    gptq = parse_recipe([{"method": "awq"}, {"method": "gptq", "bits": 4, "group_size": 64, "symmetric": False}])
+    assert (gptq.steps[0].search_rounding, gptq.steps[0].auto_clip) == ("gptq", False)
+    assert gptq.describe().startswith("awq(w4 g64 asym, no clip search, GPTQ-rounded scale search) -> gptq")
+    rtn = parse_recipe([{"method": "awq"}, {"method": "rtn", "bits": 4, "group_size": 64, "symmetric": False}])
+    assert (rtn.steps[0].search_rounding, rtn.steps[0].auto_clip) == ("rtn", True)
+    given = parse_recipe([AWQ(search_rounding="rtn", auto_clip=True), recipe_from_options("gptq", {}).steps[0]])
+    assert (given.steps[0].search_rounding, given.steps[0].auto_clip) == ("rtn", True)  # what the user says stays
+    assert AWQ().clips and AWQ().search_rounding == "auto"  # no step after it: the paper's search
+    with pytest.raises(InvalidSpecError, match="search_rounding must be one of auto, rtn, gptq"):
+        AWQ(search_rounding="hqq")
+
+
+def test_gptq_rounded_candidates_are_gptq_on_the_scaled_problem():
+    from quantlm.methods.awq import scaled_gptq
+    from quantlm.methods.gptq import GPTQ, gptq_quantize
+
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(12, 32, generator=g), torch.randn(200, 32, generator=g)
+    x[:, 3] *= 20  # an outlier channel
+    h = 2 * x.T @ x / x.shape[0]
+    solver = GPTQ(spec=W4)
+    plain = scaled_gptq(w, torch.ones(32), h, solver)
+    torch.testing.assert_close(plain, solver.solve(w, h).dequantized, rtol=0, atol=0)
+    s = awq_scales(x.abs().mean(0), 0.5)
+    expected = gptq_quantize(w * s, h / torch.outer(s, s), W4, act_order=True, static_groups=True).dequantized / s
+    torch.testing.assert_close(scaled_gptq(w, s, h, solver), expected, rtol=0, atol=0)
+    # seen from X, the scaled problem is the same problem: its rounded weight is judged by the same output error
+    for q in (plain, scaled_gptq(w, s, h, solver)):
+        assert float((x @ (q - w).T).pow(2).mean()) < float((x @ (on_grid(w, W4) - w).T).pow(2).mean())
+
+
+def test_awq_before_gptq_searches_with_gptq_and_beats_gptq_alone():
+    base = with_outliers()
+    reference = _logits(base)
+    gptq = copy.deepcopy(base)
+    _quantize(gptq, recipe_from_options("gptq", {"bits": 4, "group_size": 16}))
+    awq = copy.deepcopy(base)
+    log = _quantize(awq, recipe_from_options("awq", {"bits": 4, "group_size": 16}, weights="gptq"))
+    groups = [r for r in log if "kind" in r["details"]]
+    assert groups and not any("clip_ratio_mean" in r["details"] for r in log)  # no clipping search before GPTQ
+    for r in groups:  # α = 0 is plain GPTQ on the searched windows: never beaten on the search's own objective
+        assert r["error"] <= r["details"]["error_unscaled"]
+    assert any(r["details"]["alpha"] > 0 for r in groups)
+    assert _rel(_logits(awq), reference) < _rel(_logits(gptq), reference)

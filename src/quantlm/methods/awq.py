@@ -42,6 +42,7 @@ from quantlm.core import QuantSpec, compute_qparams, dequantize, expand_to_colum
 from quantlm.errors import InvalidSpecError, QuantlmError
 from quantlm.methods.base import Method, register, setting
 from quantlm.methods.common import exclude_setting, is_excluded
+from quantlm.methods.gptq import GPTQ, HessianAccumulator
 from quantlm.methods.smoothquant import check_folds
 from quantlm.models.blocks import linear_weight
 from quantlm.models.smoothing import FOLD_KINDS, SmoothGroup, apply_fold, fold_channel_map, fold_groups, parse_folds
@@ -59,6 +60,7 @@ _CLIP_CHUNK = 1 << 22  # elements of the partial outputs one chunk of rows of th
 # bytes of candidate weights (Q(W·s)/s for every α) a block's scale search keeps instead of rounding them again on
 # every mini-batch; groups past it round their candidates anew each time (the same numbers, more time)
 CANDIDATE_CACHE_BYTES = 1 << 30
+SEARCH_ROUNDINGS = ("auto", "rtn", "gptq")
 
 
 def awq_scales(x_mean: Tensor, alpha: float) -> Tensor:
@@ -82,6 +84,14 @@ def on_grid(weight: Tensor, spec: QuantSpec) -> Tensor:
 def scaled_on_grid(weight: Tensor, s: Tensor, spec: QuantSpec) -> Tensor:
     """Q(W · s) / s: the weight AWQ's scales ``s`` (one per input column) give, seen from the unscaled input."""
     return on_grid(weight.float() * s, spec) / s
+
+
+def scaled_gptq(weight: Tensor, s: Tensor, hessian: Tensor, solver: GPTQ) -> Tensor:
+    """GPTQ(W · s) / s: ``solver`` on the problem AWQ's scales make, the weight W·s on the inputs X/s (so the
+    Hessian H / (s sᵀ) of ``hessian`` = H of X), seen from the unscaled input (float32)."""
+    s = s.to(weight.device).float()
+    scaled_hessian = hessian.to(weight.device).float() / torch.outer(s, s)
+    return solver.solve(weight.float() * s, scaled_hessian).dequantized / s
 
 
 @dataclass
@@ -173,6 +183,7 @@ class _Search:
     calls: int = 0  # mini-batches searched on
     best: int = 0  # the index of the chosen α
     candidates: dict[tuple[int, str], Tensor] | None = None  # (α index, target) -> Q(W·s)/s; None: not kept
+    hessian: Tensor | None = None  # of the targets' input on the searched mini-batches, for GPTQ rounding
 
 
 @register
@@ -191,8 +202,11 @@ class AWQ(Method):
     spec: QuantSpec = DEFAULT_SPEC
     n_grid: int = setting(20, "Exponents the AWQ scale search tries (alpha = i / n_grid).", flag="--awq-grid")
     # not named ``clip``: that is the grid's own setting (QuantSpec.clip, --clip), written beside these ones
-    auto_clip: bool = setting(
-        True, "AWQ's search of weight clipping after the scales.", flag="--awq-clip/--no-awq-clip"
+    auto_clip: bool | None = setting(
+        None,
+        "AWQ's search of weight clipping after the scales (default: on before rtn, off before gptq, whose own "
+        "error compensation and --clip mse do better on unclipped weights).",
+        flag="--awq-clip/--no-awq-clip",
     )
     clip_tokens: int = setting(512, "Calibration tokens per Linear in AWQ's clipping search.", flag="--awq-clip-tokens")
     search_windows: int | None = setting(
@@ -203,6 +217,12 @@ class AWQ(Method):
     )
     folds: tuple[str, ...] = setting(
         FOLD_KINDS, "Where scales are folded, a comma list of norm, v-o, up-down.", flag="--smooth-folds"
+    )
+    search_rounding: str = setting(
+        "auto",
+        "How the scale search rounds each candidate: rtn (round-to-nearest, the paper), gptq (GPTQ's solver on the "
+        "candidate's Hessian) or auto (as the step after AWQ rounds).",
+        flag="--awq-search-rounding",
     )
     exclude: tuple[str, ...] = exclude_setting()
     seed: int = 0
@@ -224,6 +244,31 @@ class AWQ(Method):
         if self.search_windows is not None and not self.search_windows >= 1:
             raise InvalidSpecError(f"search_windows must be at least 1 (or null: all), got {self.search_windows}")
         object.__setattr__(self, "folds", parse_folds(self.folds))
+        if self.search_rounding not in SEARCH_ROUNDINGS:
+            raise InvalidSpecError(
+                f"search_rounding must be one of {', '.join(SEARCH_ROUNDINGS)}, got {self.search_rounding!r}"
+            )
+
+    def followed_by(self, step) -> AWQ:
+        """The settings left to the step after AWQ, resolved for it: before GPTQ the search rounds with GPTQ and
+        there is no clipping search; before anything else (RTN), round-to-nearest and the clipping search."""
+        gptq = isinstance(step, GPTQ)
+        return dataclasses.replace(
+            self,
+            search_rounding=("gptq" if gptq else "rtn") if self.search_rounding == "auto" else self.search_rounding,
+            auto_clip=(not gptq) if self.auto_clip is None else self.auto_clip,
+        )
+
+    @property
+    def clips(self) -> bool:
+        """Whether the clipping search runs (unresolved, with no step after AWQ: as the paper, yes)."""
+        return self.auto_clip is not False
+
+    @property
+    def _search_solver(self) -> GPTQ | None:
+        """The GPTQ solver the scale search rounds candidates with (its default settings on the search grid), or
+        None: round-to-nearest."""
+        return GPTQ(spec=self.search_spec) if self.search_rounding == "gptq" else None
 
     def check_next_step(self, step) -> None:
         spec = getattr(step, "spec", None)
@@ -272,7 +317,7 @@ class AWQ(Method):
             check_folds(ctx, reference, saved, folds, modules, method="AWQ", flag="--smooth-folds")
             seconds = (time.perf_counter() - t0) / len(groups)
             records += [self._group_record(ctx, s, seconds) for s in searches]
-        if self.auto_clip:
+        if self.clips:
             records += self._clip(ctx)
         return records
 
@@ -282,7 +327,8 @@ class AWQ(Method):
     def _search(self, ctx: BlockContext, groups: list[SmoothGroup], modules: dict[str, nn.Module]) -> list[_Search]:
         """Every group's scale search on the block as it is: one pass for mean|x|, one for the losses (each group's
         loss module runs its candidates on each mini-batch when the block reaches it)."""
-        means = self._input_means(ctx, groups, modules)
+        limit = self._search_batches(ctx)
+        means, hessians = self._input_stats(ctx, groups, modules, limit)
         config = getattr(ctx.model, "config", None)
         searches = []
         for group in groups:
@@ -305,6 +351,7 @@ class AWQ(Method):
                     originals={t: linear_weight(modules[t]).detach().float().clone() for t in group.targets},
                     scales=scales,
                     errors=[0.0] * len(scales),
+                    hessian=hessians.get(group.targets[0]),
                 )
             )
         budget = CANDIDATE_CACHE_BYTES
@@ -312,7 +359,6 @@ class AWQ(Method):
             size = len(search.scales) * sum(linear_weight(modules[t]).nbytes for t in search.rounded)
             if size <= budget:
                 search.candidates, budget = {}, budget - size
-        limit = self._search_batches(ctx)
         busy = False  # a loss module runs others' hooks' modules (o_proj inside the attention): those calls are ours
 
         def make_hook(search: _Search):
@@ -350,22 +396,34 @@ class AWQ(Method):
             s.best = min(range(len(s.errors)), key=s.errors.__getitem__)  # the first minimum: α = 0 on ties
         return searches
 
-    @staticmethod
-    def _input_means(ctx: BlockContext, groups: list[SmoothGroup], modules: dict[str, nn.Module]) -> dict[str, Tensor]:
-        """mean|x| per input channel of each group's input (by the group's first target), float32."""
+    def _input_stats(
+        self, ctx: BlockContext, groups: list[SmoothGroup], modules: dict[str, nn.Module], limit: int
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """mean|x| per input channel of each group's input (by the group's first target, float32) on every
+        mini-batch, and with GPTQ rounding the Hessian of that input on the first ``limit`` (the searched ones)."""
         firsts = {f"{ctx.name}.{g.targets[0]}": modules[g.targets[0]] for g in groups}
         sums: dict[str, Tensor] = {}
         counts = dict.fromkeys(firsts, 0)
+        batches = dict.fromkeys(firsts, 0)
+        solver = self._search_solver
+        hessians = {
+            n: HessianAccumulator(linear_weight(m).shape[1], linear_weight(m).device, solver.sink_weight)
+            for n, m in (firsts.items() if solver is not None else ())
+        }
 
         def on_input(name: str, x: Tensor) -> None:
             rows = x.detach().reshape(-1, x.shape[-1])
             total = rows.abs().sum(dim=0, dtype=torch.float32)
             sums[name] = total if name not in sums else sums[name] + total
             counts[name] += rows.shape[0]
+            if name in hessians and batches[name] < limit:
+                hessians[name].add(x)
+            batches[name] += 1
 
         ctx.observe(firsts, on_input)
         prefix = f"{ctx.name}."
-        return {n.removeprefix(prefix): sums[n] / max(counts[n], 1) for n in firsts if n in sums}
+        means = {n.removeprefix(prefix): sums[n] / max(counts[n], 1) for n in firsts if n in sums}
+        return means, {n.removeprefix(prefix): h.hessian() for n, h in hessians.items() if h.tokens}
 
     def _search_batches(self, ctx: BlockContext) -> int:
         """How many mini-batches the scale search runs on: all, or the fewest that hold ``search_windows``."""
@@ -409,7 +467,12 @@ class AWQ(Method):
             return cached
         weight = search.originals[target]
         s = search.scales[i][1].to(weight.device)
-        candidate = scaled_on_grid(weight, s, self.search_spec).to(linear_weight(modules[target]).dtype)
+        solver = self._search_solver
+        if solver is None or search.hessian is None:
+            candidate = scaled_on_grid(weight, s, self.search_spec)
+        else:
+            candidate = scaled_gptq(weight, s, search.hessian, solver)
+        candidate = candidate.to(linear_weight(modules[target]).dtype)
         if search.candidates is not None:
             search.candidates[(i, target)] = candidate
         return candidate
@@ -431,7 +494,7 @@ class AWQ(Method):
                 "targets": [f"{ctx.name}.{t}" for t in search.group.targets],
                 "loss_module": f"{ctx.name}.{search.loss}" if search.loss else "targets",
                 "alpha": self.alphas[best],
-                "error_rtn": relative(search.errors[0]),
+                "error_unscaled": relative(search.errors[0]),  # α = 0: the rounding alone
                 "search": {f"{a:g}": relative(e) for a, e in zip(self.alphas, search.errors)},
                 "scale_min": float(s_producer.min()),
                 "scale_max": float(s_producer.max()),
@@ -482,6 +545,7 @@ class AWQ(Method):
         return float((x @ on_grid(weight, self.search_spec).t() - y).norm()) / denom if denom > 0 else 0.0
 
     def describe(self) -> str:
-        extra = "" if self.auto_clip else ", no clip search"
+        extra = "" if self.clips else ", no clip search"
+        extra += ", GPTQ-rounded scale search" if self.search_rounding == "gptq" else ""
         extra += "" if self.folds == FOLD_KINDS else f", folds {'+'.join(self.folds)}"
         return f"{self.name}({self.spec.describe()}{extra})"

@@ -315,6 +315,11 @@ class Method:
         """A step that only prepares float weights may refuse the step that quantizes them after it (AWQ: one on
         another grid than the one it searched on) with a one-line ``InvalidSpecError``."""
 
+    def followed_by(self, step) -> Any:
+        """This step as it runs before ``step`` (the one that quantizes the weights it prepared): itself, or a copy
+        whose "auto" settings are resolved for ``step``."""
+        return self
+
     def process_block(self, ctx) -> list:
         return []
 

@@ -361,15 +361,11 @@ class GPTQ(Method):
         scales = {n: static_int8_scale(a) for n, a in absmax.items()} if self.act_granularity == "tensor" else {}
         return accumulators, scales
 
-    def _quantize(
-        self, root, name: str, module, acc: HessianAccumulator, act_scale: Tensor | None = None
-    ) -> LayerRecord:
-        t0 = time.perf_counter()
-        weight = linear_weight(module).detach()
-        scale_dtype = storage_scale_dtype(compute_qparams(weight, self.spec)[0])
-        result = gptq_quantize(
+    def solve(self, weight: Tensor, hessian: Tensor, scale_dtype: torch.dtype | None = None) -> GPTQResult:
+        """``gptq_quantize`` of ``weight`` with this step's settings."""
+        return gptq_quantize(
             weight,
-            acc.hessian(),
+            hessian,
             self.spec,
             block_size=self.block_size,
             damp=self.damp,
@@ -378,6 +374,14 @@ class GPTQ(Method):
             scale_dtype=scale_dtype,
             hessian_clip=self.hessian_clip,
         )
+
+    def _quantize(
+        self, root, name: str, module, acc: HessianAccumulator, act_scale: Tensor | None = None
+    ) -> LayerRecord:
+        t0 = time.perf_counter()
+        weight = linear_weight(module).detach()
+        scale_dtype = storage_scale_dtype(compute_qparams(weight, self.spec)[0])
+        result = self.solve(weight, acc.hessian(), scale_dtype)
         qlinear = QuantLinear.from_codes(
             result.codes,
             result.scale.to(scale_dtype),

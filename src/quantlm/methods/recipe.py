@@ -124,6 +124,7 @@ def _check_order(steps: list) -> None:
         following = next((steps[j] for j in quantizing if j > i and not isinstance(steps[j], HeadRounding)), None)
         if following is not None:
             steps[i].check_next_step(following)
+            steps[i] = steps[i].followed_by(following)
 
 
 def offered_methods() -> dict[str, type]:
