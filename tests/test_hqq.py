@@ -73,9 +73,7 @@ def _slow_hqq(weight, spec, iters=20, p=0.7, beta=10.0, kappa=1.01, optimize_sca
     fitted = {}
     for r, g, cols in groups:
         w = weight[r, cols].float()
-        s0 = rtn_s[r, g]
-        if not optimize_scale:
-            s0 = s0.to(storage_scale_dtype(rtn_s)).float()
+        s0 = rtn_s[r, g].to(storage_scale_dtype(rtn_s)).float()  # RTN's grid as stored
         fitted[r, g] = _slow_group(w, s0, rtn_z[r, g], maxq, iters, p, beta, kappa, optimize_scale)
     hqq_s = torch.tensor([[fitted[r, g][0] for g in range(rtn_s.shape[1])] for r in range(n_out)])
     hqq_z = torch.tensor([[fitted[r, g][1] for g in range(rtn_s.shape[1])] for r in range(n_out)])
@@ -189,7 +187,7 @@ def test_the_unguarded_solver_misses_the_bulk_at_3_bits():
         s, z = (t.reshape(-1, 1) for t in compute_qparams(w, spec))
         rtn = ((torch.clamp(torch.round(W / s) + z, 0, spec.maxq) - z) * s - W).pow(2)
         z0 = -W.amin(1, keepdim=True).clamp(max=0) / s  # the float zero of the min/max grid
-        s_h, z_h, _ = hqq_solve(W, mask, s, z0, spec.maxq, iters=iters, optimize_scale=False)
+        s_h, z_h = hqq_solve(W, mask, s, z0, spec.maxq, iters=iters, optimize_scale=False)[:2]
         hqq = ((torch.clamp(torch.round(W / s_h + z_h), 0, spec.maxq) - z_h) * s_h - W).pow(2)
         bulk = W.abs() < s / 2  # within half a step of 0, where RTN's integer zero puts a grid point
         return (hqq.sum() / rtn.sum()).item(), ((hqq - rtn) * bulk).sum().item() / (hqq - rtn).sum().item()

@@ -55,6 +55,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -72,7 +73,7 @@ _F32_TINY = torch.finfo(torch.float32).tiny
 ITERS, LP_NORM, BETA, KAPPA = 20, 0.7, 10.0, 1.01  # the hqq library's defaults
 OPTIMIZE_SCALE = True  # fit the scale with the zero (the library fits the zero alone)
 ZERO_POINTS = ("auto", "float", "integer")
-SOLVE_CHUNK_ELEMENTS = 1 << 20  # weights per chunk of groups solved at a time: bounds the temporaries (4 MB each)
+SOLVE_CHUNK_ELEMENTS = 1 << 18  # weights per chunk of an iteration: its codes and errors (1 MB each) stay in the cache
 INTEGER_ZERO_BELOW_BITS = 4  # auto: integer zeros below this many bits, float zeros from it up
 
 
@@ -146,14 +147,16 @@ def _check(weight: Tensor, spec: QuantSpec) -> None:
         raise QuantlmError("HQQ: the weight has NaN or inf values")
 
 
-def group_rows(weight: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+def group_rows(weight: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor | None]:
     """W [out, in] as rows of a [out · n_groups, group_size] float32 matrix (a partial last group padded with 0),
-    and the mask of real (non-padding) entries."""
+    and the mask of real (non-padding) entries, or None where there is no padding."""
     n_out, n_in = weight.shape
     gs = spec.group_size if spec.granularity == "group" else n_in
     n_groups = math.ceil(n_in / gs)
     pad = n_groups * gs - n_in
     w = torch.nn.functional.pad(weight.detach().float(), (0, pad))
+    if not pad:
+        return w.reshape(n_out * n_groups, gs), None
     mask = torch.ones(n_out, n_groups * gs, dtype=torch.bool, device=weight.device)
     mask[:, n_in:] = False
     return w.reshape(n_out * n_groups, gs), mask.reshape(n_out * n_groups, gs)
@@ -169,24 +172,38 @@ def _columns(units: Tensor, n_out: int, n_in: int) -> Tensor:
     return units.reshape(n_out, -1)[:, :n_in]
 
 
-def _fit(m: Tensor | None, count: Tensor, q: Tensor, target: Tensor, t_mean: Tensor, s: Tensor, optimize_scale: bool):
-    """The least-squares grid through (q, target) per group (``t_mean``: target's mean): z = mean(q) - t_mean / s
-    for the fixed s, or with ``optimize_scale`` the line's slope as s too (kept where the line is degenerate: no
-    codes spread, or a slope that is not positive). ``m``: the 0/1 mask of real entries (None: all are); ``q`` is
-    overwritten."""
-    q_mean = q.mean(1, keepdim=True) if m is None else (q * m).sum(1, keepdim=True) / count
+def _row_dot(a: Tensor, b: Tensor, scratch: Tensor) -> Tensor:
+    """Σ a · b per row, [rows, 1], through ``scratch`` (a buffer at least as large; a multiply and a sum are about
+    twice as fast as ``vecdot`` on these narrow rows)."""
+    return torch.mul(a, b, out=scratch[: a.shape[0]]).sum(1, keepdim=True)
+
+
+def _fit(q: Tensor, target: Tensor, t_sum: Tensor, count: Tensor, s: Tensor, optimize_scale: bool, scratch: Tensor):
+    """The least-squares grid through (q, target) per group, from sums (``t_sum``: Σ target; ``count``: the real
+    entries; ``q`` is 0 on the padding): z = mean(q) - mean(target) / s for the fixed s, or with ``optimize_scale``
+    the line's slope cov(q, target) / var(q) as s too (kept where the line is degenerate: no codes spread, or a
+    slope that is not positive). ``scratch``: a buffer the size of ``q``."""
+    q_sum = q.sum(1, keepdim=True)
+    q_mean = q_sum / count
     if optimize_scale:
-        dq = q.sub_(q_mean) if m is None else q.sub_(q_mean).mul_(m)
-        # Σ dq = 0, so Σ dq · (target - t_mean) = Σ dq · target
-        slope = (torch.linalg.vecdot(dq, target, dim=1) / torch.linalg.vecdot(dq, dq, dim=1)).unsqueeze(1)
+        cov = _row_dot(q, target, scratch) - q_mean * t_sum
+        var = _row_dot(q, q, scratch) - q_mean * q_sum
+        slope = cov / var
         s = torch.where(torch.isfinite(slope) & (slope > _F32_TINY), slope, s)
-    return s, q_mean - t_mean / s
+    return s, q_mean - t_sum / count / s
+
+
+class Solution(NamedTuple):
+    scale: Tensor  # [groups, 1]: each group's grid of lowest mean |W - W_r|
+    zero: Tensor
+    updates: int  # grid updates made by the group that ran longest
+    start_sse: Tensor  # [groups, 1]: the squared error of the start grid's codes, as a stored layer computes it
 
 
 @torch.no_grad()
 def hqq_solve(
     W: Tensor,
-    mask: Tensor,
+    mask: Tensor | None,
     s: Tensor,
     z: Tensor,
     maxq: int,
@@ -196,47 +213,69 @@ def hqq_solve(
     beta: float = BETA,
     kappa: float = KAPPA,
     optimize_scale: bool = OPTIMIZE_SCALE,
-) -> tuple[Tensor, Tensor, int]:
-    """The half-quadratic iterations on groups laid out as rows of ``W`` [groups, size] (``mask``: real entries),
-    from the grids ``s``, ``z`` [groups, 1]; returns the (s, z) of each group's lowest mean |W - W_r| and the number
-    of updates the longest-running group made. No guard, no storage rounding: ``hqq_quantize`` adds those.
+) -> Solution:
+    """The half-quadratic iterations on groups laid out as rows of ``W`` [groups, size] (``mask``: real entries,
+    None: all), from the grids ``s``, ``z`` [groups, 1]. No guard, no storage rounding: ``hqq_quantize`` adds those.
 
-    A group stops the first time its error does not decrease. Stopped groups are dropped from the work once they
-    are a quarter of the rows still held (copying the rest out costs about one iteration), so later iterations
-    touch fewer rows."""
-    m = None if bool(mask.all()) else mask.float()  # no padding (the usual case): plain means
-    count = mask.sum(1, keepdim=True).clamp_min(1).float()
-    w_mean = W.sum(1, keepdim=True) / count  # the padding is 0
-    best_err = torch.full_like(s, math.inf)
-    best_s, best_z = s.clone(), z.clone()
+    A group stops the first time its error does not decrease. Every iteration runs over the rows still held, in
+    chunks of ``SOLVE_CHUNK_ELEMENTS`` whose codes and errors stay in the cache (two buffers reused throughout);
+    stopped rows are dropped once they are a quarter of those held. So a late iteration, where few groups still
+    run, is one small chunk, whichever matrices the rows came from: pass all the groups of many weights at once."""
+    m = None if mask is None else mask.float()
+    count = torch.full_like(s, W.shape[1]) if m is None else m.sum(1, keepdim=True).clamp_min(1)
+    w_sum = W.sum(1, keepdim=True)  # the padding is 0
+    chunk = max(1, SOLVE_CHUNK_ELEMENTS // W.shape[1])
+    q_buf, d_buf = (torch.empty(min(chunk, W.shape[0]), W.shape[1], device=W.device) for _ in range(2))
+    best_s, best_z = s.clone(), z.clone()  # every group's, written back from the held rows' as they are dropped
+    start_sse = torch.empty_like(s)
+    err = torch.empty_like(s)
     rows = torch.arange(W.shape[0], device=W.device)  # the rows held, and their slices of everything
-    active = torch.ones(W.shape[0], dtype=torch.bool, device=W.device)  # which of them still run
+    held_err, held_s, held_z = torch.full_like(s, math.inf), s, z  # the held rows' best so far
+    active = torch.ones(W.shape[0], 1, dtype=torch.bool, device=W.device)  # which of them still run
     updates = 0
     for t in range(iters + 1):
-        q = torch.div(W, s).add_(z).round_().clamp_(0, maxq)
-        e = torch.addcmul(W, q - z, s, value=-1)  # W - W_r
-        if m is not None:
-            e.mul_(m)
-        err = e.abs().sum(1, keepdim=True) / count
-        active &= (err < best_err[rows]).squeeze(1)
-        kept = rows[active]
-        best_err[kept], best_s[kept], best_z[kept] = err[active], s[active], z[active]
-        if t == iters or kept.numel() == 0:
+        fit = t < iters
+        new_s, new_z = (torch.empty_like(s), torch.empty_like(z)) if fit else (s, z)
+        for lo in range(0, W.shape[0], chunk):
+            c = slice(lo, lo + chunk)
+            Wc, sc, zc, mc = W[c], s[c], z[c], None if m is None else m[c]
+            q, d = q_buf[: Wc.shape[0]], d_buf[: Wc.shape[0]]
+            torch.div(Wc, sc, out=q).add_(zc).round_().clamp_(0, maxq)
+            torch.sub(q, zc, out=d).mul_(sc).sub_(Wc)  # W_r - W, rounded as the stored layer's weight is (no FMA)
+            if mc is not None:
+                d.mul_(mc)
+            if t == 0:
+                start_sse[c] = torch.linalg.vecdot(d, d, dim=1).unsqueeze(1)
+            # the shrink of W - W_r = -d (odd: W_e = -shrink(d)); None where it is 0 everywhere
+            shrunk = shrink_lp(d, beta, lp_norm) if fit else None
+            torch.div(d.abs_().sum(1, keepdim=True), count[c], out=err[c])
+            if not fit:
+                continue
+            if mc is not None:
+                q.mul_(mc)
+            target = Wc if shrunk is None else Wc + shrunk
+            t_sum = w_sum[c] if shrunk is None else target.sum(1, keepdim=True)
+            new_s[c], new_z[c] = _fit(q, target, t_sum, count[c], sc, optimize_scale, scratch=d)
+        active &= err < held_err
+        held_err = torch.where(active, err, held_err)
+        held_s, held_z = torch.where(active, s, held_s), torch.where(active, z, held_z)
+        n_active = int(active.sum())
+        if not fit or n_active == 0:
             break
-        if kept.numel() < 0.75 * rows.numel():
-            rows = kept
-            W, w_mean, count, q, e, s, z = (x[active] for x in (W, w_mean, count, q, e, s, z))
-            m = None if m is None else m[active]
-            active = active[active]
-        W_e = shrink_lp(e, beta, lp_norm)
-        if W_e is None:
-            s, z = _fit(m, count, q, W, w_mean, s, optimize_scale)
-        else:
-            target = W - W_e
-            s, z = _fit(m, count, q, target, target.sum(1, keepdim=True) / count, s, optimize_scale)
+        s, z = new_s, new_z
+        if n_active < 0.75 * rows.numel():  # drop the stopped rows, their best grids written back
+            done = ~active.squeeze(1)
+            best_s[rows[done]], best_z[rows[done]] = held_s[done], held_z[done]
+            keep = active.squeeze(1)
+            rows = rows[keep]
+            W, w_sum, count, s, z, held_err, held_s, held_z, active, err = (
+                x[keep] for x in (W, w_sum, count, s, z, held_err, held_s, held_z, active, err)
+            )
+            m = None if m is None else m[keep]
         beta *= kappa
         updates = t + 1
-    return best_s, best_z, updates
+    best_s[rows], best_z[rows] = held_s, held_z
+    return Solution(best_s, best_z, updates, start_sse)
 
 
 def _sse(W: Tensor, m: Tensor | None, codes: Tensor, s: Tensor, z: Tensor) -> Tensor:
@@ -247,7 +286,128 @@ def _sse(W: Tensor, m: Tensor | None, codes: Tensor, s: Tensor, z: Tensor) -> Te
     return torch.linalg.vecdot(d, d, dim=1).unsqueeze(1)
 
 
+@dataclass
+class _Problem:
+    """One weight's groups as rows, and its RTN grid(s); the search starts from the last, as stored."""
+
+    shape: tuple[int, int]
+    W: Tensor
+    mask: Tensor | None
+    rtn_grids: list[tuple[Tensor, Tensor]]
+    start_dtype: torch.dtype
+
+    @property
+    def start(self) -> tuple[Tensor, Tensor]:
+        scale, zero = self.rtn_grids[-1]
+        return scale.to(self.start_dtype).float(), zero
+
+
+def _problem(weight: Tensor, spec: QuantSpec, clipped_start: bool) -> _Problem:
+    _check(weight, spec)
+    W, mask = group_rows(weight, spec)
+    # RTN: quantlm's grid (range containing 0, integer zero), and with ``clipped_start`` the MSE-clipped one too;
+    # the search starts from the last as stored (its scale in the storage dtype, its zero an integer as the
+    # library's round_zero start at 4 bits), so the start's error is RTN's
+    rtn_grids = [tuple(t.reshape(-1, 1) for t in compute_qparams(weight.detach().float(), spec))]
+    if clipped_start:
+        clipped = dataclasses.replace(spec, clip="mse")
+        rtn_grids.append(tuple(t.reshape(-1, 1) for t in compute_qparams(weight.detach().float(), clipped)))
+    start_dtype = storage_scale_dtype(torch.cat([g[0] for g in rtn_grids]))
+    return _Problem(tuple(weight.shape), W, mask, rtn_grids, start_dtype)
+
+
+def _finish(problem: _Problem, spec: QuantSpec, solution: Solution, integer_zero: bool) -> HQQResult:
+    """Round the solved grid to the storage dtypes, then the codes, then keep RTN's grid on every group where that
+    has the lower squared error."""
+    (n_out, n_in), W, maxq = problem.shape, problem.W, spec.maxq
+    m = None if problem.mask is None else problem.mask.float()
+    s, z = solution.scale, solution.zero
+    scale_dtype = storage_scale_dtype(torch.cat([s, *(g[0] for g in problem.rtn_grids)]))
+    if integer_zero:
+        z = torch.round(z).clamp_(0, maxq)
+    zero_dtype = torch.uint8 if integer_zero else storage_zero_dtype(z, spec.bits)
+    scale, zero = s.to(scale_dtype).float(), z.to(zero_dtype).float()
+    codes = torch.div(W, scale).add_(zero).round_().clamp_(0, maxq)
+    best = _sse(W, m, codes, scale, zero)
+    use_rtn = torch.zeros_like(best, dtype=torch.bool)
+    integer_spec = QuantSpec(bits=spec.bits)
+    for i, (grid_scale, grid_zero) in enumerate(problem.rtn_grids):
+        s_r = grid_scale.to(scale_dtype).float()
+        if i == len(problem.rtn_grids) - 1 and scale_dtype == problem.start_dtype:
+            sse = solution.start_sse  # the search's start is this grid as stored
+        else:
+            sse = _sse(W, m, quantize(W, s_r, grid_zero, integer_spec).float(), s_r, grid_zero)
+        better = (sse < best).squeeze(1)
+        if not bool(better.any()):
+            continue
+        idx = better.nonzero().squeeze(1)
+        codes[idx] = quantize(W[idx], s_r[idx], grid_zero[idx], integer_spec).float()  # RTN's own codes, exactly
+        best[idx], scale[idx], zero[idx] = sse[idx], s_r[idx], grid_zero[idx]
+        use_rtn[idx] = True
+
+    denom = float(torch.linalg.vecdot(W.reshape(-1), W.reshape(-1)))  # ‖W‖², the padding is 0
+    return HQQResult(
+        codes=_columns(codes, n_out, n_in).to(torch.uint8).contiguous(),
+        scale=_per_group(scale, n_out).to(scale_dtype),
+        zero=_per_group(zero, n_out).to(zero_dtype),
+        error=math.sqrt(float(best.sum()) / denom) if denom > 0 else 0.0,
+        rtn_groups=_per_group(use_rtn, n_out),
+        iterations=solution.updates,
+        group_size=W.shape[1],
+    )
+
+
 @torch.no_grad()
+def hqq_quantize_many(
+    weights: list[Tensor],
+    spec: QuantSpec,
+    *,
+    iters: int = ITERS,
+    lp_norm: float = LP_NORM,
+    beta: float = BETA,
+    kappa: float = KAPPA,
+    optimize_scale: bool = OPTIMIZE_SCALE,
+    integer_zero: bool = False,
+    clipped_start: bool = False,
+) -> list[HQQResult]:
+    """``hqq_quantize`` of every weight of ``weights``, their groups solved together (each group is solved on its
+    own, so the results are those of one weight at a time; the late iterations, where few groups still run, are
+    shared). ``iterations`` of each result: the most updates any group of the batch made."""
+    check_hqq_settings(iters, lp_norm, beta, kappa)
+    problems = [_problem(w, spec, clipped_start) for w in weights]
+    results: list[HQQResult | None] = [None] * len(problems)
+    widths = {p.W.shape[1] for p in problems}  # one unless per-channel grids of weights with other in_features
+    for width in widths:
+        batch = [i for i, p in enumerate(problems) if p.W.shape[1] == width]
+        W = torch.cat([problems[i].W for i in batch])
+        masks = [problems[i].mask for i in batch]
+        mask = None
+        if any(m is not None for m in masks):
+            mask = torch.cat(
+                [torch.ones_like(problems[i].W, dtype=torch.bool) if m is None else m for i, m in zip(batch, masks)]
+            )
+        starts = [problems[i].start for i in batch]
+        solution = hqq_solve(
+            W,
+            mask,
+            torch.cat([st[0] for st in starts]),
+            torch.cat([st[1] for st in starts]),
+            spec.maxq,
+            iters=iters,
+            lp_norm=lp_norm,
+            beta=beta,
+            kappa=kappa,
+            optimize_scale=optimize_scale,
+        )
+        first = 0
+        for i in batch:
+            rows = slice(first, first + problems[i].W.shape[0])
+            first = rows.stop
+            part = Solution(solution.scale[rows], solution.zero[rows], solution.updates, solution.start_sse[rows])
+            results[i] = _finish(problems[i], spec, part, integer_zero)
+    return results
+
+
 def hqq_quantize(
     weight: Tensor,
     spec: QuantSpec,
@@ -264,75 +424,17 @@ def hqq_quantize(
     (``integer_zero``: the fitted zeros rounded to integers, stored as uint8), falling back to round-to-nearest on
     every group where that has the lower squared error. ``clipped_start``: start from the MSE-clipped RTN grid (and
     let it be a fallback too) instead of the min/max one."""
-    _check(weight, spec)
-    check_hqq_settings(iters, lp_norm, beta, kappa)
-    n_out, n_in = weight.shape
-    maxq = spec.maxq
-    W, mask = group_rows(weight, spec)
-    m = None if bool(mask.all()) else mask.float()
-
-    # RTN: quantlm's grid (range containing 0, integer zero), and with ``clipped_start`` the MSE-clipped one too;
-    # the search starts from the last, its zero an integer as the library's round_zero start at 4 bits
-    rtn_grids = [tuple(t.reshape(-1, 1) for t in compute_qparams(weight.detach().float(), spec))]
-    if clipped_start:
-        clipped = dataclasses.replace(spec, clip="mse")
-        rtn_grids.append(tuple(t.reshape(-1, 1) for t in compute_qparams(weight.detach().float(), clipped)))
-    s0, z0 = rtn_grids[-1]
-    if not optimize_scale:  # the scale never changes: use the stored one throughout
-        s0 = s0.to(storage_scale_dtype(s0)).float()
-    # the groups in chunks whose temporaries stay in the cache (each group is solved on its own anyway)
-    chunk = max(1, SOLVE_CHUNK_ELEMENTS // W.shape[1])
-    s, z, updates = torch.empty_like(s0), torch.empty_like(z0), 0
-    for start in range(0, W.shape[0], chunk):
-        sl = slice(start, start + chunk)
-        s[sl], z[sl], n = hqq_solve(
-            W[sl],
-            mask[sl],
-            s0[sl],
-            z0[sl],
-            maxq,
-            iters=iters,
-            lp_norm=lp_norm,
-            beta=beta,
-            kappa=kappa,
-            optimize_scale=optimize_scale,
-        )
-        updates = max(updates, n)
-
-    # round every candidate's grid to the storage dtypes, then codes, then keep the best per group (squared error)
-    scale_dtype = storage_scale_dtype(torch.cat([s, *(g[0] for g in rtn_grids)]))
-    if integer_zero:
-        z = torch.round(z).clamp_(0, maxq)
-    zero_dtype = torch.uint8 if integer_zero else storage_zero_dtype(z, spec.bits)
-    s_h, z_h = s.to(scale_dtype).float(), z.to(zero_dtype).float()
-    codes = torch.clamp(torch.round(W / s_h + z_h), 0, maxq)
-    scale, zero = s_h, z_h
-    best = _sse(W, m, codes, s_h, z_h)
-    use_rtn = torch.zeros_like(best, dtype=torch.bool)
-    integer_spec = QuantSpec(bits=spec.bits)
-    for grid_scale, grid_zero in rtn_grids:
-        s_r = grid_scale.to(scale_dtype).float()
-        codes_r = quantize(W, s_r, grid_zero, integer_spec).float()  # RTN's own codes on that grid, exactly
-        sse = _sse(W, m, codes_r, s_r, grid_zero)
-        better = sse < best
-        if not bool(better.any()):
-            continue
-        best = torch.where(better, sse, best)
-        use_rtn |= better
-        codes = torch.where(better, codes_r, codes)
-        scale = torch.where(better, s_r, scale)
-        zero = torch.where(better, grid_zero, zero)
-
-    denom = float(torch.linalg.vecdot(W.reshape(-1), W.reshape(-1)))  # ‖W‖², the padding is 0
-    return HQQResult(
-        codes=_columns(codes, n_out, n_in).to(torch.uint8).contiguous(),
-        scale=_per_group(scale, n_out).to(scale_dtype),
-        zero=_per_group(zero, n_out).to(zero_dtype),
-        error=math.sqrt(float(best.sum()) / denom) if denom > 0 else 0.0,
-        rtn_groups=_per_group(use_rtn, n_out),
-        iterations=updates,
-        group_size=W.shape[1],
-    )
+    return hqq_quantize_many(
+        [weight],
+        spec,
+        iters=iters,
+        lp_norm=lp_norm,
+        beta=beta,
+        kappa=kappa,
+        optimize_scale=optimize_scale,
+        integer_zero=integer_zero,
+        clipped_start=clipped_start,
+    )[0]
 
 
 @register
@@ -381,14 +483,14 @@ class HQQ(Method):
         return self.zero_point == "integer" or (self.zero_point == "auto" and self.spec.bits < INTEGER_ZERO_BELOW_BITS)
 
     def process_block(self, ctx: BlockContext) -> list[LayerRecord]:
+        """Every Linear of the block, their groups solved together (``hqq_quantize_many``)."""
         targets = {n: m for n, m in ctx.linears().items() if not is_excluded(n, self.exclude)}
-        return [self._quantize(ctx.model, name, module) for name, module in targets.items()]
-
-    def _quantize(self, root, name: str, module) -> LayerRecord:
+        if not targets:
+            return []
         t0 = time.perf_counter()
-        weight = linear_weight(module).detach()
-        result = hqq_quantize(
-            weight,
+        weights = [linear_weight(m).detach() for m in targets.values()]
+        results = hqq_quantize_many(
+            weights,
             self.spec,
             iters=self.iters,
             lp_norm=self.lp_norm,
@@ -398,6 +500,13 @@ class HQQ(Method):
             integer_zero=self.integer_zero,
             clipped_start=self.integer_zero,
         )
+        seconds = (time.perf_counter() - t0) / len(targets)  # solved together: each Linear's share
+        return [
+            self._swap(ctx.model, name, module, weight, result, seconds)
+            for (name, module), weight, result in zip(targets.items(), weights, results)
+        ]
+
+    def _swap(self, root, name: str, module, weight: Tensor, result: HQQResult, seconds: float) -> LayerRecord:
         qlinear = QuantLinear.from_codes(
             result.codes,
             result.scale,
@@ -406,13 +515,12 @@ class HQQ(Method):
             getattr(module, "bias", None),
             zero_dtype=result.zero_dtype,
         )
-        error = result.error  # of exactly the stored layer (its grid was rounded to the storage dtypes first)
         swap_in(root, name, qlinear, module)
         return LayerRecord(
             module=name,
             method=self.name,
-            seconds=time.perf_counter() - t0,
-            error=error,
+            seconds=seconds,
+            error=result.error,  # of exactly the stored layer (its grid was rounded to the storage dtypes first)
             details={
                 "shape": list(weight.shape),
                 "spec": qlinear.describe(),
