@@ -17,7 +17,7 @@ from conftest import VOCAB, byte_tokenizer, tiny_model
 from quantlm.cli import app
 from quantlm.core import QuantSpec, compute_qparams
 from quantlm.errors import InvalidSpecError, QuantlmError
-from quantlm.methods.hqq import HQQ, group_rows, hqq_quantize, hqq_solve
+from quantlm.methods.hqq import HQQ, group_rows, hqq_quantize, hqq_quantize_many, hqq_solve
 from quantlm.nn import QuantLinear
 from quantlm.nn.qlinear import storage_scale_dtype, storage_zero_dtype
 
@@ -175,6 +175,30 @@ def test_never_worse_than_rtn_on_any_group(rows, cols, group_size, bits, magnitu
     hqq, base = _group_error(w, r.dequantized, spec), _group_error(w, rtn, spec)
     assert bool((hqq <= base * (1 + 1e-5) + 1e-30).all()), (hqq - base).max()
     assert r.error <= ((rtn - w).norm() / w.norm().clamp_min(1e-30)).item() * (1 + 1e-5) + 1e-12
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    shapes=st.lists(st.tuples(st.integers(1, 40), st.integers(1, 70)), min_size=1, max_size=4),
+    group_size=st.sampled_from([-1, 8, 16]),
+    bits=st.sampled_from([2, 3, 4, 8]),
+    chunk_bits=st.integers(4, 12),
+    seed=st.integers(0, 2**16),
+)
+def test_solving_weights_together_gives_each_its_own_result(shapes, group_size, bits, chunk_bits, seed):
+    """Groups are solved independently: batching weights (another set of rows, other chunks, other late iterations)
+    changes no grid, code or guard decision."""
+    from quantlm.methods import hqq
+
+    spec = QuantSpec(bits=bits, group_size=group_size)
+    weights = [_heavy(r, c, seed=seed + i, scale=0.02 * (i + 1)) for i, (r, c) in enumerate(shapes)]
+    alone = [hqq_quantize(w, spec) for w in weights]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(hqq, "SOLVE_CHUNK_ELEMENTS", 1 << chunk_bits)
+        together = hqq_quantize_many(weights, spec)
+    for a, b in zip(alone, together):
+        assert torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale) and torch.equal(a.zero, b.zero)
+        assert torch.equal(a.rtn_groups, b.rtn_groups) and a.error == b.error
 
 
 def test_the_unguarded_solver_misses_the_bulk_at_3_bits():

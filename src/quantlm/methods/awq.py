@@ -22,7 +22,14 @@ of that group's share of the output, on ``clip_tokens`` sampled calibration toke
 (row, group) clamps the float weight (ratio 1 first, a ratio only replaces it when strictly better).
 
 The step leaves float weights; the next recipe step (RTN by default, or GPTQ) quantizes them on the same grid, which
-the recipe checks. Beyond the paper: channels never active in calibration keep s = 1 (the reference would give
+the recipe checks. Before GPTQ (``search_rounding`` and ``auto_clip`` left to the step after AWQ) two things change,
+both beyond the paper. The candidates are rounded the way the next step will round: GPTQ(W · s) / s, GPTQ on the
+problem the scales make (weight W·s, inputs X/s, Hessian H / (s sᵀ) from the searched windows), so α = 0 is plain
+GPTQ and the search never does worse than GPTQ on its objective. And there is no clipping search: clamping weights to
+RTN's best range takes away what GPTQ's error compensation and its own MSE clip would use. Measured on the first 6
+blocks of SmolLM2-135M (16 x 2048 calibration tokens, relative squared error of block 6's output on 4 x 2048 eval
+tokens): GPTQ with the Hessian-weighted MSE clip alone 0.01088; AWQ as the paper (RTN-rounded search, clipping),
+then that GPTQ 0.01142; without the clipping 0.01016; GPTQ-rounded search without clipping 0.00969. Beyond the paper: channels never active in calibration keep s = 1 (the reference would give
 them 1e-4 and fold 1e4 into the producer); the scale search can be limited to the first ``search_windows``
 calibration windows (the search runs M n_grid + 1 times per mini-batch and group); every block is run before and
 after the folds, and a change beyond float rounding is an error, as in SmoothQuant.
