@@ -355,6 +355,18 @@ def test_the_step_after_awq_settles_its_search_and_clipping():
     given = parse_recipe([AWQ(search_rounding="rtn", auto_clip=True), recipe_from_options("gptq", {}).steps[0]])
     assert (given.steps[0].search_rounding, given.steps[0].auto_clip) == ("rtn", True)  # what the user says stays
     assert AWQ().clips and AWQ().search_rounding == "auto"  # no step after it: the paper's search
+    from quantlm.methods import Recipe
+    from quantlm.methods.gptq import GPTQ
+
+    own = GPTQ(spec=QuantSpec(bits=4, group_size=64, clip="mse"), act_order=False, sink_weight=1.0, hessian_clip=True)
+    by_hand = Recipe([AWQ(), own])  # built without parse_recipe: resolved all the same
+    solver = by_hand.steps[0]._search_solver
+    assert by_hand.steps[0].search_rounding == "gptq" and not by_hand.steps[0].auto_clip
+    assert (solver.act_order, solver.sink_weight, solver.hessian_clip) == (False, 1.0, False)  # the step's solver
+    assert solver.spec == QuantSpec(bits=4, group_size=64)  # on the search grid, without the MSE clip
+    assert parse_recipe(by_hand.to_config()).steps[0]._search_solver == solver  # read back: resolved again
+    old = AWQ.from_config({"method": "awq", "auto_clip": True})  # a recipe written before search_rounding
+    assert (old.search_rounding, old.auto_clip) == ("rtn", True)
     with pytest.raises(InvalidSpecError, match="search_rounding must be one of auto, rtn, gptq"):
         AWQ(search_rounding="hqq")
 

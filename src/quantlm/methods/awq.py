@@ -29,8 +29,11 @@ GPTQ and the search never does worse than GPTQ on its objective. And there is no
 RTN's best range takes away what GPTQ's error compensation and its own MSE clip would use. Measured on the first 6
 blocks of SmolLM2-135M (16 x 2048 calibration tokens, relative squared error of block 6's output on 4 x 2048 eval
 tokens): GPTQ with the Hessian-weighted MSE clip alone 0.01088; AWQ as the paper (RTN-rounded search, clipping),
-then that GPTQ 0.01142; without the clipping 0.01016; GPTQ-rounded search without clipping 0.00969. Beyond the paper: channels never active in calibration keep s = 1 (the reference would give
-them 1e-4 and fold 1e4 into the producer); the scale search can be limited to the first ``search_windows``
+then that GPTQ 0.01142; without the clipping 0.01016; GPTQ-rounded search without clipping 0.00969. (With GPTQ
+rounding, candidates past ``CANDIDATE_CACHE_BYTES`` are solved again on every searched mini-batch: by default one.)
+
+Also beyond the paper: channels never active in calibration keep s = 1 (the reference would give them 1e-4 and
+fold 1e4 into the producer); the scale search can be limited to the first ``search_windows``
 calibration windows (the search runs M n_grid + 1 times per mini-batch and group); every block is run before and
 after the folds, and a change beyond float rounding is an error, as in SmoothQuant.
 """
@@ -257,14 +260,25 @@ class AWQ(Method):
             )
 
     def followed_by(self, step) -> AWQ:
-        """The settings left to the step after AWQ, resolved for it: before GPTQ the search rounds with GPTQ and
-        there is no clipping search; before anything else (RTN), round-to-nearest and the clipping search."""
+        """The settings left to the step after AWQ, resolved for it: before GPTQ the search rounds with that GPTQ's
+        solver settings and there is no clipping search; before anything else (RTN), round-to-nearest and the
+        clipping search. (The solver is kept beside the settings, not in them: a recipe read back resolves it again
+        from its own GPTQ step.)"""
         gptq = isinstance(step, GPTQ)
-        return dataclasses.replace(
+        resolved = dataclasses.replace(
             self,
             search_rounding=("gptq" if gptq else "rtn") if self.search_rounding == "auto" else self.search_rounding,
             auto_clip=(not gptq) if self.auto_clip is None else self.auto_clip,
         )
+        object.__setattr__(resolved, "_next_gptq", step if gptq else None)
+        return resolved
+
+    @classmethod
+    def from_config(cls, config: dict) -> AWQ:
+        """Recipes written before ``search_rounding`` existed searched with RTN: they read back as such."""
+        if "auto_clip" in config and "search_rounding" not in config:
+            config = {**config, "search_rounding": "rtn"}
+        return super().from_config(config)
 
     @property
     def clips(self) -> bool:
@@ -273,9 +287,12 @@ class AWQ(Method):
 
     @property
     def _search_solver(self) -> GPTQ | None:
-        """The GPTQ solver the scale search rounds candidates with (its default settings on the search grid), or
-        None: round-to-nearest."""
-        return GPTQ(spec=self.search_spec) if self.search_rounding == "gptq" else None
+        """The GPTQ solver the scale search rounds candidates with, or None: round-to-nearest. It has the settings
+        of the GPTQ step after AWQ (the class's defaults without one) on the search grid, without the MSE clip."""
+        if self.search_rounding != "gptq":
+            return None
+        following = getattr(self, "_next_gptq", None) or GPTQ()
+        return dataclasses.replace(following, spec=self.search_spec, hessian_clip=False, act_bits=None, exclude=())
 
     def check_next_step(self, step) -> None:
         spec = getattr(step, "spec", None)

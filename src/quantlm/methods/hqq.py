@@ -224,6 +224,7 @@ def hqq_solve(
     m = None if mask is None else mask.float()
     count = torch.full_like(s, W.shape[1]) if m is None else m.sum(1, keepdim=True).clamp_min(1)
     w_sum = W.sum(1, keepdim=True)  # the padding is 0
+    integer_start = bool((z == z.round()).all())
     chunk = max(1, SOLVE_CHUNK_ELEMENTS // W.shape[1])
     q_buf, d_buf = (torch.empty(min(chunk, W.shape[0]), W.shape[1], device=W.device) for _ in range(2))
     best_s, best_z = s.clone(), z.clone()  # every group's, written back from the held rows' as they are dropped
@@ -240,7 +241,10 @@ def hqq_solve(
             c = slice(lo, lo + chunk)
             Wc, sc, zc, mc = W[c], s[c], z[c], None if m is None else m[c]
             q, d = q_buf[: Wc.shape[0]], d_buf[: Wc.shape[0]]
-            torch.div(Wc, sc, out=q).add_(zc).round_().clamp_(0, maxq)
+            if t == 0 and integer_start:  # RTN's codes on its grid, exactly: round(W / s) + z
+                torch.div(Wc, sc, out=q).round_().add_(zc).clamp_(0, maxq)
+            else:
+                torch.div(Wc, sc, out=q).add_(zc).round_().clamp_(0, maxq)
             torch.sub(q, zc, out=d).mul_(sc).sub_(Wc)  # W_r - W, rounded as the stored layer's weight is (no FMA)
             if mc is not None:
                 d.mul_(mc)
@@ -380,6 +384,10 @@ def hqq_quantize_many(
     for width in widths:
         batch = [i for i, p in enumerate(problems) if p.W.shape[1] == width]
         W = torch.cat([problems[i].W for i in batch])
+        first = 0
+        for i in batch:  # each problem's rows become a view of the batch (one copy of the weights, not two)
+            problems[i].W = W[first : first + problems[i].W.shape[0]]
+            first += problems[i].W.shape[0]
         masks = [problems[i].mask for i in batch]
         mask = None
         if any(m is not None for m in masks):

@@ -29,6 +29,12 @@ from quantlm.methods.head import HeadRounding, head_step
 class Recipe:
     steps: list
 
+    def __post_init__(self) -> None:
+        """Steps built by hand are checked and resolved as ``parse_recipe`` does (their order, and the settings a
+        step leaves to the step after it)."""
+        self.steps = list(self.steps)
+        _check_order(self.steps)
+
     def to_config(self) -> list[dict[str, Any]]:
         return [step.to_config() for step in self.steps]
 
@@ -100,13 +106,13 @@ def parse_recipe(recipe: Recipe | Any | Sequence[Any | dict] | dict | str | Path
     steps = [_step_from_dict(s) if isinstance(s, dict) else s for s in recipe]
     if not steps:
         raise InvalidSpecError("a recipe needs at least one step")
-    _check_order(steps)
-    return Recipe(steps)
+    return Recipe(steps)  # checks the order
 
 
 def _check_order(steps: list) -> None:
     """A step that only changes float weights (smoothing) must come before the step that quantizes them; a trained
-    method (QAT) is a recipe of its own."""
+    method (QAT) is a recipe of its own. Each such step is replaced by itself as resolved for the step after it
+    (``Method.followed_by``)."""
     if any(not getattr(s, "pipeline", True) for s in steps) and len(steps) > 1:
         raise InvalidSpecError("QAT trains the whole model: it cannot be combined with other steps in one recipe")
     heads = [s.name for s in steps if getattr(s, "quantizes_head", False)]
