@@ -198,7 +198,8 @@ def test_solving_weights_together_gives_each_its_own_result(shapes, group_size, 
         together = hqq_quantize_many(weights, spec)
     for a, b in zip(alone, together):
         assert torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale) and torch.equal(a.zero, b.zero)
-        assert torch.equal(a.rtn_groups, b.rtn_groups) and a.error == b.error
+        assert torch.equal(a.rtn_groups, b.rtn_groups)
+        assert b.error == pytest.approx(a.error, rel=1e-6)  # a sum over differently aligned memory
 
 
 def test_the_unguarded_solver_misses_the_bulk_at_3_bits():

@@ -416,33 +416,13 @@ def hqq_quantize_many(
     return results
 
 
-def hqq_quantize(
-    weight: Tensor,
-    spec: QuantSpec,
-    *,
-    iters: int = ITERS,
-    lp_norm: float = LP_NORM,
-    beta: float = BETA,
-    kappa: float = KAPPA,
-    optimize_scale: bool = OPTIMIZE_SCALE,
-    integer_zero: bool = False,
-    clipped_start: bool = False,
-) -> HQQResult:
-    """Quantize ``weight`` [out, in] on ``spec``'s grid (asymmetric, per channel or per group) with HQQ float zeros
-    (``integer_zero``: the fitted zeros rounded to integers, stored as uint8), falling back to round-to-nearest on
-    every group where that has the lower squared error. ``clipped_start``: start from the MSE-clipped RTN grid (and
-    let it be a fallback too) instead of the min/max one."""
-    return hqq_quantize_many(
-        [weight],
-        spec,
-        iters=iters,
-        lp_norm=lp_norm,
-        beta=beta,
-        kappa=kappa,
-        optimize_scale=optimize_scale,
-        integer_zero=integer_zero,
-        clipped_start=clipped_start,
-    )[0]
+def hqq_quantize(weight: Tensor, spec: QuantSpec, **settings) -> HQQResult:
+    """Quantize ``weight`` [out, in] on ``spec``'s grid (asymmetric, per channel or per group) with HQQ float zeros,
+    falling back to round-to-nearest on every group where that has the lower squared error. ``settings`` are those of
+    ``hqq_quantize_many``: ``iters``, ``lp_norm``, ``beta``, ``kappa``, ``optimize_scale``, ``integer_zero`` (the
+    fitted zeros rounded to integers, stored as uint8) and ``clipped_start`` (start from the MSE-clipped RTN grid,
+    and let it be a fallback too, instead of the min/max one)."""
+    return hqq_quantize_many([weight], spec, **settings)[0]
 
 
 @register
