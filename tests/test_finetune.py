@@ -1,0 +1,296 @@
+"""QAF: LoRA adapters (through peft) on a frozen quantized model, training, resume, save/load, merges, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from conftest import SAMPLE_TEXT, save_tiny_model, tiny_model
+from quantlm import api
+from quantlm.cli import app
+from quantlm.core import QuantSpec
+from quantlm.finetune import LoraSettings, adapter_targets, attach_adapters, finetune, load_adapters, merge_adapters
+from quantlm.finetune.adapters import quant_lora_layer
+from quantlm.finetune.merge import fold_into_zeros
+from quantlm.formats.nested_state import load_nested
+from quantlm.nn.qlinear import QuantLinear
+from quantlm.qat.trainer import TrainSettings, train
+
+runner = CliRunner()
+RTN_W4 = {"method": "rtn", "bits": 4, "group_size": 16, "symmetric": False}
+FAST = TrainSettings(steps=6, batch_size=2, lr=1e-2, loss="ce", dtype="float32", save_every=3)
+
+
+def _quantized(recipe=RTN_W4):
+    return api.quantize(tiny_model("llama"), recipe, progress=False)
+
+
+def _windows(n=8, seqlen=32, seed=0):
+    return torch.randint(0, 256, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def _randomize(peft_model, seed=1):
+    """Adapters that do something (peft starts B at zero)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+@pytest.fixture
+def quantized_checkpoint(tmp_path):
+    src = save_tiny_model(tmp_path / "tiny")
+    return api.quantize_to_checkpoint(src, RTN_W4, tmp_path / "q", progress=False)
+
+
+@pytest.fixture
+def domain_file(tmp_path):
+    path = tmp_path / "domain.txt"
+    path.write_text(SAMPLE_TEXT * 3)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- the layer
+def test_input_gradient_of_a_quantlinear_matches_the_dense_weight_and_saves_no_weight():
+    weight = torch.randn(48, 64)
+    layer = QuantLinear.from_weight(weight, QuantSpec(bits=4, symmetric=False, group_size=16), bias=torch.randn(48))
+    x = torch.randn(5, 64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        y = layer(x)
+    y.square().sum().backward()
+    dense = layer.dequantize_weight()
+    x2 = x.detach().clone().requires_grad_(True)
+    torch.nn.functional.linear(x2, dense, layer.bias).square().sum().backward()
+    assert torch.allclose(x.grad, x2.grad, atol=1e-5)
+    assert all(n < dense.numel() for n in saved), saved  # no dense weight kept from forward to backward
+    with torch.no_grad():
+        assert torch.equal(layer(x), y)
+
+
+def test_targets_select_layers_and_unknown_names_are_refused():
+    model = tiny_model("llama")
+    everything = adapter_targets(model, "all")
+    assert len(everything) == 3 * 7
+    attn, mlp = adapter_targets(model, "attn"), adapter_targets(model, "mlp")
+    assert sorted(attn + mlp) == sorted(everything) and all("self_attn" in n for n in attn)
+    assert adapter_targets(model, "q_proj,v_proj") == [n for n in everything if n.endswith(("q_proj", "v_proj"))]
+    with pytest.raises(Exception, match="no layer named qkv.*q_proj"):
+        adapter_targets(model, "qkv")
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    group=st.sampled_from([8, 16, 24, -1]),
+    act_order=st.booleans(),
+    seed=st.integers(0, 1000),
+)
+def test_pooled_adapter_is_its_delta_weight_and_folds_exactly_into_the_zeros(group, act_order, seed):
+    g = torch.Generator().manual_seed(seed)
+    in_f, out_f = 40, 12  # 40 = 5 x 8, and partial last groups for 16 and 24
+    spec = QuantSpec(bits=4, symmetric=True, group_size=group, granularity="group" if group > 0 else "channel")
+    base = QuantLinear.from_weight(torch.randn(out_f, in_f, generator=g), spec)
+    if act_order and group > 0:  # a permuted group assignment, as act-order checkpoints have
+        perm = torch.randperm(in_f, generator=g)
+        base.g_idx = (perm // group).to(torch.int32)
+    from peft import LoraConfig
+
+    layer = quant_lora_layer(True)(base, "default", LoraConfig(r=3, lora_alpha=6, lora_dropout=0.0), r=3, lora_alpha=6)
+    with torch.no_grad():
+        layer.lora_A["default"].weight.normal_(generator=g)
+        layer.lora_B["default"].weight.normal_(generator=g)
+    x = torch.randn(7, in_f, generator=g)
+    with torch.no_grad():
+        expected = x @ (base.dequantize_weight() + layer.get_delta_weight("default")).t()
+        assert torch.allclose(layer(x), expected, atol=1e-4)
+        merged = fold_into_zeros(layer)
+        assert merged.zeros.dtype == torch.float32 and torch.equal(merged.qweight, base.qweight)
+        assert torch.allclose(
+            merged.dequantize_weight(), base.dequantize_weight() + layer.get_delta_weight("default"), atol=1e-5
+        )
+        assert torch.allclose(merged(x), expected, atol=1e-4)
+
+
+def test_pooled_adapters_are_refused_where_nothing_can_hold_them():
+    model = api.quantize(tiny_model("llama"), {"method": "nf4", "group_size": 16}, progress=False)
+    with pytest.raises(Exception, match="pooled adapters fold into per-group or per-channel zero points"):
+        attach_adapters(model, LoraSettings(r=2, pooled=True))
+    with pytest.raises(Exception, match="float layer"):
+        attach_adapters(tiny_model("llama"), LoraSettings(r=2, pooled=True))
+
+
+# ---------------------------------------------------------------------------------------------- training
+def test_adapters_train_the_loss_down_and_leave_the_base_untouched():
+    model = _quantized()
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    peft_model = attach_adapters(model, LoraSettings(r=4))
+    windows = _windows()
+    result = train(
+        peft_model,
+        None,
+        windows,
+        TrainSettings(steps=12, batch_size=4, lr=1e-2, loss="ce", dtype="float32"),
+        progress=False,
+        frozen_base=True,
+    )
+    assert result.losses[-1] < result.losses[0] - 0.2, result.losses
+    base = peft_model.get_base_model()
+    for name, t in before.items():
+        key = (
+            name
+            if name in base.state_dict()
+            else name.replace(name.rsplit(".", 1)[0], name.rsplit(".", 1)[0] + ".base_layer")
+        )
+        assert torch.equal(base.state_dict()[key], t), name
+
+
+def test_an_interrupted_run_resumes_to_the_same_adapter_bytes(tmp_path):
+    windows = _windows()
+    settings_ = TrainSettings(steps=6, batch_size=2, lr=1e-2, loss="ce", dtype="float32", save_every=3)
+    lora = LoraSettings(r=4, dropout=0.1)  # dropout draws too must repeat after the resume
+
+    def adapters(peft_model):
+        return {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+
+    torch.manual_seed(5)
+    whole = attach_adapters(_quantized(), lora)
+    train(whole, None, windows, settings_, progress=False, frozen_base=True)
+
+    class Stop(Exception):
+        pass
+
+    def stop(step, loss):
+        if step == 3:
+            raise Stop
+
+    torch.manual_seed(5)
+    first = attach_adapters(_quantized(), lora)
+    with pytest.raises(Stop):
+        train(first, None, windows, settings_, state_dir=tmp_path, on_step=stop, progress=False, frozen_base=True)
+    saved = load_nested(tmp_path, "train_state")
+    assert saved["model"] and all("lora_" in k for k in saved["model"])  # the frozen base is not in the training state
+    torch.manual_seed(6)  # fresh, different adapters: the saved state must replace them
+    resumed = attach_adapters(_quantized(), lora)
+    result = train(resumed, None, windows, settings_, state_dir=tmp_path, progress=False, frozen_base=True)
+    assert result.resumed_from == 3
+    a, b = adapters(whole), adapters(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+def test_finetune_writes_peft_adapters_that_peft_reads_back(quantized_checkpoint, domain_file, tmp_path):
+    result = finetune(
+        quantized_checkpoint, str(domain_file), tmp_path / "ad", LoraSettings(r=4), FAST, seqlen=32, progress=False
+    )
+    assert result.training.losses[-1] < result.training.losses[0]
+    files = set(os.listdir(result.out))
+    assert {"adapter_config.json", "adapter_model.safetensors", "quantlm_adapter.json"} <= files
+    assert not (tmp_path / ".ad.work").exists()
+    info = json.loads((result.out / "quantlm_adapter.json").read_text())
+    assert info["held_out_perplexity"]["adapter"] == result.held_out["adapter"]
+    ids = _windows(2, 24)
+    # quantlm's loader, and peft's own with the registered config
+    from peft import PeftModel
+
+    from quantlm.finetune import adapter_config
+
+    a = load_adapters(api.load(quantized_checkpoint), result.out)
+    b = PeftModel.from_pretrained(api.load(quantized_checkpoint), str(result.out), config=adapter_config(result.out))
+    plain = api.load(quantized_checkpoint)
+    with torch.no_grad():
+        la, lb, lp = (m(input_ids=ids).logits for m in (a, b, plain))
+    assert torch.equal(la, lb) and not torch.allclose(la, lp, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["float", "exact", "requant"])
+def test_each_merge_against_the_unmerged_model(mode, tmp_path):
+    model = _quantized()
+    peft_model = attach_adapters(model, LoraSettings(r=4, pooled=mode == "exact"))
+    _randomize(peft_model)
+    peft_model.eval()  # no adapter dropout
+    ids = _windows(2, 24)
+    with torch.no_grad():
+        unmerged = peft_model(input_ids=ids).logits
+    record = model.quantlm_record
+    merged = merge_adapters(peft_model, mode, record=record, progress=False)
+    with torch.no_grad():
+        logits = merged(input_ids=ids).logits
+    n_quant = len(api.quantized_modules(merged))
+    scale = unmerged.abs().max()
+    if mode == "float":
+        assert n_quant == 0 and (logits - unmerged).abs().max() <= 1e-4 * scale
+    elif mode == "exact":
+        assert n_quant == 21 and all(m.spec.bits == 4 for m in api.quantized_modules(merged).values())
+        assert (logits - unmerged).abs().max() <= 1e-4 * scale
+        api.save(merged, tmp_path / "m")
+        again = api.load(tmp_path / "m")
+        with torch.no_grad():
+            assert torch.allclose(again(input_ids=ids).logits, logits, atol=1e-4 * scale)
+    else:  # the float merge, quantized again by the base's own recipe (RTN here): codes of RTN on merged weights
+        assert n_quant == 21
+        twin = attach_adapters(_quantized(), LoraSettings(r=4))
+        _randomize(twin)
+        floats = merge_adapters(twin, "float")
+        for name, q in api.quantized_modules(merged).items():
+            expected = QuantLinear.from_weight(floats.get_submodule(name).weight, q.spec)
+            assert torch.equal(q.qweight, expected.qweight) and torch.equal(q.scales, expected.scales), name
+        assert merged.quantlm_record.recipe == record.recipe
+
+
+def test_the_command_line_finetunes_merges_and_refuses_bad_input(quantized_checkpoint, domain_file, tmp_path):
+    out = tmp_path / "ad"
+    args = ["--data", str(domain_file), "--steps", "2", "--batch-size", "2", "--seqlen", "32", "--dtype", "float32"]
+    r = runner.invoke(
+        app, ["finetune", str(quantized_checkpoint), *args, "--pooled", "--merge", "exact", "--out", str(out), "--json"]
+    )
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["steps"] == 2 and set(summary["held_out_perplexity"]) == {"adapter", "merged"}
+    assert abs(summary["held_out_perplexity"]["merged"] / summary["held_out_perplexity"]["adapter"] - 1) < 1e-3
+    merged = api.load(out / "merged")
+    assert {m.zeros.dtype for m in api.quantized_modules(merged).values()} == {torch.float32}
+    record = api.read_record(out / "merged")
+    assert record.recipe[0]["method"] == "rtn" and record.training["finetune"]["merge"] == "exact"
+
+    def error(*extra):
+        r = runner.invoke(app, ["finetune", *extra])
+        assert r.exit_code == 2, r.output
+        assert len(r.output.strip().splitlines()) == 1, r.output
+        return r.output
+
+    src = tmp_path / "tiny"
+    assert "not a quantized quantlm checkpoint" in error(str(src), *args, "--out", str(tmp_path / "x1"))
+    assert "no layer named" in error(
+        str(quantized_checkpoint), *args, "--targets", "qkv", "--out", str(tmp_path / "x2")
+    )
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    assert "contains no text" in error(str(quantized_checkpoint), "--data", str(empty), "--out", str(tmp_path / "x3"))
+    assert "train with --pooled" in error(
+        str(quantized_checkpoint), *args, "--merge", "exact", "--out", str(tmp_path / "x4")
+    )
+    assert "already exists" in error(str(quantized_checkpoint), *args, "--out", str(out))
+    assert not any((tmp_path / n).exists() for n in ("x1", "x2", "x3", "x4"))
+
+
+def test_a_float_base_trains_plain_lora_with_float_base(domain_file, tmp_path):
+    src = save_tiny_model(tmp_path / "tiny")
+    result = finetune(
+        src,
+        str(domain_file),
+        tmp_path / "ad",
+        LoraSettings(r=4),
+        FAST,
+        seqlen=32,
+        float_base=True,
+        merge="float",
+        progress=False,
+    )
+    assert result.held_out["merged"] == pytest.approx(result.held_out["adapter"], rel=1e-4)
