@@ -141,6 +141,22 @@ QUANTIZE = ("quantize", "{model}", "--group-size", "16", "--out", "{out}")
 GPTQ = ("--method", "gptq", "--calib", "{text}", "--calib-samples", "2", "--calib-seqlen", "32")
 EVAL = ("--data", "{text}", "--seqlen", "32", "--max-windows", "1")
 QAT = ("qat", "{model}", "--data", "{text}", "--steps", "2", "--batch-size", "2", "--seqlen", "32", "--save-every", "1")
+FINETUNE = (
+    "finetune",
+    "{ckpt}",
+    "--data",
+    "{text}",
+    "--steps",
+    "2",
+    "--batch-size",
+    "2",
+    "--seqlen",
+    "32",
+    "--save-every",
+    "1",
+    "--dtype",
+    "float32",
+)
 GEN_DATA = ("generate-data", "{model}", "--samples", "4", "--max-length", "8", "--batch-size", "2")
 BENCH = ("--data", "{text}", "--prefill-tokens", "8", "--decode-prompt", "4", "--decode-tokens", "2", "--repeats", "1")
 REPORT = ("report", "{ckpt}", "{model}")
@@ -409,6 +425,19 @@ def interrupted_qat(ctx):
 
 def training_state_kept(ctx):
     assert (ctx.dir / ".out.work" / "train_state.json").is_file()
+
+
+def interrupted_finetune(ctx):
+    import quantlm.qat.trainer as trainer
+
+    _patch_call(ctx, trainer, "label_loss", 2, KeyboardInterrupt())
+
+
+def resume_finetune(ctx):
+    interrupted_finetune(ctx)
+    code, _, err = ctx.cli(*FINETUNE, "--out", "{out}")
+    assert code == 2 and "interrupted" in err, err
+    ctx.monkeypatch.undo()
 
 
 def resume_qat(ctx):
@@ -742,6 +771,12 @@ CASES: list[Case] = [
          "--steps, --batch-size and --grad-accum must be at least 1"),
     Case("set-qat-bits", "settings", "qat --w-bits 1",
          (*QAT, "--w-bits", "1", "--out", "{out}"), "weight bits must be 2..8, or 16"),
+    Case("set-finetune-float", "settings", "finetune of a float model (not a quantized checkpoint)",
+         ("finetune", "{model}", *FINETUNE[2:], "--out", "{out}"), "not a quantized quantlm checkpoint"),
+    Case("set-finetune-targets", "settings", "finetune --targets with a layer name the model lacks",
+         (*FINETUNE, "--targets", "qkv_proj", "--out", "{out}"), "no layer named qkv_proj"),
+    Case("set-finetune-exact", "settings", "finetune --merge exact without --pooled adapters",
+         (*FINETUNE, "--merge", "exact", "--out", "{out}"), "train with --pooled"),
     Case("set-greedy-range", "settings", "generate-data --greedy-tokens 5-3",
          (*GEN_DATA, "--greedy-tokens", "5-3", "--out", "{dir}/gen.jsonl"), "greedy tokens must be a range lo-hi"),
     Case("set-report-no-runs", "settings", "report without any run",
@@ -811,6 +846,12 @@ CASES: list[Case] = [
     Case("data-qat-foreign", "data", "qat --data .jsonl not written by generate-data",
          ("qat", "{model}", "--data", "{dir}/gen.jsonl", "--steps", "1", "--out", "{out}"),
          "line 1 is not a generated sample", setup=write_file("gen.jsonl", '{"text": "hello"}\n')),
+    Case("data-finetune-empty", "data", "finetune --data of an empty text file",
+         ("finetune", "{ckpt}", "--data", "{dir}/empty.txt", "--out", "{out}"), "contains no text",
+         setup=write_file("empty.txt", "  \n\n")),
+    Case("data-finetune-short", "data", "finetune --data too short for one --seqlen window",
+         ("finetune", "{ckpt}", "--data", "{dir}/short.txt", *FINETUNE[4:], "--out", "{out}"),
+         "fewer than one --seqlen 32 window", setup=write_file("short.txt", "A few words only.")),
     Case("data-report-missing-json", "data", "report of a .json file that does not exist",
          (*REPORT, "{dir}/eval.json", "--out", "{out}"), "JSON file not found"),
     Case("data-report-not-json", "data", "report of a .json file that is not valid JSON",
@@ -916,6 +957,13 @@ CASES: list[Case] = [
          lost="nothing: no output; the step-1 training state stays in .OUT.work"),
     Case("int-qat-resume", "interruption", "qat rerun after Ctrl-C",
          (*QAT, "--out", "{out}", "--json"), '"bits": "4-8-4"', code=0, setup=resume_qat,
+         lost="nothing: resumed from the saved step"),
+    Case("int-finetune", "interruption", "Ctrl-C during finetune training",
+         (*FINETUNE, "--out", "{out}"), "interrupted", setup=interrupted_finetune,
+         check=both(out_absent, training_state_kept),
+         lost="nothing: no output; the step-1 adapter state stays in .OUT.work"),
+    Case("int-finetune-resume", "interruption", "finetune rerun after Ctrl-C",
+         (*FINETUNE, "--out", "{out}", "--json"), '"resumed_from": 1', code=0, setup=resume_finetune,
          lost="nothing: resumed from the saved step"),
     Case("int-generate-data", "interruption", "Ctrl-C during generate-data",
          (*GEN_DATA, "--out", "{out}"), "interrupted", setup=interrupted_generate_data, check=whole_lines_only,

@@ -1026,7 +1026,8 @@ def finetune(
     summary = {
         "out": str(result.out),
         "merged": None if result.merged is None else str(result.merged),
-        "steps": len(losses),
+        "steps": settings.steps,
+        "resumed_from": result.training.resumed_from,
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
         "seconds": round(result.training.seconds, 1),
@@ -1038,9 +1039,8 @@ def finetune(
         _print_json(summary)
         return
     loss_text = f"loss {losses[0]:.4f} -> {losses[-1]:.4f}, " if losses else ""
-    typer.echo(
-        f"fine-tuned {len(losses)} steps in {summary['seconds']}s ({loss_text}{result.training.dtype}) -> {result.out}"
-    )
+    seconds = summary["seconds"]
+    typer.echo(f"fine-tuned {settings.steps} steps in {seconds}s ({loss_text}{result.training.dtype}) -> {result.out}")
     for name, ppl in result.held_out.items():
         typer.echo(f"held-out perplexity ({name}): {ppl:.3f}")
     if result.merged is not None:
