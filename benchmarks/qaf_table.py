@@ -23,6 +23,8 @@ import sys
 from pathlib import Path
 
 from quality_rows import merge_rows, quantlm_command, run_child
+from quantlm.finetune.adapters import LoraSettings
+from quantlm.finetune.run import DEFAULT_SEQLEN, DEFAULT_TRAINING
 from quantlm.paths import atomic_write_text
 
 MODEL = "smollm2-135m"
@@ -141,13 +143,13 @@ def write_markdown(rows: list[dict], path: Path, meta: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", nargs="*", default=list(ROWS))
+    ap.add_argument("--rows", nargs="+", default=list(ROWS))
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--lr", type=float, default=2e-4)
-    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--seqlen", type=int, default=DEFAULT_SEQLEN)
+    ap.add_argument("--lr", type=float, default=DEFAULT_TRAINING.lr)
+    ap.add_argument("--rank", type=int, default=LoraSettings().r)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--eval-windows", type=int, default=32)
     ap.add_argument("--work", type=Path, default=Path("out/qaf"))
@@ -172,7 +174,8 @@ def main() -> None:
         "cpu": describe_cpu(),
         "seqlen": args.seqlen,
         "settings": f"{args.steps} steps x {args.batch_size} x {args.seqlen} tokens, LoRA r {args.rank} alpha "
-        f"{2 * args.rank} on every Linear of the decoder blocks, lr {args.lr}, {args.dtype}",
+        f"{LoraSettings().alpha:g} dropout {LoraSettings().dropout:g} on every Linear of the decoder blocks, lr "
+        f"{args.lr}, --dtype {args.dtype} (what it resolved to: each row's compute_dtype in the JSON)",
     }
     write_markdown(rows, args.out.with_suffix(".md"), meta)
 

@@ -88,16 +88,16 @@ def test_targets_select_layers_and_unknown_names_are_refused():
 
 @settings(max_examples=12, deadline=None)
 @given(
-    group=st.sampled_from([8, 16, 24, -1]),
+    group=st.sampled_from([8, 16, 24]),
     act_order=st.booleans(),
     seed=st.integers(0, 1000),
 )
 def test_pooled_adapter_is_its_delta_weight_and_folds_exactly_into_the_zeros(group, act_order, seed):
     g = torch.Generator().manual_seed(seed)
     in_f, out_f = 40, 12  # 40 = 5 x 8, and partial last groups for 16 and 24
-    spec = QuantSpec(bits=4, symmetric=True, group_size=group, granularity="group" if group > 0 else "channel")
+    spec = QuantSpec(bits=4, symmetric=True, group_size=group)
     base = QuantLinear.from_weight(torch.randn(out_f, in_f, generator=g), spec)
-    if act_order and group > 0:  # a permuted group assignment, as act-order checkpoints have
+    if act_order:  # a permuted group assignment, as act-order checkpoints have
         perm = torch.randperm(in_f, generator=g)
         base.g_idx = (perm // group).to(torch.int32)
     from peft import LoraConfig
@@ -120,8 +120,16 @@ def test_pooled_adapter_is_its_delta_weight_and_folds_exactly_into_the_zeros(gro
 
 def test_pooled_adapters_are_refused_where_nothing_can_hold_them():
     model = api.quantize(tiny_model("llama"), {"method": "nf4", "group_size": 16}, progress=False)
-    with pytest.raises(Exception, match="pooled adapters fold into per-group or per-channel zero points"):
+    with pytest.raises(Exception, match="pooled adapters fold into zero points; a nf4 g16 .*has none"):
         attach_adapters(model, LoraSettings(r=2, pooled=True))
+    channel = api.quantize(tiny_model("llama"), {"method": "rtn", "bits": 4, "group_size": -1}, progress=False)
+    with pytest.raises(Exception, match="one group per row"):
+        attach_adapters(channel, LoraSettings(r=2, pooled=True))
+    w8a8 = api.quantize(
+        tiny_model("llama"), {"method": "rtn", "bits": 8, "group_size": 16, "act_bits": 8}, progress=False
+    )
+    with pytest.raises(Exception, match="int8-rounded input"):
+        attach_adapters(w8a8, LoraSettings(r=2, pooled=True))
     with pytest.raises(Exception, match="float layer"):
         attach_adapters(tiny_model("llama"), LoraSettings(r=2, pooled=True))
 

@@ -5,6 +5,7 @@ Every QuantlmError becomes one line on stderr and exit code 2; ``--json`` puts m
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -951,7 +952,7 @@ def finetune(
         FINETUNE_LORA.targets, help="Layers that get adapters: all, attn, mlp, or names such as q_proj,v_proj."
     ),
     pooled: bool = typer.Option(
-        False,
+        FINETUNE_LORA.pooled,
         "--pooled",
         help="QA-LoRA group-pooled adapters: they fold exactly into the zero points (what --merge exact needs).",
     ),
@@ -984,6 +985,9 @@ def finetune(
     seed: int = typer.Option(
         FINETUNE_TRAINING.seed, help="Seed of the data order, the adapters' initialization and dropout."
     ),
+    resume: bool = typer.Option(
+        True, "--resume/--no-resume", help="Continue from OUT's saved training state, if any (else start over)."
+    ),
     overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
 ) -> None:
@@ -994,14 +998,14 @@ def finetune(
 
     api.check_output(out, overwrite)  # before any work (the run checks again under the output lock)
     lora = LoraSettings(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=targets, pooled=pooled)
-    settings = api.TrainSettings(
+    settings = dataclasses.replace(
+        FINETUNE_TRAINING,
         steps=steps,
         batch_size=batch_size,
         grad_accum=grad_accum,
         lr=lr,
         warmup_steps=warmup,
         weight_decay=weight_decay,
-        loss="ce",
         dtype=dtype.value,
         gradient_checkpointing=gradient_checkpointing,
         save_every=save_every,
@@ -1017,6 +1021,7 @@ def finetune(
         seqlen=seqlen,
         merge=merge.value,
         float_base=float_base,
+        resume=resume,
         overwrite=overwrite,
         progress=not as_json,
     )

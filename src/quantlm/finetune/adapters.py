@@ -105,6 +105,17 @@ def group_index(layer: QuantLinear) -> Tensor:
     return torch.zeros(layer.in_features, dtype=torch.long, device=layer.qweight.device)
 
 
+def pooling_problem(layer: QuantLinear) -> str | None:
+    """Why group-pooled adapters cannot fold exactly into ``layer`` (None when they can)."""
+    if layer.spec.granularity != "group":
+        return f"pool over quantization groups; a {layer.describe()} layer has one group per row (a rank-1 update)"
+    if not layer.spec.has_zero_point:
+        return f"fold into zero points; a {layer.describe()} layer has none"
+    if layer.act_bits is not None:
+        return f"add to the weight an int8-rounded input multiplies; a {layer.describe()} layer would not be exact"
+    return None
+
+
 def _peft_lora():
     from peft.tuners.lora import LoraLayer
 
@@ -161,7 +172,8 @@ def _make_lora_classes(LoraLayer):  # noqa: N803 - a class passed in
 
         def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
             self._check_forward_args(x, *args, **kwargs)
-            kwargs.pop("adapter_names", None)
+            if kwargs.pop("adapter_names", None) is not None:
+                raise QuantlmError("quantlm's LoRA layer applies the active adapters to every row: drop adapter_names")
             result = self.base_layer(x, *args, **kwargs)
             if self.disable_adapters:
                 return result
@@ -181,16 +193,16 @@ def _make_lora_classes(LoraLayer):  # noqa: N803 - a class passed in
 
         def __init__(self, base_layer: nn.Module, adapter_name: str, config, r: int = 0, lora_alpha: int = 1, **kw):
             base = base_layer.get_base_layer() if hasattr(base_layer, "get_base_layer") else base_layer
-            if base.spec.granularity == "tensor" or not base.spec.has_zero_point:
+            why = pooling_problem(base)
+            if why is not None:
                 raise QuantlmError(
-                    f"pooled adapters fold into per-group or per-channel zero points; a {base.describe()} layer has "
-                    "none: train plain adapters (no --pooled) and merge with float or requant"
+                    f"pooled adapters {why}: train plain adapters (no --pooled), merge with float or requant"
                 )
             index = group_index(base)
-            self._groups = int(index.max()) + 1
+            self._groups = int(base.scales.shape[1])
             super().__init__(base_layer, adapter_name, config, r=r, lora_alpha=lora_alpha, **kw)
             self.register_buffer("group_of_column", index, persistent=False)
-            sizes = torch.bincount(index, minlength=self._groups).float()
+            sizes = torch.bincount(index, minlength=self._groups).float().clamp_min(1)
             self.register_buffer("group_size", sizes, persistent=False)
 
         def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:

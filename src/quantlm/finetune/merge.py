@@ -5,8 +5,9 @@
 - ``requant``: the float merge, then the base checkpoint's own recipe run again (GPTQ included) on the calibration
   that recipe was made with: a low-bit model of the same recipe.
 - ``exact``: QA-LoRA's fold of group-pooled adapters into the zero points (``quantlm.finetune.adapters``); codes
-  and scales stay as they are, zeros become fp32 (a fractional shift), and the merged layer computes what base +
-  adapter computed, to fp32 rounding. Layers without adapters are left untouched.
+  and scales stay as they are, zeros become fp32 (a fractional shift), and the merged layer's weight is the base
+  weight plus the adapter's update to fp32 rounding (the int4 CPU kernel's decode path keeps its per-group offsets
+  in bf16, as for any asymmetric layer). Layers without adapters are left untouched.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from torch import nn
 
 from quantlm.core.codebook import DoubleQuantScales
 from quantlm.core.spec import QuantSpec
-from quantlm.errors import InvalidSpecError, QuantlmError
+from quantlm.errors import InvalidSpecError
 from quantlm.finetune.adapters import is_pooled_lora_layer, is_quant_lora_layer
-from quantlm.models.blocks import set_submodule
+from quantlm.models.blocks import linear_weight, set_submodule
 from quantlm.nn.qlinear import QuantLinear
 
 MERGE_MODES = ("none", "float", "requant", "exact")
@@ -35,6 +36,21 @@ def check_merge_mode(mode: str, pooled: bool) -> str:
             "float or requant"
         )
     return mode
+
+
+def check_merge_base(mode: str, record) -> None:
+    """Refuse, before any training, a merge the base cannot take (``record``: the base's QuantizationRecord, None
+    for a float base)."""
+    if mode == "exact" and record is None:
+        raise InvalidSpecError("--merge exact folds adapters into a quantized grid: a float base has none")
+    if mode != "requant":
+        return
+    if record is None or not record.recipe:
+        raise InvalidSpecError("--merge requant reruns the base's recipe, and this base records none: merge with float")
+    from quantlm.methods.recipe import parse_recipe
+
+    if parse_recipe(record.recipe).trained:
+        raise InvalidSpecError("the base was made by QAT, which --merge requant cannot rerun: merge with float")
 
 
 def _adapter_layers(peft_model: nn.Module) -> dict[str, nn.Module]:
@@ -75,10 +91,11 @@ def merge_float(peft_model: nn.Module) -> nn.Module:
             base = layer.get_base_layer()
             if isinstance(base, QuantLinear):
                 weight = base.dequantize_weight(torch.float32)
-            else:
-                weight = base.weight.detach().float()
+            else:  # [out, in] also for GPT-2's Conv1D, whose peft delta is transposed like its weight
+                weight = linear_weight(base).detach().float()
             delta = _active_delta(layer)
             if delta is not None:
+                delta = delta.t() if getattr(layer, "fan_in_fan_out", False) else delta
                 weight = weight + delta.to(weight.device)
             set_submodule(inner, name, _dense(weight, getattr(base, "bias", None)))
     return dequantize_model(inner)
@@ -144,12 +161,7 @@ def requantize(model: nn.Module, record, tokenizer, progress: bool) -> nn.Module
     """``model`` (float) quantized again with the recipe and calibration in ``record``."""
     from quantlm import api
 
-    if record is None or not record.recipe:
-        raise QuantlmError("--merge requant needs a base checkpoint that records its recipe: merge with float instead")
+    check_merge_base("requant", record)
     recipe = api.parse_recipe(record.recipe)
-    if recipe.trained:
-        raise QuantlmError(
-            "the base was made by QAT, which --merge requant cannot rerun: merge with float, then quantize"
-        )
     calibration = api.Calibration(**record.calibration) if recipe.needs_calibration and record.calibration else None
     return api.quantize(model, recipe, calibration, tokenizer=tokenizer, progress=progress, kv_cache=record.kv_cache)

@@ -5,6 +5,7 @@ DDP), the adapters written in peft's format, and optionally a merged model (``qu
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from torch import Tensor, nn
 
 from quantlm.errors import InvalidSpecError, QuantlmError
 from quantlm.finetune.adapters import LoraSettings, attach_adapters, write_adapter_info
-from quantlm.finetune.merge import check_merge_mode, merge_adapters
+from quantlm.finetune.merge import check_merge_base, check_merge_mode, merge_adapters
 from quantlm.qat.trainer import TrainResult, TrainSettings, train
 
 MERGED_DIR = "merged"  # the merged checkpoint's folder inside the adapter directory
@@ -78,6 +79,18 @@ def load_base(source: str | os.PathLike, float_base: bool) -> tuple[nn.Module, A
     return api.load(source, dtype=torch.float32), None
 
 
+def base_fingerprint(source: str | os.PathLike, model_dir: Path) -> str:
+    """What identifies the base in a resumable run's signature: a checkpoint's recorded weights checksum (so a base
+    re-quantized into the same path does not pick up the old adapters), else the model directory."""
+    from quantlm.formats.native import CHECKSUMS_FILE, WEIGHTS_FILE
+
+    try:
+        sums = json.loads((model_dir / CHECKSUMS_FILE).read_text(encoding="utf-8"))
+        return f"{model_dir}:{sums[WEIGHTS_FILE]}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return str(model_dir)
+
+
 def held_out_perplexity(model: nn.Module, windows: Tensor, progress: bool) -> float:
     from quantlm.eval.perplexity import perplexity_of_windows
 
@@ -96,6 +109,7 @@ def finetune(
     max_windows: int | None = None,
     merge: str = "none",
     float_base: bool = False,
+    resume: bool = True,
     overwrite: bool = False,
     keep_work_dir: bool = False,
     progress: bool = True,
@@ -103,7 +117,8 @@ def finetune(
     """Train LoRA adapters on the quantized checkpoint ``source`` (frozen, packed) on ``data``'s training part and
     write them to ``out`` in peft's format, with the held-out perplexity; ``merge`` (float, requant, exact) also
     writes the merged model as a quantlm checkpoint in ``out/merged``. The training state is kept in ``.{out}.work``
-    beside ``out`` every ``save_every`` steps; rerunning the same command resumes there."""
+    beside ``out`` every ``save_every`` steps; rerunning the same command resumes there (``resume=False``: starts
+    over, discarding it)."""
     from quantlm import api
     from quantlm.formats.native import check_output
     from quantlm.formats.record import QuantizationRecord
@@ -115,8 +130,6 @@ def finetune(
     if settings.loss != "ce":
         raise InvalidSpecError("fine-tuning trains on the text's own next tokens: use loss='ce'")
     check_merge_mode(merge, lora.pooled)
-    if merge == "exact" and float_base:
-        raise InvalidSpecError("--merge exact folds adapters into a quantized grid: a float base has none")
     if seqlen < 2:
         raise InvalidSpecError(f"--seqlen must be at least 2 tokens, got {seqlen}")
     out = Path(out)
@@ -128,6 +141,7 @@ def finetune(
         work = default_work_dir(out)
         check_output_paths(model_dir, out, work)
         model, record = load_base(source, float_base)
+        check_merge_base(merge, record)  # before training, not after it
         check_context(model.config, seqlen, f"--seqlen {seqlen}")
         tokenizer = load_tokenizer(model_dir)
         windows = text_windows(tokenizer, train_text, seqlen, "training")
@@ -136,8 +150,16 @@ def finetune(
         held_windows = text_windows(tokenizer, held_text, seqlen, "held-out")
         for p in model.parameters():
             p.requires_grad_(False)
+        torch.manual_seed(settings.seed)  # the adapters' initialization
         peft_model = attach_adapters(model, lora)
-        signature = {"lora": lora.to_dict(), "base": str(model_dir), "data": str(data), "seqlen": seqlen}
+        if not resume:
+            shutil.rmtree(work, ignore_errors=True)
+        signature = {
+            "lora": lora.to_dict(),
+            "base": base_fingerprint(source, model_dir),
+            "data": str(data),
+            "seqlen": seqlen,
+        }
         result = train(
             peft_model,
             None,
@@ -164,8 +186,9 @@ def finetune(
                 "tokens": result.tokens,
                 "seconds": round(result.seconds, 1),
                 "compute_dtype": result.dtype,
-                "first_loss": result.losses[0] if result.losses else None,
+                "first_loss": result.losses[0] if result.losses else None,  # of this run (after a resume: its first)
                 "last_loss": result.losses[-1] if result.losses else None,
+                "resumed_from": result.resumed_from,
             },
             "merge": merge,
             "held_out_perplexity": held_out,

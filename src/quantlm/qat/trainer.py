@@ -12,9 +12,10 @@ optimizer step ``s``, micro-batch ``m`` of rank ``r`` takes the ``batch_size`` w
 ``((s * accum + m) * world + r) * batch_size`` of that order. So a resumed run sees exactly the windows it would
 have seen, and N processes with batch b train on the same global batches as one process with batch N * b.
 
-Randomness (dropout) is seeded from ``seed`` and the step at the start of every optimizer step, so a resumed run
-draws what the uninterrupted run drew. ``frozen_base=True`` (adapter training: ``quantlm.finetune``) saves and
-restores only the trainable parameters and their optimizer state, and does not broadcast the frozen buffers.
+Randomness (dropout) is seeded from ``seed``, the step and the process's rank at the start of every optimizer step,
+so a resumed run draws what the uninterrupted run drew. ``frozen_base=True`` (adapter training:
+``quantlm.finetune``) saves and restores only the trainable parameters and their optimizer state, and DDP does not
+broadcast the frozen buffers on every forward (it still does once, when it wraps the model).
 
 Scale-out: under ``torchrun`` (``WORLD_SIZE`` > 1) the student is wrapped in DistributedDataParallel (gloo on
 CPU, nccl on CUDA) and gradients are averaged across processes; rank 0 writes the checkpoints. With ``fsdp`` the
@@ -303,7 +304,8 @@ def train(
     model_state = None  # the state gathered at the latest step, if it was saved
     try:
         for step in range(start, settings.steps):
-            torch.manual_seed(settings.seed * 1_000_003 + step)  # dropout draws depend on the step alone
+            # dropout draws depend on the step (and the process) alone
+            torch.manual_seed((settings.seed * 1_000_003 + step) * 64 + dist.rank)
             step_loss = 0.0
             for micro in range(settings.grad_accum):
                 ids = windows[window_indices(windows.shape[0], step, micro, dist.rank, dist.world, settings)].to(device)
