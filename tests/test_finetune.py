@@ -302,3 +302,14 @@ def test_a_float_base_trains_plain_lora_with_float_base(domain_file, tmp_path):
         progress=False,
     )
     assert result.held_out["merged"] == pytest.approx(result.held_out["adapter"], rel=1e-4)
+
+
+def test_under_autocast_a_quantlinear_returns_the_autocast_dtype_as_nn_linear_does():
+    layer = QuantLinear.from_weight(torch.randn(32, 64), QuantSpec(bits=4, symmetric=False, group_size=16))
+    dense = torch.nn.Linear(64, 32, bias=False)
+    x = torch.randn(40, 64, requires_grad=True)  # prefill-sized: the dense path of the kernels
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, ref = layer(x), dense(x)
+    assert y.dtype == ref.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()

@@ -389,6 +389,8 @@ class QuantLinear(nn.Module):
         return self.kernel(x) if self.kernel is not None else self.reference_forward(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):  # as nn.Linear under autocast: compute and return in its dtype
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         # a frozen weight: when x needs a gradient (adapters train upstream), backward recomputes the dense weight
         # layer by layer instead of keeping one per layer alive (quantlm.nn.autograd)
         y = matmul_with_input_grad(self, x) if torch.is_grad_enabled() and x.requires_grad else self.matmul(x)
