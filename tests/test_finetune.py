@@ -313,3 +313,32 @@ def test_under_autocast_a_quantlinear_returns_the_autocast_dtype_as_nn_linear_do
     assert y.dtype == ref.dtype == torch.bfloat16
     y.float().sum().backward()
     assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
+
+
+def _ddp_finetune_worker(rank, world, init_file, out_file):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1")
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    torch.manual_seed(3)
+    peft_model = attach_adapters(_quantized(), LoraSettings(r=4, dropout=0.0))
+    settings_ = TrainSettings(steps=3, batch_size=2, lr=1e-2, loss="ce", dtype="float32")
+    result = train(peft_model, None, _windows(), settings_, progress=False, frozen_base=True)
+    if rank == 0:
+        adapters = {n: p.detach() for n, p in peft_model.named_parameters() if p.requires_grad}
+        torch.save({"adapters": adapters, "tokens": result.tokens}, out_file)
+    torch.distributed.destroy_process_group()
+
+
+def test_two_processes_train_adapters_like_one_with_the_same_global_batch(tmp_path):
+    out = tmp_path / "ddp.pt"
+    torch.multiprocessing.spawn(_ddp_finetune_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
+    torch.manual_seed(3)
+    single = attach_adapters(_quantized(), LoraSettings(r=4, dropout=0.0))
+    settings_ = TrainSettings(steps=3, batch_size=4, lr=1e-2, loss="ce", dtype="float32")
+    train(single, None, _windows(), settings_, progress=False, frozen_base=True)
+    ddp = torch.load(out)
+    assert ddp["tokens"] == 3 * 4 * 32
+    diff = torch.cat(
+        [(ddp["adapters"][n] - p.detach()).abs().flatten() for n, p in single.named_parameters() if p.requires_grad]
+    )
+    assert float((diff > 1e-5).float().mean()) < 0.01, float((diff > 1e-5).float().mean())
