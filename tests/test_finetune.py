@@ -285,6 +285,16 @@ def test_the_command_line_finetunes_merges_and_refuses_bad_input(quantized_check
         str(quantized_checkpoint), *args, "--merge", "exact", "--out", str(tmp_path / "x4")
     )
     assert "already exists" in error(str(quantized_checkpoint), *args, "--out", str(out))
+    foreign = tmp_path / "project"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    assert "not a quantlm adapter directory" in error(
+        str(quantized_checkpoint), *args, "--out", str(foreign), "--overwrite"
+    )
+    assert (foreign / "notes.txt").read_text() == "keep me"
+    r = runner.invoke(app, ["finetune", str(quantized_checkpoint), *args, "--out", str(out), "--overwrite", "--json"])
+    assert r.exit_code == 0, r.output  # an earlier adapter directory is replaced
+    assert json.loads(r.stdout)["merged"] is None and not (out / "merged").exists()
     assert not any((tmp_path / n).exists() for n in ("x1", "x2", "x3", "x4"))
 
 

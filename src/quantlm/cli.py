@@ -994,9 +994,10 @@ def finetune(
     """QAF: train LoRA adapters on a frozen quantized model (QLoRA-style, through peft) and optionally merge them.
 
     Runs on many processes with torchrun (DDP; gloo on CPU, nccl on CUDA)."""
+    from quantlm.finetune.adapters import check_adapter_output
     from quantlm.finetune.run import finetune as run_finetune
 
-    api.check_output(out, overwrite)  # before any work (the run checks again under the output lock)
+    check_adapter_output(out, overwrite)  # before any work (the run checks again under the output lock)
     lora = LoraSettings(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=targets, pooled=pooled)
     settings = dataclasses.replace(
         FINETUNE_TRAINING,

@@ -278,6 +278,17 @@ def attach_adapters(model: nn.Module, settings: LoraSettings) -> nn.Module:
         return get_peft_model(model, lora_config(settings, names))
 
 
+def is_adapter_directory(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds adapters written by quantlm finetune (what --overwrite may replace)."""
+    return (Path(path) / ADAPTER_INFO_FILE).is_file()
+
+
+def check_adapter_output(path: str | os.PathLike, overwrite: bool) -> None:
+    from quantlm.formats.native import check_output
+
+    check_output(path, overwrite, replaceable=is_adapter_directory, kind="adapter directory")
+
+
 def write_adapter_info(directory: Path, info: dict[str, Any]) -> None:
     (directory / ADAPTER_INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from quantlm.errors import InvalidSpecError, QuantlmError
-from quantlm.finetune.adapters import LoraSettings, attach_adapters, write_adapter_info
+from quantlm.finetune.adapters import LoraSettings, attach_adapters, check_adapter_output, write_adapter_info
 from quantlm.finetune.merge import check_merge_base, check_merge_mode, merge_adapters
 from quantlm.qat.trainer import TrainResult, TrainSettings, train
 
@@ -120,7 +120,6 @@ def finetune(
     beside ``out`` every ``save_every`` steps; rerunning the same command resumes there (``resume=False``: starts
     over, discarding it)."""
     from quantlm import api
-    from quantlm.formats.native import check_output
     from quantlm.formats.record import QuantizationRecord
     from quantlm.models.context import check_context
     from quantlm.models.sources import load_tokenizer, resolve_model_dir
@@ -135,7 +134,7 @@ def finetune(
     out = Path(out)
     is_main = int(os.environ.get("RANK", "0")) == 0
     with output_lock(out) if is_main else contextlib.nullcontext():
-        check_output(out, overwrite)
+        check_adapter_output(out, overwrite)
         train_text, held_text = domain_texts(data)  # bad data fails before any model is loaded
         model_dir = resolve_model_dir(source)
         work = default_work_dir(out)

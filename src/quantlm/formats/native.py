@@ -251,18 +251,19 @@ def save_checkpoint(
     return path
 
 
-def check_output(path: str | os.PathLike, overwrite: bool) -> None:
+def check_output(path: str | os.PathLike, overwrite: bool, replaceable=None, kind: str = "checkpoint") -> None:
     """Refuse an output that exists, unless ``overwrite``; and even then one that is not a directory, or a
-    directory that is neither empty nor a quantlm checkpoint: a mistyped output must not delete someone's
-    project."""
+    directory that is neither empty nor a quantlm ``kind`` (``replaceable(path)`` says; default: a checkpoint): a
+    mistyped output must not delete someone's project."""
     path = Path(path)
+    replaceable = is_quantlm_checkpoint if replaceable is None else replaceable
     if path.exists() and not overwrite:
         raise CheckpointError(f"output directory {path} already exists: choose another path or pass --overwrite")
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"{path} exists and is not a directory: choose another output")
-    if path.is_dir() and any(path.iterdir()) and not is_quantlm_checkpoint(path):
+    if path.is_dir() and any(path.iterdir()) and not replaceable(path):
         raise CheckpointError(
-            f"{path} is not a quantlm checkpoint: --overwrite only replaces checkpoints; choose another output"
+            f"{path} is not a quantlm {kind}: --overwrite only replaces {kind}s; choose another output"
         )
 
 
