@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from quantlm.errors import InvalidSpecError, QuantlmError
 from quantlm.finetune.adapters import LoraSettings, attach_adapters, check_adapter_output, write_adapter_info
 from quantlm.finetune.merge import check_merge_base, check_merge_mode, merge_adapters
-from quantlm.qat.trainer import TrainResult, TrainSettings, train
+from quantlm.qat.trainer import TrainResult, TrainSettings, train, training_record
 
 MERGED_DIR = "merged"  # the merged checkpoint's folder inside the adapter directory
 # fine-tuning's own training defaults (LoRA's usual learning rate: QLoRA used 1e-4 to 2e-4); the rest as QAT's
@@ -177,18 +177,7 @@ def finetune(
             "base": str(source),
             "base_recipe": None if record is None else record.recipe,
             "lora": lora.to_dict(),
-            "training": {
-                **settings.to_dict(),
-                "data": str(data),
-                "seqlen": seqlen,
-                "windows": windows.shape[0],
-                "tokens": result.tokens,
-                "seconds": round(result.seconds, 1),
-                "compute_dtype": result.dtype,
-                "first_loss": result.losses[0] if result.losses else None,  # of this run (after a resume: its first)
-                "last_loss": result.losses[-1] if result.losses else None,
-                "resumed_from": result.resumed_from,
-            },
+            "training": training_record(settings, result, data, windows),
             "merge": merge,
             "held_out_perplexity": held_out,
             "held_out_windows": list(held_windows.shape),

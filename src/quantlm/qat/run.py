@@ -19,7 +19,7 @@ from quantlm.paths import check_output_paths, default_work_dir, output_lock
 from quantlm.qat.convert import convert_qat_model, convertible
 from quantlm.qat.data import pack_samples, read_samples
 from quantlm.qat.fake_quant import FakeQuantLinear, QATConfig, fake_quant_linears, prepare_qat
-from quantlm.qat.trainer import TrainResult, TrainSettings, train
+from quantlm.qat.trainer import TrainResult, TrainSettings, train, training_record
 
 
 def training_windows(data: str, tokenizer, seqlen: int, max_windows: int | None = None) -> Tensor:
@@ -154,18 +154,7 @@ def qat_to_checkpoint(
             recipe=[config.to_config()],
             seconds=result.seconds,
             kv_cache=config.kv_config,
-            training={
-                **settings.to_dict(),
-                "data": str(data),
-                "seqlen": seqlen,
-                "windows": windows.shape[0],
-                "tokens": result.tokens,
-                "seconds": round(result.seconds, 1),
-                "compute_dtype": result.dtype,
-                "first_loss": result.losses[0] if result.losses else None,
-                "last_loss": result.losses[-1] if result.losses else None,
-                "init": None if init is None else str(init),
-            },
+            training={**training_record(settings, result, data, windows), "init": None if init is None else str(init)},
         )
         api.save(student, out, record=record, tokenizer=tokenizer, overwrite=overwrite)
         if not keep_work_dir:

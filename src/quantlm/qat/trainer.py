@@ -95,6 +95,23 @@ class TrainResult:
     full_state: dict | None = None  # FSDP: the whole trained state dict (rank 0, CPU); the student stays sharded
 
 
+def training_record(settings: TrainSettings, result: TrainResult, data: str, windows: Tensor) -> dict:
+    """What a trained model records of its training: the settings, the data, and how the run went (losses of this
+    run: after a resume, its first loss is the first after resuming)."""
+    return {
+        **settings.to_dict(),
+        "data": str(data),
+        "seqlen": windows.shape[1],
+        "windows": windows.shape[0],
+        "tokens": result.tokens,
+        "seconds": round(result.seconds, 1),
+        "compute_dtype": result.dtype,
+        "first_loss": result.losses[0] if result.losses else None,
+        "last_loss": result.losses[-1] if result.losses else None,
+        "resumed_from": result.resumed_from,
+    }
+
+
 # ---------------------------------------------------------------------------------------------- pieces
 def distillation_loss(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
     """Mean over positions of -sum_v softmax(teacher)_v * log_softmax(student)_v, in fp32."""
