@@ -49,7 +49,9 @@ def test_static_per_tensor_grid(rows, cols, absmax, seed):
     scale = static_int8_scale(absmax)
     codes, s = quantize_per_tensor_int8(x, scale)
     assert codes.dtype == torch.int8 and int(codes.abs().max()) <= 127
-    assert float((codes.float() * s - x).abs().max()) <= float(scale) / 2 * (1 + 1e-5)
+    # half a step, plus the fp32 rounding of x / s and q * s (a few ulps of |x|, which reaches 100 here)
+    slack = 4 * torch.finfo(torch.float32).eps * absmax
+    assert float((codes.float() * s - x).abs().max()) <= float(scale) / 2 * (1 + 1e-5) + slack
     clipped, _ = quantize_per_tensor_int8(x * 10, scale)  # beyond the calibrated range: clipped, never wrapped
     assert int(clipped.abs().max()) <= 127
     assert float(static_int8_scale(0.0)) == 1.0
