@@ -34,7 +34,6 @@ from quantlm.models.blocks import find_decoder_blocks, is_linear
 from quantlm.nn.qlinear import QuantLinear
 
 ADAPTER_INFO_FILE = "quantlm_adapter.json"
-TARGET_GROUPS = ("all", "attn", "mlp")
 _ATTENTION_WORDS = ("attn", "attention")
 
 

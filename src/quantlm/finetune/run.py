@@ -79,7 +79,7 @@ def load_base(source: str | os.PathLike, float_base: bool) -> tuple[nn.Module, A
     return api.load(source, dtype=torch.float32), None
 
 
-def base_fingerprint(source: str | os.PathLike, model_dir: Path) -> str:
+def base_fingerprint(model_dir: Path) -> str:
     """What identifies the base in a resumable run's signature: a checkpoint's recorded weights checksum (so a base
     re-quantized into the same path does not pick up the old adapters), else the model directory."""
     from quantlm.formats.native import CHECKSUMS_FILE, WEIGHTS_FILE
@@ -155,7 +155,7 @@ def finetune(
             shutil.rmtree(work, ignore_errors=True)
         signature = {
             "lora": lora.to_dict(),
-            "base": base_fingerprint(source, model_dir),
+            "base": base_fingerprint(model_dir),
             "data": str(data),
             "seqlen": seqlen,
         }
