@@ -2,7 +2,7 @@
 
 import quantlm.blas_threads  # noqa: F401  first: before anything loads OpenBLAS
 from quantlm._version import __version__  # noqa: E402
-from quantlm.api import Calibration, evaluate, load, quantize, save  # noqa: E402
+from quantlm.api import Calibration, evaluate, export, load, quantize, save  # noqa: E402
 from quantlm.core import QuantSpec  # noqa: E402
 from quantlm.errors import QuantlmError  # noqa: E402
 from quantlm.methods import RTN, Recipe, parse_recipe  # noqa: E402
@@ -16,6 +16,7 @@ __all__ = [
     "Recipe",
     "__version__",
     "evaluate",
+    "export",
     "load",
     "load_tokenizer",
     "parse_recipe",

@@ -17,6 +17,7 @@ from quantlm._version import __version__
 from quantlm.data import calibration_windows, load_text, tokenize_text
 from quantlm.errors import QuantlmError
 from quantlm.eval.perplexity import PerplexityResult, perplexity
+from quantlm.formats.exchange import export_checkpoint, foreign_config, read_foreign
 from quantlm.formats.native import (
     WEIGHTS_FILE,
     check_output,
@@ -115,8 +116,9 @@ def load(
     quantize: str | Any | None = None,
     progress: bool = True,
 ) -> nn.Module:
-    """A quantlm checkpoint as a quantized model ready to run, or any other model source as a full-precision model
-    (with ``quantize``, quantized as it loads).
+    """A quantlm checkpoint, or a GPTQ or compressed-tensors checkpoint (``quantlm.formats.exchange``), as a
+    quantized model ready to run, or any other model source as a full-precision model (with ``quantize``, quantized
+    as it loads).
 
     ``dtype`` is the compute dtype (a torch dtype or its name; ``"auto"``: the fastest this machine runs natively,
     ``quantlm.hardware.choose_dtype``): the float parts of the model (embeddings, norms, unquantized Linears) are cast
@@ -142,10 +144,25 @@ def load(
             raise QuantlmError(f"{source} is a quantized checkpoint already: load it without --quantize/quantize=")
         model = load_checkpoint(path, device=device, verify=verify)
         return _ready(model, dtype, kernel, attention, cache_for=path / WEIGHTS_FILE if kernel_cache else None)
+    if foreign_config(path) is not None:  # GPTQ or compressed-tensors, quantlm's export or another tool's
+        if recipe is not None:
+            raise QuantlmError(f"{source} is a quantized checkpoint already: load it without --quantize/quantize=")
+        model = read_foreign(path)
+        return _ready(model if device is None else model.to(device), dtype, kernel, attention)
     if recipe is None:
         return _ready(load_float_model(source, dtype=dtype, device=device), dtype, kernel, attention)
     model = _quantize_model(load_float_model(source, dtype=torch.float32, device=device), recipe, progress)
     return _ready(model, dtype, kernel, attention)
+
+
+def export(
+    checkpoint: str | os.PathLike, out: str | os.PathLike, *, format: str = "gptq", overwrite: bool = False
+) -> Path:
+    """Write the quantlm checkpoint ``checkpoint`` as a checkpoint of another runtime at ``out``: ``format`` is one
+    of ``EXPORT_FORMATS`` (gptq, gptq-v2, compressed-tensors; ``quantlm.formats.exchange`` says who reads each).
+    The codes, scales and zero points are written as they are; a layer the format cannot hold exactly is refused
+    in one line that says what to quantize differently."""
+    return export_checkpoint(checkpoint, out, format=format, overwrite=overwrite)
 
 
 def load_time_methods() -> tuple[str, ...]:
@@ -442,6 +459,7 @@ _ON_DEMAND = {
     "KVQuantConfig": "quantlm.nn.kv_cache",
     "enable_kv_quantization": "quantlm.nn.kv_cache",
     "ALIASES": "quantlm.models.sources",
+    "EXPORT_FORMATS": "quantlm.formats.exchange",
     "load_float_model": "quantlm.models.sources",
     "BUILTIN_TEXTS": "quantlm.data.texts",
     "catalog": "quantlm.methods.catalog",

@@ -665,6 +665,27 @@ def models(as_json: bool = typer.Option(False, "--json")) -> None:
 
 @app.command()
 @_friendly
+def export(
+    checkpoint: Path = typer.Argument(..., help="A quantlm checkpoint directory."),
+    format: str = typer.Option(
+        "gptq",
+        "--format",
+        help="gptq (v1 when every layer is symmetric, else gptq_v2), gptq-v2, or compressed-tensors "
+        "(pack-quantized; int-quantized for W8A8). docs/export.md says which runtimes read each.",
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="The directory to write."),
+    overwrite: bool = typer.Option(False, help="Replace an earlier export at --out."),
+) -> None:
+    """Write a quantized checkpoint in another runtime's format: the same codes, scales and zero points, bit for
+    bit. A layer the format cannot hold exactly is refused in one line (nothing is re-rounded)."""
+    if format not in api.EXPORT_FORMATS:
+        raise QuantlmError(f"unknown --format {format!r}: use one of {', '.join(api.EXPORT_FORMATS)}")
+    path = api.export(checkpoint, out, format=format, overwrite=overwrite)
+    typer.echo(f"wrote {path} ({format})")
+
+
+@app.command()
+@_friendly
 def verify(checkpoint: Path = typer.Argument(..., help="A quantlm checkpoint directory.")) -> None:
     """Check a checkpoint: every file against its recorded checksum, the tensors against the config, finite
     scales, and that the model loads. Exit 0, or one line per problem and exit 2."""

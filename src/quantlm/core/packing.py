@@ -11,12 +11,14 @@ into ``bits`` bytes; unpacking is the reverse.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import Tensor
 
 from quantlm.errors import QuantlmError
 
-__all__ = ["packed_length", "pack", "unpack"]
+__all__ = ["packed_length", "pack", "unpack", "to_int32_words", "from_int32_words"]
 
 
 def _check_bits(bits: int) -> int:
@@ -104,3 +106,42 @@ def unpack(packed: Tensor, bits: int, n: int) -> Tensor:
     shifts = torch.arange(8, device=packed.device, dtype=torch.int64) * bits
     v = ((word >> shifts) & ((1 << bits) - 1)).to(torch.uint8)  # [..., k, 8]
     return v.reshape(*lead, k * 8)[..., :n].contiguous()
+
+
+# -------------------------------------------------------------------------------------- 32-bit words of a stream
+# Other formats (GPTQ, compressed-tensors) keep the same little-endian bit stream in int32 words: code i of a row
+# at bits [i * bits, (i + 1) * bits) of the row's stream, bit j in bit j % 32 of word j // 32. So a row's stream is
+# the same bytes in both, padded to whole words.
+
+
+def to_int32_words(packed: Tensor) -> Tensor:
+    """uint8 bit streams ``[..., m]`` (from :func:`pack`) as int32 words ``[..., ceil(m / 4)]``, zero-padded."""
+    if not isinstance(packed, Tensor) or packed.dtype != torch.uint8:
+        raise QuantlmError("to_int32_words expects the uint8 rows of pack()")
+    m = packed.shape[-1]
+    if m % 4:
+        packed = torch.nn.functional.pad(packed, (0, 4 - m % 4))
+    return _le_bytes_as(packed.contiguous(), torch.int32)
+
+
+def from_int32_words(words: Tensor, bits: int, n: int) -> Tensor:
+    """Inverse of :func:`to_int32_words` for rows of ``n`` codes of ``bits`` bits: the uint8 rows of :func:`pack`
+    (whatever a writer left in the bits past the ``n`` codes is dropped)."""
+    if not isinstance(words, Tensor) or words.dtype != torch.int32:
+        raise QuantlmError("from_int32_words expects int32 words")
+    m = packed_length(n, bits)
+    if words.shape[-1] * 4 < m:
+        raise QuantlmError(f"{words.shape[-1]} words per row cannot hold {n} codes of {bits} bits")
+    stream = _le_bytes_as(words.contiguous(), torch.uint8)
+    out = stream[..., :m].contiguous()
+    if n * bits % 8:  # zero the unused high bits of the last byte, as pack leaves them
+        out[..., -1] &= (1 << (n * bits % 8)) - 1
+    return out
+
+
+def _le_bytes_as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` reinterpreted as ``dtype`` along its last dim, in little-endian byte order on any host."""
+    if sys.byteorder != "little":  # pragma: no cover - every platform torch ships for is little-endian
+        raise QuantlmError("packing to 32-bit words needs a little-endian host")
+    flat = t.contiguous().reshape(-1)  # through 1-D: a [1, n] row may carry a stride view() refuses
+    return flat.view(dtype).reshape(*t.shape[:-1], -1)

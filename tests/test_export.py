@@ -1,0 +1,269 @@
+"""Exports to GPTQ and compressed-tensors, and reading them back: layouts checked against slow obvious versions,
+round trips that must be bit-exact, and the refusals. The real clients' checks are in test_export_clients.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+import quantlm
+from conftest import byte_tokenizer, tiny_model
+from quantlm.api import quantize, save
+from quantlm.cli import app
+from quantlm.core import QuantSpec
+from quantlm.core.packing import from_int32_words, pack, to_int32_words
+from quantlm.errors import QuantlmError
+from quantlm.formats.exchange import export_checkpoint, read_foreign
+from quantlm.formats.gptq import GPTQFormat
+from quantlm.formats.interchange import write_export
+from quantlm.formats.native import load_checkpoint, quantized_modules
+from quantlm.nn.qlinear import QuantLinear
+
+IDS = torch.tensor([[5, 17, 99, 3, 250, 42, 7, 128, 64, 1]])
+CALIB = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
+
+RECIPES = {
+    "w4-g32-sym": {"method": "rtn", "bits": 4, "group_size": 32, "symmetric": True},
+    "w4-g32-asym": {"method": "rtn", "bits": 4, "group_size": 32, "symmetric": False},
+    "w8-channel-asym": {"method": "rtn", "bits": 8, "group_size": -1, "symmetric": False},
+    "w2-g32-sym": {"method": "rtn", "bits": 2, "group_size": 32, "symmetric": True},
+    "w3-g32-asym": {"method": "rtn", "bits": 3, "group_size": 32, "symmetric": False},
+    "gptq-w4-act-order": {
+        "method": "gptq",
+        "bits": 4,
+        "group_size": 32,
+        "symmetric": False,
+        "act_order": True,
+        "static_groups": False,
+    },
+    "w8a8": [
+        {"method": "smoothquant"},
+        {"method": "rtn", "bits": 8, "group_size": -1, "symmetric": True, "act_bits": 8},
+    ],
+    "w8a8-static": [
+        {"method": "smoothquant"},
+        {"method": "rtn", "bits": 8, "group_size": -1, "symmetric": True, "act_bits": 8, "act_granularity": "tensor"},
+    ],
+}
+# what each format holds (the rest it refuses; test_refusals checks the reasons)
+HOLDS = {
+    "gptq": {"w4-g32-sym", "w4-g32-asym", "w8-channel-asym", "w2-g32-sym", "w3-g32-asym", "gptq-w4-act-order"},
+    "compressed-tensors": {"w4-g32-sym", "w4-g32-asym", "w8-channel-asym", "w2-g32-sym", "w8a8", "w8a8-static"},
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """One tiny quantlm checkpoint per recipe."""
+    root = tmp_path_factory.mktemp("export-sources")
+    paths = {}
+    for name, recipe in RECIPES.items():
+        model = quantize(tiny_model(), recipe, CALIB, progress=False)
+        paths[name] = save(model, root / name, tokenizer=byte_tokenizer())
+    return paths
+
+
+def _same_layers(a: dict[str, QuantLinear], b: dict[str, QuantLinear]) -> None:
+    assert a.keys() == b.keys()
+    for name, m in a.items():
+        r = b[name]
+        assert m.spec.bits == r.spec.bits and m.spec.group_size == r.spec.group_size, name
+        assert torch.equal(m.codes(), r.codes()), name
+        assert torch.equal(m.scales.float(), r.scales.float()), name
+        assert torch.equal(m.zeros.float(), r.zeros.float()), name
+        assert (m.g_idx is None) == (r.g_idx is None), name
+        if m.g_idx is not None:
+            assert torch.equal(m.g_idx, r.g_idx), name
+        assert m.act_bits == r.act_bits and m.act_granularity == r.act_granularity, name
+        if m.act_scale is not None:
+            assert torch.equal(m.act_scale, r.act_scale), name
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_round_trip_is_bit_exact(checkpoints, tmp_path, fmt, recipe):
+    """Export, then read back: the same codes, scales, zero points, groups and activation settings, and the same
+    logits; or, for what the format cannot hold, a one-line refusal."""
+    if recipe not in HOLDS[fmt]:
+        with pytest.raises(QuantlmError, match=f"^{fmt} cannot hold "):
+            export_checkpoint(checkpoints[recipe], tmp_path / "out", format=fmt)
+        assert not (tmp_path / "out").exists()
+        return
+    out = export_checkpoint(checkpoints[recipe], tmp_path / "out", format=fmt)
+    original = load_checkpoint(checkpoints[recipe])
+    back = read_foreign(out)
+    _same_layers(quantized_modules(original), quantized_modules(back))
+    with torch.no_grad():
+        assert torch.equal(original(IDS).logits, back(IDS).logits)
+    # what quantlm.load and its tokenizer see: the same model on the same kernels
+    loaded, native = quantlm.load(out), quantlm.load(checkpoints[recipe])
+    assert loaded.quantlm_kernels == native.quantlm_kernels
+    with torch.no_grad():
+        assert torch.equal(loaded(IDS).logits, native(IDS).logits)
+    assert (
+        quantlm.load_tokenizer(out)("hello").input_ids == quantlm.load_tokenizer(checkpoints[recipe])("hello").input_ids
+    )
+
+
+def test_gptq_layout_matches_the_obvious_one(checkpoints, tmp_path):
+    """qweight[i, j] holds codes (j, 8i..8i+7) of a 4-bit layer, lowest bits first; qzeros the same along the
+    output; v1 stores zero - 1, v2 the zero; scales [groups, out] fp16; g_idx each column's group."""
+    for fmt, recipe, minus in (("gptq", "w4-g32-sym", 1), ("gptq-v2", "w4-g32-asym", 0)):
+        out = export_checkpoint(checkpoints[recipe], tmp_path / fmt, format=fmt)
+        tensors = load_file(str(out / "model.safetensors"))
+        layer = quantized_modules(load_checkpoint(checkpoints[recipe]))["model.layers.1.mlp.down_proj"]
+        codes, zeros = layer.codes().long(), layer.zeros.long()
+        qweight = tensors["model.layers.1.mlp.down_proj.qweight"].long() & 0xFFFFFFFF
+        qzeros = tensors["model.layers.1.mlp.down_proj.qzeros"].long() & 0xFFFFFFFF
+        for i in range(qweight.shape[0]):
+            for j in range(0, qweight.shape[1], 7):
+                assert qweight[i, j] == sum(int(codes[j, 8 * i + k]) << (4 * k) for k in range(8))
+        for g in range(qzeros.shape[0]):
+            for w in range(qzeros.shape[1]):
+                assert qzeros[g, w] == sum(((int(zeros[8 * w + k, g]) - minus) & 15) << (4 * k) for k in range(8))
+        scales = tensors["model.layers.1.mlp.down_proj.scales"]
+        assert scales.dtype == torch.float16 and torch.equal(scales, layer.scales.T.half())
+        g_idx = tensors["model.layers.1.mlp.down_proj.g_idx"]
+        assert torch.equal(g_idx, torch.arange(layer.in_features, dtype=torch.int32) // 32)
+        config = json.loads((out / "config.json").read_text())["quantization_config"]
+        assert config == json.loads((out / "quantize_config.json").read_text())
+        assert config["checkpoint_format"] == ("gptq" if minus else "gptq_v2")
+        assert (config["bits"], config["group_size"], config["sym"], config["desc_act"]) == (4, 32, minus == 1, False)
+
+
+def test_gptq_writes_v1_for_symmetric_and_v2_for_asymmetric_grids(checkpoints, tmp_path):
+    formats = {}
+    for recipe in ("w4-g32-sym", "w4-g32-asym", "gptq-w4-act-order"):
+        out = export_checkpoint(checkpoints[recipe], tmp_path / recipe, format="gptq")
+        formats[recipe] = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert formats["w4-g32-sym"]["checkpoint_format"] == "gptq"
+    assert formats["w4-g32-asym"]["checkpoint_format"] == "gptq_v2"
+    assert formats["gptq-w4-act-order"]["desc_act"] is True
+
+
+def test_compressed_tensors_layout(checkpoints, tmp_path):
+    """weight_packed holds quantlm's packed bytes; an asymmetric zero point is packed down the output; W8A8 is
+    int8 codes counted from the middle; config groups name their modules; fp32 models get fp32 scales."""
+    out = export_checkpoint(checkpoints["w4-g32-asym"], tmp_path / "w4", format="compressed-tensors")
+    tensors = load_file(str(out / "model.safetensors"))
+    layer = quantized_modules(load_checkpoint(checkpoints["w4-g32-asym"]))["model.layers.0.self_attn.q_proj"]
+    packed = tensors["model.layers.0.self_attn.q_proj.weight_packed"]
+    assert packed.dtype == torch.int32 and torch.equal(packed.view(torch.uint8), layer.qweight)
+    zp = tensors["model.layers.0.self_attn.q_proj.weight_zero_point"]
+    assert zp.shape == (layer.out_features * 4 // 32, 2)
+    assert torch.equal(from_int32_words(zp.T.contiguous(), 4, layer.out_features), pack(layer.zeros.T, 4))
+    assert tensors["model.layers.0.self_attn.q_proj.weight_scale"].dtype == torch.float32
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["format"] == "pack-quantized" and qc["ignore"] == ["lm_head"]
+    (group,) = qc["config_groups"].values()
+    assert len(group["targets"]) == 21 and group["weights"]["strategy"] == "group"
+
+    out = export_checkpoint(checkpoints["w8a8"], tmp_path / "w8a8", format="compressed-tensors")
+    tensors = load_file(str(out / "model.safetensors"))
+    layer = quantized_modules(load_checkpoint(checkpoints["w8a8"]))["model.layers.0.mlp.up_proj"]
+    weight = tensors["model.layers.0.mlp.up_proj.weight"]
+    assert weight.dtype == torch.int8 and torch.equal(weight.long() + 128, layer.codes().long())
+    (group,) = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"].values()
+    assert group["format"] == "int-quantized"
+    assert group["input_activations"]["strategy"] == "token" and group["input_activations"]["dynamic"] is True
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    bits=st.integers(2, 8),
+    n=st.integers(1, 80),
+    rows=st.integers(1, 3),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_int32_words_hold_the_bit_stream(bits, n, rows, seed):
+    """Code i of a row sits at bits [i*bits, (i+1)*bits) of the row's words, bit j in bit j % 32 of word j // 32."""
+    codes = torch.randint(0, 1 << bits, (rows, n), generator=torch.Generator().manual_seed(seed))
+    words = to_int32_words(pack(codes, bits))
+    assert words.shape == (rows, -(-n * bits // 32))
+    stream = [[(int(w) & 0xFFFFFFFF) >> b & 1 for w in row for b in range(32)] for row in words]
+    for r in range(rows):
+        for i in range(n):
+            assert sum(stream[r][i * bits + b] << b for b in range(bits)) == codes[r, i]
+    assert torch.equal(from_int32_words(words, bits, n), pack(codes, bits))
+
+
+def _refusal(tmp_path, recipe, fmt):
+    model = quantize(tiny_model(), recipe, CALIB, progress=False)
+    path = save(model, tmp_path / "src", tokenizer=byte_tokenizer(), overwrite=True)
+    with pytest.raises(QuantlmError) as info:
+        export_checkpoint(path, tmp_path / "out", format=fmt)
+    assert not (tmp_path / "out").exists()
+    return str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("recipe", "fmt", "reason"),
+    [
+        ({"method": "nf4", "group_size": 32}, "gptq", "codebook grid"),
+        ({"method": "hqq", "bits": 4, "group_size": 32}, "compressed-tensors", "zero points are fractional"),
+        ({"method": "rtn", "bits": 4, "group_size": 64}, "gptq", "not a whole number of groups of 64"),
+        ({"method": "rtn", "bits": 3, "group_size": 32}, "compressed-tensors", "3-bit codes"),
+        ([{"method": "smoothquant"}, {"method": "rtn", "act_bits": 8}], "gptq", "activations are quantized"),
+        ({"method": "rtn", "bits": 4, "group_size": 32, "lm_head": True}, "gptq", "quantized lm_head"),
+    ],
+)
+def test_refusals_say_why_in_one_line(tmp_path, recipe, fmt, reason):
+    message = _refusal(tmp_path, recipe, fmt)
+    assert reason in message and "\n" not in message
+
+
+def test_gptq_refuses_mixed_grids(tmp_path):
+    """GPTQ has one grid per model: a layer of another bit width is refused, naming it."""
+    model = load_checkpoint(
+        save(
+            quantize(tiny_model(), {"method": "rtn", "bits": 4, "group_size": 32}, progress=False),
+            tmp_path / "src",
+        )
+    )
+    name = "model.layers.2.mlp.down_proj"
+    odd = quantized_modules(model)[name]
+    other = QuantLinear.from_weight(odd.dequantize_weight(), QuantSpec(bits=8, group_size=32))
+    model.get_submodule("model.layers.2.mlp").down_proj = other
+    with pytest.raises(QuantlmError, match=f"{name} is w8 g32"):
+        write_export(model, quantized_modules(model), GPTQFormat(), tmp_path / "out", source=None, overwrite=False)
+
+
+def test_export_refuses_bad_sources_and_outputs(checkpoints, tmp_path):
+    with pytest.raises(QuantlmError, match="not a quantlm checkpoint"):
+        export_checkpoint(tmp_path, tmp_path / "out")
+    with pytest.raises(QuantlmError, match="unknown export format 'gguf'"):
+        export_checkpoint(checkpoints["w4-g32-sym"], tmp_path / "out", format="gguf")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    with pytest.raises(QuantlmError, match="already exists"):
+        export_checkpoint(checkpoints["w4-g32-sym"], tmp_path / "taken")
+    with pytest.raises(QuantlmError, match="not a quantlm gptq export"):
+        export_checkpoint(checkpoints["w4-g32-sym"], tmp_path / "taken", overwrite=True)
+    assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
+    out = export_checkpoint(checkpoints["w4-g32-sym"], tmp_path / "out")
+    assert export_checkpoint(checkpoints["w4-g32-asym"], out, overwrite=True) == out  # an earlier export: replaced
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["sym"] is False
+
+
+def test_cli_export(checkpoints, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "ct"
+    result = runner.invoke(
+        app, ["export", str(checkpoints["w4-g32-sym"]), "--format", "compressed-tensors", "-o", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert (out / "model.safetensors").is_file() and "wrote" in result.output
+    result = runner.invoke(
+        app, ["export", str(checkpoints["w4-g32-sym"]), "--format", "awq", "-o", str(tmp_path / "x")]
+    )
+    assert result.exit_code == 2 and "unknown --format 'awq'" in result.output
+    result = runner.invoke(
+        app, ["export", str(checkpoints["w3-g32-asym"]), "--format", "compressed-tensors", "-o", str(tmp_path / "y")]
+    )
+    assert result.exit_code == 2 and "Traceback" not in result.output and "3-bit codes" in result.output
