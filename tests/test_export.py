@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -237,8 +238,8 @@ def test_gptq_refuses_mixed_grids(tmp_path):
 def test_export_refuses_bad_sources_and_outputs(checkpoints, tmp_path):
     with pytest.raises(QuantlmError, match="not a quantlm checkpoint"):
         export_checkpoint(tmp_path, tmp_path / "out")
-    with pytest.raises(QuantlmError, match="unknown export format 'gguf'"):
-        export_checkpoint(checkpoints["w4-g32-sym"], tmp_path / "out", format="gguf")
+    with pytest.raises(QuantlmError, match="unknown export format 'awq'"):
+        export_checkpoint(checkpoints["w4-g32-sym"], tmp_path / "out", format="awq")
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "notes.txt").write_text("mine")
     with pytest.raises(QuantlmError, match="already exists"):
@@ -267,3 +268,102 @@ def test_cli_export(checkpoints, tmp_path):
         app, ["export", str(checkpoints["w3-g32-asym"]), "--format", "compressed-tensors", "-o", str(tmp_path / "y")]
     )
     assert result.exit_code == 2 and "Traceback" not in result.output and "3-bit codes" in result.output
+
+
+# --------------------------------------------------------------------------------------------------------- GGUF
+def bpe_tokenizer():
+    """The byte tokenizer plus one merge: GGUF (and llama.cpp) need a BPE vocabulary with merges."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab.update({"<s>": 256, "</s>": 257, "<pad>": 258, "Ġt": 259})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[("Ġ", "t")]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+GGUF_RECIPES = {
+    "Q4_0": {"method": "rtn", "bits": 4, "group_size": 32, "symmetric": True},
+    "Q5_0": {"method": "rtn", "bits": 5, "group_size": 32, "symmetric": True},
+    "Q8_0": {"method": "rtn", "bits": 8, "group_size": 32, "symmetric": True},
+}
+
+
+@pytest.fixture(scope="module")
+def gguf_checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gguf-sources")
+    return {
+        kind: save(quantize(tiny_model(), recipe, None, progress=False), root / kind, tokenizer=bpe_tokenizer())
+        for kind, recipe in GGUF_RECIPES.items()
+    }
+
+
+@pytest.mark.parametrize("kind", list(GGUF_RECIPES))
+def test_gguf_blocks_are_the_layers_bit_for_bit(gguf_checkpoints, tmp_path, kind):
+    """The gguf package's own dequantization of every block tensor gives quantlm's weight exactly (q and k with
+    their rows in llama.cpp's rotary order); float tensors are there in F32; the vocabulary is the tokenizer's."""
+    import gguf
+
+    from quantlm.formats.gguf import gguf_name, rope_row_order
+
+    out = export_checkpoint(gguf_checkpoints[kind], tmp_path / "m.gguf", format="gguf")
+    reader = gguf.GGUFReader(str(out))
+    tensors = {t.name: t for t in reader.tensors}
+    model = load_checkpoint(gguf_checkpoints[kind])
+    for name, layer in quantized_modules(model).items():
+        t = tensors[f"{gguf_name(name)}.weight"]
+        assert t.tensor_type.name == kind
+        want = layer.dequantize_weight()
+        if name.endswith(("q_proj", "k_proj")):
+            heads = 4 if name.endswith("q_proj") else 2
+            want = want[rope_row_order(heads, 16)]
+        assert np.array_equal(gguf.quants.dequantize(t.data, t.tensor_type), want.numpy()), name
+    assert tensors["token_embd.weight"].tensor_type.name == "F32" and "output.weight" not in tensors  # tied
+    assert len(reader.tensors) == 3 * 9 + 2
+    field = reader.get_field("tokenizer.ggml.tokens")
+    tokens = [bytes(field.parts[i]).decode() for i in field.data]
+    tok = quantlm.load_tokenizer(gguf_checkpoints[kind])
+    assert tokens[259] == "Ġt" and tok.convert_tokens_to_ids(tokens[:259]) == list(range(259))
+    assert reader.get_field("llama.attention.head_count_kv").contents() == 2
+
+
+def test_rope_row_order_pairs_the_halves():
+    from quantlm.formats.gguf import rope_row_order
+
+    assert rope_row_order(1, 8).tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
+    assert rope_row_order(2, 4).tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
+
+
+@pytest.mark.parametrize(
+    ("recipe", "reason"),
+    [
+        ({"method": "rtn", "bits": 4, "group_size": 32, "symmetric": False}, "Q4_1 stores the offset"),
+        ({"method": "rtn", "bits": 4, "group_size": 64, "symmetric": True}, "none of llama.cpp's block grids"),
+        ({"method": "rtn", "bits": 3, "group_size": 32, "symmetric": True}, "none of llama.cpp's block grids"),
+    ],
+)
+def test_gguf_refusals(tmp_path, recipe, reason):
+    path = save(quantize(tiny_model(), recipe, None, progress=False), tmp_path / "src", tokenizer=bpe_tokenizer())
+    with pytest.raises(QuantlmError, match=reason):
+        export_checkpoint(path, tmp_path / "m.gguf", format="gguf")
+    assert not (tmp_path / "m.gguf").exists()
+    with pytest.raises(QuantlmError, match="must name a .gguf file"):
+        export_checkpoint(path, tmp_path / "m.bin", format="gguf")
+
+
+def test_gguf_of_a_float_model(tmp_path):
+    """A float model (here a directory) exports in the chosen float type; an existing non-GGUF file is kept."""
+    import gguf
+
+    source = tmp_path / "float"
+    tiny_model().save_pretrained(source)
+    bpe_tokenizer().save_pretrained(source)
+    out = export_checkpoint(source, tmp_path / "f16.gguf", format="gguf", gguf_type="f16")
+    kinds = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(out)).tensors}
+    assert kinds["blk.0.attn_q.weight"] == "F16" and kinds["blk.0.attn_norm.weight"] == "F32"
+    (tmp_path / "notes.gguf").write_text("mine")
+    with pytest.raises(QuantlmError, match="not a GGUF file"):
+        export_checkpoint(source, tmp_path / "notes.gguf", format="gguf", overwrite=True)
+    assert (tmp_path / "notes.gguf").read_text() == "mine"

@@ -10,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -145,3 +146,89 @@ def test_gptq_clients_load_gptq_exports(exports, tmp_path, mode):
     results = run_client("gptqmodel", jobs, tmp_path)
     for out, (name, source) in sources.items():
         _check(results[out]["logits"], reference_logits(source), f"{mode} {name}")
+
+
+# ----------------------------------------------------------------------------------------------- llama.cpp (GGUF)
+NODE_PACKAGES = ["node-llama-cpp@3.22.1", "@node-llama-cpp/linux-x64@3.22.1"]
+LLAMA_SCRIPT = REPO / "tests" / "clients" / "llama_logits.mjs"
+
+
+def llama_client() -> Path:
+    """A directory with node-llama-cpp (llama.cpp prebuilt for x64 CPUs) installed, under $QUANTLM_HOME (about 15 s
+    the first time, then reused)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("npm") is None:
+        pytest.fail("llama.cpp's client needs node and npm (Node.js 20+) on PATH")
+    root = quantlm_home() / "client-node"
+    marker = root / ".quantlm-installed"
+    if marker.is_file() and json.loads(marker.read_text()) == NODE_PACKAGES:
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "package.json").write_text(json.dumps({"name": "quantlm-llama-client", "private": True, "type": "module"}))
+    command = ["npm", "install", "--omit=optional", "--ignore-scripts", "--no-audit", "--no-fund", *NODE_PACKAGES]
+    done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    marker.write_text(json.dumps(NODE_PACKAGES))
+    return root
+
+
+def llama_logits(jobs: list[dict], work: Path) -> dict[str, torch.Tensor]:
+    """Run the jobs through llama.cpp; each job's logits [tokens, vocab], by its "out" file."""
+    import shutil
+
+    root = llama_client()
+    shutil.copyfile(LLAMA_SCRIPT, root / LLAMA_SCRIPT.name)  # node resolves node-llama-cpp beside the script
+    job_file = work / "llama-jobs.json"
+    job_file.write_text(json.dumps(jobs))
+    run = run_streamed(["node", str(root / LLAMA_SCRIPT.name), str(job_file)], work / "llama.log", env=worker_env(2))
+    assert run["rc"] == 0, "\n".join(run["tail"])
+    out = {}
+    for job in jobs:
+        shape = json.loads(Path(job["out"] + ".json").read_text())
+        data = np.fromfile(job["out"], dtype="<f4").reshape(shape["n_tokens"], shape["n_vocab"])
+        out[job["out"]] = torch.from_numpy(data)
+    return out
+
+
+def q8_0_activations(x: torch.Tensor) -> torch.Tensor:
+    """llama.cpp's CPU matmuls of Q4_0/Q5_0/Q8_0 weights take the input rounded to Q8_0: blocks of 32, scale
+    max|x| / 127 stored in fp16, codes round(x / scale)."""
+    blocks = x.reshape(*x.shape[:-1], -1, 32)
+    scale = blocks.abs().amax(-1, keepdim=True) / 127
+    inverse = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+    return (torch.round(blocks * inverse) * scale.half().float()).reshape(x.shape)
+
+
+def test_llama_cpp_computes_the_gguf_exports(tmp_path):
+    """llama.cpp on a GGUF export gives quantlm's logits: exactly (to 1e-6) for the weights dequantized into an F32
+    GGUF, and for Q4_0/Q5_0/Q8_0 blocks once quantlm rounds each quantized layer's input as llama.cpp's CPU
+    kernels do (Q8_0). Without that rounding the two differ by about 1% of the largest logit: that is llama.cpp's
+    arithmetic, not the file (reported by benchmarks/export_clients.py)."""
+    from quantlm.formats.gguf import write_gguf
+    from quantlm.models.blocks import set_submodule
+    from test_export import GGUF_RECIPES, bpe_tokenizer
+
+    jobs, wants = [], {}
+    for kind, recipe in GGUF_RECIPES.items():
+        path = save(quantize(_tiny(), recipe, None, progress=False), tmp_path / kind, tokenizer=bpe_tokenizer())
+        gguf_file = export_checkpoint(path, tmp_path / f"{kind}.gguf", format="gguf")
+        model = load_checkpoint(path)
+        if kind == "Q4_0":  # the same weights, dequantized, as F32 tensors
+            twin = load_checkpoint(path)
+            for name, layer in quantized_modules(twin).items():
+                linear = torch.nn.Linear(layer.in_features, layer.out_features, bias=False)
+                linear.weight.data = layer.dequantize_weight()
+                set_submodule(twin, name, linear)
+            write_gguf(twin, tmp_path / "f32.gguf", tokenizer_dir=path)
+            jobs.append({"model": str(tmp_path / "f32.gguf"), "ids": IDS[0].tolist(), "out": str(tmp_path / "f32")})
+            wants[jobs[-1]["out"]] = reference_logits(path)[0]
+        for layer in quantized_modules(model).values():
+            layer.register_forward_pre_hook(lambda module, args: (q8_0_activations(args[0]),))
+        with torch.no_grad():
+            wants[str(tmp_path / f"{kind}.logits")] = model(IDS).logits[0]
+        jobs.append({"model": str(gguf_file), "ids": IDS[0].tolist(), "out": str(tmp_path / f"{kind}.logits")})
+    for out, logits in llama_logits(jobs, tmp_path).items():
+        diff = _check(logits, wants[out], Path(out).name)
+        assert diff <= 1e-5 * wants[out].abs().max().item(), f"{Path(out).name}: {diff:.3g}"

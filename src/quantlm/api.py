@@ -156,13 +156,19 @@ def load(
 
 
 def export(
-    checkpoint: str | os.PathLike, out: str | os.PathLike, *, format: str = "gptq", overwrite: bool = False
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    format: str = "gptq",
+    overwrite: bool = False,
+    gguf_type: str = "f32",
 ) -> Path:
     """Write the quantlm checkpoint ``checkpoint`` as a checkpoint of another runtime at ``out``: ``format`` is one
-    of ``EXPORT_FORMATS`` (gptq, gptq-v2, compressed-tensors; ``quantlm.formats.exchange`` says who reads each).
-    The codes, scales and zero points are written as they are; a layer the format cannot hold exactly is refused
-    in one line that says what to quantize differently."""
-    return export_checkpoint(checkpoint, out, format=format, overwrite=overwrite)
+    of ``EXPORT_FORMAT_NAMES`` (gptq, gptq-v2, compressed-tensors, gguf; ``quantlm.formats.exchange`` says who reads
+    each). The codes, scales and zero points are written as they are; a layer the format cannot hold exactly is
+    refused in one line that says what to quantize differently. gguf also takes a float model (any source), with
+    ``gguf_type`` (f32, f16, bf16) the type of its float tensors."""
+    return export_checkpoint(checkpoint, out, format=format, overwrite=overwrite, gguf_type=gguf_type)
 
 
 def load_time_methods() -> tuple[str, ...]:
@@ -459,7 +465,7 @@ _ON_DEMAND = {
     "KVQuantConfig": "quantlm.nn.kv_cache",
     "enable_kv_quantization": "quantlm.nn.kv_cache",
     "ALIASES": "quantlm.models.sources",
-    "EXPORT_FORMATS": "quantlm.formats.exchange",
+    "EXPORT_FORMAT_NAMES": "quantlm.formats.exchange",
     "load_float_model": "quantlm.models.sources",
     "BUILTIN_TEXTS": "quantlm.data.texts",
     "catalog": "quantlm.methods.catalog",

@@ -666,21 +666,22 @@ def models(as_json: bool = typer.Option(False, "--json")) -> None:
 @app.command()
 @_friendly
 def export(
-    checkpoint: Path = typer.Argument(..., help="A quantlm checkpoint directory."),
+    checkpoint: str = typer.Argument(..., help="A quantlm checkpoint directory (for gguf, also any float model)."),
     format: str = typer.Option(
         "gptq",
         "--format",
-        help="gptq (v1 when every layer is symmetric, else gptq_v2), gptq-v2, or compressed-tensors "
-        "(pack-quantized; int-quantized for W8A8). docs/export.md says which runtimes read each.",
+        help="gptq (v1 when every layer is symmetric, else gptq_v2), gptq-v2, compressed-tensors (pack-quantized; "
+        "int-quantized for W8A8), or gguf (llama.cpp's Q4_0/Q4_1/Q5_0/Q5_1/Q8_0). docs/export.md says who reads each.",
     ),
-    out: Path = typer.Option(..., "--out", "-o", help="The directory to write."),
+    out: Path = typer.Option(..., "--out", "-o", help="The directory to write (for gguf: a .gguf file)."),
+    gguf_type: str = typer.Option("f32", help="gguf: the type of float tensors, f32, f16 or bf16."),
     overwrite: bool = typer.Option(False, help="Replace an earlier export at --out."),
 ) -> None:
-    """Write a quantized checkpoint in another runtime's format: the same codes, scales and zero points, bit for
-    bit. A layer the format cannot hold exactly is refused in one line (nothing is re-rounded)."""
-    if format not in api.EXPORT_FORMATS:
-        raise QuantlmError(f"unknown --format {format!r}: use one of {', '.join(api.EXPORT_FORMATS)}")
-    path = api.export(checkpoint, out, format=format, overwrite=overwrite)
+    """Write a model in another runtime's format: the same codes, scales and zero points, bit for bit. A layer the
+    format cannot hold exactly is refused in one line (nothing is re-rounded)."""
+    if format not in api.EXPORT_FORMAT_NAMES:
+        raise QuantlmError(f"unknown --format {format!r}: use one of {', '.join(api.EXPORT_FORMAT_NAMES)}")
+    path = api.export(checkpoint, out, format=format, overwrite=overwrite, gguf_type=gguf_type)
     typer.echo(f"wrote {path} ({format})")
 
 

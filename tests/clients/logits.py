@@ -4,7 +4,8 @@ GPTQModel), never in the project's; it imports nothing of quantlm.
     python logits.py JOBS.json
 
 JOBS.json: a list of {"model": DIR, "mode": MODE, "ids": [token ids], "out": FILE.safetensors}; with
-``"layers": true`` the file also holds every quantized Linear's input and output (``NAME.in``, ``NAME.out``). Modes:
+``"layers": true`` the file also holds every quantized Linear's input and output (``NAME.in``, ``NAME.out``). A job
+that fails writes ``OUT.error`` (one line) instead, the others still run, and the exit status is 1. Modes:
 - ``transformers``: ``AutoModelForCausalLM.from_pretrained(DIR, dtype=float32)``, the loader's own choices
   (compressed-tensors' compressed path; for GPTQ, the kernel GPTQModel picks for fp32 on this CPU);
 - ``transformers-dequantize``: compressed-tensors with ``CompressedTensorsConfig(run_compressed=False)``, which
@@ -78,16 +79,29 @@ def record_layers(model, tensors):
 
 
 def main():
+    failed = 0
     for job in json.load(open(sys.argv[1])):
-        model = load(job["model"], job["mode"]).eval()
-        tensors = {}
-        if job.get("layers"):
-            record_layers(model, tensors)
-        with torch.no_grad():
-            tensors["logits"] = model(torch.tensor([job["ids"]])).logits.float().contiguous()
-        kinds = sorted({type(m).__name__ for m in model.modules() if "Linear" in type(m).__name__})
-        save_file(tensors, job["out"], metadata={"modules": ",".join(kinds)})
-        print(job["model"], job["mode"], kinds, flush=True)
+        try:
+            run(job)
+        except Exception as e:  # one job's failure is its result: say why beside its output, go on
+            failed += 1
+            message = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            with open(job["out"] + ".error", "w") as f:
+                f.write(f"{type(e).__name__}: {message}\n")
+            print(job["model"], job["mode"], "FAILED:", message, flush=True)
+    sys.exit(1 if failed else 0)
+
+
+def run(job):
+    model = load(job["model"], job["mode"]).eval()
+    tensors = {}
+    if job.get("layers"):
+        record_layers(model, tensors)
+    with torch.no_grad():
+        tensors["logits"] = model(torch.tensor([job["ids"]])).logits.float().contiguous()
+    kinds = sorted({type(m).__name__ for m in model.modules() if "Linear" in type(m).__name__})
+    save_file(tensors, job["out"], metadata={"modules": ",".join(kinds)})
+    print(job["model"], job["mode"], kinds, flush=True)
 
 
 if __name__ == "__main__":

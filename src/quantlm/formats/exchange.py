@@ -3,7 +3,9 @@
 - ``gptq``: checkpoint_format v1 (``gptq``) when every layer is symmetric, else ``gptq_v2``; read by GPTQModel,
   transformers (through GPTQModel) and vLLM (v1);
 - ``gptq-v2``: always ``gptq_v2``; GPTQModel and transformers;
-- ``compressed-tensors``: ``pack-quantized`` (weight-only) or ``int-quantized`` (W8A8); transformers and vLLM.
+- ``compressed-tensors``: ``pack-quantized`` (weight-only) or ``int-quantized`` (W8A8); transformers and vLLM;
+- ``gguf``: one file, llama.cpp's block types (``quantlm.formats.gguf``); llama.cpp, Ollama, LM Studio. Float models
+  export too (``--gguf-type`` for their tensors).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from torch import nn
 
 from quantlm.errors import QuantlmError
 from quantlm.formats.compressed_tensors import CompressedTensorsFormat
+from quantlm.formats.gguf import FLOAT_TYPES as GGUF_FLOAT_TYPES
+from quantlm.formats.gguf import is_gguf_export, write_gguf
 from quantlm.formats.gptq import GPTQFormat
 from quantlm.formats.interchange import LayerFormat, load_foreign, read_config, write_export
 from quantlm.formats.native import check_output, is_quantlm_checkpoint, load_checkpoint, quantized_modules
@@ -29,9 +33,12 @@ EXPORT_FORMATS: dict[str, LayerFormat] = {
 READERS: dict[str, LayerFormat] = {"gptq": GPTQFormat(), "compressed-tensors": CompressedTensorsFormat()}
 
 
+EXPORT_FORMAT_NAMES = (*EXPORT_FORMATS, "gguf")
+
+
 def export_format(name: str) -> LayerFormat:
     if name not in EXPORT_FORMATS:
-        raise QuantlmError(f"unknown export format {name!r}: use one of {', '.join(EXPORT_FORMATS)}")
+        raise QuantlmError(f"unknown export format {name!r}: use one of {', '.join(EXPORT_FORMAT_NAMES)}")
     return EXPORT_FORMATS[name]
 
 
@@ -41,11 +48,19 @@ def is_exported(path: str | os.PathLike) -> bool:
 
 
 def export_checkpoint(
-    checkpoint: str | os.PathLike, out: str | os.PathLike, *, format: str = "gptq", overwrite: bool = False
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    format: str = "gptq",
+    overwrite: bool = False,
+    gguf_type: str = "f32",
 ) -> Path:
-    """Write the quantlm checkpoint at ``checkpoint`` as a ``format`` checkpoint directory at ``out``: the same
-    codes, scales and zero points, bit for bit, in that format's layout. A layer the format cannot hold exactly is
-    refused (nothing is re-rounded)."""
+    """Write the quantlm checkpoint at ``checkpoint`` as a ``format`` checkpoint directory at ``out`` (for gguf: one
+    file; there ``checkpoint`` may also be any float model source, and ``gguf_type`` is the type of float tensors):
+    the same codes, scales and zero points, bit for bit, in that format's layout. A layer the format cannot hold
+    exactly is refused (nothing is re-rounded)."""
+    if format == "gguf":
+        return export_gguf(checkpoint, out, float_type=gguf_type, overwrite=overwrite)
     fmt = export_format(format)
     checkpoint, out = Path(checkpoint), Path(out)
     if not is_quantlm_checkpoint(checkpoint):
@@ -55,6 +70,31 @@ def export_checkpoint(
         raise QuantlmError("the export would replace the checkpoint it reads: choose another --out")
     model = load_checkpoint(checkpoint)
     return write_export(model, quantized_modules(model), fmt, out, source=checkpoint, overwrite=overwrite)
+
+
+def export_gguf(source: str | os.PathLike, out: str | os.PathLike, *, float_type: str, overwrite: bool) -> Path:
+    """A quantlm checkpoint, or a float model (alias, directory, hub id), as one GGUF file."""
+    from quantlm.models.sources import load_float_model, resolve_model_dir
+
+    out = Path(out)
+    if out.suffix != ".gguf":
+        raise QuantlmError(f"--out {out} must name a .gguf file")
+    if out.exists() and not overwrite:
+        raise QuantlmError(f"{out} already exists: choose another path or pass --overwrite")
+    if out.exists() and not is_gguf_export(out):
+        raise QuantlmError(f"{out} is not a GGUF file: --overwrite only replaces GGUF files; choose another output")
+    if float_type not in GGUF_FLOAT_TYPES:
+        raise QuantlmError(f"unknown --gguf-type {float_type!r}: use one of {', '.join(GGUF_FLOAT_TYPES)}")
+    path = Path(str(source)).expanduser()
+    if is_quantlm_checkpoint(path):
+        model, tokenizer_dir = load_checkpoint(path), path
+        origin = read_config(path).get("_name_or_path")
+        model_dir = Path(origin) if origin and Path(origin).is_dir() else None
+    else:
+        tokenizer_dir = model_dir = resolve_model_dir(str(source))
+        model = load_float_model(str(source), dtype="float32")
+    write_gguf(model, out, tokenizer_dir=tokenizer_dir, float_type=float_type, model_dir=model_dir)
+    return out
 
 
 def foreign_config(path: str | os.PathLike) -> dict[str, Any] | None:

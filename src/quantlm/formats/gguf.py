@@ -1,0 +1,321 @@
+"""GGUF for llama.cpp (and Ollama, LM Studio): quantlm layers written exactly as llama.cpp's own block types.
+
+A quantized Linear goes into the block type whose grid is its grid, with its codes and fp16 scales as they are:
+- ``Q4_0`` / ``Q5_0`` / ``Q8_0``: symmetric 4/5/8-bit groups of 32 input columns, ``w = (q - 2**(bits-1)) * d``;
+  quantlm's symmetric grid is this one (zero point = the middle code);
+- ``Q4_1`` / ``Q5_1``: asymmetric 4/5-bit groups of 32, ``w = q * d + m``; quantlm's ``(q - zero) * scale`` is this
+  one with ``d = scale`` and ``m = -zero * scale``, written only where every ``m`` is an fp16 number (else the
+  layer is refused: fp16 cannot hold ``-zero * scale`` for most scales).
+Anything else (other group sizes, 2/3/6-bit codes, codebooks, fractional zeros, W8A8) is refused with the reason.
+Float tensors go in ``float_type`` (f32, f16 or bf16); 1-D ones (norms) always in F32, as llama.cpp writes them.
+
+Layout (what llama.cpp's converter writes for the ``llama`` architecture): tensor names ``token_embd``,
+``blk.N.attn_q`` ... ``output_norm``, ``output`` (left out when tied to the embedding); the rows of attn_q and attn_k
+reordered from Hugging Face's rotate-half rotary layout to llama.cpp's interleaved pairs (``rope_row_order``);
+the model's hyperparameters as ``llama.*`` keys; the tokenizer as ``tokenizer.ggml.*`` (GPT-2 BPE: tokens,
+token types, merges, special ids, chat template). ``tokenizer.ggml.pre`` (llama.cpp's name for the pre-tokenizer's
+regex) is taken from the GGUF the model came from when there is one, else ``default``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from quantlm.errors import QuantlmError
+from quantlm.formats.interchange import integer_grid_problem
+from quantlm.nn.qlinear import QuantLinear
+from quantlm.paths import atomic_write_file
+
+BLOCK = 32  # columns per block of the Q4_0 ... Q8_0 types
+FLOAT_TYPES = ("f32", "f16", "bf16")
+ARCHITECTURES = {"llama": "llama", "mistral": "llama"}  # model_type -> GGUF architecture written
+LLAMA_NAMES = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+TOP_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+
+
+def _gguf():
+    import gguf
+
+    return gguf
+
+
+def block_type(module: QuantLinear) -> str | None:
+    """The llama.cpp block type whose grid is this layer's grid (None: none is)."""
+    spec = module.spec
+    if spec.granularity != "group" or spec.group_size != BLOCK or module.g_idx is not None:
+        return None
+    if spec.symmetric:
+        return {4: "Q4_0", 5: "Q5_0", 8: "Q8_0"}.get(spec.bits)
+    return {4: "Q4_1", 5: "Q5_1"}.get(spec.bits)
+
+
+def why_not(module: QuantLinear) -> str | None:
+    problem = integer_grid_problem(module)
+    if problem is not None:
+        return problem
+    if module.act_bits is not None:
+        return "its activations are quantized (W8A8), which llama.cpp's block types do not do"
+    kind = block_type(module)
+    if kind is None:
+        return (
+            f"{module.spec.describe()} is none of llama.cpp's block grids (groups of 32: symmetric 4/5/8 bits for "
+            "Q4_0/Q5_0/Q8_0, asymmetric 4/5 bits for Q4_1/Q5_1): quantize with --group-size 32 and one of those, "
+            "without --act-order's permuted groups"
+        )
+    scales = module.scales.float()
+    if not torch.equal(scales.half().float(), scales):
+        return "its scales are not fp16 numbers, as llama.cpp's blocks store them: quantize without --double-quant"
+    if kind in ("Q4_1", "Q5_1"):
+        offset = -module.zeros.double() * scales.double()
+        if not torch.equal(offset.half().double(), offset):
+            return (
+                f"{kind} stores the offset -zero * scale in fp16, which cannot hold this layer's offsets exactly: "
+                "quantize with --sym for Q4_0/Q5_0"
+            )
+    return None
+
+
+def block_bytes(module: QuantLinear) -> tuple[np.ndarray, str]:
+    """The layer's weight as llama.cpp blocks: uint8 ``[out, in / 32 * block size]`` and the type's name."""
+    kind = block_type(module)
+    out_f, in_f = module.out_features, module.in_features
+    codes = module.codes().view(out_f, in_f // BLOCK, BLOCK)
+    d = module.scales.to(torch.float16).view(out_f, -1, 1).view(torch.uint8)  # [out, blocks, 2]
+    parts = [d]
+    if kind in ("Q4_1", "Q5_1"):
+        m = (-module.zeros.double() * module.scales.double()).to(torch.float16)
+        parts.append(m.view(out_f, -1, 1).view(torch.uint8))
+    if kind == "Q8_0":
+        parts.append((codes.to(torch.int16) - 128).to(torch.int8).view(torch.uint8))
+    else:
+        if kind in ("Q5_0", "Q5_1"):  # the fifth bit of element j in bit j of a 32-bit word
+            high = (codes >> 4).to(torch.int64) << torch.arange(BLOCK, dtype=torch.int64)
+            parts.append(high.sum(-1, keepdim=True).to(torch.int32).view(torch.uint8))
+        low = codes & 0xF  # element j in the low nibble of byte j, element j + 16 in its high nibble
+        parts.append(low[..., :16] | (low[..., 16:] << 4))
+    blocks = torch.cat(parts, dim=-1)
+    return blocks.reshape(out_f, -1).numpy(), kind
+
+
+def rope_row_order(n_heads: int, head_dim: int) -> torch.Tensor:
+    """Row order that takes a q/k projection from Hugging Face's rotary layout (per head: the first halves of all
+    pairs, then the second halves) to llama.cpp's (per head: the two members of each pair side by side)."""
+    half = head_dim // 2
+    rows = torch.arange(n_heads * head_dim).view(n_heads, 2, half)
+    return rows.transpose(1, 2).reshape(-1)
+
+
+def gguf_name(name: str) -> str | None:
+    """llama.cpp's name for a module of a Hugging Face llama model (None: not one it has)."""
+    if name in TOP_NAMES:
+        return TOP_NAMES[name]
+    parts = name.split(".")
+    if len(parts) >= 4 and parts[:2] == ["model", "layers"]:
+        local = ".".join(parts[3:])
+        if local in LLAMA_NAMES:
+            return f"blk.{parts[2]}.{LLAMA_NAMES[local]}"
+    return None
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    tokens: list[str]
+    token_types: list[int]
+    merges: list[str]
+    special: dict[str, int]
+    add_bos: bool
+    chat_template: str | None
+    pre: str
+
+
+def vocabulary(tokenizer_dir: Path, pre: str) -> Vocabulary:
+    """A GPT-2-style BPE tokenizer (tokenizer.json) as GGUF's token list, types, merges and special ids."""
+    gguf = _gguf()
+    try:
+        data = json.loads((tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise QuantlmError(f"GGUF export needs the model's tokenizer.json: {e}") from None
+    model = data.get("model") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        raise QuantlmError("GGUF export writes GPT-2-style byte-level BPE tokenizers only (tokenizer.json model BPE)")
+    vocab: dict[str, int] = dict(model["vocab"])
+    added = {t["content"]: t for t in data.get("added_tokens", [])}
+    vocab.update({content: t["id"] for content, t in added.items()})
+    size = max(vocab.values()) + 1
+    tokens = [f"[PAD{i}]" for i in range(size)]
+    types = [gguf.TokenType.UNUSED] * size
+    for text, i in vocab.items():
+        tokens[i] = text
+        entry = added.get(text)
+        types[i] = (
+            gguf.TokenType.NORMAL
+            if entry is None
+            else gguf.TokenType.CONTROL
+            if entry.get("special")
+            else gguf.TokenType.USER_DEFINED
+        )
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    if not merges:  # llama.cpp refuses a BPE vocabulary without merges, and GGUF cannot store an empty list
+        raise QuantlmError("GGUF export needs a BPE tokenizer with merges; this tokenizer.json has none")
+    config = {}
+    if (tokenizer_dir / "tokenizer_config.json").is_file():
+        config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+    special = {}
+    for key in ("bos", "eos", "unk", "pad"):
+        token = config.get(f"{key}_token")
+        token = token.get("content") if isinstance(token, dict) else token
+        if isinstance(token, str) and token in vocab:
+            special[key] = vocab[token]
+    template = config.get("chat_template")
+    if template is None and (tokenizer_dir / "chat_template.jinja").is_file():
+        template = (tokenizer_dir / "chat_template.jinja").read_text(encoding="utf-8")
+    return Vocabulary(
+        tokens, [int(t) for t in types], merges, special, bool(config.get("add_bos_token")), template, pre
+    )
+
+
+def pre_tokenizer_name(model_dir: Path | None) -> str:
+    """llama.cpp's pre-tokenizer name: from the GGUF the model was converted from, else ``default``."""
+    source = None if model_dir is None else model_dir / "quantlm_source.json"
+    if source is not None and source.is_file():
+        gguf = _gguf()
+        try:
+            origin = json.loads(source.read_text(encoding="utf-8")).get("gguf")
+            field = gguf.GGUFReader(origin).get_field("tokenizer.ggml.pre")
+            if field is not None:
+                return str(field.contents())
+        except (OSError, ValueError, KeyError):
+            pass
+    return "default"
+
+
+def write_gguf(
+    model: nn.Module,
+    out: Path,
+    *,
+    tokenizer_dir: Path,
+    float_type: str = "f32",
+    name: str | None = None,
+    model_dir: Path | None = None,
+) -> dict[str, int]:
+    """Write ``model`` (quantized or float) as a GGUF file at ``out`` (through a temporary file and a rename).
+    Returns how many tensors went into each GGML type."""
+    gguf = _gguf()
+    config = model.config
+    arch = ARCHITECTURES.get(config.model_type)
+    if arch is None:
+        raise QuantlmError(
+            f"GGUF export writes the llama architecture (llama, mistral), not {config.model_type}: export this model "
+            "as gptq or compressed-tensors"
+        )
+    if float_type not in FLOAT_TYPES:
+        raise QuantlmError(f"unknown --gguf-type {float_type!r}: use one of {', '.join(FLOAT_TYPES)}")
+    modules = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    problems = [(n, why) for n, m in modules.items() if (why := why_not(m)) is not None]
+    if problems:
+        n, why = problems[0]
+        more = f" (and {len(problems) - 1} more layers)" if len(problems) > 1 else ""
+        raise QuantlmError(f"gguf cannot hold {n}{more}: {why}")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
+    vocab = vocabulary(tokenizer_dir, pre_tokenizer_name(model_dir))
+    tensors: list[tuple[str, np.ndarray, Any]] = []
+    counts: dict[str, int] = {}
+    float_kind = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16}
+    for module_name, module in model.named_modules():
+        target = gguf_name(module_name)
+        if target is None:
+            continue
+        if target == "output" and getattr(config, "tie_word_embeddings", False):
+            continue  # llama.cpp reads the tied head from token_embd
+        order = None
+        kind_of = target.rsplit(".", 1)[-1]
+        if kind_of in heads:
+            order = rope_row_order(heads[kind_of], head_dim)
+        if isinstance(module, QuantLinear):
+            data, kind = block_bytes(module)
+            if order is not None:
+                data = data[order.numpy()]
+            tensors.append((f"{target}.weight", data, getattr(gguf.GGMLQuantizationType, kind)))
+            counts[kind] = counts.get(kind, 0) + 1
+            continue
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.is_meta:
+            continue
+        w = weight.detach().float()
+        if order is not None:
+            w = w[order]
+        if w.dim() == 1 or float_type == "f32":
+            tensors.append((f"{target}.weight", w.numpy(), gguf.GGMLQuantizationType.F32))
+            counts["F32"] = counts.get("F32", 0) + 1
+        elif float_type == "bf16":
+            raw = w.to(torch.bfloat16).view(torch.uint8).numpy()
+            tensors.append((f"{target}.weight", raw, gguf.GGMLQuantizationType.BF16))
+            counts["BF16"] = counts.get("BF16", 0) + 1
+        else:
+            tensors.append((f"{target}.weight", w.half().numpy(), float_kind[float_type]))
+            counts["F16"] = counts.get("F16", 0) + 1
+
+    def write(path: str) -> None:
+        writer = gguf.GGUFWriter(path, arch)
+        writer.add_type(gguf.GGUFType.MODEL)
+        writer.add_name(name or Path(getattr(config, "_name_or_path", "") or "model").name)
+        writer.add_context_length(config.max_position_embeddings)
+        writer.add_embedding_length(config.hidden_size)
+        writer.add_block_count(config.num_hidden_layers)
+        writer.add_feed_forward_length(config.intermediate_size)
+        writer.add_head_count(config.num_attention_heads)
+        writer.add_head_count_kv(config.num_key_value_heads)
+        writer.add_rope_dimension_count(head_dim)
+        rope = getattr(config, "rope_parameters", None) or {}
+        writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
+        writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+        writer.add_vocab_size(len(vocab.tokens))
+        writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(vocab.pre)
+        writer.add_token_list(vocab.tokens)
+        writer.add_token_types(vocab.token_types)
+        writer.add_token_merges(vocab.merges)
+        for key, token_id in vocab.special.items():
+            getattr(writer, {"unk": "add_unk_token_id"}.get(key, f"add_{key}_token_id"))(token_id)
+        writer.add_add_bos_token(vocab.add_bos)
+        if vocab.chat_template:
+            writer.add_chat_template(vocab.chat_template)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        for tensor_name, data, kind in tensors:
+            writer.add_tensor(tensor_name, data, raw_dtype=kind)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+    atomic_write_file(out, write)
+    return counts
+
+
+def is_gguf_export(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a GGUF file (what ``--overwrite`` may replace)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
