@@ -367,3 +367,33 @@ def test_gguf_of_a_float_model(tmp_path):
     with pytest.raises(QuantlmError, match="not a GGUF file"):
         export_checkpoint(source, tmp_path / "notes.gguf", format="gguf", overwrite=True)
     assert (tmp_path / "notes.gguf").read_text() == "mine"
+
+
+@pytest.mark.parametrize("kind", list(GGUF_RECIPES))
+def test_gguf_reads_back_as_the_same_quantized_model(gguf_checkpoints, tmp_path, kind):
+    """quantlm.load of a GGUF export: QuantLinears with the checkpoint's codes, scales and zero points, and the
+    same logits (its float parts and tokenizer come through transformers' GGUF reader)."""
+    out = export_checkpoint(gguf_checkpoints[kind], tmp_path / "m.gguf", format="gguf")
+    back = quantlm.load(out, kernel="torch", dtype="float32")
+    native = quantlm.load(gguf_checkpoints[kind], kernel="torch", dtype="float32")
+    _same_layers(quantized_modules(native), quantized_modules(back))
+    with torch.no_grad():
+        assert torch.equal(back(IDS).logits, native(IDS).logits)
+
+
+@pytest.mark.parametrize("kind", ["Q4_1", "Q5_1", "Q4_0", "Q5_0", "Q8_0"])
+def test_gguf_blocks_of_other_tools_read_as_quantized_layers(kind):
+    """Blocks the gguf package quantizes (as llama-quantize --pure does) read as QuantLinears whose weight is the
+    package's dequantization: exactly for the symmetric types, to fp32 rounding for Q4_1/Q5_1 (whose offset becomes
+    a float zero point)."""
+    import gguf
+
+    from quantlm.formats.gguf import layer_from_blocks
+
+    w = torch.randn(24, 96, generator=torch.Generator().manual_seed(3)).numpy()
+    qtype = getattr(gguf.GGMLQuantizationType, kind)
+    blocks = gguf.quants.quantize(w, qtype)
+    layer = layer_from_blocks(blocks, kind, 24, 96)
+    want = torch.from_numpy(gguf.quants.dequantize(blocks, qtype))
+    tolerance = 0.0 if kind.endswith("_0") else 1e-6 * want.abs().max().item()
+    assert (layer.dequantize_weight() - want).abs().max().item() <= tolerance

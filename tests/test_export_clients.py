@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import quantlm
 from quantlm.api import quantize, save
 from quantlm.formats.exchange import export_checkpoint
 from quantlm.formats.native import load_checkpoint, quantized_modules
@@ -232,3 +233,23 @@ def test_llama_cpp_computes_the_gguf_exports(tmp_path):
     for out, logits in llama_logits(jobs, tmp_path).items():
         diff = _check(logits, wants[out], Path(out).name)
         assert diff <= 1e-5 * wants[out].abs().max().item(), f"{Path(out).name}: {diff:.3g}"
+
+
+@pytest.mark.parametrize("grid", ["sym", "asym"])
+def test_gptqmodel_checkpoints_load_in_quantlm(tmp_path, grid):
+    """A checkpoint GPTQModel made itself (v1 format, its own metadata) loads in quantlm as QuantLinears, with the
+    logits GPTQModel computes for it."""
+    from conftest import save_tiny_model
+
+    source = save_tiny_model(tmp_path / "tiny")
+    made = tmp_path / f"gptqmodel-{grid}"
+    env = worker_env(2, {"GPTQMODEL_CPU_WORKERS": "2", "HF_HUB_OFFLINE": "1"})
+    command = [str(client_python("gptqmodel")), str(REPO / "tests/clients/gptqmodel_quantize.py"), str(source)]
+    run = run_streamed([*command, str(made), grid], tmp_path / "quantize.log", env=env)
+    assert run["rc"] == 0, "\n".join(run["tail"])
+    job = {"model": str(made), "mode": "gptqmodel-torch", "ids": IDS[0].tolist(), "out": str(tmp_path / "gm.st")}
+    theirs = run_client("gptqmodel", [job], tmp_path)[job["out"]]["logits"]
+    model = quantlm.load(made, kernel="torch", dtype="float32")
+    assert len(quantized_modules(model)) == 21
+    with torch.no_grad():
+        _check(theirs, model(IDS).logits, f"GPTQModel {grid}")

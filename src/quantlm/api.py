@@ -17,7 +17,7 @@ from quantlm._version import __version__
 from quantlm.data import calibration_windows, load_text, tokenize_text
 from quantlm.errors import QuantlmError
 from quantlm.eval.perplexity import PerplexityResult, perplexity
-from quantlm.formats.exchange import export_checkpoint, foreign_config, read_foreign
+from quantlm.formats.exchange import export_checkpoint, foreign_config, read_foreign, read_gguf
 from quantlm.formats.native import (
     WEIGHTS_FILE,
     check_output,
@@ -116,9 +116,9 @@ def load(
     quantize: str | Any | None = None,
     progress: bool = True,
 ) -> nn.Module:
-    """A quantlm checkpoint, or a GPTQ or compressed-tensors checkpoint (``quantlm.formats.exchange``), as a
-    quantized model ready to run, or any other model source as a full-precision model (with ``quantize``, quantized
-    as it loads).
+    """A quantlm checkpoint, a GPTQ or compressed-tensors checkpoint, or a GGUF file whose Linears are llama.cpp
+    blocks of Q4_0/Q5_0/Q8_0/Q4_1/Q5_1 (``quantlm.formats.exchange``), as a quantized model ready to run; any other
+    model source as a full-precision model (with ``quantize``, quantized as it loads).
 
     ``dtype`` is the compute dtype (a torch dtype or its name; ``"auto"``: the fastest this machine runs natively,
     ``quantlm.hardware.choose_dtype``): the float parts of the model (embeddings, norms, unquantized Linears) are cast
@@ -148,6 +148,9 @@ def load(
         if recipe is not None:
             raise QuantlmError(f"{source} is a quantized checkpoint already: load it without --quantize/quantize=")
         model = read_foreign(path)
+        return _ready(model if device is None else model.to(device), dtype, kernel, attention)
+    if path.suffix == ".gguf" and path.is_file() and recipe is None:  # its llama.cpp blocks as QuantLinears
+        model = read_gguf(path)
         return _ready(model if device is None else model.to(device), dtype, kernel, attention)
     if recipe is None:
         return _ready(load_float_model(source, dtype=dtype, device=device), dtype, kernel, attention)

@@ -97,6 +97,23 @@ def export_gguf(source: str | os.PathLike, out: str | os.PathLike, *, float_type
     return out
 
 
+def read_gguf(path: str | os.PathLike) -> nn.Module:
+    """A GGUF file as a model whose Linears stored as llama.cpp blocks (Q4_0, Q5_0, Q8_0, Q4_1, Q5_1) are
+    QuantLinears holding those blocks, the rest float (a GGUF without such blocks: a float model)."""
+    from quantlm.formats.gguf import read_gguf_layers
+    from quantlm.formats.record import QuantizationRecord
+    from quantlm.models.blocks import set_submodule
+    from quantlm.models.sources import load_float_model
+
+    model = load_float_model(str(path), dtype="float32")
+    layers = read_gguf_layers(Path(path), model)
+    for name, layer in layers.items():
+        set_submodule(model, name, layer)
+    if layers:
+        model.quantlm_record = QuantizationRecord()
+    return model
+
+
 def foreign_config(path: str | os.PathLike) -> dict[str, Any] | None:
     """The quantization_config of a directory in a format quantlm reads besides its own (None: not one)."""
     path = Path(path)

@@ -319,3 +319,69 @@ def is_gguf_export(path: str | os.PathLike) -> bool:
             return f.read(4) == b"GGUF"
     except OSError:
         return False
+
+
+# ------------------------------------------------------------------------------------------------------- reading
+BLOCK_LAYOUT = {  # type -> (bits, asymmetric, bytes per block)
+    "Q4_0": (4, False, 18),
+    "Q5_0": (5, False, 22),
+    "Q8_0": (8, False, 34),
+    "Q4_1": (4, True, 20),
+    "Q5_1": (5, True, 24),
+}
+
+
+def layer_from_blocks(
+    data: np.ndarray, kind: str, out_features: int, in_features: int, bias: torch.Tensor | None = None
+) -> QuantLinear:
+    """A QuantLinear holding the weight of llama.cpp blocks ``data`` (uint8 ``[out, blocks * size]``, rows in the
+    model's own order). Q4_0/Q5_0/Q8_0 are quantlm's symmetric grids, read exactly; Q4_1/Q5_1's offset ``m``
+    becomes a float zero point ``-m / d`` (fp32), which gives ``q * d + m`` to fp32 rounding."""
+    from quantlm.core import QuantSpec
+
+    bits, asymmetric, size = BLOCK_LAYOUT[kind]
+    blocks = torch.from_numpy(np.array(data, dtype=np.uint8)).view(out_features, in_features // BLOCK, size)
+    d = blocks[..., 0:2].contiguous().view(torch.float16)[..., 0]
+    at = 4 if asymmetric else 2
+    if kind == "Q8_0":
+        codes = (blocks[..., at:].contiguous().view(torch.int8).to(torch.int16) + 128).to(torch.uint8)
+    else:
+        high = torch.zeros(out_features, in_features // BLOCK, BLOCK, dtype=torch.uint8)
+        if bits == 5:
+            qh = blocks[..., at : at + 4].contiguous().view(torch.int32).to(torch.int64)
+            high = (((qh >> torch.arange(BLOCK)) & 1) << 4).to(torch.uint8)
+            at += 4
+        qs = blocks[..., at : at + 16]
+        codes = torch.cat([qs & 0xF, qs >> 4], dim=-1) | high
+    codes = codes.reshape(out_features, in_features)
+    spec = QuantSpec(bits=bits, symmetric=not asymmetric, group_size=BLOCK)
+    if not asymmetric:
+        zeros = torch.full(d.shape, 1 << (bits - 1), dtype=torch.uint8)
+        return QuantLinear.from_codes(codes, d, zeros, spec, bias)
+    m = blocks[..., 2:4].contiguous().view(torch.float16)[..., 0].float()
+    scale = d.float()
+    zeros = torch.where(scale != 0, -m / torch.where(scale != 0, scale, torch.ones_like(scale)), torch.zeros_like(m))
+    return QuantLinear.from_codes(codes, d, zeros, spec, bias, zero_dtype=torch.float32)
+
+
+def read_gguf_layers(path: Path, model: nn.Module) -> dict[str, QuantLinear]:
+    """The Linears of ``model`` (a float model read from the GGUF at ``path``) whose GGUF tensors are blocks of a
+    type in ``BLOCK_LAYOUT``, as QuantLinears holding those blocks."""
+    gguf = _gguf()
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
+    tensors = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    layers = {}
+    for name, module in model.named_modules():
+        target = gguf_name(name)
+        t = tensors.get(f"{target}.weight") if target is not None else None
+        if not isinstance(module, nn.Linear) or t is None or t.tensor_type.name not in BLOCK_LAYOUT:
+            continue
+        data = np.asarray(t.data).reshape(module.out_features, -1)
+        kind_of = target.rsplit(".", 1)[-1]
+        if kind_of in heads:  # back from llama.cpp's rotary row order to the model's
+            data = data[torch.argsort(rope_row_order(heads[kind_of], head_dim)).numpy()]
+        bias = None if module.bias is None else module.bias.detach().clone()
+        layers[name] = layer_from_blocks(data, t.tensor_type.name, module.out_features, module.in_features, bias)
+    return layers
