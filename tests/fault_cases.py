@@ -647,6 +647,10 @@ def out_absent(ctx):
     assert not ctx.paths["out"].exists()
 
 
+def assert_absent(path: Path) -> None:
+    assert not path.exists(), f"the refused run wrote {path}"
+
+
 def both(*checks: Callable) -> Callable:
     def check(ctx):
         for c in checks:
@@ -780,6 +784,13 @@ CASES: list[Case] = [
          "this base records none", check=both(out_absent, no_work_dir)),
     Case("set-finetune-exact", "settings", "finetune --merge exact without --pooled adapters",
          (*FINETUNE, "--merge", "exact", "--out", "{out}"), "train with --pooled"),
+    Case("set-export-format", "settings", "export --format with an unknown name",
+         ("export", "{ckpt}", "--format", "awq", "--out", "{out}"), "unknown --format 'awq'", check=out_absent),
+    Case("set-export-float", "settings", "export --format gptq of a float model (not a quantized checkpoint)",
+         ("export", "{model}", "--format", "gptq", "--out", "{out}"), "not a quantlm checkpoint", check=out_absent),
+    Case("set-export-grid", "settings", "export --format gguf of W4 g16 layers (no llama.cpp block has that grid)",
+         ("export", "{ckpt}", "--format", "gguf", "--out", "{dir}/m.gguf"), "none of llama.cpp's block grids",
+         check=lambda ctx: assert_absent(ctx.dir / "m.gguf")),
     Case("set-greedy-range", "settings", "generate-data --greedy-tokens 5-3",
          (*GEN_DATA, "--greedy-tokens", "5-3", "--out", "{dir}/gen.jsonl"), "greedy tokens must be a range lo-hi"),
     Case("set-report-no-runs", "settings", "report without any run",
@@ -875,6 +886,10 @@ CASES: list[Case] = [
          lost="nothing: the existing checkpoint is byte-identical"),
     Case("out-overwrite-project", "output", "--overwrite naming a directory that is not a checkpoint",
          (*QUANTIZE, "--overwrite"), "--overwrite only replaces checkpoints", setup=out_is_a_project,
+         lost="nothing; refused before any work"),
+    Case("out-export-project", "output", "export --overwrite naming a directory that is not an export",
+         ("export", "{ckpt}", "--format", "compressed-tensors", "--out", "{out}", "--overwrite"),
+         "--overwrite only replaces compressed-tensors exports", setup=out_is_a_project,
          lost="nothing; refused before any work"),
     Case("out-inside-model", "output", "--out inside the source model directory (its work directory too)",
          ("quantize", "{model}", "--group-size", "16", "--out", "{model}/q4"), "rtn(w4 g16 asym)", code=0,

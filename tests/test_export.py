@@ -390,10 +390,85 @@ def test_gguf_blocks_of_other_tools_read_as_quantized_layers(kind):
 
     from quantlm.formats.gguf import layer_from_blocks
 
-    w = torch.randn(24, 96, generator=torch.Generator().manual_seed(3)).numpy()
+    w = torch.randn(24, 96, generator=torch.Generator().manual_seed(3))
+    w[:4, :32] = 0.3  # constant blocks: llama.cpp stores d = 0 (and m = the value for Q4_1/Q5_1)
+    w = w.numpy()
     qtype = getattr(gguf.GGMLQuantizationType, kind)
     blocks = gguf.quants.quantize(w, qtype)
     layer = layer_from_blocks(blocks, kind, 24, 96)
     want = torch.from_numpy(gguf.quants.dequantize(blocks, qtype))
     tolerance = 0.0 if kind.endswith("_0") else 1e-6 * want.abs().max().item()
     assert (layer.dequantize_weight() - want).abs().max().item() <= tolerance
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_gptq_v1_zero_points_read_as_gptqmodel_writes_them(bits):
+    """GPTQModel writes v1 by subtracting 1 from whole 32-bit words of packed zeros, so a zero of 0 borrows from
+    the next field; quantlm's reader adds the 1 back the same way and recovers every zero, 0 and the top code
+    included."""
+    from quantlm.formats.gptq import gptq_layer
+
+    out_f, in_f, maxq = 64, 64, (1 << bits) - 1
+    zeros = torch.randint(0, maxq + 1, (2, out_f), generator=torch.Generator().manual_seed(bits))
+    zeros[0, :8], zeros[1, :8] = 0, maxq
+    ones = sum(1 << (bits * i) for i in range(32 // bits))
+    v2 = to_int32_words(pack(zeros, bits)).to(torch.int64) & 0xFFFFFFFF
+    v1 = ((v2 - ones) & 0xFFFFFFFF).to(torch.uint32).view(torch.int32)
+    codes = torch.randint(0, maxq + 1, (out_f, in_f), generator=torch.Generator().manual_seed(0))
+    tensors = {
+        "qweight": to_int32_words(pack(codes, bits)).T.contiguous(),
+        "qzeros": v1,
+        "scales": torch.rand(2, out_f).half() + 0.01,
+        "g_idx": torch.arange(in_f, dtype=torch.int32) // 32,
+    }
+    layer = gptq_layer(tensors, None, bits=bits, group_size=32, v1=True, symmetric=False)
+    assert torch.equal(layer.zeros.long(), zeros.T)
+    assert torch.equal(layer.codes().long(), codes)
+
+
+def test_int32_words_leave_their_input_alone():
+    words = torch.full((2, 4), -1, dtype=torch.int32)
+    from_int32_words(words, 4, 31)  # 31 codes: the last byte is half used
+    assert torch.equal(words, torch.full((2, 4), -1, dtype=torch.int32))
+
+
+@pytest.mark.parametrize(("bits", "kind"), [(4, "Q4_1"), (5, "Q5_1")])
+def test_gguf_q4_1_and_q5_1_blocks_of_exact_offsets(bits, kind):
+    """An asymmetric g32 layer whose offsets -zero * scale are fp16 numbers goes into Q4_1/Q5_1 exactly."""
+    import gguf
+
+    from quantlm.formats.gguf import block_bytes, layer_from_blocks, why_not
+
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 1 << bits, (8, 64), generator=g)
+    scales = 2.0 ** -torch.randint(3, 8, (8, 2), generator=g).float()  # powers of two: -zero * scale is exact
+    zeros = torch.randint(0, 1 << bits, (8, 2), generator=g)
+    layer = QuantLinear.from_codes(codes, scales.half(), zeros, QuantSpec(bits=bits, group_size=32))
+    assert why_not(layer) is None
+    data, written = block_bytes(layer)
+    assert written == kind
+    got = gguf.quants.dequantize(data, getattr(gguf.GGMLQuantizationType, kind))
+    assert np.array_equal(got, layer.dequantize_weight().numpy())
+    back = layer_from_blocks(data, kind, 8, 64)
+    assert torch.equal(back.dequantize_weight(), layer.dequantize_weight())
+
+
+def test_overwrite_replaces_only_quantlm_exports(gguf_checkpoints, tmp_path):
+    """--overwrite replaces a GGUF quantlm wrote, never another tool's GGUF or the file being read."""
+    import gguf
+
+    theirs = tmp_path / "theirs.gguf"
+    writer = gguf.GGUFWriter(str(theirs), "llama")
+    writer.add_tensor("x", np.zeros(4, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    before = theirs.read_bytes()
+    with pytest.raises(QuantlmError, match="not a GGUF file quantlm wrote"):
+        export_checkpoint(gguf_checkpoints["Q4_0"], theirs, format="gguf", overwrite=True)
+    assert theirs.read_bytes() == before
+    ours = export_checkpoint(gguf_checkpoints["Q4_0"], tmp_path / "ours.gguf", format="gguf")
+    assert export_checkpoint(gguf_checkpoints["Q8_0"], ours, format="gguf", overwrite=True) == ours
+    with pytest.raises(QuantlmError, match="would replace the model it reads"):
+        export_checkpoint(ours, ours, format="gguf", overwrite=True)

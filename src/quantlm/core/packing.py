@@ -133,7 +133,7 @@ def from_int32_words(words: Tensor, bits: int, n: int) -> Tensor:
     if words.shape[-1] * 4 < m:
         raise QuantlmError(f"{words.shape[-1]} words per row cannot hold {n} codes of {bits} bits")
     stream = _le_bytes_as(words.contiguous(), torch.uint8)
-    out = stream[..., :m].contiguous()
+    out = stream[..., :m].clone(memory_format=torch.contiguous_format)  # never the caller's words
     if n * bits % 8:  # zero the unused high bits of the last byte, as pack leaves them
         out[..., -1] &= (1 << (n * bits % 8)) - 1
     return out

@@ -209,16 +209,18 @@ def compressed_layer(t: dict[str, torch.Tensor], bias: torch.Tensor | None, grou
     else:
         zero = (zero.to(torch.int16) + middle).to(torch.uint8).reshape(scale.shape)
     group_size = int(w["group_size"]) if strategy == "group" else -1
+    # a "symmetric" layer whose zero points are not the middle code is read as the asymmetric grid it is
+    symmetric = symmetric and bool((zero.to(torch.int16) == middle).all())
     spec = QuantSpec(bits=bits, symmetric=symmetric, group_size=group_size)
     act_scale = t.pop("input_scale", None)
     act_bits = None
     if a is not None:
-        if a.get("type", "int") != "int" or int(a.get("num_bits", 8)) != 8:
-            raise CheckpointError("quantlm reads compressed-tensors activations quantized to int8 only")
+        if a.get("type", "int") != "int" or int(a.get("num_bits", 8)) != 8 or not a.get("symmetric", True):
+            raise CheckpointError("quantlm reads compressed-tensors activations quantized to symmetric int8 only")
         act_bits = 8
-        if a.get("dynamic", True) is not True:
-            act_scale = act_scale if act_scale is not None else torch.ones(1)
-        else:
+        if a.get("dynamic", True) is not True and act_scale is None:
+            raise CheckpointError("a compressed-tensors layer with static activations has no input_scale")
+        if a.get("dynamic", True) is True:
             act_scale = None
     t.pop("weight_global_scale", None)
     if t:

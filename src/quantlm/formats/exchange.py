@@ -21,7 +21,7 @@ from quantlm.formats.compressed_tensors import CompressedTensorsFormat
 from quantlm.formats.gguf import FLOAT_TYPES as GGUF_FLOAT_TYPES
 from quantlm.formats.gguf import is_gguf_export, write_gguf
 from quantlm.formats.gptq import GPTQFormat
-from quantlm.formats.interchange import LayerFormat, load_foreign, read_config, write_export
+from quantlm.formats.interchange import LayerFormat, is_quantlm_export, load_foreign, read_config, write_export
 from quantlm.formats.native import check_output, is_quantlm_checkpoint, load_checkpoint, quantized_modules
 
 EXPORT_FORMATS: dict[str, LayerFormat] = {
@@ -42,11 +42,6 @@ def export_format(name: str) -> LayerFormat:
     return EXPORT_FORMATS[name]
 
 
-def is_exported(path: str | os.PathLike) -> bool:
-    """Whether ``path`` holds a checkpoint this module wrote or reads (what ``--overwrite`` may replace)."""
-    return foreign_config(path) is not None
-
-
 def export_checkpoint(
     checkpoint: str | os.PathLike,
     out: str | os.PathLike,
@@ -65,7 +60,7 @@ def export_checkpoint(
     checkpoint, out = Path(checkpoint), Path(out)
     if not is_quantlm_checkpoint(checkpoint):
         raise QuantlmError(f"{checkpoint} is not a quantlm checkpoint: quantize it first (quantlm quantize)")
-    check_output(out, overwrite, replaceable=is_exported, kind=f"{format} export")
+    check_output(out, overwrite, replaceable=is_quantlm_export, kind=f"{format} export")
     if out.resolve() == checkpoint.resolve():
         raise QuantlmError("the export would replace the checkpoint it reads: choose another --out")
     model = load_checkpoint(checkpoint)
@@ -81,11 +76,15 @@ def export_gguf(source: str | os.PathLike, out: str | os.PathLike, *, float_type
         raise QuantlmError(f"--out {out} must name a .gguf file")
     if out.exists() and not overwrite:
         raise QuantlmError(f"{out} already exists: choose another path or pass --overwrite")
+    path = Path(str(source)).expanduser()
+    if out.exists() and out.resolve() == path.resolve():
+        raise QuantlmError("the export would replace the model it reads: choose another --out")
     if out.exists() and not is_gguf_export(out):
-        raise QuantlmError(f"{out} is not a GGUF file: --overwrite only replaces GGUF files; choose another output")
+        raise QuantlmError(
+            f"{out} is not a GGUF file quantlm wrote: --overwrite only replaces those; choose another output"
+        )
     if float_type not in GGUF_FLOAT_TYPES:
         raise QuantlmError(f"unknown --gguf-type {float_type!r}: use one of {', '.join(GGUF_FLOAT_TYPES)}")
-    path = Path(str(source)).expanduser()
     if is_quantlm_checkpoint(path):
         model, tokenizer_dir = load_checkpoint(path), path
         origin = read_config(path).get("_name_or_path")

@@ -29,12 +29,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from quantlm._version import __version__
 from quantlm.errors import QuantlmError
 from quantlm.formats.interchange import integer_grid_problem
 from quantlm.nn.qlinear import QuantLinear
 from quantlm.paths import atomic_write_file
 
 BLOCK = 32  # columns per block of the Q4_0 ... Q8_0 types
+MARKER_KEY = "quantlm.version"  # written into every export: --overwrite replaces only files that carry it
 FLOAT_TYPES = ("f32", "f16", "bf16")
 ARCHITECTURES = {"llama": "llama", "mistral": "llama"}  # model_type -> GGUF architecture written
 LLAMA_NAMES = {
@@ -82,8 +84,8 @@ def why_not(module: QuantLinear) -> str | None:
         )
     scales = module.scales.float()
     if not torch.equal(scales.half().float(), scales):
-        return "its scales are not fp16 numbers, as llama.cpp's blocks store them: quantize without --double-quant"
-    if kind in ("Q4_1", "Q5_1"):
+        return "its scales are not fp16 numbers, as llama.cpp's blocks store them (double-quantized, or beyond fp16)"
+    if kind in ("Q4_1", "Q5_1"):  # q * d and m are exact in fp32, so llama.cpp's q * d + m is quantlm's weight
         offset = -module.zeros.double() * scales.double()
         if not torch.equal(offset.half().double(), offset):
             return (
@@ -146,8 +148,9 @@ class Vocabulary:
     pre: str
 
 
-def vocabulary(tokenizer_dir: Path, pre: str) -> Vocabulary:
-    """A GPT-2-style BPE tokenizer (tokenizer.json) as GGUF's token list, types, merges and special ids."""
+def vocabulary(tokenizer_dir: Path, pre: str, vocab_size: int) -> Vocabulary:
+    """A GPT-2-style BPE tokenizer (tokenizer.json) as GGUF's token list, types, merges and special ids, padded
+    with unused entries to the model's ``vocab_size`` (the rows of its embedding)."""
     gguf = _gguf()
     try:
         data = json.loads((tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))
@@ -160,6 +163,9 @@ def vocabulary(tokenizer_dir: Path, pre: str) -> Vocabulary:
     added = {t["content"]: t for t in data.get("added_tokens", [])}
     vocab.update({content: t["id"] for content, t in added.items()})
     size = max(vocab.values()) + 1
+    if size > vocab_size:
+        raise QuantlmError(f"the tokenizer has {size} tokens, more than the model's {vocab_size} embedding rows")
+    size = vocab_size
     tokens = [f"[PAD{i}]" for i in range(size)]
     types = [gguf.TokenType.UNUSED] * size
     for text, i in vocab.items():
@@ -177,7 +183,10 @@ def vocabulary(tokenizer_dir: Path, pre: str) -> Vocabulary:
         raise QuantlmError("GGUF export needs a BPE tokenizer with merges; this tokenizer.json has none")
     config = {}
     if (tokenizer_dir / "tokenizer_config.json").is_file():
-        config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+        try:
+            config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise QuantlmError(f"cannot read {tokenizer_dir / 'tokenizer_config.json'}: {e}") from None
     special = {}
     for key in ("bos", "eos", "unk", "pad"):
         token = config.get(f"{key}_token")
@@ -202,7 +211,7 @@ def pre_tokenizer_name(model_dir: Path | None) -> str:
             field = gguf.GGUFReader(origin).get_field("tokenizer.ggml.pre")
             if field is not None:
                 return str(field.contents())
-        except (OSError, ValueError, KeyError):
+        except Exception:  # an unreadable record or origin: llama.cpp's default regex, as for any other model
             pass
     return "default"
 
@@ -234,9 +243,15 @@ def write_gguf(
         n, why = problems[0]
         more = f" (and {len(problems) - 1} more layers)" if len(problems) > 1 else ""
         raise QuantlmError(f"gguf cannot hold {n}{more}: {why}")
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+        raise QuantlmError(
+            f"GGUF export writes plain RoPE only, and this model scales it ({rope.get('rope_type', rope.get('type'))}):"
+            " export it as gptq or compressed-tensors"
+        )
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
-    vocab = vocabulary(tokenizer_dir, pre_tokenizer_name(model_dir))
+    vocab = vocabulary(tokenizer_dir, pre_tokenizer_name(model_dir), config.vocab_size)
     tensors: list[tuple[str, np.ndarray, Any]] = []
     counts: dict[str, int] = {}
     float_kind = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16}
@@ -250,6 +265,11 @@ def write_gguf(
         kind_of = target.rsplit(".", 1)[-1]
         if kind_of in heads:
             order = rope_row_order(heads[kind_of], head_dim)
+        bias = getattr(module, "bias", None)
+        if isinstance(bias, torch.Tensor) and not bias.is_meta:  # llama.cpp reads optional biases of these tensors
+            b = bias.detach().float()
+            b = b if order is None else b[order]
+            tensors.append((f"{target}.bias", b.numpy(), gguf.GGMLQuantizationType.F32))
         if isinstance(module, QuantLinear):
             data, kind = block_bytes(module)
             if order is not None:
@@ -285,11 +305,14 @@ def write_gguf(
         writer.add_head_count(config.num_attention_heads)
         writer.add_head_count_kv(config.num_key_value_heads)
         writer.add_rope_dimension_count(head_dim)
-        rope = getattr(config, "rope_parameters", None) or {}
+        if head_dim * config.num_attention_heads != config.hidden_size:
+            writer.add_key_length(head_dim)
+            writer.add_value_length(head_dim)
         writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
         writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
         writer.add_vocab_size(len(vocab.tokens))
-        writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+        writer.add_file_type(file_type(counts, float_type))
+        writer.add_string(MARKER_KEY, __version__)
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre(vocab.pre)
         writer.add_token_list(vocab.tokens)
@@ -312,12 +335,25 @@ def write_gguf(
     return counts
 
 
+def file_type(counts: dict[str, int], float_type: str) -> int:
+    """``general.file_type``: the block type most weights are in (llama.cpp's MOSTLY_*), else the float type."""
+    gguf = _gguf()
+    blocks = {k: n for k, n in counts.items() if k in BLOCK_LAYOUT}
+    if blocks:
+        return getattr(gguf.LlamaFileType, f"MOSTLY_{max(blocks, key=blocks.get)}")
+    return {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16}.get(
+        float_type, gguf.LlamaFileType.MOSTLY_BF16
+    )
+
+
 def is_gguf_export(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a GGUF file (what ``--overwrite`` may replace)."""
+    """Whether ``path`` is a GGUF file quantlm wrote (what ``--overwrite`` may replace)."""
     try:
         with open(path, "rb") as f:
-            return f.read(4) == b"GGUF"
-    except OSError:
+            if f.read(4) != b"GGUF":
+                return False
+        return _gguf().GGUFReader(str(path)).get_field(MARKER_KEY) is not None
+    except Exception:  # unreadable or not GGUF after all: not ours
         return False
 
 
@@ -358,20 +394,26 @@ def layer_from_blocks(
     if not asymmetric:
         zeros = torch.full(d.shape, 1 << (bits - 1), dtype=torch.uint8)
         return QuantLinear.from_codes(codes, d, zeros, spec, bias)
-    m = blocks[..., 2:4].contiguous().view(torch.float16)[..., 0].float()
-    scale = d.float()
-    zeros = torch.where(scale != 0, -m / torch.where(scale != 0, scale, torch.ones_like(scale)), torch.zeros_like(m))
-    return QuantLinear.from_codes(codes, d, zeros, spec, bias, zero_dtype=torch.float32)
+    m16 = blocks[..., 2:4].contiguous().view(torch.float16)[..., 0]
+    m, flat = m16.float(), d == 0  # a constant block: d = 0, codes 0, every weight m; read as (0 - (-1)) * m
+    scale = torch.where(flat, m16, d)
+    zeros = torch.where(flat, torch.full_like(m, -1.0), -m / torch.where(flat, torch.ones_like(m), d.float()))
+    return QuantLinear.from_codes(codes, scale, zeros, spec, bias, zero_dtype=torch.float32)
 
 
 def read_gguf_layers(path: Path, model: nn.Module) -> dict[str, QuantLinear]:
     """The Linears of ``model`` (a float model read from the GGUF at ``path``) whose GGUF tensors are blocks of a
-    type in ``BLOCK_LAYOUT``, as QuantLinears holding those blocks."""
+    type in ``BLOCK_LAYOUT``, as QuantLinears holding those blocks; none for GGUFs of other architectures than
+    llama (whose tensor names and row orders this module knows)."""
     gguf = _gguf()
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
-    tensors = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    reader = gguf.GGUFReader(str(path))
+    arch = reader.get_field("general.architecture")
+    if arch is None or str(arch.contents()) != "llama":  # the rotary row order is llama's; others stay float
+        return {}
+    tensors = {t.name: t for t in reader.tensors}
     layers = {}
     for name, module in model.named_modules():
         target = gguf_name(name)

@@ -4,16 +4,17 @@ Per quantized Linear ``name`` (``in`` input and ``out`` output features, ``g`` g
 - ``name.qweight`` int32 ``[in * bits / 32, out]``: each output column's codes packed along the input, as one
   little-endian bit stream (32 codes in ``bits`` words, so 3-bit codes straddle words);
 - ``name.qzeros`` int32 ``[g, out * bits / 32]``: the zero points packed the same way along the output. Format v1
-  (``checkpoint_format: "gptq"``) stores zero - 1, which wraps for a zero of 0, and GPTQModel's v1 reader adds the
-  1 back to whole words (so a wrapped field carries into its neighbour); v2 (``"gptq_v2"``) stores the zero;
+  (``checkpoint_format: "gptq"``) stores zero - 1: GPTQModel subtracts the 1 from whole words when it writes (a
+  zero of 0 borrows from the next field) and adds it back to whole words when it reads, and so does quantlm's
+  reader; v2 (``"gptq_v2"``) stores the zero;
 - ``name.scales`` fp16 ``[g, out]``; ``name.g_idx`` int32 ``[in]``, the group of each input column (act-order
   checkpoints permute it); ``name.bias``.
 The weight is ``(q - zero) * scale``, the grid quantlm uses (symmetric: zero = 2**(bits-1)); a per-channel grid is
 one group of all input columns. quantlm's rows of packed bytes are these bit streams already: export and import are
 a reinterpretation of the bytes plus a transpose.
 
-``--format gptq`` writes v1 (what every GPTQ reader takes) when every layer is symmetric and v2 otherwise;
-``--format gptq-v2`` always writes v2.
+``--format gptq`` writes v1 (what every GPTQ reader takes) when every layer is symmetric (zero - 1 never wraps
+there) and not 3-bit, and v2 otherwise; ``--format gptq-v2`` always writes v2.
 """
 
 from __future__ import annotations
@@ -61,8 +62,9 @@ class GPTQFormat:
 
     quant_method = "gptq"
 
-    def checkpoint_format(self, symmetric: bool) -> str:
-        return "gptq" if self.version == 0 and symmetric else "gptq_v2"
+    def checkpoint_format(self, symmetric: bool, bits: int) -> str:
+        # 3-bit v1 zeros straddle words, and readers that add the 1 back word by word lose the carry: v2
+        return "gptq" if self.version == 0 and symmetric and bits != 3 else "gptq_v2"
 
     def for_model(self, model) -> GPTQFormat:
         return self
@@ -82,7 +84,7 @@ class GPTQFormat:
             return f"its shape {module.out_features}x{module.in_features} does not pack into 32-bit GPTQ words"
         scales = module.scales.float()
         if not torch.equal(scales.half().float(), scales):
-            return "its scales are not fp16 numbers (GPTQ stores fp16 scales): quantize without --double-quant"
+            return "its scales are not fp16 numbers, as GPTQ stores them (double-quantized, or beyond fp16's range)"
         return None
 
     def check_model(self, modules: dict[str, QuantLinear]) -> str | None:
@@ -104,8 +106,8 @@ class GPTQFormat:
             zeros, scales = zeros[:, :1], module.scales[:, :1]
         else:
             scales = module.scales
-        if self.checkpoint_format(symmetric) == "gptq":
-            zeros = (zeros - 1) & ((1 << bits) - 1)
+        if self.checkpoint_format(symmetric, bits) == "gptq":
+            zeros = zeros - 1  # symmetric: the middle code, so nothing wraps
         group_size = module.spec.group_size
         g_idx = module.g_idx if module.g_idx is not None else natural_g_idx(module.in_features, group_size)
         tensors = {
@@ -129,7 +131,7 @@ class GPTQFormat:
             "sym": symmetric,
             "desc_act": any(m.g_idx is not None for m in modules.values()),
             "lm_head": False,
-            "checkpoint_format": self.checkpoint_format(symmetric),
+            "checkpoint_format": self.checkpoint_format(symmetric, bits),
             "pack_dtype": "int32",
             "meta": {"quantizer": [f"quantlm:{__version__}"]},
         }
@@ -170,9 +172,14 @@ def gptq_layer(
     in_features = words * 32 // bits
     qweight = from_int32_words(t["qweight"].T.contiguous(), bits, in_features)
     groups = t["scales"].shape[0]
-    zeros = unpack(from_int32_words(t["qzeros"].contiguous(), bits, out_features), bits, out_features).T.to(torch.int32)
-    if v1:
-        zeros = zeros + 1  # v1's zero - 1, read back as its readers do (a zero of 2**bits stays one)
+    qzeros = t["qzeros"].contiguous()
+    if v1 and bits != 3:  # v1 holds zero - 1; GPTQModel writes it by subtracting from whole words (a zero of 0
+        # borrows from the next field) and reads it back by adding to whole words: do the same
+        ones = sum(1 << (bits * i) for i in range(32 // bits))
+        qzeros = ((qzeros.to(torch.int64) + ones) & 0xFFFFFFFF).to(torch.uint32).view(torch.int32)
+    zeros = unpack(from_int32_words(qzeros, bits, out_features), bits, out_features).T.to(torch.int32)
+    if v1 and bits == 3:  # 3-bit fields straddle words: readers add the 1 back field by field
+        zeros = (zeros + 1) & 7
     g_idx = t.get("g_idx")
     if group_size < 0 or groups == 1:
         group_size = -1
@@ -182,7 +189,5 @@ def gptq_layer(
     scales = t["scales"].T.contiguous()
     if scales.dtype not in (torch.float16, torch.float32):
         scales = scales.float()
-    if int(zeros.max()) > 255:
-        raise CheckpointError("a GPTQ v1 zero point of 255 reads as 256, which quantlm cannot hold: use gptq_v2")
     codes = unpack(qweight, bits, in_features)
     return QuantLinear.from_codes(codes, scales, zeros.to(torch.uint8), spec, bias, g_idx=g_idx)

@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from quantlm._version import __version__
 from quantlm.errors import CheckpointError, QuantlmError, first_line
 from quantlm.formats.record import QuantizationRecord
 from quantlm.models.blocks import set_submodule
@@ -30,6 +31,7 @@ from quantlm.nn.qlinear import QuantLinear
 from quantlm.paths import atomic_directory
 
 WEIGHTS_FILE = "model.safetensors"
+MARKER_FILE = "quantlm_export.json"  # what --overwrite looks for: it replaces only directories quantlm exported
 # what an exported directory takes over from the checkpoint besides weights and config: tokenizer and generation
 COPIED_FILES = (
     "generation_config.json",
@@ -151,10 +153,17 @@ def write_export(
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
         for file, content in fmt.extra_files(qc).items():
             (tmp / file).write_text(json.dumps(content, indent=2) + "\n")
+        marker = {"format": fmt.name, "quantlm_version": __version__, "source": None if source is None else str(source)}
+        (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=1) + "\n")
         for file in COPIED_FILES:
             if source is not None and (source / file).is_file():
                 shutil.copyfile(source / file, tmp / file)
     return out
+
+
+def is_quantlm_export(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a directory quantlm exported (what ``--overwrite`` may replace)."""
+    return (Path(path) / MARKER_FILE).is_file()
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any] | None:
