@@ -158,20 +158,8 @@ def load(
     return _ready(model, dtype, kernel, attention)
 
 
-def export(
-    checkpoint: str | os.PathLike,
-    out: str | os.PathLike,
-    *,
-    format: str = "gptq",
-    overwrite: bool = False,
-    gguf_type: str = "f32",
-) -> Path:
-    """Write the quantlm checkpoint ``checkpoint`` as a checkpoint of another runtime at ``out``: ``format`` is one
-    of ``EXPORT_FORMAT_NAMES`` (gptq, gptq-v2, compressed-tensors, gguf; ``quantlm.formats.exchange`` says who reads
-    each). The codes, scales and zero points are written as they are; a layer the format cannot hold exactly is
-    refused in one line that says what to quantize differently. gguf also takes a float model (any source), with
-    ``gguf_type`` (f32, f16, bf16) the type of its float tensors."""
-    return export_checkpoint(checkpoint, out, format=format, overwrite=overwrite, gguf_type=gguf_type)
+# quantlm.export: a quantlm checkpoint (for gguf also any float model) in another runtime's format
+export = export_checkpoint
 
 
 def load_time_methods() -> tuple[str, ...]:

@@ -24,27 +24,13 @@ from torch import nn
 
 from quantlm._version import __version__
 from quantlm.errors import CheckpointError, QuantlmError, first_line
+from quantlm.formats.native import TOKENIZER_FILES, assemble_model, unique_state_dict
 from quantlm.formats.record import QuantizationRecord
-from quantlm.models.blocks import set_submodule
-from quantlm.models.skeleton import empty_model
 from quantlm.nn.qlinear import QuantLinear
 from quantlm.paths import atomic_directory
 
 WEIGHTS_FILE = "model.safetensors"
 MARKER_FILE = "quantlm_export.json"  # what --overwrite looks for: it replaces only directories quantlm exported
-# what an exported directory takes over from the checkpoint besides weights and config: tokenizer and generation
-COPIED_FILES = (
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.json",
-    "chat_template.jinja",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-)
 
 
 class LayerFormat(Protocol):
@@ -95,18 +81,8 @@ def integer_grid_problem(module: QuantLinear) -> str | None:
 def float_tensors(model: nn.Module, modules: dict[str, QuantLinear]) -> dict[str, torch.Tensor]:
     """Every tensor of the model that is not part of a quantized module, once (tied weights under their first
     name, as transformers writes them)."""
-    skip = {f"{name}." for name in modules}
-    seen: set[tuple[int, int, tuple]] = set()
-    out = {}
-    for name, t in model.state_dict().items():
-        if any(name.startswith(prefix) for prefix in skip):
-            continue
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if key in seen:
-            continue
-        seen.add(key)
-        out[name] = t.detach().to("cpu").contiguous()
-    return out
+    prefixes = tuple(f"{name}." for name in modules)
+    return {name: t for name, t in unique_state_dict(model).items() if not name.startswith(prefixes)}
 
 
 def check_layers(fmt: LayerFormat, modules: dict[str, QuantLinear]) -> None:
@@ -155,7 +131,7 @@ def write_export(
             (tmp / file).write_text(json.dumps(content, indent=2) + "\n")
         marker = {"format": fmt.name, "quantlm_version": __version__, "source": None if source is None else str(source)}
         (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=1) + "\n")
-        for file in COPIED_FILES:
+        for file in TOKENIZER_FILES:  # the tokenizer and generation settings, as the checkpoint has them
             if source is not None and (source / file).is_file():
                 shutil.copyfile(source / file, tmp / file)
     return out
@@ -189,8 +165,6 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def load_foreign(path: Path, fmt: LayerFormat, qc: dict[str, Any]) -> nn.Module:
     """A checkpoint in ``fmt`` (made by quantlm's export or by another tool) as a model of QuantLinears."""
-    from transformers import AutoConfig
-
     tensors = read_weights(path)
     try:
         modules = fmt.read_layers(qc, tensors)
@@ -198,27 +172,7 @@ def load_foreign(path: Path, fmt: LayerFormat, qc: dict[str, Any]) -> nn.Module:
         raise
     except Exception as e:  # a tensor of the wrong shape or dtype: name the checkpoint, not our code
         raise CheckpointError(f"cannot read the {fmt.name} layers of {path}: {first_line(e)}") from None
-    try:
-        config = AutoConfig.from_pretrained(str(path))
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        model = empty_model(config)
-        for name, module in modules.items():
-            set_submodule(model, name, module)
-        result = model.load_state_dict(tensors, strict=False, assign=True)
-    except QuantlmError:
-        raise
-    except Exception as e:
-        raise CheckpointError(f"cannot rebuild the model from {path}: {first_line(e)}") from None
-    if result.unexpected_keys:
-        raise CheckpointError(
-            f"{path} has tensors quantlm does not read as {fmt.name}: {', '.join(result.unexpected_keys[:5])}"
-        )
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
-    missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if missing:
-        raise CheckpointError(f"{path} lacks tensors: {', '.join(missing[:5])}: the checkpoint is incomplete")
+    model = assemble_model(path, modules, tensors, path)
     model.quantlm_record = QuantizationRecord()  # no quantlm recipe made it
     model.eval()
     return model

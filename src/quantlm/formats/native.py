@@ -72,18 +72,20 @@ def write_checksums(directory: Path) -> None:
     (directory / CHECKSUMS_FILE).write_text(json.dumps(sums, indent=1, sort_keys=True) + "\n")
 
 
-READ_FILES = frozenset(
-    {
-        "config.json",
-        LOG_FILE,
-        "generation_config.json",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-        "added_tokens.json",
-        "chat_template.json",
-    }
-)  # besides the weights: what loading a checkpoint and its tokenizer reads
+# what a model directory holds besides weights and config: its tokenizer and generation settings
+TOKENIZER_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+)
+READ_FILES = frozenset({"config.json", LOG_FILE, *TOKENIZER_FILES})  # besides the weights: what loading reads
 
 
 def _needs_checksum(name: str) -> bool:
@@ -177,7 +179,7 @@ def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
-def _unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict without tensors that are empty (meta: held by a block store instead) or that share storage
     with an earlier entry (tied embeddings, kept once under their first name)."""
     seen: set[tuple[int, int, tuple]] = set()
@@ -218,7 +220,7 @@ def save_checkpoint(
     blocks' tensors are streamed from there one block at a time (the model's own copies of them may be empty)."""
     path = Path(path)
     check_output(path, overwrite)
-    own = _unique_state_dict(model)
+    own = unique_state_dict(model)
     modules = {name: m.layout() for name, m in quantized_modules(model).items()}
     layout = [(name, t.dtype, tuple(t.shape)) for name, t in own.items()]
     chunks: list = [lambda: own]
@@ -299,14 +301,39 @@ def read_record(path: str | os.PathLike) -> QuantizationRecord:
     return QuantizationRecord.from_config_entries(qc, read_quant_log(path))
 
 
+def assemble_model(path: Path, modules: dict[str, nn.Module], tensors: dict[str, torch.Tensor], where) -> nn.Module:
+    """The model of the config at ``path`` with ``modules`` in place and every tensor assigned from ``tensors`` (read
+    from ``where``, named in errors): a tensor the model lacks, or a parameter no tensor fills, is an error."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = empty_model(config)
+        for name, module in modules.items():
+            set_submodule(model, name, module)
+        result = model.load_state_dict(tensors, strict=False, assign=True)
+    except QuantlmError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"cannot rebuild the model from {path}: {first_line(e)}") from None
+    if result.unexpected_keys:
+        raise CheckpointError(f"{where} has tensors the model does not: {', '.join(result.unexpected_keys[:5])}")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if missing:
+        raise CheckpointError(f"{where} lacks tensors: {', '.join(missing[:5])}: the checkpoint is incomplete")
+    return model
+
+
 def load_checkpoint(
     path: str | os.PathLike, *, device: str | torch.device | None = None, verify: bool | None = None
 ) -> nn.Module:
     """Rebuild the quantized model of a quantlm checkpoint: the skeleton without weights, QuantLinears where the
     config lists them, then every tensor assigned from the safetensors file. Every file is first checked against
     its recorded checksum (``verify``: None = unless ``QUANTLM_VERIFY=0``), and non-finite scales are refused."""
-    from transformers import AutoConfig
-
     path = Path(path)
     qc = read_quantization_config(path)
     if qc is None:
@@ -322,28 +349,18 @@ def load_checkpoint(
         tensors = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{weights} is unreadable or corrupt: {e}") from None
-    try:
-        config = AutoConfig.from_pretrained(str(path))
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        model = empty_model(config)
-        for name, entry in qc.get("modules", {}).items():
-            scale_dtype = layout_scale_dtype(entry, tensors, name)
-            if scale_dtype is None:
-                raise CheckpointError(f"{weights} has no scales for {name}: the checkpoint is corrupt")
-            set_submodule(model, name, QuantLinear.from_layout(entry, scale_dtype))
-        result = model.load_state_dict(tensors, strict=False, assign=True)
-    except QuantlmError:
-        raise
-    except Exception as e:
-        raise CheckpointError(f"cannot rebuild the model from {path}: {first_line(e)}") from None
-    if result.unexpected_keys:
-        raise CheckpointError(f"{weights} has tensors the model does not: {', '.join(result.unexpected_keys[:5])}")
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
-    missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if missing:
-        raise CheckpointError(f"{weights} lacks tensors: {', '.join(missing[:5])}: the checkpoint is incomplete")
+    modules = {}
+    for name, entry in qc.get("modules", {}).items():
+        scale_dtype = layout_scale_dtype(entry, tensors, name)
+        if scale_dtype is None:
+            raise CheckpointError(f"{weights} has no scales for {name}: the checkpoint is corrupt")
+        try:
+            modules[name] = QuantLinear.from_layout(entry, scale_dtype)
+        except QuantlmError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"cannot rebuild the model from {path}: {first_line(e)}") from None
+    model = assemble_model(path, modules, tensors, weights)
     bad = [name for name, m in quantized_modules(model).items() if not torch.isfinite(m.scales).all()]
     if bad:
         raise CheckpointError(f"{weights} has non-finite scales in {', '.join(bad[:3])}: the checkpoint is corrupt")
