@@ -472,3 +472,17 @@ def test_overwrite_replaces_only_quantlm_exports(gguf_checkpoints, tmp_path):
     assert export_checkpoint(gguf_checkpoints["Q8_0"], ours, format="gguf", overwrite=True) == ours
     with pytest.raises(QuantlmError, match="would replace the model it reads"):
         export_checkpoint(ours, ours, format="gguf", overwrite=True)
+
+
+def test_sharded_checkpoints_read_back(checkpoints, tmp_path):
+    """A GPTQ directory whose tensors are split over several safetensors files (as large models are) reads whole."""
+    from safetensors.torch import save_file
+
+    out = export_checkpoint(checkpoints["w4-g32-asym"], tmp_path / "gptq", format="gptq")
+    tensors = load_file(str(out / "model.safetensors"))
+    names = sorted(tensors)
+    (out / "model.safetensors").unlink()
+    save_file({n: tensors[n] for n in names[::2]}, str(out / "model-00001-of-00002.safetensors"))
+    save_file({n: tensors[n] for n in names[1::2]}, str(out / "model-00002-of-00002.safetensors"))
+    original = load_checkpoint(checkpoints["w4-g32-asym"])
+    _same_layers(quantized_modules(original), quantized_modules(read_foreign(out)))
