@@ -41,6 +41,14 @@ TOOLS = ("llama-perplexity", "llama-quantize", "llama-imatrix", "llama-bench")
 CHECKPOINTS = {
     "quantlm RTN W4 g32 sym -> Q4_0": {"method": "rtn", "bits": 4, "group_size": 32, "symmetric": True},
     "quantlm GPTQ W4 g32 sym -> Q4_0": {"method": "gptq", "bits": 4, "group_size": 32, "symmetric": True},
+    "quantlm GPTQ W4 g32 sym, MSE + Hessian clip -> Q4_0": {
+        "method": "gptq",
+        "bits": 4,
+        "group_size": 32,
+        "symmetric": True,
+        "clip": "mse",
+        "hessian_clip": True,
+    },
     "quantlm RTN W8 g32 sym -> Q8_0": {"method": "rtn", "bits": 8, "group_size": 32, "symmetric": True},
 }
 LLAMA_QUANTS = {
@@ -116,7 +124,13 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=quantlm_home() / "gguf-llama-cpp-work")
     parser.add_argument("--calib-samples", type=int, default=32, help="GPTQ calibration windows of 2048 tokens.")
     parser.add_argument("--chunks", type=int, default=32, help="Windows of 2048 tokens scored.")
+    parser.add_argument("--rows", default="", help="Score only the rows whose name contains one of these (commas).")
     args = parser.parse_args()
+    wanted = [w.strip() for w in args.rows.split(",") if w.strip()]
+
+    def chosen(name: str) -> bool:
+        return not wanted or any(w in name for w in wanted)
+
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     tools = llama_cpp_tools(quantlm_home())
@@ -130,7 +144,10 @@ def main() -> None:
     if not f32.is_file():
         export("smollm2-135m", f32, format="gguf", gguf_type="f32")
     rows = [{"row": "float (F32 GGUF)", "gguf": f32, "quantlm_source": "smollm2-135m"}]
+    rows = [r for r in rows if chosen(r["row"])]
     for name, recipe in CHECKPOINTS.items():
+        if not chosen(name):
+            continue
         checkpoint = work / re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")
         if not checkpoint.is_dir():
             log(f"quantizing: {name}")
@@ -139,10 +156,11 @@ def main() -> None:
             quantize_to_checkpoint("smollm2-135m", recipe, checkpoint, calibration=calibration, progress=False)
             log(f"{name}: {time.perf_counter() - t0:.0f}s")
         gguf_file = checkpoint.with_suffix(".gguf")
-        export(checkpoint, gguf_file, format="gguf", gguf_type="f32", overwrite=True)
+        gguf_file.unlink(missing_ok=True)  # this benchmark's own file, written again from the checkpoint
+        export(checkpoint, gguf_file, format="gguf", gguf_type="f32")
         rows.append({"row": name, "gguf": gguf_file, "quantlm_source": checkpoint})
     imatrix = work / "imatrix.gguf"
-    if not imatrix.is_file():
+    if not imatrix.is_file() and any(chosen(name) for name in LLAMA_QUANTS):
         log("llama-imatrix on the calibration split")
         run(
             [str(tools / "llama-imatrix"), "-m", str(f32), "-f", str(texts["calibration"]), "-c", "2048"]
@@ -150,6 +168,8 @@ def main() -> None:
             work / "imatrix.log",
         )
     for name, (kind, with_imatrix) in LLAMA_QUANTS.items():
+        if not chosen(name):
+            continue
         target = work / f"llama-{kind}{'-imatrix' if with_imatrix else ''}.gguf"
         command = [str(tools / "llama-quantize"), "--token-embedding-type", "f32"]
         command += ["--imatrix", str(imatrix)] if with_imatrix else []
