@@ -40,6 +40,7 @@ def test_hub_id_offline_says_so(monkeypatch):
 
 
 def test_a_failed_gguf_conversion_leaves_no_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("QUANTLM_HOME", str(tmp_path / "home"))  # its own cache: other tests convert GGUFs too
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"GGUF but not really")
     with pytest.raises(ModelSourceError, match="cannot read GGUF file"):
