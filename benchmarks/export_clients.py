@@ -95,7 +95,8 @@ def main() -> None:
         job_file.write_text(json.dumps(client_jobs))
         t0 = time.perf_counter()
         env = worker_env(2, {"GPTQMODEL_CPU_WORKERS": "2", "HF_HUB_OFFLINE": "1"})
-        run = run_streamed([str(python), str(SCRIPT), str(job_file)], args.work / f"{client}.log", env=env)
+        command = [str(python), str(SCRIPT), str(job_file)]
+        run = run_streamed(command, args.work / f"{client}.log", env=env, cwd=args.work)  # GPTQModel logs to its cwd
         log(f"{client}: {len(client_jobs)} loads in {time.perf_counter() - t0:.0f}s, rc {run['rc']}")
     for row in rows:
         if "out" not in row:

@@ -48,7 +48,8 @@ def run_client(client: str, jobs: list[dict], work: Path) -> dict[str, dict[str,
     job_file = work / f"{client}-jobs.json"
     job_file.write_text(json.dumps(jobs))
     env = worker_env(2, {"GPTQMODEL_CPU_WORKERS": "2", "HF_HUB_OFFLINE": "1"})
-    run = run_streamed([str(client_python(client)), str(SCRIPT), str(job_file)], work / f"{client}.log", env=env)
+    command = [str(client_python(client)), str(SCRIPT), str(job_file)]
+    run = run_streamed(command, work / f"{client}.log", env=env, cwd=work)  # GPTQModel writes logs into its cwd
     assert run["rc"] == 0, "\n".join(run["tail"])
     return {job["out"]: load_file(job["out"]) for job in jobs}
 
@@ -208,7 +209,8 @@ def llama_logits(jobs: list[dict], work: Path) -> dict[str, torch.Tensor]:
     shutil.copyfile(LLAMA_SCRIPT, root / LLAMA_SCRIPT.name)  # node resolves node-llama-cpp beside the script
     job_file = work / "llama-jobs.json"
     job_file.write_text(json.dumps(jobs))
-    run = run_streamed(["node", str(root / LLAMA_SCRIPT.name), str(job_file)], work / "llama.log", env=node_env())
+    command = ["node", str(root / LLAMA_SCRIPT.name), str(job_file)]
+    run = run_streamed(command, work / "llama.log", env=node_env(), cwd=work)
     assert run["rc"] == 0, "\n".join(run["tail"])
     out = {}
     for job in jobs:
@@ -270,7 +272,7 @@ def test_gptqmodel_checkpoints_load_in_quantlm(tmp_path, grid):
     made = tmp_path / f"gptqmodel-{grid}"
     env = worker_env(2, {"GPTQMODEL_CPU_WORKERS": "2", "HF_HUB_OFFLINE": "1"})
     command = [str(client_python("gptqmodel")), str(REPO / "tests/clients/gptqmodel_quantize.py"), str(source)]
-    run = run_streamed([*command, str(made), grid], tmp_path / "quantize.log", env=env)
+    run = run_streamed([*command, str(made), grid], tmp_path / "quantize.log", env=env, cwd=tmp_path)
     assert run["rc"] == 0, "\n".join(run["tail"])
     job = {"model": str(made), "mode": "gptqmodel-torch", "ids": IDS[0].tolist(), "out": str(tmp_path / "gm.st")}
     theirs = run_client("gptqmodel", [job], tmp_path)[job["out"]]["logits"]
