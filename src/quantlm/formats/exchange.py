@@ -60,9 +60,8 @@ def export_checkpoint(
     checkpoint, out = Path(checkpoint), Path(out)
     if not is_quantlm_checkpoint(checkpoint):
         raise QuantlmError(f"{checkpoint} is not a quantlm checkpoint: quantize it first (quantlm quantize)")
+    # only an earlier export may be replaced, so never the checkpoint being read
     check_output(out, overwrite, replaceable=is_quantlm_export, kind=f"{format} export")
-    if out.resolve() == checkpoint.resolve():
-        raise QuantlmError("the export would replace the checkpoint it reads: choose another --out")
     model = load_checkpoint(checkpoint)
     return write_export(model, quantized_modules(model), fmt, out, source=checkpoint, overwrite=overwrite)
 
