@@ -217,11 +217,10 @@ def compressed_layer(t: dict[str, torch.Tensor], bias: torch.Tensor | None, grou
     if a is not None:
         if a.get("type", "int") != "int" or int(a.get("num_bits", 8)) != 8 or not a.get("symmetric", True):
             raise CheckpointError("quantlm reads compressed-tensors activations quantized to symmetric int8 only")
-        act_bits = 8
-        if a.get("dynamic", True) is not True and act_scale is None:
+        act_bits, dynamic = 8, a.get("dynamic", True) is True
+        if not dynamic and act_scale is None:
             raise CheckpointError("a compressed-tensors layer with static activations has no input_scale")
-        if a.get("dynamic", True) is True:
-            act_scale = None
+        act_scale = None if dynamic else act_scale
     t.pop("weight_global_scale", None)
     if t:
         raise CheckpointError(f"unexpected compressed-tensors tensors {', '.join(sorted(t))}: quantlm cannot read them")

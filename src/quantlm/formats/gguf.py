@@ -31,7 +31,7 @@ from torch import nn
 
 from quantlm._version import __version__
 from quantlm.errors import QuantlmError
-from quantlm.formats.interchange import integer_grid_problem
+from quantlm.formats.interchange import integer_grid_problem, refuse_layers
 from quantlm.nn.qlinear import QuantLinear
 from quantlm.paths import atomic_write_file
 
@@ -115,6 +115,15 @@ def block_bytes(module: QuantLinear) -> tuple[np.ndarray, str]:
         parts.append(low[..., :16] | (low[..., 16:] << 4))
     blocks = torch.cat(parts, dim=-1)
     return blocks.reshape(out_f, -1).numpy(), kind
+
+
+def float_data(w: torch.Tensor, float_type: str) -> tuple[np.ndarray, str]:
+    """A float tensor as the array GGUFWriter takes for ``float_type`` (bf16 as its raw bytes), and the type."""
+    if float_type == "bf16":
+        return w.to(torch.bfloat16).view(torch.uint8).numpy(), "BF16"
+    if float_type == "f16":
+        return w.half().numpy(), "F16"
+    return w.float().numpy(), "F32"
 
 
 def rope_row_order(n_heads: int, head_dim: int) -> torch.Tensor:
@@ -237,12 +246,7 @@ def write_gguf(
         )
     if float_type not in FLOAT_TYPES:
         raise QuantlmError(f"unknown --gguf-type {float_type!r}: use one of {', '.join(FLOAT_TYPES)}")
-    modules = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-    problems = [(n, why) for n, m in modules.items() if (why := why_not(m)) is not None]
-    if problems:
-        n, why = problems[0]
-        more = f" (and {len(problems) - 1} more layers)" if len(problems) > 1 else ""
-        raise QuantlmError(f"gguf cannot hold {n}{more}: {why}")
+    refuse_layers("gguf", {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}, why_not)
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
         raise QuantlmError(
@@ -254,7 +258,6 @@ def write_gguf(
     vocab = vocabulary(tokenizer_dir, pre_tokenizer_name(model_dir), config.vocab_size)
     tensors: list[tuple[str, np.ndarray, Any]] = []
     counts: dict[str, int] = {}
-    float_kind = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16}
     for module_name, module in model.named_modules():
         target = gguf_name(module_name)
         if target is None:
@@ -272,27 +275,15 @@ def write_gguf(
             tensors.append((f"{target}.bias", b.numpy(), gguf.GGMLQuantizationType.F32))
         if isinstance(module, QuantLinear):
             data, kind = block_bytes(module)
-            if order is not None:
-                data = data[order.numpy()]
-            tensors.append((f"{target}.weight", data, getattr(gguf.GGMLQuantizationType, kind)))
-            counts[kind] = counts.get(kind, 0) + 1
-            continue
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.is_meta:
-            continue
-        w = weight.detach().float()
-        if order is not None:
-            w = w[order]
-        if w.dim() == 1 or float_type == "f32":
-            tensors.append((f"{target}.weight", w.numpy(), gguf.GGMLQuantizationType.F32))
-            counts["F32"] = counts.get("F32", 0) + 1
-        elif float_type == "bf16":
-            raw = w.to(torch.bfloat16).view(torch.uint8).numpy()
-            tensors.append((f"{target}.weight", raw, gguf.GGMLQuantizationType.BF16))
-            counts["BF16"] = counts.get("BF16", 0) + 1
+            data = data if order is None else data[order.numpy()]
         else:
-            tensors.append((f"{target}.weight", w.half().numpy(), float_kind[float_type]))
-            counts["F16"] = counts.get("F16", 0) + 1
+            weight = getattr(module, "weight", None)
+            if not isinstance(weight, torch.Tensor) or weight.is_meta:
+                continue
+            w = weight.detach().float()
+            data, kind = float_data(w if order is None else w[order], "f32" if w.dim() == 1 else float_type)
+        tensors.append((f"{target}.weight", data, getattr(gguf.GGMLQuantizationType, kind)))
+        counts[kind] = counts.get(kind, 0) + 1
 
     def write(path: str) -> None:
         writer = gguf.GGUFWriter(path, arch)

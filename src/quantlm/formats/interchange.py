@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -85,15 +86,20 @@ def float_tensors(model: nn.Module, modules: dict[str, QuantLinear]) -> dict[str
     return {name: t for name, t in unique_state_dict(model).items() if not name.startswith(prefixes)}
 
 
+def refuse_layers(format_name: str, modules: dict[str, QuantLinear], why_not: Callable) -> None:
+    """Refuse, in one line naming the first and counting the rest, the layers ``why_not`` gives a reason for."""
+    problems = [(name, why) for name, m in modules.items() if (why := why_not(m)) is not None]
+    if problems:
+        name, why = problems[0]
+        more = f" (and {len(problems) - 1} more layers)" if len(problems) > 1 else ""
+        raise QuantlmError(f"{format_name} cannot hold {name}{more}: {why}")
+
+
 def check_layers(fmt: LayerFormat, modules: dict[str, QuantLinear]) -> None:
     """Refuse, in one line, a model with a layer ``fmt`` cannot hold exactly."""
     if not modules:
         raise QuantlmError(f"the checkpoint has no quantized layers: {fmt.name} is a format for quantized models")
-    problems = [(name, why) for name, m in modules.items() if (why := fmt.why_not(m)) is not None]
-    if problems:
-        name, why = problems[0]
-        more = f" (and {len(problems) - 1} more layers)" if len(problems) > 1 else ""
-        raise QuantlmError(f"{fmt.name} cannot hold {name}{more}: {why}")
+    refuse_layers(fmt.name, modules, fmt.why_not)
     problem = fmt.check_model(modules)
     if problem is not None:
         raise QuantlmError(problem)
