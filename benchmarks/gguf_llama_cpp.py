@@ -31,7 +31,7 @@ import torch
 
 import quantlm
 from peer_harness import REPO, log
-from quantlm.api import Calibration, export, quantize_to_checkpoint
+from quantlm.api import Calibration, export, parse_recipe, quantize_to_checkpoint, target_recipe
 from quantlm.data import load_text
 from quantlm.hardware import describe_cpu
 from quantlm.paths import quantlm_home
@@ -50,11 +50,22 @@ CHECKPOINTS = {
         "hessian_clip": True,
     },
     "quantlm RTN W8 g32 sym -> Q8_0": {"method": "rtn", "bits": 8, "group_size": 32, "symmetric": True},
+    # each Linear on the grid of the type llama-quantize's Q4_K_M gives it (quantize --target-format gguf-q4_k_m)
+    "quantlm RTN -> Q4_K_M": {"method": "rtn", "target_format": "gguf-q4_k_m"},
+    "quantlm GPTQ -> Q4_K_M": {"method": "gptq", "target_format": "gguf-q4_k_m"},
+    "quantlm GPTQ, MSE + Hessian clip -> Q4_K_M": {
+        "method": "gptq",
+        "clip": "mse",
+        "hessian_clip": True,
+        "target_format": "gguf-q4_k_m",
+    },
 }
 LLAMA_QUANTS = {
     "llama-quantize Q4_0": ("Q4_0", False),
     "llama-quantize Q4_0 + imatrix": ("Q4_0", True),
     "llama-quantize Q8_0": ("Q8_0", False),
+    "llama-quantize Q4_K_M": ("Q4_K_M", False),
+    "llama-quantize Q4_K_M + imatrix": ("Q4_K_M", True),
 }
 
 
@@ -100,6 +111,14 @@ def llama_decode_speed(tools: Path, model: Path, log_file: Path) -> float:
     out = run([str(tools / "llama-bench"), "-m", str(model), "-p", "0", "-n", "128", "-t", "2", "-o", "json"], log_file)
     (entry,) = json.loads(out[out.index("[") : out.rindex("]") + 1])
     return float(entry["avg_ts"])
+
+
+def tensor_types_agree(files: list[Path]) -> bool | None:
+    """Whether the GGUF files hold every tensor in the same block type (None: fewer than two files)."""
+    import gguf
+
+    types = [{t.name: t.tensor_type.name for t in gguf.GGUFReader(str(f)).tensors} for f in files]
+    return None if len(types) < 2 else all(t == types[0] for t in types[1:])
 
 
 def quantlm_perplexity(source: Path | str, ids: torch.Tensor, chunks: int) -> float:
@@ -153,7 +172,12 @@ def main() -> None:
             log(f"quantizing: {name}")
             t0 = time.perf_counter()
             calibration = Calibration(n_samples=args.calib_samples, seqlen=2048)
-            quantize_to_checkpoint("smollm2-135m", recipe, checkpoint, calibration=calibration, progress=False)
+            step = dict(recipe)
+            target = step.pop("target_format", None)
+            steps = parse_recipe([step])
+            if target is not None:
+                steps = target_recipe(steps, "smollm2-135m", target)
+            quantize_to_checkpoint("smollm2-135m", steps, checkpoint, calibration=calibration, progress=False)
             log(f"{name}: {time.perf_counter() - t0:.0f}s")
         gguf_file = checkpoint.with_suffix(".gguf")
         gguf_file.unlink(missing_ok=True)  # this benchmark's own file, written again from the checkpoint
@@ -175,6 +199,7 @@ def main() -> None:
         command += ["--imatrix", str(imatrix)] if with_imatrix else []
         run([*command, str(f32), str(target), kind, "2"], work / f"{target.stem}.quantize.log")
         rows.append({"row": name, "gguf": target, "quantlm_source": target})
+    same_types = tensor_types_agree([r["gguf"] for r in rows if "Q4_K_M" in r["row"]])
 
     for row in rows:
         gguf_file = row.pop("gguf")
@@ -194,6 +219,11 @@ def main() -> None:
         f"--chunks {args.chunks} on the protocol's enwiki eval split; GPTQ and llama-imatrix on the calibration "
         f"split ({args.calib_samples} windows of 2048). token_embd F32 in every file.",
         "",
+        *(
+            [f"Every Q4_K_M file holds each tensor in the type llama-quantize's Q4_K_M gives it: {same_types}.", ""]
+            if same_types is not None
+            else []
+        ),
         "| row | llama.cpp ppl | quantlm ppl (same weights, windows) | difference | llama.cpp decode tok/s | GGUF MB |",
         "|---|---|---|---|---|---|",
         *(

@@ -262,6 +262,50 @@ def test_llama_cpp_computes_the_gguf_exports(tmp_path):
         assert diff <= 1e-5 * wants[out].abs().max().item(), f"{Path(out).name}: {diff:.3g}"
 
 
+def q8_k_activations(x: torch.Tensor) -> torch.Tensor:
+    """llama.cpp's CPU matmuls of K-quant weights take the input rounded to Q8_K: blocks of 256, the value of
+    largest magnitude mapped to -127 (fp32 scale), codes round(-127 / max * x) capped at 127."""
+    blocks = x.reshape(*x.shape[:-1], -1, 256)
+    peak = blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True))
+    iscale = torch.where(peak != 0, -127.0 / peak, torch.zeros_like(peak))
+    codes = torch.round(iscale * blocks).clamp(max=127)
+    scale = torch.where(peak != 0, 1 / iscale, torch.zeros_like(peak))
+    return (codes * scale).reshape(x.shape)
+
+
+K_TARGETS = ("gguf-q4_k_m", "gguf-q3_k", "gguf-q2_k")  # Q4_K and Q6_K; Q3_K; Q2_K
+
+
+def test_llama_cpp_computes_the_k_quant_exports(tmp_path):
+    """llama.cpp on GGUF exports of K-quant grids (--target-format) gives quantlm's logits once quantlm rounds each
+    quantized layer's input as llama.cpp's CPU kernels do for K types (Q8_K): within the issue's 1e-3 of the largest
+    logit, and on this model to 1e-6 (a model 256 wide, so that every Linear's rows are whole super-blocks).
+    Rounded activations make the two part by a whole step wherever float noise of 1e-7 upstream moves one across a
+    rounding boundary: with seed 0 one such flip moves the Q4_K_M logits by 1e-3 of their scale."""
+    from conftest import tiny_model
+    from quantlm.formats.gguf_blocks import block_type, is_k_type
+    from quantlm.formats.gguf_targets import target_recipe
+    from quantlm.methods.recipe import parse_recipe
+    from test_export import bpe_tokenizer
+
+    jobs, wants = [], {}
+    for target in K_TARGETS:
+        model = tiny_model("llama", seed=1, hidden_size=256, intermediate_size=512)
+        recipe = target_recipe(parse_recipe([{"method": "rtn"}]), model, target)
+        path = save(quantize(model, recipe, None, progress=False), tmp_path / target, tokenizer=bpe_tokenizer())
+        gguf_file = export_checkpoint(path, tmp_path / f"{target}.gguf", format="gguf")
+        model = load_checkpoint(path)
+        for layer in quantized_modules(model).values():
+            rounding = q8_k_activations if is_k_type(block_type(layer)) else q8_0_activations
+            layer.register_forward_pre_hook(lambda module, args, rounding=rounding: (rounding(args[0]),))
+        with torch.no_grad():
+            wants[str(tmp_path / f"{target}.logits")] = model(IDS).logits[0]
+        jobs.append({"model": str(gguf_file), "ids": IDS[0].tolist(), "out": str(tmp_path / f"{target}.logits")})
+    for out, logits in llama_logits(jobs, tmp_path).items():
+        diff = _check(logits, wants[out], Path(out).name)
+        print(f"{Path(out).name}: {diff / wants[out].abs().max().item():.2g} of the largest logit", file=sys.stderr)
+
+
 @pytest.mark.parametrize("grid", ["sym", "asym"])
 def test_gptqmodel_checkpoints_load_in_quantlm(tmp_path, grid):
     """A checkpoint GPTQModel made itself (v1 format, its own metadata) loads in quantlm as QuantLinears, with the

@@ -17,6 +17,7 @@ from quantlm._version import __version__
 from quantlm.data import calibration_windows, load_text, tokenize_text
 from quantlm.errors import QuantlmError
 from quantlm.eval.perplexity import PerplexityResult, perplexity
+from quantlm.formats import gguf_targets
 from quantlm.formats.exchange import export_checkpoint, foreign_config, read_foreign, read_gguf
 from quantlm.formats.native import (
     WEIGHTS_FILE,
@@ -117,8 +118,8 @@ def load(
     progress: bool = True,
 ) -> nn.Module:
     """A quantlm checkpoint, a GPTQ or compressed-tensors checkpoint, or a GGUF file whose Linears are llama.cpp
-    blocks of Q4_0/Q5_0/Q8_0/Q4_1/Q5_1 (``quantlm.formats.exchange``), as a quantized model ready to run; any other
-    model source as a full-precision model (with ``quantize``, quantized as it loads).
+    blocks of Q4_0 ... Q5_1 and Q2_K ... Q6_K (``quantlm.formats.exchange``), as a quantized model ready to run;
+    any other model source as a full-precision model (with ``quantize``, quantized as it loads).
 
     ``dtype`` is the compute dtype (a torch dtype or its name; ``"auto"``: the fastest this machine runs natively,
     ``quantlm.hardware.choose_dtype``): the float parts of the model (embeddings, norms, unquantized Linears) are cast
@@ -474,6 +475,20 @@ def __getattr__(name: str):
     import importlib
 
     return getattr(importlib.import_module(module), name)
+
+
+GRID_OPTIONS = ("bits", "sym", "group_size", "scale_bits")  # the command line's grid flags a target format sets
+GGUF_TARGETS = tuple(gguf_targets.TARGETS)  # --target-format values
+
+
+def target_recipe(recipe: Recipe, source: str | os.PathLike, target: str) -> Recipe:
+    """``recipe`` (one rtn or gptq weight step) with every Linear of the model at ``source`` on the grid of the
+    llama.cpp block type ``target`` (``GGUF_TARGETS``) gives it, so that a GGUF export holds the codes as they
+    are."""
+    from quantlm.models.skeleton import empty_model
+
+    gguf_targets.target_name(target)
+    return gguf_targets.target_recipe(recipe, empty_model(load_model_config(resolve_model_dir(source))), target)
 
 
 def kv_cache_setting(bits: int | None):

@@ -159,6 +159,12 @@ def quantize(
         help="Quantize the KV cache at run time to 8 or 4 bits (per token and head, symmetric) [default: off].",
     ),
     recipe: Optional[Path] = typer.Option(None, help="A JSON/YAML recipe file (instead of --method and its settings)."),
+    target_format: Optional[str] = typer.Option(
+        None,
+        "--target-format",
+        help="rtn/gptq on the grids of a llama.cpp GGUF type for each Linear, as llama-quantize assigns them: "
+        f"{', '.join(api.GGUF_TARGETS)} (then quantlm export --format gguf writes the codes as they are).",
+    ),
     calib: str = typer.Option(
         "enwiki", help="Calibration text: a built-in name, a .txt/.jsonl file, or hf:NAME[:CONFIG]."
     ),
@@ -203,6 +209,11 @@ def quantize(
         steps = api.recipe_from_options(
             method.value, given, weights=None if weights is None else weights.value, head_bits=head_bits
         )
+    if target_format is not None:
+        grid_flags = sorted("--" + k.replace("_", "-") for k in given if k in api.GRID_OPTIONS)
+        if grid_flags:
+            raise QuantlmError(f"--target-format sets each layer's grid: drop {', '.join(grid_flags)}")
+        steps = api.target_recipe(steps, model, target_format)
     calibration = api.Calibration(source=calib, n_samples=calib_samples, seqlen=calib_seqlen, seed=calib_seed)
     if steps.needs_calibration:
         calibration.check()

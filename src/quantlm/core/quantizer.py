@@ -9,6 +9,10 @@ Per row / group / tensor (see :mod:`quantlm.core.spec` for the shapes):
 - an all-zero row/group uses ``xmin, xmax = -1, +1``;
 - codes ``q = clamp(round(x / scale) + zero, 0, maxq)`` with round-half-to-even; ``x ~ (q - zero) * scale``.
 
+Super-block grids (``spec.scale_bits``, llama.cpp's K-quants, ``quantlm.core.superblock``): the group grids above,
+then every scale (and offset) rounded to a code times one fp16 factor per 256 columns; asymmetric ones have
+fractional zeros. A fractional zero point (these, HQQ's) gives codes ``clamp(round(x / scale + zero), 0, maxq)``.
+
 Codebook grids (``spec.codebook`` "nf4" / "fp4", ``quantlm.core.codebook``): ``scale`` is the absmax of the row or
 group (1 for an all-zero one), ``zero`` is 0 and unused, the code is the index of the level nearest to
 ``x / scale``, and ``x ~ level[q] * scale``. With ``clip="fit"`` each absmax scale is then refitted by Lloyd's
@@ -32,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from quantlm.core import codebook
+from quantlm.core import codebook, superblock
 from quantlm.core.spec import QuantSpec
 from quantlm.errors import InvalidSpecError, QuantlmError
 
@@ -275,7 +279,11 @@ def _qparams_2d(x2: Tensor, spec: QuantSpec, column_weights: Tensor | None = Non
     xmin, xmax, scale, zero = _grid(xmin, xmax, spec)
     if spec.clip == "mse":
         scale, zero = _mse_search(units, xmin, xmax, scale, zero, spec, weights)
-    return scale.reshape(shape).contiguous(), zero.reshape(shape).contiguous()
+    scale, zero = scale.reshape(shape), zero.reshape(shape)
+    if spec.scale_bits is not None:
+        superblock.check_columns(x2.shape[1], spec)
+        scale, zero = superblock.superblock_grid(scale, zero, spec)
+    return scale.contiguous(), zero.contiguous()
 
 
 def expand_to_columns(t: Tensor, spec: QuantSpec, n_columns: int) -> Tensor:
@@ -326,8 +334,17 @@ def quantize(x: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec) -> Tensor:
     s, z = _expand_params(scale, zero, spec, x2.shape[0], x2.shape[1])
     if spec.codebook != "none":
         return codebook.nearest_level(x2 / s.to(torch.float32), spec.codebook).reshape(shape)
-    q = torch.clamp(torch.round(x2 / s.to(torch.float32)) + z.to(torch.float32), 0, spec.maxq)
+    whole, part = _split_zero(z.to(torch.float32))
+    q = torch.clamp(torch.round(x2 / s.to(torch.float32) + part) + whole, 0, spec.maxq)
     return q.to(torch.uint8).reshape(shape)
+
+
+def _split_zero(z: Tensor) -> tuple[Tensor, Tensor]:
+    """A zero point as its nearest integer and the rest: codes are ``round(x / scale + rest) + integer``, which is
+    ``round(x / scale) + zero`` for integer zeros (the GPTQ reference) and ``round(x / scale + zero)`` for
+    fractional ones (HQQ, super-block grids) without a branch on the values."""
+    whole = torch.round(z)
+    return whole, z - whole
 
 
 def dequantize(
@@ -377,7 +394,8 @@ def fake_quantize(x: Tensor, spec: QuantSpec, scale: Tensor | None = None, zero:
     s, z = _expand_params(scale, zero, spec, x2.shape[0], x2.shape[1])
     s = s.to(torch.float32)
     z = z.to(torch.float32)
-    q = torch.clamp(round_ste(x2 / s) + z, 0, spec.maxq)
+    whole, part = _split_zero(z)
+    q = torch.clamp(round_ste(x2 / s + part) + whole, 0, spec.maxq)
     out = (q - z) * s
     return out.to(x.dtype).reshape(shape)
 

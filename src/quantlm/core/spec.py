@@ -26,6 +26,8 @@ CODEBOOK_CLIPS = ("none", "fit")  # absmax scales, or refitted by least squares
 CODEBOOKS = ("none", *LEVEL_CODEBOOKS)  # "none": the integer grid
 MIN_BITS = 2
 MAX_BITS = 8
+MIN_SCALE_BITS = 4  # Q2_K's 4-bit scale codes; Q3_K/Q4_K/Q5_K use 6, Q6_K 8
+SUPER_BLOCK = 256  # columns whose group scales share one fp16 factor (llama.cpp's QK_K)
 
 
 def _is_int(v: Any) -> bool:
@@ -44,6 +46,10 @@ class QuantSpec:
     ``codebook``: "none" (the integer grid) or "nf4" / "fp4": each value is one of 16 fixed levels in [-1, 1] times
     its group's scale, the absmax (``quantlm.core.codebook``); such grids are 4-bit and symmetric by construction
     (``symmetric`` is set to True) and have no zero point.
+    ``scale_bits``: None (float scales, the default) or 4-8: llama.cpp's K-quant grids
+    (``quantlm.core.superblock``): every group scale of a super-block of 256 columns is an integer code of
+    ``scale_bits`` bits times one fp16 factor, and on asymmetric grids so is every offset ``zero * scale`` (one fp16
+    factor of its own), which makes the zero points fractional. Needs groups of 16 or 32 columns.
     """
 
     # ``metadata``: how the command line offers a field (``quantlm.methods.base.cli_settings``): its help, and the
@@ -63,6 +69,13 @@ class QuantSpec:
     codebook: str = field(
         default="none",
         metadata={"help": "Weight levels: none (the integer grid), or nf4 / fp4 (4-bit codebooks times block scales)."},
+    )
+    scale_bits: int | None = field(
+        default=None,
+        metadata={
+            "help": "K-quant grids (llama.cpp's Q2_K-Q6_K): group scales (and offsets) as codes of this many bits "
+            "times one fp16 factor per 256 columns; groups of 16 or 32."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -122,11 +135,30 @@ class QuantSpec:
         elif self.clip == "fit":
             raise InvalidSpecError("clip='fit' refits the scales of nf4/fp4 grids: use clip='mse' on an integer grid")
 
+        if self.scale_bits is not None:
+            sb = self.scale_bits
+            if not _is_int(sb) or not MIN_SCALE_BITS <= sb <= MAX_BITS:
+                raise InvalidSpecError(f"scale_bits must be None or {MIN_SCALE_BITS}-{MAX_BITS}, got {sb!r}")
+            object.__setattr__(self, "scale_bits", int(sb))
+            if self.codebook != "none":
+                raise InvalidSpecError(f"the {self.codebook} codebook has float block scales: drop scale_bits")
+            if gran != "group" or gs not in (16, 32):
+                raise InvalidSpecError(
+                    f"scale_bits needs groups of 16 or 32 columns (8 or 16 groups per {SUPER_BLOCK}-column "
+                    f"super-block), got {self.describe()}"
+                )
+
     # ------------------------------------------------------------------ derived values
     @property
     def maxq(self) -> int:
         """Largest code: ``2**bits - 1``. Codes live in ``[0, maxq]``."""
         return (1 << self.bits) - 1
+
+    @property
+    def fractional_zero(self) -> bool:
+        """Whether zero points are fractional: asymmetric super-block grids, whose offset ``zero * scale`` is
+        quantized apart from the scale (codes are then ``round(x / scale + zero)``)."""
+        return self.scale_bits is not None and not self.symmetric
 
     @property
     def has_zero_point(self) -> bool:
@@ -158,6 +190,8 @@ class QuantSpec:
         }
         if self.codebook != "none":
             data["codebook"] = self.codebook
+        if self.scale_bits is not None:
+            data["scale_bits"] = self.scale_bits
         return data
 
     @classmethod
@@ -174,7 +208,8 @@ class QuantSpec:
         return cls(**d)
 
     def describe(self) -> str:
-        """Short human label, e.g. 'w4 g128 asym', 'w8 per-channel sym', 'w4 g64 sym mse', 'nf4 g64'."""
+        """Short human label, e.g. 'w4 g128 asym', 'w8 per-channel sym', 'w4 g64 sym mse', 'nf4 g64', 'w4 g32 asym s6'
+        (super-block scales of 6 bits)."""
         if self.granularity == "group":
             where = f"g{self.group_size}"
         else:
@@ -182,6 +217,8 @@ class QuantSpec:
         if self.codebook != "none":
             return f"{self.codebook} {where}" + (f" {self.clip}" if self.clip != "none" else "")
         text = f"w{self.bits} {where} {'sym' if self.symmetric else 'asym'}"
+        if self.scale_bits is not None:
+            text += f" s{self.scale_bits}"
         if self.clip != "none":
             text += f" {self.clip}"
         return text

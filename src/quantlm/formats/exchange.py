@@ -96,7 +96,7 @@ def export_gguf(source: str | os.PathLike, out: str | os.PathLike, *, float_type
 
 
 def read_gguf(path: str | os.PathLike) -> nn.Module:
-    """A GGUF file as a model whose Linears stored as llama.cpp blocks (Q4_0, Q5_0, Q8_0, Q4_1, Q5_1) are
+    """A GGUF file as a model whose Linears stored as llama.cpp blocks (Q4_0 ... Q5_1, Q2_K ... Q6_K) are
     QuantLinears holding those blocks, the rest float (a GGUF without such blocks: a float model)."""
     from quantlm.formats.gguf import read_gguf_layers
     from quantlm.formats.record import QuantizationRecord

@@ -1,12 +1,8 @@
 """GGUF for llama.cpp (and Ollama, LM Studio): quantlm layers written exactly as llama.cpp's own block types.
 
-A quantized Linear goes into the block type whose grid is its grid, with its codes and fp16 scales as they are:
-- ``Q4_0`` / ``Q5_0`` / ``Q8_0``: symmetric 4/5/8-bit groups of 32 input columns, ``w = (q - 2**(bits-1)) * d``;
-  quantlm's symmetric grid is this one (zero point = the middle code);
-- ``Q4_1`` / ``Q5_1``: asymmetric 4/5-bit groups of 32, ``w = q * d + m``; quantlm's ``(q - zero) * scale`` is this
-  one with ``d = scale`` and ``m = -zero * scale``, written only where every ``m`` is an fp16 number (else the
-  layer is refused: fp16 cannot hold ``-zero * scale`` for most scales).
-Anything else (other group sizes, 2/3/6-bit codes, codebooks, fractional zeros, W8A8) is refused with the reason.
+A quantized Linear goes into the block type whose grid is its grid (``quantlm.formats.gguf_blocks``: Q4_0, Q5_0,
+Q8_0, Q4_1, Q5_1 and the K-quants Q2_K ... Q6_K), with its codes and scales as they are. Anything else (other group
+sizes or bit widths, codebooks, HQQ's fitted zeros, W8A8) is refused with the reason.
 Float tensors go in ``float_type`` (f32, f16 or bf16); 1-D ones (norms) always in F32, as llama.cpp writes them.
 
 Layout (what llama.cpp's converter writes for the ``llama`` architecture): tensor names ``token_embd``,
@@ -31,13 +27,14 @@ from torch import nn
 
 from quantlm._version import __version__
 from quantlm.errors import QuantlmError
+from quantlm.formats.gguf_blocks import GRIDS, block_bytes, block_problem, block_type, is_k_type, layer_from_blocks
 from quantlm.formats.interchange import integer_grid_problem, refuse_layers
 from quantlm.nn.qlinear import QuantLinear
 from quantlm.paths import atomic_write_file
 
-BLOCK = 32  # columns per block of the Q4_0 ... Q8_0 types
 MARKER_KEY = "quantlm.version"  # written into every export: --overwrite replaces only files that carry it
 FLOAT_TYPES = ("f32", "f16", "bf16")
+K_FILE_TYPES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}  # general.file_type has no plain Q4_K
 ARCHITECTURES = {"llama": "llama", "mistral": "llama"}  # model_type -> GGUF architecture written
 LLAMA_NAMES = {
     "self_attn.q_proj": "attn_q",
@@ -59,62 +56,20 @@ def _gguf():
     return gguf
 
 
-def block_type(module: QuantLinear) -> str | None:
-    """The llama.cpp block type whose grid is this layer's grid (None: none is)."""
-    spec = module.spec
-    if spec.granularity != "group" or spec.group_size != BLOCK or module.g_idx is not None:
-        return None
-    if spec.symmetric:
-        return {4: "Q4_0", 5: "Q5_0", 8: "Q8_0"}.get(spec.bits)
-    return {4: "Q4_1", 5: "Q5_1"}.get(spec.bits)
-
-
 def why_not(module: QuantLinear) -> str | None:
-    problem = integer_grid_problem(module)
-    if problem is not None:
-        return problem
     if module.act_bits is not None:
         return "its activations are quantized (W8A8), which llama.cpp's block types do not do"
     kind = block_type(module)
+    problem = integer_grid_problem(module, fractional_zeros=kind is not None and is_k_type(kind))
+    if problem is not None:
+        return problem
     if kind is None:
         return (
             f"{module.spec.describe()} is none of llama.cpp's block grids (groups of 32: symmetric 4/5/8 bits for "
-            "Q4_0/Q5_0/Q8_0, asymmetric 4/5 bits for Q4_1/Q5_1): quantize with --group-size 32 and one of those, "
-            "without --act-order's permuted groups"
+            "Q4_0/Q5_0/Q8_0, asymmetric 4/5 bits for Q4_1/Q5_1; the K-quant grids of --scale-bits): quantize "
+            "with --target-format gguf-TYPE, without --act-order's permuted groups"
         )
-    scales = module.scales.float()
-    if not torch.equal(scales.half().float(), scales):
-        return "its scales are not fp16 numbers, as llama.cpp's blocks store them (double-quantized, or beyond fp16)"
-    if kind in ("Q4_1", "Q5_1"):  # q * d and m are exact in fp32, so llama.cpp's q * d + m is quantlm's weight
-        offset = -module.zeros.double() * scales.double()
-        if not torch.equal(offset.half().double(), offset):
-            return (
-                f"{kind} stores the offset -zero * scale in fp16, which cannot hold this layer's offsets exactly: "
-                "quantize with --sym for Q4_0/Q5_0"
-            )
-    return None
-
-
-def block_bytes(module: QuantLinear) -> tuple[np.ndarray, str]:
-    """The layer's weight as llama.cpp blocks: uint8 ``[out, in / 32 * block size]`` and the type's name."""
-    kind = block_type(module)
-    out_f, in_f = module.out_features, module.in_features
-    codes = module.codes().view(out_f, in_f // BLOCK, BLOCK)
-    d = module.scales.to(torch.float16).view(out_f, -1, 1).view(torch.uint8)  # [out, blocks, 2]
-    parts = [d]
-    if kind in ("Q4_1", "Q5_1"):
-        m = (-module.zeros.double() * module.scales.double()).to(torch.float16)
-        parts.append(m.view(out_f, -1, 1).view(torch.uint8))
-    if kind == "Q8_0":
-        parts.append((codes.to(torch.int16) - 128).to(torch.int8).view(torch.uint8))
-    else:
-        if kind in ("Q5_0", "Q5_1"):  # the fifth bit of element j in bit j of a 32-bit word
-            high = (codes >> 4).to(torch.int64) << torch.arange(BLOCK, dtype=torch.int64)
-            parts.append(high.sum(-1, keepdim=True).to(torch.int32).view(torch.uint8))
-        low = codes & 0xF  # element j in the low nibble of byte j, element j + 16 in its high nibble
-        parts.append(low[..., :16] | (low[..., 16:] << 4))
-    blocks = torch.cat(parts, dim=-1)
-    return blocks.reshape(out_f, -1).numpy(), kind
+    return block_problem(module, kind)
 
 
 def float_data(w: torch.Tensor, float_type: str) -> tuple[np.ndarray, str]:
@@ -327,11 +282,13 @@ def write_gguf(
 
 
 def file_type(counts: dict[str, int], float_type: str) -> int:
-    """``general.file_type``: the block type most weights are in (llama.cpp's MOSTLY_*), else the float type."""
+    """``general.file_type``: the block type most weights are in (llama.cpp's MOSTLY_*; a K type as the mix
+    llama-quantize names after it, Q4_K -> Q4_K_M), else the float type."""
     gguf = _gguf()
-    blocks = {k: n for k, n in counts.items() if k in BLOCK_LAYOUT}
+    blocks = {k: n for k, n in counts.items() if k in GRIDS}
     if blocks:
-        return getattr(gguf.LlamaFileType, f"MOSTLY_{max(blocks, key=blocks.get)}")
+        kind = max(blocks, key=blocks.get)
+        return getattr(gguf.LlamaFileType, f"MOSTLY_{K_FILE_TYPES.get(kind, kind)}")
     return {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16}.get(
         float_type, gguf.LlamaFileType.MOSTLY_BF16
     )
@@ -349,52 +306,9 @@ def is_gguf_export(path: str | os.PathLike) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------------- reading
-BLOCK_LAYOUT = {  # type -> (bits, asymmetric, bytes per block)
-    "Q4_0": (4, False, 18),
-    "Q5_0": (5, False, 22),
-    "Q8_0": (8, False, 34),
-    "Q4_1": (4, True, 20),
-    "Q5_1": (5, True, 24),
-}
-
-
-def layer_from_blocks(
-    data: np.ndarray, kind: str, out_features: int, in_features: int, bias: torch.Tensor | None = None
-) -> QuantLinear:
-    """A QuantLinear holding the weight of llama.cpp blocks ``data`` (uint8 ``[out, blocks * size]``, rows in the
-    model's own order). Q4_0/Q5_0/Q8_0 are quantlm's symmetric grids, read exactly; Q4_1/Q5_1's offset ``m``
-    becomes a float zero point ``-m / d`` (fp32), which gives ``q * d + m`` to fp32 rounding."""
-    from quantlm.core import QuantSpec
-
-    bits, asymmetric, size = BLOCK_LAYOUT[kind]
-    blocks = torch.from_numpy(np.array(data, dtype=np.uint8)).view(out_features, in_features // BLOCK, size)
-    d = blocks[..., 0:2].contiguous().view(torch.float16)[..., 0]
-    at = 4 if asymmetric else 2
-    if kind == "Q8_0":
-        codes = (blocks[..., at:].contiguous().view(torch.int8).to(torch.int16) + 128).to(torch.uint8)
-    else:
-        high = torch.zeros(out_features, in_features // BLOCK, BLOCK, dtype=torch.uint8)
-        if bits == 5:
-            qh = blocks[..., at : at + 4].contiguous().view(torch.int32).to(torch.int64)
-            high = (((qh >> torch.arange(BLOCK)) & 1) << 4).to(torch.uint8)
-            at += 4
-        qs = blocks[..., at : at + 16]
-        codes = torch.cat([qs & 0xF, qs >> 4], dim=-1) | high
-    codes = codes.reshape(out_features, in_features)
-    spec = QuantSpec(bits=bits, symmetric=not asymmetric, group_size=BLOCK)
-    if not asymmetric:
-        zeros = torch.full(d.shape, 1 << (bits - 1), dtype=torch.uint8)
-        return QuantLinear.from_codes(codes, d, zeros, spec, bias)
-    m16 = blocks[..., 2:4].contiguous().view(torch.float16)[..., 0]
-    m, flat = m16.float(), d == 0  # a constant block: d = 0, codes 0, every weight m; read as (0 - (-1)) * m
-    scale = torch.where(flat, m16, d)
-    zeros = torch.where(flat, torch.full_like(m, -1.0), -m / torch.where(flat, torch.ones_like(m), d.float()))
-    return QuantLinear.from_codes(codes, scale, zeros, spec, bias, zero_dtype=torch.float32)
-
-
 def read_gguf_layers(path: Path, model: nn.Module) -> dict[str, QuantLinear]:
     """The Linears of ``model`` (a float model read from the GGUF at ``path``) whose GGUF tensors are blocks of a
-    type in ``BLOCK_LAYOUT``, as QuantLinears holding those blocks; none for GGUFs of other architectures than
+    type in ``GRIDS``, as QuantLinears holding those blocks; none for GGUFs of other architectures than
     llama (whose tensor names and row orders this module knows)."""
     gguf = _gguf()
     config = model.config
@@ -409,7 +323,7 @@ def read_gguf_layers(path: Path, model: nn.Module) -> dict[str, QuantLinear]:
     for name, module in model.named_modules():
         target = gguf_name(name)
         t = tensors.get(f"{target}.weight") if target is not None else None
-        if not isinstance(module, nn.Linear) or t is None or t.tensor_type.name not in BLOCK_LAYOUT:
+        if not isinstance(module, nn.Linear) or t is None or t.tensor_type.name not in GRIDS:
             continue
         data = np.asarray(t.data).reshape(module.out_features, -1)
         kind_of = target.rsplit(".", 1)[-1]

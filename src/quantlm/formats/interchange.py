@@ -61,14 +61,18 @@ class LayerFormat(Protocol):
         """The quantized modules of a checkpoint in this format, built from (and removed from) ``tensors``."""
 
 
-def integer_grid_problem(module: QuantLinear) -> str | None:
-    """What no integer-grid format (GPTQ, compressed-tensors) holds: codebooks, fractional zero points, LLM.int8()'s
-    outlier columns, and a last group narrower than the others."""
+def integer_grid_problem(module: QuantLinear, fractional_zeros: bool = False) -> str | None:
+    """What no integer-grid format (GPTQ, compressed-tensors) holds: codebooks, fractional zero points (unless
+    ``fractional_zeros``: llama.cpp's K-quants have them), LLM.int8()'s outlier columns, and a last group narrower
+    than the others."""
     spec = module.spec
     if spec.codebook != "none":
         return f"it is {spec.codebook}, a codebook grid (export it as GGUF, or quantize with rtn/gptq)"
-    if module.zeros is not None and module.zeros.dtype != torch.uint8:
-        return "its zero points are fractional (HQQ): quantize with rtn, gptq or awq, whose zero points are integers"
+    if module.zeros is not None and module.zeros.dtype != torch.uint8 and not fractional_zeros:
+        return (
+            "its zero points are fractional (HQQ, or a K-quant grid): quantize with rtn, gptq or awq, whose zero "
+            "points are integers"
+        )
     if module.outlier_threshold is not None:
         return "it is an LLM.int8() layer (outlier columns in fp16): quantize with smoothquant for W8A8"
     if spec.granularity == "group" and module.in_features % spec.group_size:

@@ -10,7 +10,9 @@ Conventions follow the reference implementation (IST-DASLab/gptq) so results and
 dead inputs (zero Hessian diagonal) get diagonal 1 and a zero weight column; the damping is ``damp`` times the mean
 of diag(H); a group's grid is computed from the weights as they stood at the start of the current lazy block;
 act-order processes columns by descending diag(H) and records each column's group in ``g_idx``; static groups
-fix every group's grid from the original weight before any column is permuted or updated.
+fix every group's grid from the original weight before any column is permuted or updated. On a super-block grid
+(``spec.scale_bits``, llama.cpp's K-quants) the grids of a super-block's groups are made together, when its first
+column is reached (or from the original weight, with static groups), since their scales share one factor.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from torch import Tensor
 
 from quantlm.core import QuantSpec, compute_qparams, dequantize, quantize
 from quantlm.core.activation import static_int8_scale
+from quantlm.core.spec import SUPER_BLOCK
 from quantlm.errors import InvalidSpecError, QuantlmError
 from quantlm.methods.base import Method, register, setting
 from quantlm.methods.common import (
@@ -61,8 +64,9 @@ class GPTQResult:
 
 
 def _row_spec(spec: QuantSpec) -> QuantSpec:
-    """The same grid with one scale per row: how one group's columns get their scale and zero."""
-    return dataclasses.replace(spec, group_size=-1, granularity="channel")
+    """The same grid with one scale per row: how one group's columns get their scale and zero, and are rounded
+    once they have them (a super-block grid's group is rounded on its scale and zero like any other)."""
+    return dataclasses.replace(spec, group_size=-1, granularity="channel", scale_bits=None)
 
 
 def inverse_hessian_cholesky(hessian: Tensor, damp: float) -> tuple[Tensor, float]:
@@ -137,19 +141,23 @@ def gptq_quantize(
     scale = torch.zeros(n_out, n_groups, device=W.device)
     zero = torch.zeros(n_out, n_groups, device=W.device)
 
-    def grid(first: int) -> tuple[Tensor, Tensor]:
-        """The grid of the group of columns of W (in its current order) that starts at column ``first``."""
-        columns = W[:, first : first + group_size]
-        weights = torch.diag(H)[first : first + group_size] if hessian_clip else None
-        s, z = compute_qparams(columns, row_spec, column_weights=weights)
+    # columns whose grids are made together: a group, or a super-block of groups whose scales share a factor
+    unit, unit_spec = (SUPER_BLOCK, spec) if spec.scale_bits is not None else (group_size, row_spec)
+
+    def set_grids(first: int) -> None:
+        """The grids of the unit of columns of W (in its current order) that starts at column ``first``."""
+        columns = W[:, first : first + unit]
+        weights = torch.diag(H)[first : first + unit] if hessian_clip else None
+        s, z = compute_qparams(columns, unit_spec, column_weights=weights)
         if scale_dtype is not None:
             s = s.to(scale_dtype).to(torch.float32)
-        return s, z
+        g = first // group_size
+        scale[:, g : g + s.shape[1]], zero[:, g : g + s.shape[1]] = s, z
 
     fixed_grids = not grouped or static_groups
     if fixed_grids:  # every grid from the original (dead-zeroed) weight, before any permutation or update
-        for g in range(n_groups):
-            scale[:, g : g + 1], zero[:, g : g + 1] = grid(g * group_size)
+        for first in range(0, n_in, unit):
+            set_grids(first)
 
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else None
     if perm is not None:
@@ -175,9 +183,9 @@ def gptq_quantize(
         for i in range(i2 - i1):
             col = i1 + i
             g = group_of[col]
-            if not fixed_grids and col % group_size == 0:
+            if not fixed_grids and col % unit == 0:
                 # the reference reads the group from W, which holds this lazy block's start state
-                scale[:, g : g + 1], zero[:, g : g + 1] = grid(col)
+                set_grids(col)
             s, z = scale[:, g : g + 1], zero[:, g : g + 1]
             w = W1[:, i : i + 1]
             c = quantize(w, s, z, row_spec)
@@ -380,7 +388,7 @@ class GPTQ(Method):
     ) -> LayerRecord:
         t0 = time.perf_counter()
         weight = linear_weight(module).detach()
-        scale_dtype = storage_scale_dtype(compute_qparams(weight, self.spec)[0])
+        scale_dtype = storage_scale_dtype(compute_qparams(weight, self.spec)[0], self.spec)
         result = self.solve(weight, acc.hessian(), scale_dtype)
         qlinear = QuantLinear.from_codes(
             result.codes,

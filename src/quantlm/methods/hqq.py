@@ -121,6 +121,8 @@ def check_hqq_spec(spec: QuantSpec) -> None:
         raise InvalidSpecError(f"HQQ fits an integer grid: drop --codebook {spec.codebook} (codebook='none')")
     if spec.symmetric:
         raise InvalidSpecError("HQQ fits an asymmetric grid with a float zero point: drop --sym (symmetric=False)")
+    if spec.scale_bits is not None:
+        raise InvalidSpecError("HQQ fits float scales and zeros per group: drop --scale-bits (a K-quant grid)")
     if spec.clip != "none":
         raise InvalidSpecError(
             "HQQ fits its own grid: drop --clip mse (clip='none'); --zero-point integer starts from the clipped grid"

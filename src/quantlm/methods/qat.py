@@ -79,6 +79,8 @@ class QATConfig(Method):
             raise InvalidSpecError(f"the QAT weight grid must be a QuantSpec or None, got {self.weight!r}")
         if self.weight is not None and self.weight.codebook != "none":
             raise InvalidSpecError(f"QAT trains integer grids, not {self.weight.codebook}: drop the codebook")
+        if self.weight is not None and self.weight.scale_bits is not None:
+            raise InvalidSpecError("QAT trains float group scales: drop scale_bits (quantize to a K-quant grid after)")
         if self.learnable_clip and self.weight is None:
             raise InvalidSpecError("learnable clipping needs quantized weights: set the weight bits below 16")
 

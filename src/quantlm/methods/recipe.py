@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from quantlm.core import QuantSpec
 from quantlm.errors import InvalidSpecError
 from quantlm.methods.base import (
     Method,
@@ -202,3 +203,37 @@ def add_head_step(recipe: Recipe, head_bits: int | None) -> Recipe:
             "and --head-bits would round it again: pass one"
         )
     return parse_recipe([*recipe.steps, head_step(head_bits)])
+
+
+GRID_KEYS = ("bits", "symmetric", "group_size", "granularity", "scale_bits")  # what a per-layer grid sets
+PER_LAYER_METHODS = ("rtn", "gptq")  # steps that quantize each Linear on its own grid, nothing shared
+
+
+def per_layer_grids(recipe: Recipe, grids: dict[str, QuantSpec]) -> Recipe:
+    """``recipe`` with its weight step (rtn or gptq) split into one step per grid of ``grids`` (module name ->
+    grid; its clip setting stays the step's own), in the order the grids first occur. Each step excludes the
+    Linears of other grids that are still float when it runs (the steps of one block run in order, each seeing
+    only the Linears the steps before left), written as the Linear's local name where that covers every block.
+    The step's own exclusions stay excluded in every step."""
+    import dataclasses
+
+    quantizing = [i for i, s in enumerate(recipe.steps) if getattr(s, "quantizes_weights", True)]
+    weight_steps = [i for i in quantizing if not isinstance(recipe.steps[i], HeadRounding)]
+    if len(weight_steps) != 1 or recipe.steps[weight_steps[0]].name not in PER_LAYER_METHODS:
+        raise InvalidSpecError(
+            f"per-layer grids (--target-format) need one weight step of {' or '.join(PER_LAYER_METHODS)}, "
+            f"got {recipe.describe()}"
+        )
+    at = weight_steps[0]
+    step = recipe.steps[at]
+    order = list(dict.fromkeys(grids.values()))
+    local = {name: name.rsplit(".", 1)[-1] for name in grids}
+    split, done = [], set()
+    for grid in order:
+        others = {n for n, g in grids.items() if g != grid and n not in done}
+        whole = {local[n] for n in others} - {local[n] for n in grids if n not in others}
+        exclude = [*step.exclude, *sorted(whole), *sorted(n for n in others if local[n] not in whole)]
+        spec = dataclasses.replace(step.spec, **{k: getattr(grid, k) for k in GRID_KEYS})
+        split.append(dataclasses.replace(step, spec=spec, exclude=tuple(exclude)))
+        done |= {n for n, g in grids.items() if g == grid}
+    return Recipe([*recipe.steps[:at], *split, *recipe.steps[at + 1 :]])

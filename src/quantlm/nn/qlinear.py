@@ -64,8 +64,11 @@ def check_outlier_threshold(threshold) -> float | None:
     return float(threshold)
 
 
-def storage_scale_dtype(scale: torch.Tensor) -> torch.dtype:
-    """fp16 when every scale is a normal fp16 number (the GPTQ ecosystem's choice), else fp32."""
+def storage_scale_dtype(scale: torch.Tensor, spec: QuantSpec | None = None) -> torch.dtype:
+    """fp16 when every scale is a normal fp16 number (the GPTQ ecosystem's choice), else fp32; always fp32 for
+    ``spec``'s super-block grids (``scale_bits``), whose scales are fp16 factors times codes."""
+    if spec is not None and spec.scale_bits is not None:
+        return torch.float32
     fp16 = torch.finfo(torch.float16)
     a = scale.abs()
     return torch.float16 if bool(((a >= fp16.tiny) & (a <= fp16.max)).all()) else torch.float32
@@ -176,10 +179,12 @@ class QuantLinear(nn.Module):
 
         ``scale`` may be ``DoubleQuantScales`` (the codes computed with its decoding): the layer stores them
         double-quantized. ``zero`` is ignored for codebook grids; ``zero_dtype`` float16/float32 keeps fractional
-        zero points. ``g_idx`` is kept only when it differs from the natural order j // group_size. ``act_scale``
-        (a static per-tensor activation scale) makes the activations per tensor; ``outlier_threshold`` makes an
-        LLM.int8() layer."""
+        zero points (super-block grids with fractional zeros always keep fp32 ones). ``g_idx`` is kept only when it
+        differs from the natural order j // group_size. ``act_scale`` (a static per-tensor activation scale) makes
+        the activations per tensor; ``outlier_threshold`` makes an LLM.int8() layer."""
         double_quant = isinstance(scale, DoubleQuantScales)
+        if spec.fractional_zero and zero_dtype == torch.uint8:
+            zero_dtype = torch.float32
         if g_idx is not None and spec.granularity == "group":
             natural = torch.arange(codes.shape[1], device=g_idx.device) // spec.group_size
             if torch.equal(g_idx.to(natural.dtype), natural):
@@ -240,7 +245,7 @@ class QuantLinear(nn.Module):
         """
         w = weight.detach().float()
         scale, zero = compute_qparams(w, spec)
-        stored = DoubleQuantScales.of(scale) if double_quant else scale.to(storage_scale_dtype(scale))
+        stored = DoubleQuantScales.of(scale) if double_quant else scale.to(storage_scale_dtype(scale, spec))
         used = stored.decode() if double_quant else stored.float()
         codes = quantize(w, used, zero, spec)
         return cls.from_codes(

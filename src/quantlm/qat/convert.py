@@ -42,7 +42,7 @@ def to_quant_linear(fq: FakeQuantLinear) -> nn.Module:
     codes = quantize(fq.weight.detach().float(), scale, zero, fq.spec)
     bias = None if fq.bias is None else fq.bias.detach()
     return QuantLinear.from_codes(
-        codes, scale.to(storage_scale_dtype(scale)), zero, fq.spec, bias, act_bits=fq.act_bits
+        codes, scale.to(storage_scale_dtype(scale, fq.spec)), zero, fq.spec, bias, act_bits=fq.act_bits
     )
 
 
