@@ -217,9 +217,82 @@ def test_target_format_cli_refuses_grid_flags_and_other_methods(tmp_path, tiny_m
     assert {m.spec.describe() for m in quantized_modules(load_checkpoint(out)).values()} == {"w4 g32 sym"}
     for extra, message in [
         (["--bits", "4"], "drop --bits"),
-        (["--method", "hqq"], "one weight step of rtn or gptq"),
+        (["--codebook", "nf4"], "drop --codebook"),
+        (["--method", "hqq"], "rtn or gptq alone"),
+        (["--method", "smoothquant"], "rtn or gptq alone"),
+        (["--a-bits", "8"], "drop --a-bits"),
+        (["--lm-head"], "drop --lm-head"),
+        (["--method", "gptq", "--no-static-groups"], "drop --no-static-groups"),
         (["--target-format", "gguf-q7"], "unknown --target-format"),
     ]:
         args = ["quantize", str(tiny_model_dir), "-o", str(tmp_path / "x"), "--target-format", "gguf-q4_0", *extra]
         result = runner.invoke(app, args)
         assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_an_all_zero_group_does_not_size_its_super_block():
+    """A group of zeros (pruned, padded, a dead input GPTQ zeroed) is held exactly and leaves the factor of its
+    super-block to the other groups."""
+    w = torch.randn(4, 256, generator=torch.Generator().manual_seed(5)) * 0.02
+    for kind in ("Q4_K", "Q2_K", "Q6_K"):
+        spec = GRIDS[kind]
+        x = w.clone()
+        x[:, : spec.group_size] = 0
+        error = (QuantLinear.from_weight(x, spec).dequantize_weight() - x).norm() / x.norm()
+        first_nonzero = x.clone()
+        first_nonzero[:, : spec.group_size] = w[:, : spec.group_size] * 1e-3  # nearly zero: no made-up range
+        reference = (QuantLinear.from_weight(first_nonzero, spec).dequantize_weight() - first_nonzero).norm()
+        assert error <= 1.05 * reference / first_nonzero.norm()
+        assert not QuantLinear.from_weight(x, spec).dequantize_weight()[:, : spec.group_size].any()
+
+
+@pytest.mark.parametrize("offset", [0.0, 0.25])
+def test_constant_groups_of_other_tools_read_and_write_back(offset):
+    """llama.cpp stores a group of one value as scale code 0 (and min code m): read as codes 0 on (0 - 1) * offset
+    (zero point 0 where the offset is 0 too), written back as scale code 0."""
+    import gguf
+
+    w = torch.randn(2, 256, generator=torch.Generator().manual_seed(6)) * 0.05
+    layer = QuantLinear.from_weight(w, GRIDS["Q4_K"])
+    data, _ = block_bytes(layer)
+    blocks = data.copy()
+    blocks[:, 4] &= 0b11000000  # scale code of group 0: 0
+    if offset == 0.0:
+        blocks[:, 8] &= 0b11000000  # min code of group 0: 0
+    want = torch.from_numpy(gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q4_K))
+    back = layer_from_blocks(blocks, "Q4_K", 2, 256)
+    assert (back.dequantize_weight() - want).abs().max() <= 2e-7 * want.abs().max()
+    assert why_not(back) is None
+    again = torch.from_numpy(gguf.quants.dequantize(block_bytes(back)[0], gguf.GGMLQuantizationType.Q4_K))
+    assert torch.equal(again, want)
+
+
+def test_k_quant_checkpoints_are_format_4_and_load_back(tmp_path):
+    import json
+
+    from quantlm.formats.gguf_targets import target_recipe
+    from quantlm.methods.recipe import parse_recipe
+
+    model = tiny_model("llama", hidden_size=256, intermediate_size=512)
+    recipe = target_recipe(parse_recipe([{"method": "rtn"}]), model, "gguf-q6_k")
+    quantized = quantize(model, recipe, None, progress=False)
+    path = save(quantized, tmp_path / "q6k")
+    assert json.loads((path / "config.json").read_text())["quantization_config"]["format_version"] == 4
+    loaded = quantized_modules(load_checkpoint(path))
+    for name, layer in quantized_modules(quantized).items():
+        assert torch.equal(loaded[name].dequantize_weight(), layer.dequantize_weight())
+        assert loaded[name].spec == GRIDS["Q6_K"]
+
+
+def test_k_layers_are_refused_by_the_integer_grid_formats_with_the_reason(tmp_path):
+    from quantlm.formats.gguf_targets import target_recipe
+    from quantlm.methods.recipe import parse_recipe
+
+    model = tiny_model("llama", hidden_size=256, intermediate_size=512)
+    path = save(
+        quantize(model, target_recipe(parse_recipe([{"method": "rtn"}]), model, "gguf-q4_k"), None, progress=False),
+        tmp_path / "q4k",
+    )
+    for fmt in ("gptq", "compressed-tensors"):
+        with pytest.raises(QuantlmError, match="K-quant grid .* export it as GGUF"):
+            export_checkpoint(path, tmp_path / fmt, format=fmt)

@@ -477,7 +477,7 @@ def __getattr__(name: str):
     return getattr(importlib.import_module(module), name)
 
 
-GRID_OPTIONS = ("bits", "sym", "group_size", "scale_bits")  # the command line's grid flags a target format sets
+GRID_OPTIONS = ("bits", "sym", "group_size", "scale_bits", "codebook")  # grid flags a target format sets
 GGUF_TARGETS = tuple(gguf_targets.TARGETS)  # --target-format values
 
 

@@ -162,8 +162,9 @@ def quantize(
     target_format: Optional[str] = typer.Option(
         None,
         "--target-format",
-        help="rtn/gptq on the grids of a llama.cpp GGUF type for each Linear, as llama-quantize assigns them: "
-        f"{', '.join(api.GGUF_TARGETS)} (then quantlm export --format gguf writes the codes as they are).",
+        help="rtn/gptq with each Linear on the grid of a llama.cpp GGUF type: one type for all (as llama-quantize "
+        "--pure, with its fallbacks for narrow rows) or llama-quantize's Q4_K_M mix: "
+        f"{', '.join(api.GGUF_TARGETS)}. quantlm export --format gguf then writes the codes as they are.",
     ),
     calib: str = typer.Option(
         "enwiki", help="Calibration text: a built-in name, a .txt/.jsonl file, or hf:NAME[:CONFIG]."

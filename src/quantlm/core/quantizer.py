@@ -22,7 +22,9 @@ The grid's largest level no longer has to land on the absmax: on SmolLM2-135M th
 to 8.8% and perplexity with it (docs/calibration_free.md), in the same storage as bitsandbytes' NF4.
 
 Everything is computed in float32 whatever the input dtype. ``scale`` and ``zero`` are float32 (``zero`` holds
-integers in ``[0, maxq]``), codes are ``torch.uint8``. Zero is always exactly representable.
+integers in ``[0, maxq]``, except on asymmetric super-block grids), codes are ``torch.uint8``. Zero is exactly
+representable on every grid but the asymmetric super-block ones (Q2_K/Q4_K/Q5_K round each offset apart from its
+scale, as llama.cpp does; their all-zero groups keep 0).
 
 Two guards go beyond the reference and only matter at the edges of float32: a scale that overflows
 (|x| above ~1e38) is recomputed as ``xmax / maxq - xmin / maxq``, and a scale that underflows (range below
@@ -282,7 +284,8 @@ def _qparams_2d(x2: Tensor, spec: QuantSpec, column_weights: Tensor | None = Non
     scale, zero = scale.reshape(shape), zero.reshape(shape)
     if spec.scale_bits is not None:
         superblock.check_columns(x2.shape[1], spec)
-        scale, zero = superblock.superblock_grid(scale, zero, spec)
+        empty = ((units == 0).all(dim=1)).reshape(shape)
+        scale, zero = superblock.superblock_grid(scale, zero, spec, empty)
     return scale.contiguous(), zero.contiguous()
 
 
@@ -406,7 +409,7 @@ class QuantizedTensor:
 
     codes: Tensor  # uint8 [rows, n]
     scale: Tensor  # float32, spec.qparams_shape(rows, n)
-    zero: Tensor  # float32 holding integers
+    zero: Tensor  # float32, integers but on asymmetric super-block grids
     spec: QuantSpec
 
     @property

@@ -44,9 +44,9 @@ def groups_per_super_block(spec: QuantSpec) -> int:
 def check_columns(n_columns: int, spec: QuantSpec) -> None:
     if n_columns % SUPER_BLOCK:
         raise QuantlmError(
-            f"{spec.describe()} needs rows of whole {SUPER_BLOCK}-column super-blocks, and this tensor has "
-            f"{n_columns} columns: quantize it on a grid without scale_bits (llama.cpp falls back to Q5_0/Q8_0 "
-            "for such tensors)"
+            f"{spec.describe()} needs rows of whole {SUPER_BLOCK}-column super-blocks, and a layer here has "
+            f"{n_columns} input columns: quantize with --target-format gguf-TYPE, which puts such layers on the "
+            "32-column type llama.cpp falls back to (Q4_0, Q5_0 or Q8_0), or exclude them (--exclude)"
         )
 
 
@@ -55,19 +55,24 @@ def _factor_of(top: Tensor, code: int) -> Tensor:
     return (top / code).clamp(FP16_TINY, FP16_MAX).to(torch.float16).to(torch.float32)
 
 
-def superblock_grid(scale: Tensor, zero: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+def superblock_grid(
+    scale: Tensor, zero: Tensor, spec: QuantSpec, empty: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """A float grid (``scale``, ``zero``: float32 ``[rows, n_groups]``, positive scales) moved onto ``spec``'s
     super-block grid: scales ``d * sc``, and for asymmetric grids offsets ``dmin * m`` with ``zero = offset /
-    scale`` (fractional). ``n_groups`` must be a whole number of super-blocks."""
+    scale`` (fractional). ``n_groups`` must be a whole number of super-blocks. ``empty`` (bool, like ``scale``):
+    groups whose weights are all 0; their made-up range does not size ``d``, and they get scale code 1 and offset 0
+    (every weight 0, exactly)."""
     rows, n_groups = scale.shape
     per = groups_per_super_block(spec)
     top = top_code(spec)
-    s = scale.reshape(rows, n_groups // per, per)
+    empty = torch.zeros_like(scale, dtype=torch.bool) if empty is None else empty
+    s = scale.masked_fill(empty, 0).reshape(rows, n_groups // per, per)
     d = _factor_of(s.amax(-1, keepdim=True), top)
     s_q = (torch.round(s / d).clamp(1, top) * d).reshape(rows, n_groups)
     if spec.symmetric:
         return s_q, zero
-    offset = (zero * scale).reshape(rows, n_groups // per, per)
+    offset = (zero * scale).masked_fill(empty, 0).reshape(rows, n_groups // per, per)
     dmin = _factor_of(offset.amax(-1, keepdim=True), top)
     o_q = (torch.round(offset / dmin).clamp(0, top) * dmin).reshape(rows, n_groups)
     return s_q, o_q / s_q
@@ -76,16 +81,17 @@ def superblock_grid(scale: Tensor, zero: Tensor, spec: QuantSpec) -> tuple[Tenso
 def factor(values: Tensor, low: int, high: int, same=None) -> tuple[Tensor, Tensor] | None:
     """``values`` (float32 ``[rows, n_super, per]``) as fp16 factors ``[rows, n_super]`` times integer codes in
     ``[low, high]``; None where some super-block has no such factorization. Tries, for each super-block's value of
-    largest magnitude, every code it could have, largest first. ``same(d, codes)`` says which products stand for
-    their values (default: ``d * codes == values`` exactly in fp32; pass a test of your own where ``values`` are
-    only known to rounding)."""
+    largest magnitude, every code it could have, largest magnitude first. ``same(d, codes)`` says which products
+    stand for their values (default: ``d * codes == values`` exactly in fp32; pass a test of your own where
+    ``values`` are only known to rounding)."""
     v = values.to(torch.float32)
     same = same or (lambda d, codes: codes * d == v)
     peak = v.gather(-1, v.abs().argmax(-1, keepdim=True))
     found = (v == 0).all(-1)  # every value 0: factor 0, codes 0
     d_out = torch.zeros(v.shape[:-1], dtype=torch.float32, device=v.device)
     codes_out = torch.zeros(v.shape, dtype=torch.int16, device=v.device)
-    for code in (c for c in range(high, low - 1, -1) if c != 0):
+    # largest magnitude first: llama.cpp gives the peak the code -128 or -32 (signed), quantlm the top code
+    for code in sorted((c for c in range(low, high + 1) if c != 0), key=lambda c: (-abs(c), c)):
         if bool(found.all()):
             break
         d = (peak / code).to(torch.float16).to(torch.float32)

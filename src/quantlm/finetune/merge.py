@@ -19,7 +19,7 @@ from torch import nn
 
 from quantlm.core.codebook import DoubleQuantScales
 from quantlm.core.spec import QuantSpec
-from quantlm.errors import InvalidSpecError
+from quantlm.errors import InvalidSpecError, QuantlmError
 from quantlm.finetune.adapters import is_pooled_lora_layer, is_quant_lora_layer
 from quantlm.models.blocks import linear_weight, set_submodule
 from quantlm.nn.qlinear import QuantLinear
@@ -113,8 +113,14 @@ def fold_into_zeros(layer: nn.Module) -> QuantLinear:
     scale = base.scales.float()
     zero = base.zeros.float()
     if per_group is not None:
+        if bool((scale == 0).any()):
+            raise QuantlmError(
+                "an exact merge folds the adapters into the zero points, and this base has groups of scale 0 (a "
+                "constant group, as GGUF files can hold): merge with --merge requant or float"
+            )
         zero = zero - per_group.to(zero.device) / scale
-    spec: QuantSpec = dataclasses.replace(base.spec, symmetric=False)
+    # the zeros are no longer a K-quant grid's dmin * m / scale: the layer keeps its scales on a plain grid
+    spec: QuantSpec = dataclasses.replace(base.spec, symmetric=False, scale_bits=None)
     # double-quantized scales stay in their stored form (the codes were computed with their decoding)
     stored = DoubleQuantScales(base.scale_codes, base.scale_range) if base.double_quant else base.scales.clone()
     return QuantLinear.from_codes(

@@ -27,14 +27,13 @@ from torch import nn
 
 from quantlm._version import __version__
 from quantlm.errors import QuantlmError
-from quantlm.formats.gguf_blocks import GRIDS, block_bytes, block_problem, block_type, is_k_type, layer_from_blocks
+from quantlm.formats.gguf_blocks import GRIDS, block_bytes, block_problem, block_type, layer_from_blocks
 from quantlm.formats.interchange import integer_grid_problem, refuse_layers
 from quantlm.nn.qlinear import QuantLinear
 from quantlm.paths import atomic_write_file
 
 MARKER_KEY = "quantlm.version"  # written into every export: --overwrite replaces only files that carry it
 FLOAT_TYPES = ("f32", "f16", "bf16")
-K_FILE_TYPES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}  # general.file_type has no plain Q4_K
 ARCHITECTURES = {"llama": "llama", "mistral": "llama"}  # model_type -> GGUF architecture written
 LLAMA_NAMES = {
     "self_attn.q_proj": "attn_q",
@@ -59,15 +58,20 @@ def _gguf():
 def why_not(module: QuantLinear) -> str | None:
     if module.act_bits is not None:
         return "its activations are quantized (W8A8), which llama.cpp's block types do not do"
-    kind = block_type(module)
-    problem = integer_grid_problem(module, fractional_zeros=kind is not None and is_k_type(kind))
+    if module.g_idx is not None:
+        return (
+            "its groups are formed in a permuted column order (act-order without static groups), and llama.cpp's "
+            "blocks keep columns in order: quantize with --static-groups (the default)"
+        )
+    problem = integer_grid_problem(module, super_blocks=True)
     if problem is not None:
         return problem
+    kind = block_type(module)
     if kind is None:
         return (
             f"{module.spec.describe()} is none of llama.cpp's block grids (groups of 32: symmetric 4/5/8 bits for "
             "Q4_0/Q5_0/Q8_0, asymmetric 4/5 bits for Q4_1/Q5_1; the K-quant grids of --scale-bits): quantize "
-            "with --target-format gguf-TYPE, without --act-order's permuted groups"
+            "with --target-format gguf-TYPE"
         )
     return block_problem(module, kind)
 
@@ -212,7 +216,8 @@ def write_gguf(
     heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
     vocab = vocabulary(tokenizer_dir, pre_tokenizer_name(model_dir), config.vocab_size)
     tensors: list[tuple[str, np.ndarray, Any]] = []
-    counts: dict[str, int] = {}
+    counts: dict[str, int] = {}  # tensors per type (returned)
+    weights: dict[str, int] = {}  # weights per type (general.file_type)
     for module_name, module in model.named_modules():
         target = gguf_name(module_name)
         if target is None:
@@ -231,14 +236,17 @@ def write_gguf(
         if isinstance(module, QuantLinear):
             data, kind = block_bytes(module)
             data = data if order is None else data[order.numpy()]
+            n_weights = module.out_features * module.in_features
         else:
             weight = getattr(module, "weight", None)
             if not isinstance(weight, torch.Tensor) or weight.is_meta:
                 continue
             w = weight.detach().float()
             data, kind = float_data(w if order is None else w[order], "f32" if w.dim() == 1 else float_type)
+            n_weights = w.numel()
         tensors.append((f"{target}.weight", data, getattr(gguf.GGMLQuantizationType, kind)))
         counts[kind] = counts.get(kind, 0) + 1
+        weights[kind] = weights.get(kind, 0) + n_weights
 
     def write(path: str) -> None:
         writer = gguf.GGUFWriter(path, arch)
@@ -257,7 +265,7 @@ def write_gguf(
         writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
         writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
         writer.add_vocab_size(len(vocab.tokens))
-        writer.add_file_type(file_type(counts, float_type))
+        writer.add_file_type(file_type(weights, float_type))
         writer.add_string(MARKER_KEY, __version__)
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre(vocab.pre)
@@ -283,12 +291,14 @@ def write_gguf(
 
 def file_type(counts: dict[str, int], float_type: str) -> int:
     """``general.file_type``: the block type most weights are in (llama.cpp's MOSTLY_*; a K type as the mix
-    llama-quantize names after it, Q4_K -> Q4_K_M), else the float type."""
+    llama-quantize names after it), else the float type. ``counts``: weights per type."""
     gguf = _gguf()
     blocks = {k: n for k, n in counts.items() if k in GRIDS}
     if blocks:
         kind = max(blocks, key=blocks.get)
-        return getattr(gguf.LlamaFileType, f"MOSTLY_{K_FILE_TYPES.get(kind, kind)}")
+        if kind in ("Q4_K", "Q5_K"):  # llama-quantize's _M mixes put some tensors in Q6_K, its _S ones do not
+            kind += "_M" if "Q6_K" in blocks else "_S"
+        return getattr(gguf.LlamaFileType, f"MOSTLY_{'Q3_K_S' if kind == 'Q3_K' else kind}")
     return {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16}.get(
         float_type, gguf.LlamaFileType.MOSTLY_BF16
     )

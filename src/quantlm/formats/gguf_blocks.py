@@ -66,22 +66,28 @@ def _code_range(spec: QuantSpec) -> tuple[int, int]:
 def _k_factors(module: QuantLinear):
     """A K-quant layer's grid as llama.cpp stores it: (d, scale codes, dmin, min codes), each per super-block
     ``[out, n_super]`` / per group ``[out, n_super, per]`` (dmin and min codes None for symmetric types); None when
-    the scales (or offsets) are not such products."""
+    the scales (or offsets) are not such products. A constant group read from another tool's file (scale code 0,
+    offset m: held as codes 0 on the grid ``(0 - 1) * offset``) goes back to scale code 0."""
     spec = module.spec
     per = SUPER_BLOCK // spec.group_size
     low, high = _code_range(spec)
     s = module.scales.float().view(module.out_features, -1, per)
-    scales = factor(s, low, high)
-    if scales is None or spec.symmetric:
+    if spec.symmetric:
+        scales = factor(s, low, high)
         return None if scales is None else (*scales, None, None)
     z = module.zeros.float().view_as(s)
-    offset = (z.double() * s.double()).float()  # dmin * m, up to the rounding of zero = offset / scale
+    codes = module.codes().view(*s.shape, spec.group_size)
+    flat = (z == 1) & (codes == 0).all(-1)
+    offset = torch.where(flat, s, (z.double() * s.double()).float())  # dmin * m, to the rounding of the zero
+    s = torch.where(flat, torch.zeros_like(s), s)
+    scales = factor(s, low, high)
 
     def stands_for(dmin, m):  # the zero point this offset gives is the layer's, bit for bit
-        return torch.where(s == 0, z == 0, (m * dmin) / s == z)
+        got = m * dmin
+        return torch.where(flat, got == offset, torch.where(s == 0, z == 0, got / s == z))
 
     offsets = factor(offset, 0, high, stands_for)
-    return None if offsets is None else (*scales, *offsets)
+    return None if scales is None or offsets is None else (*scales, *offsets)
 
 
 def block_problem(module: QuantLinear, kind: str) -> str | None:
@@ -91,13 +97,18 @@ def block_problem(module: QuantLinear, kind: str) -> str | None:
     if is_k_type(kind):
         if _k_factors(module) is None:
             return (
-                f"its scales (or offsets) are not {kind}'s codes times one fp16 factor per 256 columns: quantize on "
-                f"the K-quant grid (--scale-bits {GRIDS[kind].scale_bits}, or --target-format gguf-{kind.lower()})"
+                f"its scales (or offsets) are not {kind}'s codes times one fp16 factor per 256 columns (a grid "
+                "changed after quantization, e.g. by a merge): quantize it with --target-format "
+                f"gguf-{kind.lower()}"
             )
         return None
     scales = module.scales.float()
     if not torch.equal(scales.half().float(), scales):
-        return "its scales are not fp16 numbers, as llama.cpp's blocks store them (double-quantized, or beyond fp16)"
+        return (
+            "its scales are not fp16 numbers, as llama.cpp's blocks store them: quantlm keeps a layer's scales in "
+            "fp32 when one is below fp16's normal range (a group of very small weights) or beyond it, or "
+            "double-quantizes them (--double-quant)"
+        )
     if kind in ("Q4_1", "Q5_1"):  # q * d and m are exact in fp32, so llama.cpp's q * d + m is quantlm's weight
         offset = -module.zeros.double() * scales.double()
         if not torch.equal(offset.half().double(), offset):
@@ -235,12 +246,13 @@ def layer_from_blocks(
 
 def _asymmetric_layer(codes, scale, offset, spec, bias, scale_dtype=torch.float32) -> QuantLinear:
     """A layer of ``q * scale - offset`` (per group), its scales stored in ``scale_dtype``. A group with scale 0 is
-    the constant ``-offset``: its codes become 0 and its grid ``(0 - 1) * offset``."""
-    flat = scale == 0
+    the constant ``-offset``: its codes become 0 and its grid ``(0 - 1) * offset`` (zero point 0 where the offset
+    is 0 too)."""
+    flat = (scale == 0) & (offset != 0)  # scale 0 and offset 0: every weight 0, zero point 0
     group = spec.group_size
     if bool(flat.any()):
         codes = codes.masked_fill(flat.repeat_interleave(group, dim=1), 0)
-    zeros = torch.where(flat, torch.ones_like(offset), offset / torch.where(flat, torch.ones_like(scale), scale))
+    zeros = torch.where(scale == 0, flat.float(), offset / torch.where(scale == 0, torch.ones_like(scale), scale))
     scale = torch.where(flat, offset, scale).to(scale_dtype)
     return QuantLinear.from_codes(codes, scale, zeros, spec, bias, zero_dtype=torch.float32)
 

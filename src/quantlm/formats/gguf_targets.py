@@ -4,10 +4,12 @@
 A target is one block type for every Linear (``gguf-q4_0``, ``gguf-q4_k``, ...) or a mix (``gguf-q4_k_m``), and
 the rules are llama.cpp's (``llama_tensor_get_type`` in ``src/llama-quant.cpp`` of the llama.cpp that
 llama-cpp-python 0.3.36 ships), restricted to dense llama models:
+- a single type (``gguf-q4_k``) is every Linear in that type, as ``llama-quantize --pure``;
 - Q4_K_M: attn_v and ffn_down in Q6_K on the layers ``use_more_bits`` picks (the first and last eighth, and every
-  third in between), Q4_K everywhere else;
+  third in between), Q4_K everywhere else; on a 70B model (80 layers) the other attn_v in Q5_K;
 - a K type needs rows of whole 256-column super-blocks; where a Linear's input is narrower or not a multiple,
-  llama.cpp falls back per tensor (Q2_K, Q3_K -> Q4_0; Q4_K -> Q5_0; Q6_K -> Q8_0), and so does quantlm.
+  llama.cpp falls back per tensor (Q2_K, Q3_K -> Q4_0; Q4_K -> Q5_0; Q6_K -> Q8_0), and so does quantlm; where it
+  is not a multiple of 32 either, the Linear stays float (llama.cpp writes F16 there).
 The token embedding and the output projection stay as the model has them (llama-quantize's
 ``--token-embedding-type`` / ``--output-tensor-type`` set them there); the GGUF export writes them as floats.
 """
@@ -22,6 +24,7 @@ from quantlm.formats.gguf_blocks import GRIDS, is_k_type
 TYPES = ("Q4_0", "Q5_0", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q6_K")  # one type for every Linear
 MIXES = ("Q4_K_M",)
 TARGETS = {f"gguf-{t.lower()}": t for t in (*TYPES, *MIXES)}
+LLAMA_70B_LAYERS = 80  # how llama.cpp knows a 70B llama (LLM_TYPE_70B)
 FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q6_K": "Q8_0"}  # for rows of partial super-blocks
 
 
@@ -33,8 +36,11 @@ def use_more_bits(layer: int, n_layers: int) -> bool:
 def chosen_type(target: str, category: str, layer: int, n_layers: int) -> str:
     """The block type ``target`` gives llama.cpp's tensor ``category`` of decoder layer ``layer``."""
     if target == "Q4_K_M":
-        more = category in ("attn_v", "ffn_down") and use_more_bits(layer, n_layers)
-        return "Q6_K" if more else "Q4_K"
+        if category in ("attn_v", "ffn_down") and use_more_bits(layer, n_layers):
+            return "Q6_K"
+        if category == "attn_v" and n_layers == LLAMA_70B_LAYERS:  # 8 heads share attn_v: more bits, little size
+            return "Q5_K"
+        return "Q4_K"
     return target
 
 
@@ -45,9 +51,10 @@ def target_name(target: str) -> str:
     return TARGETS[target]
 
 
-def layer_types(blocks: list[dict[str, int]], target: str) -> dict[tuple[int, str], str]:
+def layer_types(blocks: list[dict[str, int]], target: str) -> dict[tuple[int, str], str | None]:
     """``blocks``: per decoder layer, its Linears' local names -> input features. Returns the block type of each
-    ``(layer, local name)``, with llama.cpp's fallback where a K type's super-blocks do not fit the rows."""
+    ``(layer, local name)``, with llama.cpp's fallback where a K type's super-blocks do not fit the rows (None: no
+    block type fits; the Linear stays float)."""
     mix = target_name(target)
     types = {}
     for layer, linears in enumerate(blocks):
@@ -61,7 +68,7 @@ def layer_types(blocks: list[dict[str, int]], target: str) -> dict[tuple[int, st
             kind = chosen_type(mix, category, layer, len(blocks))
             if is_k_type(kind) and in_features % SUPER_BLOCK:
                 kind = FALLBACK[kind]
-            types[(layer, local)] = kind
+            types[(layer, local)] = None if in_features % GRIDS[kind].group_size else kind
     return types
 
 
@@ -71,6 +78,10 @@ def target_recipe(recipe, model, target: str):
     from quantlm.methods.recipe import per_layer_grids
     from quantlm.models.blocks import find_decoder_blocks, linear_weight, quantizable_linears
 
+    problem = target_recipe_problem(recipe)
+    if problem is not None:
+        raise QuantlmError(f"--target-format {target}: {problem}")
+
     if model.config.model_type not in ARCHITECTURES:
         raise QuantlmError(
             f"--target-format {target} is for llama-architecture models (llama, mistral), not "
@@ -79,5 +90,24 @@ def target_recipe(recipe, model, target: str):
     blocks = find_decoder_blocks(model)
     linears = [quantizable_linears(block) for block in blocks.blocks]
     types = layer_types([{local: linear_weight(m).shape[1] for local, m in b.items()} for b in linears], target)
-    grids = {f"{blocks.name(i)}.{local}": GRIDS[types[(i, local)]] for i, b in enumerate(linears) for local in b}
+    grids = {
+        f"{blocks.name(i)}.{local}": GRIDS[types[(i, local)]]
+        for i, b in enumerate(linears)
+        for local in b
+        if types[(i, local)] is not None
+    }
     return per_layer_grids(recipe, grids)
+
+
+def target_recipe_problem(recipe) -> str | None:
+    """Why ``recipe`` cannot make a model that GGUF's blocks hold (None: it can)."""
+    if len(recipe.steps) != 1 or recipe.steps[0].name not in ("rtn", "gptq"):
+        return f"quantize with --method rtn or gptq alone (this recipe is {recipe.describe()})"
+    step = recipe.steps[0]
+    if step.act_bits is not None:
+        return "llama.cpp's blocks quantize weights only: drop --a-bits"
+    if getattr(step, "lm_head", False):
+        return "the GGUF export keeps the output projection float: drop --lm-head"
+    if getattr(step, "act_order", False) and not getattr(step, "static_groups", True):
+        return "llama.cpp's blocks keep columns in order: drop --no-static-groups (act-order with static groups works)"
+    return None

@@ -61,18 +61,20 @@ class LayerFormat(Protocol):
         """The quantized modules of a checkpoint in this format, built from (and removed from) ``tensors``."""
 
 
-def integer_grid_problem(module: QuantLinear, fractional_zeros: bool = False) -> str | None:
-    """What no integer-grid format (GPTQ, compressed-tensors) holds: codebooks, fractional zero points (unless
-    ``fractional_zeros``: llama.cpp's K-quants have them), LLM.int8()'s outlier columns, and a last group narrower
-    than the others."""
+def integer_grid_problem(module: QuantLinear, super_blocks: bool = False) -> str | None:
+    """What no integer-grid format (GPTQ, compressed-tensors) holds: codebooks, K-quant grids (unless
+    ``super_blocks``: GGUF's K types are them), fractional zero points, LLM.int8()'s outlier columns, and a last
+    group narrower than the others."""
     spec = module.spec
     if spec.codebook != "none":
         return f"it is {spec.codebook}, a codebook grid (export it as GGUF, or quantize with rtn/gptq)"
-    if module.zeros is not None and module.zeros.dtype != torch.uint8 and not fractional_zeros:
+    if spec.scale_bits is not None and not super_blocks:
         return (
-            "its zero points are fractional (HQQ, or a K-quant grid): quantize with rtn, gptq or awq, whose zero "
-            "points are integers"
+            "it is on a K-quant grid (--scale-bits, --target-format gguf-...), whose scales are codes times one "
+            "factor per 256 columns: export it as GGUF, or quantize without those options"
         )
+    if module.zeros is not None and module.zeros.dtype != torch.uint8 and spec.scale_bits is None:
+        return "its zero points are fractional (HQQ): quantize with rtn, gptq or awq, whose zero points are integers"
     if module.outlier_threshold is not None:
         return "it is an LLM.int8() layer (outlier columns in fp16): quantize with smoothquant for W8A8"
     if spec.granularity == "group" and module.in_features % spec.group_size:

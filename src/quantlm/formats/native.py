@@ -40,17 +40,18 @@ from quantlm.nn.qlinear import QuantLinear, layout_scale_dtype
 from quantlm.paths import atomic_directory, atomic_write_text, quantlm_home
 
 FORMAT_NAME = "quantlm"
-FORMAT_VERSION = 3  # the newest this reader takes, and what a checkpoint that needs it is written as
+FORMAT_VERSION = 4  # the newest this reader takes, and what a checkpoint that needs it is written as
 # 2: the calibration once per recipe, head-only and QAT steps in the method registry's terms; 3: module layouts
-# with a codebook grid, float zero points or double-quantized scales (a checkpoint without them is still written as
-# 2, so that earlier quantlm versions read it; with them, they say "upgrade" instead of failing on the layout)
-LAYOUT_KEYS_OF_VERSION_3 = ("codebook", "zero_dtype", "double_quant")
+# with a codebook grid, float zero points or double-quantized scales; 4: K-quant grids (scale_bits). A checkpoint
+# is written as the oldest version that holds its layouts, so that earlier quantlm versions read it where they can
+# and say "upgrade" instead of failing on a layout where they cannot.
+LAYOUT_KEYS_OF_VERSION = {3: ("codebook", "zero_dtype", "double_quant"), 4: ("scale_bits",)}
 
 
 def format_version(modules: dict[str, dict]) -> int:
     """The format version a checkpoint with these module layouts is written as."""
-    newer = any(key in layout for layout in modules.values() for key in LAYOUT_KEYS_OF_VERSION_3)
-    return FORMAT_VERSION if newer else 2
+    keys = {key for layout in modules.values() for key in layout}
+    return max([2, *(v for v, names in LAYOUT_KEYS_OF_VERSION.items() if keys & set(names))])
 
 
 WEIGHTS_FILE = "model.safetensors"
