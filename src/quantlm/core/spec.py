@@ -144,8 +144,9 @@ class QuantSpec:
                 raise InvalidSpecError(f"the {self.codebook} codebook has float block scales: drop scale_bits")
             if gran != "group" or gs not in (16, 32):
                 raise InvalidSpecError(
-                    f"scale_bits needs groups of 16 or 32 columns (8 or 16 groups per {SUPER_BLOCK}-column "
-                    f"super-block), got {self.describe()}"
+                    f"scale_bits needs groups of 16 or 32 columns (16 or 8 per {SUPER_BLOCK}-column super-block), "
+                    f"got {self.describe()}: pass --group-size 32 (Q4_K, Q5_K) or 16 (Q2_K, Q3_K, Q6_K), or use "
+                    "--target-format gguf-TYPE"
                 )
 
     # ------------------------------------------------------------------ derived values
