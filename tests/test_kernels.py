@@ -47,7 +47,7 @@ def check_kernel(layer, expected_kernel, dtype=torch.float32, tokens=5, name="au
     assert chosen == expected_kernel
     y = layer(x)
     assert y.shape == ref.shape and y.dtype == dtype
-    op_rounds_to_bf16 = chosen in ("int4pack", "int8pack") and x.shape[0] * x.shape[1] < DEQUANT_MIN_ROWS
+    op_rounds_to_bf16 = chosen in ("int4pack", "int4x2", "int8pack") and x.shape[0] * x.shape[1] < DEQUANT_MIN_ROWS
     tol = BF16 if dtype == torch.bfloat16 or op_rounds_to_bf16 else EXACT
     assert relative_error(y, ref) < tol, (chosen, relative_error(y, ref))
     return layer
@@ -67,12 +67,15 @@ def check_kernel(layer, expected_kernel, dtype=torch.float32, tokens=5, name="au
         (36, 128, 3, 64, False, "int4pack"),  # 3-bit codes are 4-bit codes
         (32, 128, 2, 32, True, "int4pack"),
         (32, 100, 4, 64, False, "torch"),  # K not a multiple of the group: fallback
-        (32, 256, 4, 16, False, "torch"),  # group too small for the op
-        (32, 128, 5, 64, False, "torch"),
+        (32, 256, 4, 16, False, "unpacked"),  # group too small for the op: codes unpacked once
+        (32, 128, 5, 64, False, "int4x2"),  # 5-8 bits: two int4 ops on the nibbles of the centered codes
+        (40, 256, 6, 32, True, "int4x2"),
+        (32, 192, 7, -1, False, "int4x2"),
         (48, 256, 8, -1, True, "int8pack"),
         (50, 96, 8, -1, False, "int8pack"),  # asymmetric: rank-one zero-point correction
-        (16, 30, 8, -1, True, "torch"),  # K not a multiple of 4
-        (32, 256, 8, 64, True, "torch"),  # grouped int8
+        (16, 30, 8, -1, True, "unpacked"),  # K not a multiple of 4 (int8pack) nor of 32 (int4x2)
+        (32, 256, 8, 64, True, "int4x2"),  # grouped int8
+        (32, 256, 6, 16, True, "unpacked"),  # Q6_K-like groups of 16
     ],
 )
 def test_weight_only_kernels_match_reference(out_f, in_f, bits, group, sym, expected, dtype, tokens):
@@ -136,16 +139,17 @@ def test_named_kernel_that_cannot_run_says_why():
 
 
 def test_every_kernel_is_reachable_by_name():
-    assert set(KERNELS) == {"int4pack", "int8pack", "int8", "codebook", "torch"}
+    assert set(KERNELS) == {"int4pack", "int4x2", "int8pack", "int8", "codebook", "unpacked", "torch"}
     assert "dequantized" not in KERNEL_CHOICES  # the pipeline's copies (quantlm.pipeline.dequantized), not a kernel
     with pytest.raises(QuantlmError, match="unknown kernel"):
         make_layer(32, 100, 4, 64).use_kernel("dequantized")
 
 
-def test_kernel_tensors_are_not_saved():
-    layer = make_layer(32, 256, 4, 64)
+@pytest.mark.parametrize(("bits", "kernel"), [(4, "int4pack"), (6, "int4x2"), (4, "unpacked")])
+def test_kernel_tensors_are_not_saved(bits, kernel):
+    layer = make_layer(32, 256, bits, 64)
     before = set(layer.state_dict())
-    layer.use_kernel("int4pack")
+    layer.use_kernel(kernel)
     assert set(layer.state_dict()) == before
 
 
@@ -174,3 +178,16 @@ def test_per_token_int8_quantization_property(rows, cols, scale, seed):
     err = (fake_quantize_per_token_int8(x) - x).abs()
     assert bool((err <= s / 2 * (1 + 1e-5) + 1e-7).all())  # within half a step of each token's grid
     assert torch.equal(fake_quantize_per_token_int8(x)[0], torch.zeros(cols))
+
+
+def test_int4x2_takes_fractional_zero_points_and_refuses_wide_asymmetric_codes():
+    """A K-quant grid's fractional zeros go into the low layer's zero point; an 8-bit asymmetric layer whose codes
+    lie more than 128 from the zero point cannot be split into 4-bit halves and falls to the next kernel."""
+    from quantlm.formats.gguf_blocks import GRIDS
+
+    w = torch.randn(32, 256, generator=torch.Generator().manual_seed(1))
+    check_kernel(QuantLinear.from_weight(w, GRIDS["Q5_K"]), "int4x2", tokens=2)
+    codes = torch.full((16, 64), 255, dtype=torch.uint8)
+    layer = QuantLinear.from_codes(codes, torch.ones(16, 2), torch.zeros(16, 2), QuantSpec(bits=8, group_size=32))
+    assert "within 128" in KERNELS["int4x2"].why_not(layer, torch.device("cpu"))
+    assert choose_kernel(layer).name == "unpacked"

@@ -36,8 +36,8 @@ TrainDType = Enum("TrainDType", {name: name for name in api.TRAIN_DTYPES}, type=
 
 VERBOSE_HELP = "Say which dtype was taken and why, and print the kernel of every quantized layer (stderr)."
 KERNEL_HELP = (
-    "Matmul kernel of the quantized layers: auto (fastest that fits each layer), int4pack, int8pack, "
-    "int8 (W8A8 int8 GEMM), codebook (NF4/FP4) or torch."
+    "Matmul kernel of the quantized layers: auto (fastest that fits each layer), int4pack, int4x2 (5-8-bit groups), "
+    "int8pack, int8 (W8A8 int8 GEMM), codebook (NF4/FP4), unpacked (codes unpacked once) or torch."
 )
 QUANTIZE_AT_LOAD_HELP = (
     f"Quantize a float model as it loads (nothing written): {', '.join(api.load_time_methods())} with their default "

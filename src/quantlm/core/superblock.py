@@ -55,9 +55,7 @@ def _factor_of(top: Tensor, code: int) -> Tensor:
     return (top / code).clamp(FP16_TINY, FP16_MAX).to(torch.float16).to(torch.float32)
 
 
-def superblock_grid(
-    scale: Tensor, zero: Tensor, spec: QuantSpec, empty: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
+def superblock_grid(scale: Tensor, zero: Tensor, spec: QuantSpec, empty: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """A float grid (``scale``, ``zero``: float32 ``[rows, n_groups]``, positive scales) moved onto ``spec``'s
     super-block grid: scales ``d * sc``, and for asymmetric grids offsets ``dmin * m`` with ``zero = offset /
     scale`` (fractional). ``n_groups`` must be a whole number of super-blocks. ``empty`` (bool, like ``scale``):

@@ -244,6 +244,104 @@ class Int4PackKernel(Kernel):
         return y[:, : self.out_features].to(x.dtype).reshape(*lead, self.out_features)
 
 
+def _nibble_layers(layer: QuantLinear) -> tuple[QuantLinear, QuantLinear]:
+    """A 5-8-bit layer as two 4-bit layers whose weights add up to its own. With c = q - round(zero) in [-128, 127]
+    split as c = 16 h + l (h in [-8, 7], l in [0, 15]): (q - zero) s = (h + 8 - 8) 16 s + (l - r) s, where r =
+    zero - round(zero) is the fractional rest of a float zero point (0 for integer ones). The high layer holds
+    codes h + 8 on scales 16 s around zero 8, the low one codes l on scales s around zero r."""
+    from quantlm.core import QuantSpec
+
+    spec = QuantSpec(bits=4, symmetric=False, group_size=layer.spec.group_size, granularity=layer.spec.granularity)
+    zero = layer.zeros.float()
+    whole = torch.round(zero)
+    c = layer.codes().to(torch.int32) - whole.to(torch.int32)[:, _column_groups(layer)]
+    scale = layer.scales.float()
+    high = layer.__class__.from_codes((c >> 4) + 8, scale * 16, torch.full_like(zero, 8), spec)
+    low = layer.__class__.from_codes(c & 15, scale, zero - whole, spec, zero_dtype=torch.float32)
+    return high, low
+
+
+def _column_groups(layer: QuantLinear) -> Tensor:
+    """The scale column of each input column (groups in column order)."""
+    if layer.spec.granularity == "group":
+        return torch.arange(layer.in_features) // layer.spec.group_size
+    return torch.zeros(layer.in_features, dtype=torch.long)
+
+
+class Int4PairKernel(Kernel):
+    """5-8-bit integer grids on the int4 op, twice: the centered codes' high and low nibbles as two 4-bit layers
+    (``_nibble_layers``) whose products add up. For few rows (decode), where the plain kernel would unpack and
+    dequantize every weight on every token; many rows dequantize once and use the dense GEMM, as int4pack does."""
+
+    name = "int4x2"
+
+    @classmethod
+    def why_not(cls, layer, device):
+        reason = _weight_only_cpu(layer, device)
+        if reason:
+            return reason
+        if not 5 <= layer.spec.bits <= 8:
+            return f"needs 5- to 8-bit codes, the layer has {layer.spec.bits}"
+        if layer.spec.codebook != "none" or layer.outlier_threshold is not None:
+            return "needs a plain integer grid"
+        if layer.spec.granularity not in ("group", "channel") or _int4pack_group(layer) is None:
+            return "needs groups the int4 op runs (32, 64, 128, 256 or a multiple, dividing in_features)"
+        if layer.g_idx is not None:
+            return "needs groups in column order (no act-order g_idx)"
+        c = layer.codes().to(torch.int32) - torch.round(layer.zeros.float()).to(torch.int32)[:, _column_groups(layer)]
+        if int(c.min()) < -128 or int(c.max()) > 127:
+            return "needs codes within 128 of their zero point (an 8-bit asymmetric grid can reach 255)"
+        return None
+
+    def __init__(self, layer: QuantLinear, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(layer, dtype)
+        high, low = _nibble_layers(layer)
+        self.high = Int4PackKernel(high, dtype)
+        self.low = Int4PackKernel(low, dtype)
+        for half in (self.high, self.low):  # the halves' packed tensors are all they need; let their layers go
+            half.layer = self.layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        x2, lead = _rows(x)
+        if x2.shape[0] >= DEQUANT_MIN_ROWS:
+            return _prefill_matmul(self.layer[0], x2).reshape(*lead, self.out_features)
+        return self.high(x) + self.low(x)
+
+
+class UnpackedKernel(Kernel):
+    """The plain kernel's dequantize-then-matmul with the codes unpacked once, as uint8 (one byte per weight), so a
+    call only subtracts zero points and multiplies scales: for grids no integer op runs (groups of 16, 5-8-bit
+    groups with act-order), where unpacking 3-, 5- or 6-bit fields on every call dominates decoding."""
+
+    name = "unpacked"
+
+    @classmethod
+    def why_not(cls, layer, device):
+        if layer.act_bits is not None:
+            return "weight-only kernel, the layer quantizes activations"
+        if layer.zeros is None:
+            return "needs an integer grid (codebook layers run on the codebook kernel)"
+        if layer.spec.granularity not in ("group", "channel") or layer.g_idx is not None:
+            return "needs group or per-channel grids in column order"
+        if layer.spec.granularity == "group" and layer.in_features % layer.spec.group_size:
+            return "needs whole groups"
+        return None
+
+    def __init__(self, layer: QuantLinear, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(layer, dtype)
+        groups = layer.scales.shape[1]
+        self.register_buffer("codes", layer.codes().view(layer.out_features, groups, -1), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        layer = self.layer[0]
+        x2, lead = _rows(x)
+        # fp32 elementwise work is faster than bf16's on CPUs; few rows (decode) also multiply in fp32
+        w = (self.codes.float() - layer.zeros.float().unsqueeze(-1)) * layer.scales.float().unsqueeze(-1)
+        dtype = _dense_dtype(x2) if x2.shape[0] >= DEQUANT_MIN_ROWS else torch.float32
+        y = F.linear(x2.to(dtype), w.view(layer.out_features, -1).to(dtype))
+        return y.to(x.dtype).reshape(*lead, self.out_features)
+
+
 def _signed_codes(layer: QuantLinear) -> Tensor:
     """Codes of a symmetric grid as int8 around its zero 2**(bits-1) (128 at 8 bits)."""
     return (layer.codes().to(torch.int16) - (1 << (layer.spec.bits - 1))).to(torch.int8)
@@ -415,10 +513,19 @@ class CodebookKernel(Kernel):
 
 
 KERNELS: dict[str, type[Kernel]] = {
-    k.name: k for k in (Int4PackKernel, Int8PackKernel, Int8GemmKernel, CodebookKernel, TorchDequantKernel)
+    k.name: k
+    for k in (
+        Int4PackKernel,
+        Int4PairKernel,
+        Int8PackKernel,
+        Int8GemmKernel,
+        CodebookKernel,
+        UnpackedKernel,
+        TorchDequantKernel,
+    )
 }
 KERNEL_ALIASES = {"int8-dynamic": "int8"}  # the int8 kernel's name before it took static and LLM.int8() layers
-AUTO_ORDER = ("int8", "int4pack", "int8pack", "codebook", "torch")
+AUTO_ORDER = ("int8", "int4pack", "int8pack", "int4x2", "codebook", "unpacked", "torch")
 KERNEL_CHOICES = ("auto", *KERNELS, *KERNEL_ALIASES)
 
 
