@@ -21,7 +21,7 @@ from quantlm.errors import InvalidSpecError, QuantlmError
 from quantlm.formats.exchange import export_checkpoint
 from quantlm.formats.gguf import why_not
 from quantlm.formats.gguf_blocks import GRIDS, SUPER_BLOCK_BYTES, block_bytes, layer_from_blocks
-from quantlm.formats.gguf_targets import layer_types, use_more_bits
+from quantlm.formats.gguf_targets import describe_types, layer_types, use_more_bits
 from quantlm.formats.native import load_checkpoint, quantized_modules
 from quantlm.methods.gptq import gptq_quantize
 from quantlm.nn.qlinear import QuantLinear
@@ -181,6 +181,11 @@ def test_q4_k_m_types_follow_llama_quantize():
     assert types[(0, "self_attn.v_proj")] == "Q8_0" and types[(3, "self_attn.v_proj")] == "Q5_0"
     assert types[(0, "mlp.down_proj")] == "Q6_K" and types[(3, "mlp.down_proj")] == "Q4_K"
     assert layer_types([{"mlp.up_proj": 512}], "gguf-q3_k") == {(0, "mlp.up_proj"): "Q3_K"}
+    assert layer_types([{"mlp.up_proj": 520}], "gguf-q3_k") == {(0, "mlp.up_proj"): None}  # not even Q4_0 fits
+    assert describe_types(types, [layer] * 30, "gguf-q4_k_m") == (
+        "gguf-q4_k_m: 46 x Q5_0 (for Q4_K: 576 input columns), 14 x Q8_0 (for Q6_K: 576 input columns), "
+        "14 x Q6_K, 16 x Q4_K"
+    )
     with pytest.raises(QuantlmError, match="unknown --target-format"):
         layer_types([layer], "gguf-q9_k")
     with pytest.raises(QuantlmError, match="llama decoder blocks"):

@@ -491,6 +491,14 @@ def target_recipe(recipe: Recipe, source: str | os.PathLike, target: str) -> Rec
     return gguf_targets.target_recipe(recipe, empty_model(load_model_config(resolve_model_dir(source))), target)
 
 
+def describe_target(source: str | os.PathLike, target: str) -> str:
+    """One line on the llama.cpp types ``target`` gives the Linears of the model at ``source`` (fallbacks for rows
+    that are not whole super-blocks named)."""
+    from quantlm.models.skeleton import empty_model
+
+    return gguf_targets.describe_target(empty_model(load_model_config(resolve_model_dir(source))), target)
+
+
 def kv_cache_setting(bits: int | None):
     """The KV-cache setting for ``bits`` (8, 4, ...; None or 16: a float cache)."""
     from quantlm.nn.kv_cache import KVQuantConfig

@@ -215,6 +215,8 @@ def quantize(
         if grid_flags:
             raise QuantlmError(f"--target-format sets each layer's grid: drop {', '.join(grid_flags)}")
         steps = api.target_recipe(steps, model, target_format)
+        if not as_json:
+            typer.echo(api.describe_target(model, target_format), err=True)
     calibration = api.Calibration(source=calib, n_samples=calib_samples, seqlen=calib_seqlen, seed=calib_seed)
     if steps.needs_calibration:
         calibration.check()

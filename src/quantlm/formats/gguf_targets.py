@@ -72,11 +72,38 @@ def layer_types(blocks: list[dict[str, int]], target: str) -> dict[tuple[int, st
     return types
 
 
+def describe_types(types: dict, blocks: list[dict[str, int]], target: str) -> str:
+    """One line on what ``layer_types`` chose: how many Linears in each type, the fallbacks named as such."""
+    mix = target_name(target)
+    counts: dict[str, int] = {}
+    for (layer, local), kind in types.items():
+        wanted = chosen_type(mix, LLAMA_NAMES[local], layer, len(blocks))
+        label = "float" if kind is None else kind
+        if kind != wanted:
+            label += f" (for {wanted}: {blocks[layer][local]} input columns)"
+        counts[label] = counts.get(label, 0) + 1
+    return f"{target}: " + ", ".join(f"{n} x {label}" for label, n in counts.items())
+
+
+def input_widths(model) -> list[dict[str, int]]:
+    """Per decoder block of ``model``, its Linears' local names -> input features."""
+    from quantlm.models.blocks import find_decoder_blocks, linear_weight, quantizable_linears
+
+    blocks = find_decoder_blocks(model).blocks
+    return [{local: linear_weight(m).shape[1] for local, m in quantizable_linears(b).items()} for b in blocks]
+
+
+def describe_target(model, target: str) -> str:
+    """One line on the types ``target`` gives ``model``'s Linears (fallbacks named)."""
+    widths = input_widths(model)
+    return describe_types(layer_types(widths, target), widths, target)
+
+
 def target_recipe(recipe, model, target: str):
     """``recipe`` (one rtn or gptq weight step) with each Linear of ``model``'s decoder blocks (a model or its
     meta-device skeleton) on the grid of the block type ``target`` gives it."""
     from quantlm.methods.recipe import per_layer_grids
-    from quantlm.models.blocks import find_decoder_blocks, linear_weight, quantizable_linears
+    from quantlm.models.blocks import find_decoder_blocks, quantizable_linears
 
     problem = target_recipe_problem(recipe)
     if problem is not None:
@@ -89,7 +116,7 @@ def target_recipe(recipe, model, target: str):
         )
     blocks = find_decoder_blocks(model)
     linears = [quantizable_linears(block) for block in blocks.blocks]
-    types = layer_types([{local: linear_weight(m).shape[1] for local, m in b.items()} for b in linears], target)
+    types = layer_types(input_widths(model), target)
     grids = {
         f"{blocks.name(i)}.{local}": GRIDS[types[(i, local)]]
         for i, b in enumerate(linears)
