@@ -2,13 +2,13 @@
 
 Rows (SmolLM2-135M): the float model as an F32 GGUF; quantlm RTN and GPTQ on the Q4_0 grid (W4 g32 sym), RTN on
 Q8_0, and RTN and GPTQ on the Q4_K_M mix (``--target-format gguf-q4_k_m``), exported with ``quantlm export --format
-gguf``; ``llama-quantize`` of the F32 GGUF to Q4_0 and Q4_K_M (without and with ``llama-imatrix`` on the
-calibration split) and to Q8_0. The Q4_K_M files are checked to hold every tensor in the same type. Every GGUF keeps token_embd in F32 (llama-quantize
-``--token-embedding-type f32``), so only the Linears differ. For each: llama-perplexity (``-c 2048 --chunks 32``:
-the protocol's first 32 windows of the eval split as plain text; llama.cpp scores the second half of each
-window), llama-bench's decode tokens/s (tg128, 2 threads), the file size; and quantlm's own perplexity of the same
-weights scored the way llama-perplexity scores (the same 32 windows, second halves), quantlm reading the GGUF
-itself for llama.cpp's rows. Target: llama.cpp and quantlm within 0.5% on every row.
+gguf``; ``llama-quantize`` of the F32 GGUF to Q4_0 and Q4_K_M (without and with ``llama-imatrix`` on the calibration
+split) and to Q8_0. The Q4_K_M files are checked to hold every tensor in the same type. Every GGUF keeps token_embd
+in F32 (llama-quantize ``--token-embedding-type f32``), so only the Linears differ. For each: llama-perplexity (``-c
+2048 --chunks 32``: the protocol's first 32 windows of the eval split as plain text; llama.cpp scores the second
+half of each window), llama-bench's decode tokens/s (tg128, 2 threads), the file size; and quantlm's own perplexity
+of the same weights scored the way llama-perplexity scores (the same 32 windows, second halves), quantlm reading the
+GGUF itself for llama.cpp's rows. Target: llama.cpp and quantlm within 0.5% on every row.
 
 llama.cpp is built from the source inside the llama-cpp-python sdist (``vendor/llama.cpp``; about 5-9 minutes on
 2 cores, once), under $QUANTLM_HOME/llama.cpp.

@@ -191,3 +191,20 @@ def test_int4x2_takes_fractional_zero_points_and_refuses_wide_asymmetric_codes()
     layer = QuantLinear.from_codes(codes, torch.ones(16, 2), torch.zeros(16, 2), QuantSpec(bits=8, group_size=32))
     assert "within 128" in KERNELS["int4x2"].why_not(layer, torch.device("cpu"))
     assert choose_kernel(layer).name == "unpacked"
+
+
+@pytest.mark.parametrize(("bits", "group"), [(5, 32), (6, 64), (8, 32), (8, -1)])
+def test_int4x2_halves_stay_accurate_on_inputs_of_nonzero_mean(bits, group):
+    """Each half is rounded to bf16 by the op before the two are added: centred halves keep that rounding to the
+    size of the result, also where hidden states have a mean far from 0 (uncentred halves lost 4-8e-2 here)."""
+    layer = make_layer(256, 1024, bits, group, sym=True, bias=False)
+    x = torch.randn(4, 1024, generator=torch.Generator().manual_seed(2)) + 1.0
+    exact = x @ layer.dequantize_weight().T
+    layer.use_kernel("int4x2")
+    assert relative_error(layer(x), exact) < 1e-2
+
+
+def test_off_the_cpu_auto_keeps_the_plain_kernel():
+    """The CPU kernels say why they cannot run on a GPU, and unpacked codes would cost GPU memory: torch it is."""
+    for bits, group in [(4, 64), (6, 16), (8, 32)]:
+        assert choose_kernel(make_layer(32, 256, bits, group), "auto", torch.device("cuda")).name == "torch"

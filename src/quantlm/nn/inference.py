@@ -87,6 +87,7 @@ def bytes_read_per_token(model: nn.Module) -> int:
     replaced: set[int] = set()
     for m in model.modules():
         if isinstance(m, QuantLinear) and m.kernel is not None and any(True for _ in m.kernel.buffers()):
-            replaced.update(id(t) for t in (*m.stored_tensors(), m.scales))
+            grid = (*m.stored_tensors(), m.scales) if m.kernel.replaces_grid else (m.qweight,)
+            replaced.update(id(t) for t in grid)
     tensors = [t for t in list(model.parameters()) + list(model.buffers()) if id(t) not in replaced]
     return _unique_bytes(tensors)

@@ -88,6 +88,7 @@ class Kernel(nn.Module):
 
     name = "?"
     cacheable = False  # whether what it prepares is worth keeping on disk (quantlm.nn.kernel_cache)
+    replaces_grid = True  # whether its own tensors stand for the layer's scales and zero points too (bytes read)
 
     def __init__(self, layer: QuantLinear, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
@@ -246,18 +247,22 @@ class Int4PackKernel(Kernel):
 
 def _nibble_layers(layer: QuantLinear) -> tuple[QuantLinear, QuantLinear]:
     """A 5-8-bit layer as two 4-bit layers whose weights add up to its own. With c = q - round(zero) in [-128, 127]
-    split as c = 16 h + l (h in [-8, 7], l in [0, 15]): (q - zero) s = (h + 8 - 8) 16 s + (l - r) s, where r =
-    zero - round(zero) is the fractional rest of a float zero point (0 for integer ones). The high layer holds
-    codes h + 8 on scales 16 s around zero 8, the low one codes l on scales s around zero r."""
+    split as c = 16 h + l (h in [-8, 7], l in [0, 15]): (q - zero) s = (h + 8 - 7.5) 16 s + (l - 8 - r) s, where
+    r = zero - round(zero) is the fractional rest of a float zero point (0 for integer ones). The high layer holds
+    codes h + 8 on scales 16 s around zero 7.5, the low one codes l on scales s around zero 8 + r: both halves are
+    centred (the op's offsets (8 - zero) s are 8 s and -r s), so neither carries a large constant weight whose
+    product with an input of nonzero mean the op would round to bf16 before the halves cancel it."""
     from quantlm.core import QuantSpec
 
     spec = QuantSpec(bits=4, symmetric=False, group_size=layer.spec.group_size, granularity=layer.spec.granularity)
     zero = layer.zeros.float()
     whole = torch.round(zero)
-    c = layer.codes().to(torch.int32) - whole.to(torch.int32)[:, _column_groups(layer)]
+    c = layer.codes().to(torch.int16) - whole.to(torch.int16)[:, _column_groups(layer)]
     scale = layer.scales.float()
-    high = layer.__class__.from_codes((c >> 4) + 8, scale * 16, torch.full_like(zero, 8), spec)
-    low = layer.__class__.from_codes(c & 15, scale, zero - whole, spec, zero_dtype=torch.float32)
+    high = layer.__class__.from_codes(
+        (c >> 4) + 8, scale * 16, torch.full_like(zero, 7.5), spec, zero_dtype=torch.float32
+    )
+    low = layer.__class__.from_codes(c & 15, scale, 8 + zero - whole, spec, zero_dtype=torch.float32)
     return high, low
 
 
@@ -288,9 +293,9 @@ class Int4PairKernel(Kernel):
             return "needs groups the int4 op runs (32, 64, 128, 256 or a multiple, dividing in_features)"
         if layer.g_idx is not None:
             return "needs groups in column order (no act-order g_idx)"
-        c = layer.codes().to(torch.int32) - torch.round(layer.zeros.float()).to(torch.int32)[:, _column_groups(layer)]
-        if int(c.min()) < -128 or int(c.max()) > 127:
-            return "needs codes within 128 of their zero point (an 8-bit asymmetric grid can reach 255)"
+        whole = torch.round(layer.zeros.float())  # codes q in [0, maxq]: q - whole in [-whole, maxq - whole]
+        if bool((whole > 128).any()) or bool((whole < layer.spec.maxq - 127).any()):
+            return "needs codes within 128 of their zero point (8-bit asymmetric grids whose zero is not 127 or 128)"
         return None
 
     def __init__(self, layer: QuantLinear, dtype: torch.dtype = torch.float32) -> None:
@@ -309,16 +314,19 @@ class Int4PairKernel(Kernel):
 
 
 class UnpackedKernel(Kernel):
-    """The plain kernel's dequantize-then-matmul with the codes unpacked once, as uint8 (one byte per weight), so a
-    call only subtracts zero points and multiplies scales: for grids no integer op runs (groups of 16, 5-8-bit
-    groups with act-order), where unpacking 3-, 5- or 6-bit fields on every call dominates decoding."""
+    """The plain kernel's dequantize-then-matmul with the codes unpacked once, as uint8 (one byte per weight; 8-bit
+    codes are already that), so a call only subtracts zero points and multiplies scales: for grids no integer op
+    runs (groups of 16 as in Q2_K/Q3_K/Q6_K, 8-bit asymmetric groups), where unpacking 3-, 5- or 6-bit fields on
+    every call dominates decoding. CPU only: on a GPU the unpacked copy would cost memory the plain kernel spares."""
 
     name = "unpacked"
+    replaces_grid = False  # it reads the layer's scales and zero points on every call
 
     @classmethod
     def why_not(cls, layer, device):
-        if layer.act_bits is not None:
-            return "weight-only kernel, the layer quantizes activations"
+        reason = _weight_only_cpu(layer, device)
+        if reason:
+            return reason
         if layer.zeros is None:
             return "needs an integer grid (codebook layers run on the codebook kernel)"
         if layer.spec.granularity not in ("group", "channel") or layer.g_idx is not None:
@@ -330,13 +338,14 @@ class UnpackedKernel(Kernel):
     def __init__(self, layer: QuantLinear, dtype: torch.dtype = torch.float32) -> None:
         super().__init__(layer, dtype)
         groups = layer.scales.shape[1]
-        self.register_buffer("codes", layer.codes().view(layer.out_features, groups, -1), persistent=False)
+        codes = layer.qweight if layer.spec.bits == 8 else layer.codes()  # 8-bit packing is the codes themselves
+        self.register_buffer("codes", codes.view(layer.out_features, groups, -1), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         layer = self.layer[0]
         x2, lead = _rows(x)
         # fp32 elementwise work is faster than bf16's on CPUs; few rows (decode) also multiply in fp32
-        w = (self.codes.float() - layer.zeros.float().unsqueeze(-1)) * layer.scales.float().unsqueeze(-1)
+        w = self.codes.float().sub_(layer.zeros.float().unsqueeze(-1)).mul_(layer.scales.float().unsqueeze(-1))
         dtype = _dense_dtype(x2) if x2.shape[0] >= DEQUANT_MIN_ROWS else torch.float32
         y = F.linear(x2.to(dtype), w.view(layer.out_features, -1).to(dtype))
         return y.to(x.dtype).reshape(*lead, self.out_features)
