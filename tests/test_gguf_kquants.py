@@ -301,3 +301,15 @@ def test_k_layers_are_refused_by_the_integer_grid_formats_with_the_reason(tmp_pa
     for fmt in ("gptq", "compressed-tensors"):
         with pytest.raises(QuantlmError, match="K-quant grid .* export it as GGUF"):
             export_checkpoint(path, tmp_path / fmt, format=fmt)
+
+
+def test_target_format_leaves_rows_no_block_type_fits_in_float():
+    """A Linear whose input width is not a multiple of 32 fits no block type: llama.cpp writes it F16, quantlm
+    leaves it float (and the GGUF export writes it as a float tensor)."""
+    from quantlm.formats.gguf_targets import target_recipe
+    from quantlm.methods.recipe import parse_recipe
+
+    model = tiny_model("llama", intermediate_size=168)  # down_proj: 168 input columns
+    recipe = target_recipe(parse_recipe([{"method": "rtn"}]), model, "gguf-q4_0")
+    layers = quantized_modules(quantize(model, recipe, None, progress=False))
+    assert layers and not any(name.endswith("down_proj") for name in layers)

@@ -102,13 +102,14 @@ def describe_target(model, target: str) -> str:
 def target_recipe(recipe, model, target: str):
     """``recipe`` (one rtn or gptq weight step) with each Linear of ``model``'s decoder blocks (a model or its
     meta-device skeleton) on the grid of the block type ``target`` gives it."""
-    from quantlm.methods.recipe import per_layer_grids
+    import dataclasses
+
+    from quantlm.methods.recipe import Recipe, per_layer_grids
     from quantlm.models.blocks import find_decoder_blocks, quantizable_linears
 
     problem = target_recipe_problem(recipe)
     if problem is not None:
         raise QuantlmError(f"--target-format {target}: {problem}")
-
     if model.config.model_type not in ARCHITECTURES:
         raise QuantlmError(
             f"--target-format {target} is for llama-architecture models (llama, mistral), not "
@@ -117,12 +118,12 @@ def target_recipe(recipe, model, target: str):
     blocks = find_decoder_blocks(model)
     linears = [quantizable_linears(block) for block in blocks.blocks]
     types = layer_types(input_widths(model), target)
-    grids = {
-        f"{blocks.name(i)}.{local}": GRIDS[types[(i, local)]]
-        for i, b in enumerate(linears)
-        for local in b
-        if types[(i, local)] is not None
-    }
+    names = {(i, local): f"{blocks.name(i)}.{local}" for i, b in enumerate(linears) for local in b}
+    grids = {names[key]: GRIDS[kind] for key, kind in types.items() if kind is not None}
+    stay_float = tuple(names[key] for key, kind in types.items() if kind is None)  # rows no block type fits
+    if stay_float:
+        step = recipe.steps[0]
+        recipe = Recipe([dataclasses.replace(step, exclude=(*step.exclude, *stay_float))])
     return per_layer_grids(recipe, grids)
 
 
