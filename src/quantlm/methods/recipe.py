@@ -205,7 +205,7 @@ def add_head_step(recipe: Recipe, head_bits: int | None) -> Recipe:
     return parse_recipe([*recipe.steps, head_step(head_bits)])
 
 
-GRID_KEYS = ("bits", "symmetric", "group_size", "granularity", "scale_bits", "codebook")  # a per-layer grid's
+GRID_KEYS = ("bits", "symmetric", "group_size", "granularity", "scale_bits", "codebook")  # what a grid sets
 PER_LAYER_METHODS = ("rtn", "gptq")  # steps that quantize each Linear on its own grid, nothing shared
 
 
