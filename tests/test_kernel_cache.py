@@ -137,3 +137,20 @@ def test_layers_without_a_cacheable_kernel_write_nothing(tmp_path, home):
     out = _checkpoint(tmp_path / "q8", spec=QuantSpec(bits=8, group_size=-1, symmetric=True))
     assert set(quantlm.load(out).quantlm_kernels.values()) == {"int8pack"}
     assert _entries(home) == []
+
+
+def test_int4x2_halves_are_cached_too(tmp_path, home):
+    """5-8-bit layers keep both int4 halves in the cache: a second load packs nothing and computes the same."""
+    out = _checkpoint(tmp_path / "w6", spec=QuantSpec(bits=6, group_size=32, symmetric=True))
+    first = quantlm.load(out)
+    assert set(first.quantlm_kernels.values()) == {"int4x2"}
+    second = quantlm.load(out)
+    assert all(k.from_cache for k in _kernels(second))
+    uncached = quantlm.load(out, kernel_cache=False)
+    assert not any(k.from_cache for k in _kernels(uncached))
+    assert torch.equal(_logits(second), _logits(uncached))
+    entry = _entries(home)[0]
+    names = [n for n, m in second.named_modules() if isinstance(m, QuantLinear)]
+    kernel_cache.write_entry(entry, {names[0]: {"high_packed": torch.zeros(2, dtype=torch.uint8)}})
+    mixed = quantlm.load(out)  # a half that does not fit: both rebuilt from the codes
+    assert torch.equal(_logits(mixed), _logits(uncached))

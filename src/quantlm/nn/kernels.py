@@ -194,13 +194,12 @@ class Int4PackKernel(Kernel):
         # [K / group, N, 2]: scale and the float offset m = (8 - zero) * scale of each group
         self.register_buffer("scale_offset", tensors["scale_offset"], persistent=False)
 
-    def _shapes(self, layer: QuantLinear) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    @staticmethod
+    def _fits(layer: QuantLinear, prepared: dict[str, Tensor]) -> bool:
+        """Whether ``prepared`` has the tensors, shapes, dtypes and device the op needs for a layer of this shape."""
         rows = layer.out_features + (-layer.out_features % INT4PACK_ROW_MULTIPLE)
-        k = layer.in_features
-        return {"packed": ((rows, k // 2), torch.uint8), "scale_offset": ((k // self.group, rows, 2), OP_DTYPE)}
-
-    def _fits(self, layer: QuantLinear, prepared: dict[str, Tensor]) -> bool:
-        want = self._shapes(layer)
+        k, group = layer.in_features, _int4pack_group(layer)
+        want = {"packed": ((rows, k // 2), torch.uint8), "scale_offset": ((k // group, rows, 2), OP_DTYPE)}
         return set(prepared) == set(want) and all(
             tuple(prepared[n].shape) == shape
             and prepared[n].dtype == dtype
@@ -298,13 +297,32 @@ class Int4PairKernel(Kernel):
             return "needs codes within 128 of their zero point (8-bit asymmetric grids whose zero is not 127 or 128)"
         return None
 
-    def __init__(self, layer: QuantLinear, dtype: torch.dtype = torch.float32) -> None:
+    cacheable = True
+    HALVES = ("high", "low")
+
+    def __init__(
+        self, layer: QuantLinear, dtype: torch.dtype = torch.float32, prepared: dict[str, Tensor] | None = None
+    ) -> None:
+        """``prepared``: both halves' tensors from a kernel cache (``prepared()`` of an earlier kernel); a half
+        has the layer's own shapes, so the layer stands in for the 4-bit half when they are checked."""
         super().__init__(layer, dtype)
-        high, low = _nibble_layers(layer)
-        self.high = Int4PackKernel(high, dtype)
-        self.low = Int4PackKernel(low, dtype)
+        halves = {
+            h: {n.removeprefix(f"{h}_"): t for n, t in (prepared or {}).items() if n.startswith(f"{h}_")}
+            for h in self.HALVES
+        }
+        if all(Int4PackKernel._fits(layer, half) for half in halves.values()):
+            kernels = {h: Int4PackKernel(layer, dtype, halves[h]) for h in self.HALVES}
+        else:
+            kernels = dict(zip(self.HALVES, (Int4PackKernel(half, dtype) for half in _nibble_layers(layer))))
+        self.high, self.low = kernels["high"], kernels["low"]
+        self.from_cache = self.high.from_cache and self.low.from_cache
         for half in (self.high, self.low):  # the halves' packed tensors are all they need; let their layers go
             half.layer = self.layer
+
+    def prepared(self) -> dict[str, Tensor]:
+        """Both halves' tensors as ``high_packed``, ``low_scale_offset``, ...: no dots, since the kernel cache
+        splits its keys at the last one."""
+        return {f"{h}_{n}": t for h in self.HALVES for n, t in getattr(self, h).prepared().items()}
 
     def forward(self, x: Tensor) -> Tensor:
         x2, lead = _rows(x)
