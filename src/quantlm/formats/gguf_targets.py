@@ -85,17 +85,18 @@ def describe_types(types: dict, blocks: list[dict[str, int]], target: str) -> st
     return f"{target}: " + ", ".join(f"{n} x {label}" for label, n in counts.items())
 
 
-def input_widths(model) -> list[dict[str, int]]:
-    """Per decoder block of ``model``, its Linears' local names -> input features."""
-    from quantlm.models.blocks import find_decoder_blocks, linear_weight, quantizable_linears
+def input_widths(blocks) -> list[dict[str, int]]:
+    """Per decoder block (``quantlm.models.blocks.DecoderBlocks``), its Linears' local names -> input features."""
+    from quantlm.models.blocks import linear_weight, quantizable_linears
 
-    blocks = find_decoder_blocks(model).blocks
-    return [{local: linear_weight(m).shape[1] for local, m in quantizable_linears(b).items()} for b in blocks]
+    return [{local: linear_weight(m).shape[1] for local, m in quantizable_linears(b).items()} for b in blocks.blocks]
 
 
 def describe_target(model, target: str) -> str:
     """One line on the types ``target`` gives ``model``'s Linears (fallbacks named)."""
-    widths = input_widths(model)
+    from quantlm.models.blocks import find_decoder_blocks
+
+    widths = input_widths(find_decoder_blocks(model))
     return describe_types(layer_types(widths, target), widths, target)
 
 
@@ -105,7 +106,7 @@ def target_recipe(recipe, model, target: str):
     import dataclasses
 
     from quantlm.methods.recipe import Recipe, per_layer_grids
-    from quantlm.models.blocks import find_decoder_blocks, quantizable_linears
+    from quantlm.models.blocks import find_decoder_blocks
 
     problem = target_recipe_problem(recipe)
     if problem is not None:
@@ -116,9 +117,9 @@ def target_recipe(recipe, model, target: str):
             f"{model.config.model_type}: quantize with --bits/--group-size and export as gptq or compressed-tensors"
         )
     blocks = find_decoder_blocks(model)
-    linears = [quantizable_linears(block) for block in blocks.blocks]
-    types = layer_types(input_widths(model), target)
-    names = {(i, local): f"{blocks.name(i)}.{local}" for i, b in enumerate(linears) for local in b}
+    widths = input_widths(blocks)
+    types = layer_types(widths, target)
+    names = {(i, local): f"{blocks.name(i)}.{local}" for i, b in enumerate(widths) for local in b}
     grids = {names[key]: GRIDS[kind] for key, kind in types.items() if kind is not None}
     stay_float = tuple(names[key] for key, kind in types.items() if kind is None)  # rows no block type fits
     if stay_float:
