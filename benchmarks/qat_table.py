@@ -8,7 +8,8 @@ Every row is one child process of the CLI (so its time and peak memory are its o
 - qat-W-A-KV: `quantlm qat --data DATA --w-bits W --a-bits A --kv-bits KV` with the training settings below;
 - fp-kvN: the float model evaluated with an N-bit KV cache (`quantlm eval --kv-bits N`);
 - ablation rows (abl-*): qat-4-8-4 with one thing changed: enwiki text instead of generated, pure sampling, label
-  cross-entropy instead of distillation; abl-hybrid is qat-4-8-4 itself under its own key, so the ablation can run
+  cross-entropy instead of distillation, StatsQ weight ranges, LSQ activations (the paper's clipping ablation);
+  abl-hybrid is qat-4-8-4 itself under its own key, so the ablation can run
   at fewer --steps than the main rows and still have its baseline at the same steps.
 Rows are merged into benchmarks/results/qat_smollm2.{md,json} (rerunning a row replaces it).
 
@@ -63,7 +64,27 @@ def _bits_rows() -> dict[str, tuple[str, str, dict]]:
         "qat",
         {"w": 4, "a": 8, "kv": 4, "loss": "ce"},
     )
+    rows["abl-statsq"] = (
+        "QAT W4A8KV4 with StatsQ weight ranges (2 x mean|w| per channel) instead of MinMax",
+        "qat",
+        {"w": 4, "a": 8, "kv": 4, "flags": ["--clip", "stats"]},
+    )
+    rows["abl-lsq"] = (
+        "QAT W4A8KV4 with LSQ activations (a learned static step per layer) instead of per-token MinMax",
+        "qat",
+        {"w": 4, "a": 8, "kv": 4, "flags": ["--act-clip", "lsq"]},
+    )
+    # the start of QAT: float weights (RTN at step 0) or a GPTQ checkpoint of the same weight grid (--init)
+    for group in (-1, 64):
+        where = "per channel" if group == -1 else f"g{group}"
+        suffix = "ch" if group == -1 else f"g{group}"
+        rows[f"init-rtn-{suffix}"] = (f"QAT W4A8KV4 {where}, from the float weights (RTN)", "qat", _init(group, None))
+        rows[f"init-gptq-{suffix}"] = (f"QAT W4A8KV4 {where}, from GPTQ W4 {where}", "qat", _init(group, "gptq"))
     return rows
+
+
+def _init(group: int, method: str | None) -> dict:
+    return {"w": 4, "a": 8, "kv": 4, "flags": ["--group-size", str(group)], "init": method, "group": group}
 
 
 ROWS = _bits_rows()
@@ -77,7 +98,20 @@ def _bits_flags(kind: str, p: dict) -> list[str]:
         if p["kv"] != 16:
             flags += ["--kv-bits", str(p["kv"])]
         return flags
-    return ["--w-bits", str(p["w"]), "--a-bits", str(p["a"]), "--kv-bits", str(p["kv"])]
+    return ["--w-bits", str(p["w"]), "--a-bits", str(p["a"]), "--kv-bits", str(p["kv"]), *p.get("flags", [])]
+
+
+def _start_checkpoint(p: dict, tmp: Path, args) -> tuple[list[str], float, str | None]:
+    """For a row that starts from a PTQ checkpoint: make it (GPTQ on the QAT weight grid, --calib-samples windows)
+    and return (the --init flags, its wall seconds, its command); nothing for a row that starts from float."""
+    if p.get("init") is None:
+        return [], 0.0, None
+    flags = ["--method", p["init"], "--bits", "4", "--group-size", str(p["group"]), "--sym"]
+    flags += ["--calib-samples", str(args.calib_samples)]
+    start = tmp / "start"
+    print(f"[init] quantlm quantize {MODEL} {' '.join(flags)}", file=sys.stderr, flush=True)
+    _, wall, _ = run_child([*quantlm_command(), "quantize", MODEL, *flags, "--out", str(start), "--json"])
+    return ["--init", str(start)], wall, f"quantlm quantize {MODEL} {' '.join(flags)} --out START"
 
 
 def measure(key: str, args) -> dict:
@@ -95,6 +129,7 @@ def measure(key: str, args) -> dict:
                 cmd = ["quantize", MODEL, *_bits_flags(kind, p)]
             else:
                 data = {"enwiki": "enwiki", "sample": args.sample_data}.get(p.get("data"), args.data)
+                init_flags, init_wall, init_command = _start_checkpoint(p, Path(tmp), args)
                 cmd = [
                     "qat",
                     MODEL,
@@ -113,11 +148,15 @@ def measure(key: str, args) -> dict:
                     str(args.warmup),
                     "--loss",
                     p.get("loss", "kd"),
+                    *init_flags,
                 ]
             command = "quantlm " + " ".join(cmd) + " --out OUT"
+            if init_command:
+                command = f"{init_command} && {command.replace(init_flags[-1], 'START')}"
             print(f"[{key}] {command}", file=sys.stderr, flush=True)
             out, wall, rss = run_child([*quantlm_command(), *cmd, "--out", target, "--json"])
             summary = json.loads(out)
+            wall += init_wall
         eval_out, eval_wall, _ = run_child(
             [*quantlm_command(), "eval", target, "--max-windows", str(args.max_windows), *eval_flags, "--json"]
         )
@@ -178,6 +217,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--max-windows", type=int, default=32)
+    ap.add_argument("--calib-samples", type=int, default=32, help="GPTQ windows (2048 tokens) of the init rows")
     ap.add_argument("--name", default="qat_smollm2")
     args = ap.parse_args()
     if args.list:

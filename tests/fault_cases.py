@@ -418,9 +418,9 @@ def interrupted_while_replacing(ctx):
 
 
 def interrupted_qat(ctx):
-    import quantlm.qat.trainer as trainer
+    from quantlm.qat.losses import TrainingLoss
 
-    _patch_call(ctx, trainer, "distillation_loss", 2, KeyboardInterrupt())
+    _patch_call(ctx, TrainingLoss, "__call__", 2, KeyboardInterrupt())
 
 
 def training_state_kept(ctx):
@@ -428,9 +428,9 @@ def training_state_kept(ctx):
 
 
 def interrupted_finetune(ctx):
-    import quantlm.qat.trainer as trainer
+    from quantlm.qat.losses import TrainingLoss
 
-    _patch_call(ctx, trainer, "label_loss", 2, KeyboardInterrupt())
+    _patch_call(ctx, TrainingLoss, "__call__", 2, KeyboardInterrupt())
 
 
 def resume_finetune(ctx):

@@ -31,9 +31,10 @@ from quantlm.qat.data import (
     read_samples,
     start_vocabulary,
 )
-from quantlm.qat.fake_quant import FakeQuantLinear, fake_quant_linears, prepare_qat
+from quantlm.qat.fake_quant import FakeQuantLinear, calibrate_act_steps, fake_quant_linears, prepare_qat
+from quantlm.qat.losses import distillation_loss
 from quantlm.qat.run import init_from_quantized, run_qat
-from quantlm.qat.trainer import TrainSettings, cosine_lr, distillation_loss, train, window_indices
+from quantlm.qat.trainer import TrainSettings, cosine_lr, train, window_indices
 
 runner = CliRunner()
 W4A8KV4 = QATConfig.from_bits(QATBits(4, 8, 4))
@@ -84,10 +85,10 @@ def test_gradients_reach_weights_through_the_rounding_and_learnable_scales():
     assert fq.clip_scale.grad is not None and fq.clip_scale.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("kv", [16, 4])
-def test_conversion_gives_packed_layers_that_compute_what_was_trained(kv, tmp_path):
+@pytest.mark.parametrize("kv,extra", [(16, {}), (4, {}), (16, {"act_clip": "lsq"}), (16, {"clip": "stats"})], ids=str)
+def test_conversion_gives_packed_layers_that_compute_what_was_trained(kv, extra, tmp_path):
     model = tiny_model("llama")
-    config = QATConfig.from_bits(QATBits(4, 8, kv))
+    config = QATConfig.from_bits(QATBits(4, 8, kv), **extra)
     student, _ = run_qat(
         model, None, _windows(), config, TrainSettings(steps=3, batch_size=2, lr=1e-3, dtype="float32"), progress=False
     )
@@ -101,12 +102,46 @@ def test_conversion_gives_packed_layers_that_compute_what_was_trained(kv, tmp_pa
         assert not fake_quant_linears(real)
         q = real.get_submodule("model.layers.0.mlp.down_proj")
         assert isinstance(q, QuantLinear) and q.spec.bits == 4 and q.act_bits == 8
+        assert q.act_granularity == ("tensor" if extra.get("act_clip") == "lsq" else "token")
         if kv == 16:  # with a 4-bit KV cache, summation order can flip the odd code
             torch.testing.assert_close(real(ids).logits, fake, rtol=0, atol=1e-5)
     api.save(real, tmp_path / "q")
     loaded = api.load(tmp_path / "q")
     assert loaded.quantlm_kv_config == (None if kv == 16 else KVQuantConfig(kv))
     assert torch.equal(loaded.generate(prompt, **kwargs), fake_text)
+
+
+def test_lsq_activation_steps_start_at_lsq_init_and_learn():
+    model = tiny_model("llama")
+    config = QATConfig.from_bits("4-8-16", act_clip="lsq")
+    student = prepare_qat(copy.deepcopy(model), config)
+    fq = student.get_submodule("model.layers.0.self_attn.q_proj")
+    inputs = []
+    hook = fq.register_forward_pre_hook(lambda m, args: inputs.append(args[0].detach().clone()))
+    ids = _windows(2, 16)
+    assert calibrate_act_steps(student, ids) == 21
+    hook.remove()
+    assert torch.allclose(fq.act_step, 2 * inputs[0].abs().mean() / 127**0.5)
+    student(ids).logits.pow(2).mean().backward()
+    assert fq.act_step.grad is not None and fq.act_step.grad.abs() > 0
+    assert "a8 lsq" in repr(fq) and "lsq activations" in config.describe()
+    # the steps are trained parameters, saved with the training state
+    assert "model.layers.0.self_attn.q_proj.act_step" in dict(student.named_parameters())
+
+
+@pytest.mark.parametrize(
+    "settings,match",
+    [
+        ({"act_clip": "lsq", "bits": "4-16-4"}, "activation bits"),
+        ({"act_clip": "pact"}, "activation clip"),
+        ({"clip": "mse"}, "every step"),
+        ({"clip": "stats", "symmetric": False}, "symmetric"),
+    ],
+)
+def test_clipping_settings_refused_in_one_line(settings, match):
+    settings = dict(settings)
+    with pytest.raises(InvalidSpecError, match=match):
+        QATConfig.from_bits(settings.pop("bits", "4-8-4"), **settings)
 
 
 def test_settings_without_integer_kernels_train_but_do_not_convert():
@@ -204,7 +239,10 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
         )
 
 
-def _ddp_worker(rank, world, init_file, out_file, fsdp=False):
+LSQ_W4A8KV4 = QATConfig.from_bits(QATBits(4, 8, 4), act_clip="lsq")
+
+
+def _ddp_worker(rank, world, init_file, out_file, fsdp=False, config=W4A8KV4):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1")
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)
@@ -213,7 +251,7 @@ def _ddp_worker(rank, world, init_file, out_file, fsdp=False):
         model,
         model,
         _windows(),
-        W4A8KV4,
+        config,
         TrainSettings(steps=3, batch_size=2, lr=1e-3, dtype="float32", fsdp=fsdp),
         progress=False,
         state_dir=os.path.dirname(out_file),
@@ -223,16 +261,19 @@ def _ddp_worker(rank, world, init_file, out_file, fsdp=False):
     torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
-def test_two_processes_train_like_one_with_the_same_global_batch(fsdp, tmp_path):
+@pytest.mark.parametrize(
+    "fsdp,config", [(False, W4A8KV4), (True, W4A8KV4), (True, LSQ_W4A8KV4)], ids=["ddp", "fsdp", "fsdp-lsq"]
+)
+def test_two_processes_train_like_one_with_the_same_global_batch(fsdp, config, tmp_path):
     out = tmp_path / "ddp.pt"
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(out), fsdp), nprocs=2, join=True)
+    args = (2, str(tmp_path / "init"), str(out), fsdp, config)
+    torch.multiprocessing.spawn(_ddp_worker, args=args, nprocs=2, join=True)
     model = tiny_model("llama")
     single, _ = run_qat(
         model,
         model,
         _windows(),
-        W4A8KV4,
+        config,
         TrainSettings(steps=3, batch_size=4, lr=1e-3, dtype="float32"),
         progress=False,
     )

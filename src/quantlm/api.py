@@ -446,6 +446,8 @@ _ON_DEMAND = {
     "load_adapters": "quantlm.finetune.adapters",
     "merge_adapters": "quantlm.finetune.merge",
     "QATConfig": "quantlm.methods.qat",
+    "QAT_WEIGHT_CLIPS": "quantlm.methods.qat",
+    "QAT_ACT_CLIPS": "quantlm.methods.qat",
     "generate_text": "quantlm.generation",
     "check_generation_request": "quantlm.generation",
     "measure_speed": "quantlm.eval.speed",

@@ -645,3 +645,31 @@ def test_quantize_tensor_rejects_bad_input(x, pattern):
 def test_spec_type_checked():
     with pytest.raises(QuantlmError, match="expected a QuantSpec"):
         quantize_tensor(torch.ones(2, 2), {"bits": 4})  # type: ignore[arg-type]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 5),
+    cols=st.integers(1, 70),
+    group=st.sampled_from([-1, 8, 32]),
+    bits=st.integers(2, 8),
+    seed=st.integers(0, 2**16),
+)
+def test_stats_clip_is_twice_the_mean_magnitude_of_each_unit_within_minmax(rows, cols, group, bits, seed):
+    """StatsQ: each unit's range is min(2·mean|x|, max|x|), over its real columns only (a partial last group's
+    zero padding does not count), on the symmetric grid."""
+    x = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * 3
+    spec = QuantSpec(bits=bits, symmetric=True, group_size=group, clip="stats")
+    scale, _ = compute_qparams(x, spec)
+    width = cols if group == -1 else group
+    want = torch.stack(
+        [torch.stack([torch.minimum(2 * u.abs().mean(), u.abs().max()) for u in row.split(width)]) for row in x]
+    )
+    plain, _ = compute_qparams(x, QuantSpec(bits=bits, symmetric=True, group_size=group))
+    torch.testing.assert_close(scale, want * 2 / spec.maxq)
+    assert bool((scale <= plain * (1 + 1e-6)).all())
+
+
+def test_stats_clip_needs_a_symmetric_grid():
+    with pytest.raises(QuantlmError, match="symmetric"):
+        QuantSpec(bits=4, symmetric=False, clip="stats")

@@ -71,8 +71,8 @@ def test_frozen():
         (dict(granularity="tensor", group_size=64), r"granularity 'tensor' does not use groups"),
         (dict(granularity="token", group_size=32), r"granularity 'token' does not use groups"),
         (dict(granularity="row"), r"granularity must be one of tensor, channel, group, token.*got 'row'"),
-        (dict(clip="max"), r"clip must be one of none, mse, fit, got 'max'"),
-        (dict(clip=None), r"clip must be one of none, mse, fit, got None"),
+        (dict(clip="max"), r"clip must be one of none, mse, fit, stats, got 'max'"),
+        (dict(clip=None), r"clip must be one of none, mse, fit, stats, got None"),
         (dict(symmetric="yes"), r"symmetric must be True or False, got 'yes'"),
     ],
 )

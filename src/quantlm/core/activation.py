@@ -135,3 +135,25 @@ def fake_quantize_per_token(x: Tensor, bits: int, symmetric: bool = True) -> Ten
     t = x.float() / scale
     q = torch.clamp(t + (torch.round(t) - t).detach(), lo, hi)
     return (q * scale).to(x.dtype)
+
+
+def lsq_initial_step(x: Tensor, bits: int) -> Tensor:
+    """LSQ's starting step for the input ``x`` (Esser et al. 2020): 2·mean|x| / sqrt(Qp), Qp = 2^(bits-1) - 1
+    (a scalar fp32; 1 for an all-zero input)."""
+    qmax = (1 << (check_token_bits(bits) - 1)) - 1
+    step = 2 * x.detach().float().abs().mean() / qmax**0.5
+    return torch.where(step > 0, step, torch.ones_like(step))
+
+
+def lsq_fake_quantize(x: Tensor, step: Tensor, bits: int) -> Tensor:
+    """LSQ (Esser et al. 2020): ``x`` on the fixed symmetric grid ``step · {-Qp..Qp}``, Qp = 2^(bits-1) - 1 (at 8
+    bits the static int8 grid of ``quantize_per_tensor_int8``), in its own dtype. Gradients: straight through to
+    ``x`` inside the range, 0 where clipped; to ``step``, LSQ's ``round(x/s) - x/s`` inside and ``±Qp`` outside,
+    scaled by ``1/sqrt(features · Qp)`` (features: the last dim of ``x``; not the batch, so the gradient does not
+    depend on how a batch is split across processes or micro-batches)."""
+    qmax = (1 << (check_token_bits(bits) - 1)) - 1
+    g = 1.0 / (x.shape[-1] * qmax) ** 0.5
+    step = step.float().clamp(min=torch.finfo(torch.float32).tiny)
+    s = step.detach() + (step * g - (step * g).detach())  # exactly the value of step; its gradient times g
+    t = torch.clamp(x.float() / s, -qmax, qmax)
+    return ((t + (torch.round(t) - t).detach()) * s).to(x.dtype)

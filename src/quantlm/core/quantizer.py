@@ -130,6 +130,19 @@ def _zero_for(xmin: Tensor, scale: Tensor, spec: QuantSpec) -> Tensor:
     return torch.round(-xmin / scale).clamp_(0, spec.maxq).add_(0.0)  # add_: no -0.0
 
 
+def _stats_range(units: Tensor, absmax: Tensor, n: int, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+    """StatsQ's range (Liu et al. 2023, "Oscillation-free quantization for low-bit vision transformers"): ±2 times
+    the mean magnitude of each unit, computed from the values alone, never wider than the unit's MinMax range. A
+    partial last group's mean is over its real columns, not its zero padding."""
+    counts = torch.full((units.shape[0],), float(units.shape[1]), device=units.device)
+    if spec.granularity == "group" and n % spec.group_size:
+        counts = counts.reshape(-1, spec.n_groups(n))
+        counts[:, -1] = n % spec.group_size
+        counts = counts.reshape(-1)
+    r = torch.minimum(2 * units.abs().sum(dim=1) / counts, absmax)
+    return -r, r
+
+
 def _units(x2: Tensor, spec: QuantSpec) -> tuple[Tensor, tuple[int, int]]:
     """Lay x2 out as [units, m], one unit per scale/zero. Returns (units, qparam shape).
 
@@ -278,6 +291,8 @@ def _qparams_2d(x2: Tensor, spec: QuantSpec, column_weights: Tensor | None = Non
         return scale.reshape(shape).contiguous(), torch.zeros(shape, device=x2.device)
     xmin = units.amin(dim=1).clamp(max=0.0)
     xmax = units.amax(dim=1).clamp(min=0.0)
+    if spec.clip == "stats":
+        xmin, xmax = _stats_range(units, torch.maximum(-xmin, xmax), x2.shape[1], spec)
     xmin, xmax, scale, zero = _grid(xmin, xmax, spec)
     if spec.clip == "mse":
         scale, zero = _mse_search(units, xmin, xmax, scale, zero, spec, weights)

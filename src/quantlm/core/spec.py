@@ -21,7 +21,7 @@ from quantlm.core.codebook import CODEBOOKS as LEVEL_CODEBOOKS
 from quantlm.errors import InvalidSpecError
 
 GRANULARITIES = ("tensor", "channel", "group", "token")
-CLIPS = ("none", "mse", "fit")
+CLIPS = ("none", "mse", "fit", "stats")
 CODEBOOK_CLIPS = ("none", "fit")  # absmax scales, or refitted by least squares
 CODEBOOKS = ("none", *LEVEL_CODEBOOKS)  # "none": the integer grid
 MIN_BITS = 2
@@ -42,7 +42,8 @@ class QuantSpec:
     ``group_size``: -1 = one scale per row, >0 = groups of that many columns along the last dim.
     ``granularity``: "tensor" | "channel" | "group" | "token"; ``None`` is filled in as "group" when
     ``group_size > 0`` else "channel". ``clip``: "none" | "mse" (GPTQ-style shrink search, norm 2.4) | "fit"
-    (codebook grids only: each absmax scale refitted by least squares, ``quantlm.core.quantizer``).
+    (codebook grids only: each absmax scale refitted by least squares, ``quantlm.core.quantizer``) | "stats"
+    (symmetric integer grids only: StatsQ's statistical range, ±2·mean|x| of each unit, within its MinMax range).
     ``codebook``: "none" (the integer grid) or "nf4" / "fp4": each value is one of 16 fixed levels in [-1, 1] times
     its group's scale, the absmax (``quantlm.core.codebook``); such grids are 4-bit and symmetric by construction
     (``symmetric`` is set to True) and have no zero point.
@@ -63,7 +64,8 @@ class QuantSpec:
     clip: str = field(
         default="none",
         metadata={
-            "help": "Grid clipping: none, mse (a search over shrunk ranges), or fit (nf4/fp4: least-squares scales)."
+            "help": "Grid clipping: none, mse (a search over shrunk ranges), fit (nf4/fp4: least-squares scales), "
+            "or stats (symmetric grids: the range 2 x mean|w|, StatsQ)."
         },
     )
     codebook: str = field(
@@ -134,6 +136,8 @@ class QuantSpec:
             object.__setattr__(self, "symmetric", True)
         elif self.clip == "fit":
             raise InvalidSpecError("clip='fit' refits the scales of nf4/fp4 grids: use clip='mse' on an integer grid")
+        elif self.clip == "stats" and not self.symmetric:
+            raise InvalidSpecError("clip='stats' (the range ±2·mean|w|) is for symmetric grids: add --sym")
 
         if self.scale_bits is not None:
             sb = self.scale_bits

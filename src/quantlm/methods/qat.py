@@ -18,6 +18,8 @@ from quantlm.methods.common import exclude_setting
 from quantlm.nn.kv_cache import KVQuantConfig
 
 OFF = 16
+QAT_ACT_CLIPS = ("minmax", "lsq")
+QAT_WEIGHT_CLIPS = ("none", "stats")  # searches (mse) would run on every step
 PART_BITS = (2, 3, 4, 5, 6, 7, 8)
 
 
@@ -57,7 +59,9 @@ def _on(bits: int) -> int | None:
 class QATConfig(Method):
     """What is fake-quantized during QAT. ``weight``: the weight grid (None: full precision; per output channel,
     symmetric MinMax is the paper's); ``act_bits``: per-token activations (None: full precision); ``kv_bits``: the
-    KV cache per token and head (None: full precision); ``learnable_clip``: the weight scales are trained too."""
+    KV cache per token and head (None: full precision); ``learnable_clip``: the weight scales are trained too;
+    ``act_clip``: "minmax" (per-token MinMax, the paper's) or "lsq" (one learned step per layer, static per tensor:
+    LSQ, the paper's clipping ablation)."""
 
     weight: QuantSpec | None = QuantSpec(bits=4, symmetric=True)
     act_bits: int | None = 8
@@ -65,6 +69,7 @@ class QATConfig(Method):
     a_symmetric: bool = True
     kv_symmetric: bool = True
     learnable_clip: bool = False
+    act_clip: str = "minmax"
     exclude: tuple[str, ...] = exclude_setting()
 
     name = "qat"
@@ -81,6 +86,16 @@ class QATConfig(Method):
             raise InvalidSpecError(f"QAT trains integer grids, not {self.weight.codebook}: drop the codebook")
         if self.weight is not None and self.weight.scale_bits is not None:
             raise InvalidSpecError("QAT trains float group scales: drop scale_bits (quantize to a K-quant grid after)")
+        if self.act_clip not in QAT_ACT_CLIPS:
+            raise InvalidSpecError(f"the activation clip is one of {', '.join(QAT_ACT_CLIPS)}, got {self.act_clip!r}")
+        if self.act_clip == "lsq" and (self.act_bits is None or not self.a_symmetric):
+            raise InvalidSpecError(
+                "LSQ learns a symmetric activation step: set the activation bits below 16, symmetric"
+            )
+        if self.weight is not None and self.weight.clip not in QAT_WEIGHT_CLIPS:
+            raise InvalidSpecError(
+                f"QAT recomputes the weight grid every step: clip none (MinMax) or stats, not {self.weight.clip!r}"
+            )
         if self.learnable_clip and self.weight is None:
             raise InvalidSpecError("learnable clipping needs quantized weights: set the weight bits below 16")
 
@@ -90,6 +105,10 @@ class QATConfig(Method):
         ``group_size``, ``clip``) and this class's other fields."""
         bits = QATBits.parse(bits)
         grid = {k: settings.pop(k) for k in ("symmetric", "group_size", "clip") if k in settings}
+        if bits.w == OFF and grid:
+            raise InvalidSpecError(
+                f"{', '.join(sorted(grid))} set the weight grid: quantize the weights (bits below 16)"
+            )
         weight = None if bits.w == OFF else spec_with(cls().weight, {"bits": bits.w, **grid})
         return cls(weight=weight, act_bits=_on(bits.a), kv_bits=_on(bits.kv), **settings)
 
@@ -113,4 +132,7 @@ class QATConfig(Method):
 
     def describe(self) -> str:
         grid = f", {self.weight.describe()}" if self.weight else ""
-        return f"qat({self.bits}{grid}{', learnable clip' if self.learnable_clip else ''})"
+        extra = (", learnable clip" if self.learnable_clip else "") + (
+            ", lsq activations" if self.act_clip == "lsq" else ""
+        )
+        return f"qat({self.bits}{grid}{extra})"

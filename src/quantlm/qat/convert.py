@@ -41,8 +41,15 @@ def to_quant_linear(fq: FakeQuantLinear) -> nn.Module:
     scale, zero = (t.detach() for t in fq.grid())
     codes = quantize(fq.weight.detach().float(), scale, zero, fq.spec)
     bias = None if fq.bias is None else fq.bias.detach()
+    act_scale = None if fq.act_step is None else fq.act_step.detach().float().reshape(1)  # LSQ: a static grid
     return QuantLinear.from_codes(
-        codes, scale.to(storage_scale_dtype(scale, fq.spec)), zero, fq.spec, bias, act_bits=fq.act_bits
+        codes,
+        scale.to(storage_scale_dtype(scale, fq.spec)),
+        zero,
+        fq.spec,
+        bias,
+        act_bits=fq.act_bits,
+        act_scale=act_scale,
     )
 
 

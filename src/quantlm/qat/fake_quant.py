@@ -5,7 +5,9 @@ Bits are a W-A-KV triple such as 4-8-4; 16 turns a part off. During training:
   every step; with ``learnable_clip`` the scales are parameters initialised from MinMax and trained with the
   weights (LSQ-style gradient through ``quantlm.core.fake_quantize``). Scales are rounded to the dtype a checkpoint
   stores them in, so the trained grid is exactly the one that is saved;
-- activations: the input of every Linear in the decoder blocks, per token, symmetric MinMax by default;
+- activations: the input of every Linear in the decoder blocks, per token, symmetric MinMax by default; with
+  ``act_clip="lsq"`` one learned step per layer instead (LSQ, a static per-tensor grid, started by
+  :func:`calibrate_act_steps`), which converts to the static int8 kernel at 8 bits;
 - KV cache: keys (after RoPE) and values per token and head (``quantlm.nn.kv_cache``'s fake path).
 Every rounding has a straight-through gradient. :func:`prepare_qat` turns a float model into a fake-quantized
 one in place; ``quantlm.qat.convert`` turns that into packed QuantLinears afterwards.
@@ -13,12 +15,20 @@ one in place; ``quantlm.qat.convert`` turns that into packed QuantLinears afterw
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from quantlm.core import QuantSpec, compute_qparams, fake_quantize, quantize
-from quantlm.core.activation import fake_quantize_per_token, quantize_per_token_int8
+from quantlm.core.activation import (
+    fake_quantize_per_token,
+    lsq_fake_quantize,
+    lsq_initial_step,
+    quantize_per_tensor_int8,
+    quantize_per_token_int8,
+)
 from quantlm.errors import InvalidSpecError
 from quantlm.methods.common import is_excluded
 from quantlm.methods.qat import QATConfig
@@ -47,6 +57,7 @@ class FakeQuantLinear(nn.Module):
         act_bits: int | None,
         act_symmetric: bool = True,
         learnable_clip: bool = False,
+        act_clip: str = "minmax",
     ) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
@@ -55,6 +66,10 @@ class FakeQuantLinear(nn.Module):
         self.spec = spec
         self.act_bits = act_bits
         self.act_symmetric = act_symmetric
+        # LSQ: the activations' learned step (static, per tensor); None: per-token MinMax on every call
+        lsq = act_clip == "lsq" and act_bits is not None
+        self.act_step = nn.Parameter(torch.ones(1, device=weight.device)) if lsq else None  # [1]: FSDP2 shards no 0-dim
+        self.calibrating = False  # calibrate_act_steps: record the LSQ start, leave the input unrounded
         self.clip_scale: Tensor | None = None  # None: MinMax of the current weight on every call
         self.clip_zero: Tensor | None = None
         if learnable_clip and spec is not None:
@@ -99,6 +114,7 @@ class FakeQuantLinear(nn.Module):
     def _integer_path(self) -> bool:
         return (
             not torch.is_grad_enabled()
+            and not self.calibrating
             and self.act_bits == 8
             and self.act_symmetric
             and self.spec is not None
@@ -111,7 +127,11 @@ class FakeQuantLinear(nn.Module):
         numbers and the same roundings downstream."""
         scale, zero = (t.detach() for t in self.grid())
         w_int = quantize(self.weight.detach().float(), scale, zero, self.spec).float() - zero
-        codes, x_scale = quantize_per_token_int8(x.reshape(-1, self.in_features))
+        x2 = x.reshape(-1, self.in_features)
+        if self.act_step is not None:
+            codes, x_scale = quantize_per_tensor_int8(x2, self.act_step.detach().float().reshape(1))
+        else:
+            codes, x_scale = quantize_per_token_int8(x2)
         y = integer_product(codes, x_scale, w_int, scale.reshape(-1).expand(self.out_features)).to(x.dtype)
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
@@ -119,14 +139,19 @@ class FakeQuantLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self._integer_path():
             return self._integer_forward(x)
-        if self.act_bits is not None:
+        if self.calibrating:
+            with torch.no_grad():
+                self.act_step.copy_(lsq_initial_step(x, self.act_bits).reshape(1))
+        elif self.act_step is not None:
+            x = lsq_fake_quantize(x, self.act_step, self.act_bits)
+        elif self.act_bits is not None:
             x = fake_quantize_per_token(x, self.act_bits, self.act_symmetric)
         w = self.quantized_weight()
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:
         w = self.spec.describe() if self.spec else "w16"
-        a = f"a{self.act_bits}" if self.act_bits else "a16"
+        a = (f"a{self.act_bits}" + (" lsq" if self.act_step is not None else "")) if self.act_bits else "a16"
         clip = ", learnable clip" if self.learnable_clip else (", fixed grid" if self.clip_scale is not None else "")
         return f"{self.in_features} -> {self.out_features}, {w}, {a}{clip}"
 
@@ -154,8 +179,32 @@ def prepare_qat(model: nn.Module, config: QATConfig) -> nn.Module:
                 config.act_bits,
                 config.a_symmetric,
                 config.learnable_clip,
+                config.act_clip,
             )
             set_submodule(block, name, fq.to(module.weight.device))
     enable_fake_kv_quantization(model, config.kv_config)
     model.quantlm_qat_config = config
     return model
+
+
+def calibrate_act_steps(model: nn.Module, ids: Tensor) -> int:
+    """LSQ's start for every layer with a learned activation step: 2·mean|x|/sqrt(Qp) of its input on one forward
+    pass over ``ids``, with no activation rounded meanwhile. Returns the number of layers calibrated."""
+    from quantlm.qat.losses import hidden_states_from, output_layer  # the logits are not needed here
+
+    layers = [m for m in fake_quant_linears(model).values() if m.act_step is not None]
+    if not layers:
+        return 0
+    for m in layers:
+        m.calibrating = True
+    was_training = model.training
+    model.eval()
+    head = output_layer(model)
+    try:
+        with torch.no_grad(), hidden_states_from(head) if head is not None else contextlib.nullcontext():
+            model(input_ids=ids, use_cache=False)
+    finally:
+        model.train(was_training)
+        for m in layers:
+            m.calibrating = False
+    return len(layers)

@@ -18,8 +18,16 @@ from quantlm.models.context import check_context
 from quantlm.paths import check_output_paths, default_work_dir, output_lock
 from quantlm.qat.convert import convert_qat_model, convertible
 from quantlm.qat.data import pack_samples, read_samples
-from quantlm.qat.fake_quant import FakeQuantLinear, QATConfig, fake_quant_linears, prepare_qat
+from quantlm.qat.fake_quant import (
+    FakeQuantLinear,
+    QATConfig,
+    calibrate_act_steps,
+    fake_quant_linears,
+    prepare_qat,
+)
 from quantlm.qat.trainer import TrainResult, TrainSettings, train, training_record
+
+LSQ_CALIBRATION_WINDOWS = 4  # LSQ's starting steps come from these first windows, whatever the batch or process count
 
 
 def training_windows(data: str, tokenizer, seqlen: int, max_windows: int | None = None) -> Tensor:
@@ -55,6 +63,10 @@ def init_from_quantized(student: nn.Module, quantized: nn.Module) -> int:
         if not isinstance(q, QuantLinear) or name not in targets:
             continue
         fq: FakeQuantLinear = targets[name]
+        if fq.spec is not None and fq.spec.clip == "stats":
+            raise InvalidSpecError(
+                "--init keeps the start checkpoint's grid fixed, --clip stats recomputes it on every step: drop one"
+            )
         if q.zeros is None or q.zeros.dtype != torch.uint8:
             raise InvalidSpecError(
                 f"{name}: QAT starts from integer grids with integer zero points (RTN, GPTQ, HQQ below 4 bits), not "
@@ -87,22 +99,37 @@ def run_qat(
     init: nn.Module | None = None,
     state_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    teacher_disposable: bool = False,
 ) -> tuple[nn.Module, TrainResult]:
-    """Fake-quantize a copy of ``model`` (the teacher, left untouched), optionally start it from the PTQ model
-    ``init``, and train it by distillation on ``windows``; returns the (still fake-quantized) student."""
+    """Fake-quantize a copy of ``model`` (the teacher), optionally start it from the PTQ model ``init``, and train
+    it by distillation on ``windows``; returns the (still fake-quantized) student. ``model`` is left untouched
+    unless ``teacher_disposable`` (the caller drops it after: its Linear weights may then be stored in the
+    compute dtype for the run)."""
     teacher = model if settings.loss == "kd" else None
 
-    def new_student() -> nn.Module:
-        student = prepare_qat(copy.deepcopy(model), config)
+    def new_student(calibrate: bool = True) -> nn.Module:
+        # .float(): a rebuild after FSDP copies a teacher whose Linear weights may be in the compute dtype by now
+        student = prepare_qat(copy.deepcopy(model).float(), config)
         if init is not None:
             init_from_quantized(student, init)
+        if calibrate:
+            calibrate_act_steps(student, windows[:LSQ_CALIBRATION_WINDOWS].to(next(student.parameters()).device))
         return student
 
     student = new_student()
     signature = {"qat": config.to_config(), "init": init is not None}
-    result = train(student, teacher, windows, settings, state_dir=state_dir, signature=signature, progress=progress)
+    result = train(
+        student,
+        teacher,
+        windows,
+        settings,
+        state_dir=state_dir,
+        signature=signature,
+        progress=progress,
+        teacher_disposable=teacher_disposable,
+    )
     if result.full_state:  # FSDP left the student sharded: rebuild it whole from the gathered weights
-        student = new_student()
+        student = new_student(calibrate=False)
         student.load_state_dict(result.full_state)
         student.eval()
     return student, result
@@ -145,7 +172,15 @@ def qat_to_checkpoint(
         init_model = api.load(init) if init is not None else None
         model = load_float_model(model_dir, dtype=torch.float32)
         student, result = run_qat(
-            model, tokenizer, windows, config, settings, init=init_model, state_dir=work, progress=progress
+            model,
+            tokenizer,
+            windows,
+            config,
+            settings,
+            init=init_model,
+            state_dir=work,
+            progress=progress,
+            teacher_disposable=True,
         )
         if not is_main:
             return out

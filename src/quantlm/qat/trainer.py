@@ -3,7 +3,9 @@ next-token distribution.
 
 Loss (``loss="kd"``, the paper's): at every position, the cross-entropy of the student's log-softmax against the
 teacher's softmax, averaged over positions (KL divergence plus the teacher's entropy, a constant). ``loss="ce"``
-is plain next-token cross-entropy on the training text, for the ablation. AdamW, linear warmup then cosine
+is plain next-token cross-entropy on the training text, for the ablation. Both are computed over the output layer
+a chunk of positions at a time (``quantlm.qat.losses``), never on the whole ``[batch, seq, vocab]`` logits, and
+the teacher keeps its Linear weights in the autocast dtype (:func:`teacher_in_dtype`). AdamW, linear warmup then cosine
 decay to zero, gradient accumulation, gradient-norm clipping, autocast to the dtype the machine is fast in (bf16 only
 where the CPU runs it natively: ``quantlm.hardware.choose_dtype``) and gradient checkpointing.
 
@@ -36,13 +38,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from quantlm.errors import CheckpointError, InvalidSpecError
 from quantlm.formats.nested_state import has_nested, load_nested, save_nested
 from quantlm.hardware import TRAIN_DTYPES, DTypeChoice, choose_dtype
+from quantlm.qat.losses import TrainingLoss
 
 LOSSES = ("kd", "ce")
 STATE_STEM = "train_state"  # train_state.json + train_state.*.safetensors (quantlm.formats.nested_state)
@@ -92,6 +94,7 @@ class TrainResult:
     tokens: int = 0  # tokens trained on in this run, all processes
     resumed_from: int = 0
     dtype: str = ""  # the autocast dtype and why it was taken
+    loss: str = ""  # how the loss was computed (quantlm.qat.losses.TrainingLoss.describe)
     full_state: dict | None = None  # FSDP: the whole trained state dict (rank 0, CPU); the student stays sharded
 
 
@@ -106,6 +109,7 @@ def training_record(settings: TrainSettings, result: TrainResult, data: str, win
         "tokens": result.tokens,
         "seconds": round(result.seconds, 1),
         "compute_dtype": result.dtype,
+        "loss_computed": result.loss,
         "first_loss": result.losses[0] if result.losses else None,
         "last_loss": result.losses[-1] if result.losses else None,
         "resumed_from": result.resumed_from,
@@ -113,16 +117,16 @@ def training_record(settings: TrainSettings, result: TrainResult, data: str, win
 
 
 # ---------------------------------------------------------------------------------------------- pieces
-def distillation_loss(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
-    """Mean over positions of -sum_v softmax(teacher)_v * log_softmax(student)_v, in fp32."""
-    target = torch.softmax(teacher_logits.float(), dim=-1)
-    return -(target * torch.log_softmax(student_logits.float(), dim=-1)).sum(dim=-1).mean()
-
-
-def label_loss(student_logits: Tensor, input_ids: Tensor) -> Tensor:
-    """Next-token cross-entropy on the text itself."""
-    logits = student_logits[:, :-1].float()
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1))
+def teacher_in_dtype(teacher: nn.Module, dtype: torch.dtype) -> None:
+    """Store the teacher's Linear weights (not its output layer, whose weight may be the embeddings') in the
+    autocast dtype ``dtype``, in place: autocast casts them to it on every call anyway, so the teacher computes
+    the same numbers and holds half the bytes for them. Nothing changes when ``dtype`` is fp32."""
+    if dtype == torch.float32:
+        return
+    head = teacher.get_output_embeddings() if hasattr(teacher, "get_output_embeddings") else None
+    for module in teacher.modules():
+        if isinstance(module, nn.Linear) and module is not head:
+            module.to(dtype)
 
 
 def cosine_lr(step: int, settings: TrainSettings) -> float:
@@ -192,6 +196,16 @@ class _Distributed:
     def close(self) -> None:
         if self.owned:
             torch.distributed.destroy_process_group()
+
+
+def _checkpointing(model: nn.Module, on: bool) -> None:
+    """Turn activation (gradient) checkpointing of a transformers model on or off, under either of its names
+    (transformers 5 renamed ``gradient_checkpointing_*`` to ``activation_checkpointing_*``)."""
+    for prefix in ("activation_checkpointing", "gradient_checkpointing"):
+        method = getattr(model, f"{prefix}_{'enable' if on else 'disable'}", None)
+        if callable(method):
+            method(**({f"{prefix}_kwargs": {"use_reentrant": False}} if on else {}))
+            return
 
 
 def _autocast(device: torch.device, dtype: torch.dtype):
@@ -274,6 +288,7 @@ def train(
     on_step: Callable[[int, float], None] | None = None,
     frozen_base: bool = False,
     desc: str = "qat",
+    teacher_disposable: bool = False,
 ) -> TrainResult:
     """Train ``student`` in place on ``windows [n, seqlen]`` (token ids) for ``settings.steps`` optimizer steps.
 
@@ -281,6 +296,9 @@ def train(
     saved there every ``save_every`` steps and a run that finds one resumes from it (``signature`` must match).
     ``frozen_base``: only the parameters that require grad are saved (adapters on a frozen model). ``desc`` names
     the progress bar.
+    ``teacher_disposable``: the caller has no further use for ``teacher``, so
+    its Linear weights may be stored in the compute dtype for the run (:func:`teacher_in_dtype`; half their memory
+    under bf16).
     """
     if settings.loss == "kd" and teacher is None:
         raise InvalidSpecError("logit distillation needs the full-precision teacher model")
@@ -292,19 +310,24 @@ def train(
     torch.manual_seed(settings.seed)
     if teacher is not None:
         teacher.eval()  # run under no_grad below; its parameters' flags are left as they are
-    if settings.gradient_checkpointing and hasattr(student, "gradient_checkpointing_enable"):
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if settings.gradient_checkpointing:
+        _checkpointing(student, True)
     student.train()
     sharded = settings.fsdp and dist.world > 1
     if sharded and frozen_base:
         raise InvalidSpecError("adapter training shards nothing: run it under torchrun without --fsdp (DDP)")
+    # the probe runs before sharding: an FSDP2 forward leaves the root's parameters gathered
+    loss_of = TrainingLoss(settings.loss, student, teacher, compute.dtype, windows[:1, :16].to(device))
     if sharded:
         dist.shard(student)
+    if teacher is not None and teacher_disposable:
+        teacher_in_dtype(teacher, compute.dtype)
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, settings))
     signature = {
-        "settings": settings.to_dict(),
+        # checkpointing recomputes the same numbers: a run may resume with it switched
+        "settings": {k: v for k, v in settings.to_dict().items() if k != "gradient_checkpointing"},
         "compute_dtype": compute.name,  # what "auto" resolved to: a resumed run must train in the same dtype
         "windows": list(windows.shape),
         "world": dist.world,
@@ -315,7 +338,7 @@ def train(
     if state_dir is not None and has_nested(state_dir, STATE_STEM):
         start = _load_state(state_dir, student, optimizer, scheduler, signature, sharded, frozen_base)
     model = dist.wrap(student, device, sharded, broadcast_buffers=not frozen_base)
-    result = TrainResult(steps=settings.steps, resumed_from=start, dtype=compute.describe())
+    result = TrainResult(steps=settings.steps, resumed_from=start, dtype=compute.describe(), loss=loss_of.describe())
     t0 = time.perf_counter()
     bar = tqdm(total=settings.steps, initial=start, desc=desc, unit="step", disable=not progress or dist.rank != 0)
     model_state = None  # the state gathered at the latest step, if it was saved
@@ -334,17 +357,11 @@ def train(
                     ctx = model.no_sync() if dist.world > 1 and not sync else contextlib.nullcontext()
                 with ctx:
                     with _autocast(device, compute.dtype):
-                        logits = model(input_ids=ids, use_cache=False).logits
-                        if settings.loss == "kd":
-                            with torch.no_grad():
-                                target = teacher(input_ids=ids, use_cache=False).logits
-                            loss = distillation_loss(logits, target)
-                        else:
-                            loss = label_loss(logits, ids)
+                        loss = loss_of(model, teacher, ids)
                     (loss / settings.grad_accum).backward()
                 step_loss += loss.item() / settings.grad_accum
                 result.tokens += ids.numel() * dist.world
-                del logits, loss
+                del loss
             if settings.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
             optimizer.step()
@@ -369,8 +386,8 @@ def train(
             result.full_state = model_state if model_state is not None else _full_state(student, optimizer, sharded)[0]
     finally:
         bar.close()
-        if settings.gradient_checkpointing and hasattr(student, "gradient_checkpointing_disable"):
-            student.gradient_checkpointing_disable()
+        if settings.gradient_checkpointing:
+            _checkpointing(student, False)
         student.eval()
         dist.close()
     result.seconds = time.perf_counter() - t0
