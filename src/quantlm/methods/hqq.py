@@ -125,7 +125,8 @@ def check_hqq_spec(spec: QuantSpec) -> None:
         raise InvalidSpecError("HQQ fits float scales and zeros per group: drop --scale-bits (a K-quant grid)")
     if spec.clip != "none":
         raise InvalidSpecError(
-            "HQQ fits its own grid: drop --clip mse (clip='none'); --zero-point integer starts from the clipped grid"
+            f"HQQ fits its own grid: drop --clip {spec.clip} (clip='none'); --zero-point integer starts from the "
+            "MSE-clipped grid"
         )
     if spec.granularity not in ("channel", "group"):
         raise InvalidSpecError(f"HQQ quantizes weights per channel or per group, not per {spec.granularity}")
