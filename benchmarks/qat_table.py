@@ -10,7 +10,9 @@ Every row is one child process of the CLI (so its time and peak memory are its o
 - ablation rows (abl-*): qat-4-8-4 with one thing changed: enwiki text instead of generated, pure sampling, label
   cross-entropy instead of distillation, StatsQ weight ranges, LSQ activations (the paper's clipping ablation);
   abl-hybrid is qat-4-8-4 itself under its own key, so the ablation can run
-  at fewer --steps than the main rows and still have its baseline at the same steps.
+  at fewer --steps than the main rows and still have its baseline at the same steps;
+- init rows (init-rtn-ch, init-gptq-ch, init-rtn-g64, init-gptq-g64): QAT W4A8KV4 per channel or g64 from the
+  float weights, or from a GPTQ checkpoint of the same grid that the row makes first (--calib-samples windows).
 Rows are merged into benchmarks/results/qat_smollm2.{md,json} (rerunning a row replaces it).
 
 Run: .venv/bin/python benchmarks/qat_table.py --rows rtn-4-8-4 qat-4-8-4 ... [--steps 120] [--list]
@@ -65,7 +67,7 @@ def _bits_rows() -> dict[str, tuple[str, str, dict]]:
         {"w": 4, "a": 8, "kv": 4, "loss": "ce"},
     )
     rows["abl-statsq"] = (
-        "QAT W4A8KV4 with StatsQ weight ranges (2 x mean|w| per channel) instead of MinMax",
+        "QAT W4A8KV4 with StatsQ weight ranges (2 x mean abs(w) per channel) instead of MinMax",
         "qat",
         {"w": 4, "a": 8, "kv": 4, "flags": ["--clip", "stats"]},
     )
