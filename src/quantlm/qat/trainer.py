@@ -5,8 +5,8 @@ Loss (``loss="kd"``, the paper's): at every position, the cross-entropy of the s
 teacher's softmax, averaged over positions (KL divergence plus the teacher's entropy, a constant). ``loss="ce"``
 is plain next-token cross-entropy on the training text, for the ablation. Both are computed over the output layer
 a chunk of positions at a time (``quantlm.qat.losses``), never on the whole ``[batch, seq, vocab]`` logits, and
-the teacher keeps its Linear weights in the autocast dtype (:func:`teacher_in_dtype`). AdamW, linear warmup then cosine
-decay to zero, gradient accumulation, gradient-norm clipping, autocast to the dtype the machine is fast in (bf16 only
+a teacher the caller drops keeps its Linear weights in the autocast dtype (:func:`teacher_in_dtype`). AdamW, linear
+warmup then cosine decay to zero, gradient accumulation, gradient-norm clipping, autocast to the dtype the machine is fast in (bf16 only
 where the CPU runs it natively: ``quantlm.hardware.choose_dtype``) and gradient checkpointing.
 
 Data order is a function of the step alone: epoch ``e`` visits the windows in ``randperm(seed + e)`` order, and
