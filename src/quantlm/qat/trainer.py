@@ -6,8 +6,8 @@ teacher's softmax, averaged over positions (KL divergence plus the teacher's ent
 is plain next-token cross-entropy on the training text, for the ablation. Both are computed over the output layer
 a chunk of positions at a time (``quantlm.qat.losses``), never on the whole ``[batch, seq, vocab]`` logits, and
 a teacher the caller drops keeps its Linear weights in the autocast dtype (:func:`teacher_in_dtype`). AdamW, linear
-warmup then cosine decay to zero, gradient accumulation, gradient-norm clipping, autocast to the dtype the machine is fast in (bf16 only
-where the CPU runs it natively: ``quantlm.hardware.choose_dtype``) and gradient checkpointing.
+warmup then cosine decay to zero, gradient accumulation, gradient-norm clipping, autocast to the dtype the machine is
+fast in (bf16 only where the CPU runs it natively: ``quantlm.hardware.choose_dtype``) and gradient checkpointing.
 
 Data order is a function of the step alone: epoch ``e`` visits the windows in ``randperm(seed + e)`` order, and
 optimizer step ``s``, micro-batch ``m`` of rank ``r`` takes the ``batch_size`` windows at position
@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from quantlm.errors import CheckpointError, InvalidSpecError
 from quantlm.formats.nested_state import has_nested, load_nested, save_nested
 from quantlm.hardware import TRAIN_DTYPES, DTypeChoice, choose_dtype
-from quantlm.qat.losses import TrainingLoss
+from quantlm.qat.losses import TrainingLoss, output_layer
 
 LOSSES = ("kd", "ce")
 STATE_STEM = "train_state"  # train_state.json + train_state.*.safetensors (quantlm.formats.nested_state)
@@ -123,7 +123,7 @@ def teacher_in_dtype(teacher: nn.Module, dtype: torch.dtype) -> None:
     the same numbers and holds half the bytes for them. Nothing changes when ``dtype`` is fp32."""
     if dtype == torch.float32:
         return
-    head = teacher.get_output_embeddings() if hasattr(teacher, "get_output_embeddings") else None
+    head = output_layer(teacher)
     for module in teacher.modules():
         if isinstance(module, nn.Linear) and module is not head:
             module.to(dtype)
