@@ -11,6 +11,8 @@ Every row is one child process of the CLI (so its time and peak memory are its o
   cross-entropy instead of distillation, StatsQ weight ranges, LSQ activations (the paper's clipping ablation);
   abl-hybrid is qat-4-8-4 itself under its own key, so the ablation can run
   at fewer --steps than the main rows and still have its baseline at the same steps;
+- W4A4 and W4A8 (KV16) rows, RTN and QAT, each also from the SmoothQuant-smoothed model (sq-rtn-*, sq-qat-*:
+  `--method smoothquant --alpha auto` for PTQ, `qat --smooth-alpha auto` for QAT), the paper's table 6;
 - init rows (init-rtn-ch, init-gptq-ch, init-rtn-g64, init-gptq-g64): QAT W4A8KV4 per channel or g64 from the
   float weights, or from a GPTQ checkpoint of the same grid that the row makes first (--calib-samples windows).
 Rows are merged into benchmarks/results/qat_smollm2.{md,json} (rerunning a row replaces it).
@@ -42,10 +44,17 @@ def _bits_rows() -> dict[str, tuple[str, str, dict]]:
         "fp-kv8": ("fp32 weights, KV cache int8", "eval", {"kv": 8}),
         "fp-kv4": ("fp32 weights, KV cache int4", "eval", {"kv": 4}),
     }
-    for w, a, kv in ((4, 8, 4), (4, 8, 8), (8, 8, 8), (4, 16, 16)):
+    for w, a, kv in ((4, 8, 4), (4, 8, 8), (8, 8, 8), (4, 16, 16), (4, 4, 16), (4, 8, 16)):
         name = f"{w}-{a}-{kv}"
         rows[f"rtn-{name}"] = (f"RTN W{w}A{a}KV{kv}", "rtn", {"w": w, "a": a, "kv": kv})
         rows[f"qat-{name}"] = (f"QAT W{w}A{a}KV{kv}", "qat", {"w": w, "a": a, "kv": kv})
+    # the paper's table 6: the same W4A4 and W4A8 rows from the model smoothed by SmoothQuant (alpha searched for
+    # the row's bits; PTQ calibrates on enwiki, QAT on its own generated training windows)
+    for a in (4, 8):
+        name = f"4-{a}-16"
+        smooth = {"w": 4, "a": a, "kv": 16, "smooth": True}
+        rows[f"sq-rtn-{name}"] = (f"SmoothQuant (alpha auto) + RTN W4A{a}KV16", "rtn", smooth)
+        rows[f"sq-qat-{name}"] = (f"QAT W4A{a}KV16 from the SmoothQuant-smoothed model", "qat", smooth)
     rows["abl-hybrid"] = (
         "QAT W4A8KV4, the ablation's baseline: hybrid generated text, logit distillation",
         "qat",
@@ -94,13 +103,15 @@ ROWS = _bits_rows()
 
 def _bits_flags(kind: str, p: dict) -> list[str]:
     if kind == "rtn":
-        flags = ["--method", "rtn", "--bits", str(p["w"]), "--group-size", "-1", "--sym"]
+        method = ["smoothquant", "--alpha", "auto"] if p.get("smooth") else ["rtn"]
+        flags = ["--method", *method, "--bits", str(p["w"]), "--group-size", "-1", "--sym"]
         if p["a"] != 16:
             flags += ["--a-bits", str(p["a"])]
         if p["kv"] != 16:
             flags += ["--kv-bits", str(p["kv"])]
         return flags
-    return ["--w-bits", str(p["w"]), "--a-bits", str(p["a"]), "--kv-bits", str(p["kv"]), *p.get("flags", [])]
+    smooth = ["--smooth-alpha", "auto"] if p.get("smooth") else []
+    return ["--w-bits", str(p["w"]), "--a-bits", str(p["a"]), "--kv-bits", str(p["kv"]), *smooth, *p.get("flags", [])]
 
 
 def _start_checkpoint(p: dict, tmp: Path, args) -> tuple[list[str], float, str | None]:

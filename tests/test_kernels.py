@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from quantlm.core import QuantSpec, dequantize
-from quantlm.core.activation import fake_quantize_per_token_int8, quantize_per_token_int8
-from quantlm.errors import QuantlmError
+from quantlm.core.activation import fake_quantize_per_token, fake_quantize_per_token_int8, quantize_per_token_int8
+from quantlm.errors import InvalidSpecError, QuantlmError
 from quantlm.nn.kernels import DEQUANT_MIN_ROWS, KERNEL_CHOICES, KERNELS, choose_kernel, cpu_has_fast_int8
 from quantlm.nn.qlinear import QuantLinear
 from quantlm.pipeline.dequantized import run_dequantized
@@ -106,8 +106,23 @@ def test_dequantize_weight_fast_path_equals_core_dequantize(out_f, in_f, bits, g
 
 
 @pytest.mark.parametrize("tokens", [1, 7, 33])
-def test_w8a8_int_mm_matches_fake_quant_reference(tokens):
-    check_kernel(make_layer(48, 96, 8, -1, sym=True, act_bits=8), "int8", torch.float32, tokens, "int8")
+@pytest.mark.parametrize("wbits,abits", [(8, 8), (4, 8), (4, 4)])
+def test_w8a8_int_mm_matches_fake_quant_reference(tokens, wbits, abits):
+    check_kernel(make_layer(48, 96, wbits, -1, sym=True, act_bits=abits), "int8", torch.float32, tokens, "int8")
+
+
+def test_w4a4_layers_multiply_4bit_activation_codes():
+    """A W4A4 layer's input is on the per-token 4-bit grid (codes in [-7, 7]) of QAT's fake quantization: its
+    reference output is the product of that grid with the dequantized weight."""
+    layer = make_layer(24, 64, 4, -1, sym=True, act_bits=4, bias=False)
+    x = torch.randn(5, 64) * torch.linspace(0.1, 30, 64)  # a few wide channels
+    codes, _ = layer.quantize_input(x)
+    assert int(codes.abs().max()) == 7
+    expected = fake_quantize_per_token(x, 4) @ layer.dequantize_weight().t()
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-4)
+    assert "a4" in layer.describe()
+    with pytest.raises(InvalidSpecError, match="8 .W8A8., 4"):
+        make_layer(24, 64, 4, -1, sym=True, act_bits=6)
 
 
 def test_auto_takes_int_mm_only_where_the_cpu_has_int8_dot_products():
@@ -178,6 +193,9 @@ def test_per_token_int8_quantization_property(rows, cols, scale, seed):
     err = (fake_quantize_per_token_int8(x) - x).abs()
     assert bool((err <= s / 2 * (1 + 1e-5) + 1e-7).all())  # within half a step of each token's grid
     assert torch.equal(fake_quantize_per_token_int8(x)[0], torch.zeros(cols))
+    codes4, s4 = quantize_per_token_int8(x, 4)  # W4A4's codes: QAT's symmetric 4-bit per-token grid, in int8
+    assert int(codes4.abs().max()) <= 7
+    assert torch.equal(codes4.float() * s4, fake_quantize_per_token(x, 4))
 
 
 def test_int4x2_takes_fractional_zero_points_and_refuses_wide_asymmetric_codes():

@@ -33,7 +33,7 @@ from quantlm.qat.data import (
 )
 from quantlm.qat.fake_quant import FakeQuantLinear, calibrate_act_steps, fake_quant_linears, prepare_qat
 from quantlm.qat.losses import distillation_loss
-from quantlm.qat.run import init_from_quantized, run_qat
+from quantlm.qat.run import init_from_quantized, run_qat, smooth_model
 from quantlm.qat.trainer import TrainSettings, cosine_lr, train, window_indices
 
 runner = CliRunner()
@@ -85,10 +85,22 @@ def test_gradients_reach_weights_through_the_rounding_and_learnable_scales():
     assert fq.clip_scale.grad is not None and fq.clip_scale.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("kv,extra", [(16, {}), (4, {}), (16, {"act_clip": "lsq"}), (16, {"clip": "stats"})], ids=str)
-def test_conversion_gives_packed_layers_that_compute_what_was_trained(kv, extra, tmp_path):
+@pytest.mark.parametrize(
+    "a,kv,extra",
+    [
+        (8, 16, {}),
+        (8, 4, {}),
+        (8, 16, {"act_clip": "lsq"}),
+        (8, 16, {"clip": "stats"}),
+        (4, 16, {}),
+        (4, 16, {"smooth_alpha": "auto"}),
+        (8, 4, {"smooth_alpha": 0.5}),
+    ],
+    ids=str,
+)
+def test_conversion_gives_packed_layers_that_compute_what_was_trained(a, kv, extra, tmp_path):
     model = tiny_model("llama")
-    config = QATConfig.from_bits(QATBits(4, 8, kv), **extra)
+    config = QATConfig.from_bits(QATBits(4, a, kv), **extra)
     student, _ = run_qat(
         model, None, _windows(), config, TrainSettings(steps=3, batch_size=2, lr=1e-3, dtype="float32"), progress=False
     )
@@ -101,7 +113,7 @@ def test_conversion_gives_packed_layers_that_compute_what_was_trained(kv, extra,
         real = convert_qat_model(student)
         assert not fake_quant_linears(real)
         q = real.get_submodule("model.layers.0.mlp.down_proj")
-        assert isinstance(q, QuantLinear) and q.spec.bits == 4 and q.act_bits == 8
+        assert isinstance(q, QuantLinear) and q.spec.bits == 4 and q.act_bits == a
         assert q.act_granularity == ("tensor" if extra.get("act_clip") == "lsq" else "token")
         if kv == 16:  # with a 4-bit KV cache, summation order can flip the odd code
             torch.testing.assert_close(real(ids).logits, fake, rtol=0, atol=1e-5)
@@ -144,10 +156,49 @@ def test_clipping_settings_refused_in_one_line(settings, match):
         QATConfig.from_bits(settings.pop("bits", "4-8-4"), **settings)
 
 
-def test_settings_without_integer_kernels_train_but_do_not_convert():
-    model = prepare_qat(tiny_model("llama"), QATConfig.from_bits(QATBits(4, 4, 16)))
-    with pytest.raises(InvalidSpecError, match="activations"):
+@pytest.mark.parametrize("a,extra", [(6, {}), (4, {"a_symmetric": False}), (4, {"act_clip": "lsq"})], ids=str)
+def test_settings_without_integer_kernels_train_but_do_not_convert(a, extra):
+    model = prepare_qat(tiny_model("llama"), QATConfig.from_bits(QATBits(4, a, 16), **extra))
+    with pytest.raises(InvalidSpecError, match="activation"):
         convert_qat_model(model)
+
+
+def test_smoothing_keeps_the_float_function_and_searches_for_the_qat_bits():
+    model = tiny_model("llama")
+    ids = _windows(2, 24)
+    config = QATConfig.from_bits("4-4-16", smooth_alpha="auto")
+    assert config.smoothing().search_target == (config.weight, 4) and "smoothquant(alpha auto)" in config.describe()
+    smoothed = copy.deepcopy(model)
+    done = smooth_model(smoothed, config, _windows(), progress=False)
+    assert done["windows"] == 16 and set(done["alpha"]) >= {"model.layers.0.input_layernorm"}
+    norm = "model.layers.0.input_layernorm.weight"
+    assert not torch.equal(smoothed.state_dict()[norm], model.state_dict()[norm])
+    with torch.no_grad():
+        torch.testing.assert_close(smoothed(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+    assert smooth_model(copy.deepcopy(model), W4A8KV4, _windows(), progress=False) is None
+
+
+@pytest.mark.parametrize(
+    "settings,match",
+    [
+        ({"bits": "4-16-16", "smooth_alpha": 0.5}, "quantized activations"),
+        ({"smooth_folds": ("norm",)}, "add --smooth-alpha"),
+        ({"smooth_alpha": 1.5}, "alpha must be"),
+        ({"smooth_alpha": 0.5, "smooth_folds": ("attn",)}, "fold"),
+    ],
+)
+def test_smoothing_settings_refused_in_one_line(settings, match):
+    settings = dict(settings)
+    with pytest.raises(InvalidSpecError, match=match):
+        QATConfig.from_bits(settings.pop("bits", "4-8-4"), **settings)
+
+
+def test_a_ptq_start_and_smoothing_are_refused_together():
+    model = tiny_model("llama")
+    ptq = api.quantize(copy.deepcopy(model), [RTN(QuantSpec(bits=4, group_size=-1, symmetric=True))], progress=False)
+    config = QATConfig.from_bits("4-8-16", smooth_alpha=0.5)
+    with pytest.raises(InvalidSpecError, match="--init"):
+        run_qat(model, None, _windows(), config, TrainSettings(steps=1, batch_size=2), init=ptq, progress=False)
 
 
 def test_init_from_a_ptq_checkpoint_starts_exactly_there(tmp_path):
@@ -446,8 +497,18 @@ def test_generate_data_then_qat_from_the_cli(tiny_model_dir, tmp_path):
     assert not (tmp_path / ".q.work").exists()
     r = runner.invoke(app, ["qat", str(tiny_model_dir), "--data", str(data), "--out", str(out)])
     assert r.exit_code == 2 and "already exists" in r.output
-    r = runner.invoke(app, ["qat", str(tiny_model_dir), "--a-bits", "4", "--out", str(tmp_path / "x")])
-    assert r.exit_code == 2 and "--a-bits 8 or 16" in r.output
+    r = runner.invoke(app, ["qat", str(tiny_model_dir), "--a-bits", "6", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "--a-bits 8, 4 or 16" in r.output
+    smoothed = tmp_path / "w4a4"
+    args = ["qat", str(tiny_model_dir), "--data", str(data), "--steps", "1", "--batch-size", "2", "--seqlen", "16"]
+    args += ["--a-bits", "4", "--kv-bits", "16", "--smooth-alpha", "auto", "--out", str(smoothed), "--json"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["bits"] == "4-4-16" and summary["recipe"][0]["smooth_alpha"] == "auto"
+    smoothing = summary["training"]["smoothing"]
+    assert smoothing["step"] == "smoothquant(alpha auto)" and len(smoothing["alpha"]) == 3 * 4  # 3 blocks, 4 folds
+    assert all(q.act_bits == 4 for q in api.quantized_modules(api.load(smoothed)).values())
     r = runner.invoke(
         app, ["qat", str(tiny_model_dir), "--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "y")]
     )

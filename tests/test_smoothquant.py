@@ -18,7 +18,7 @@ from quantlm.cli import app
 from quantlm.core import QuantSpec
 from quantlm.errors import QuantlmError
 from quantlm.methods import RTN, SmoothQuant, parse_recipe
-from quantlm.methods.smoothquant import smoothing_scales, w8a8_output_error
+from quantlm.methods.smoothquant import quantized_output_error, smoothing_scales
 from quantlm.models.smoothing import divide_norm_output, kv_head_map, norm_weight_offset
 from quantlm.nn import QuantLinear
 
@@ -156,6 +156,30 @@ def test_auto_alpha_records_its_search_and_beats_no_smoothing():
     assert record["error"] <= record["details"]["error_unsmoothed"]
 
 
+def test_the_alpha_search_rounds_on_the_grids_of_the_step_after_it():
+    """W4A4 wants another α than W8A8: the search takes the weight grid and activation bits of the quantizing step
+    after it, and W4A4 with smoothing beats W4A4 without on a model with outlier channels."""
+    w4 = QuantSpec(bits=4, symmetric=True)
+    recipe = parse_recipe([SmoothQuant("auto", search_tokens=64), RTN(w4, act_bits=4)])
+    assert recipe.steps[0].search_target == (w4, 4)
+    assert SmoothQuant("auto").search_target == (W8, 8)  # alone: W8A8, the paper's
+    mse = parse_recipe([SmoothQuant("auto"), RTN(QuantSpec(bits=4, clip="mse"))])
+    assert mse.steps[0].search_target == (QuantSpec(bits=4), 8)  # no MSE clip in the search; A8 without --a-bits
+    base = with_outliers()
+    reference = _logits(base)
+    errors, alphas = {}, {}
+    for key, steps in {
+        "none": [RTN(w4, act_bits=4)],
+        "w4a4": [SmoothQuant("auto", search_tokens=64), RTN(w4, act_bits=4)],
+        "w8a8": [SmoothQuant("auto", search_tokens=64), RTN(W8, act_bits=8)],
+    }.items():
+        model = copy.deepcopy(base)
+        quantlm.quantize(model, steps, IDS, batch_size=2, progress=False)
+        errors[key] = _rel(_logits(model), reference)
+        alphas[key] = [r["details"]["alpha"] for r in model.quantlm_record.log if r["method"] == "smoothquant"]
+    assert errors["w4a4"] < errors["none"] and alphas["w4a4"] != alphas["w8a8"]
+
+
 @settings(max_examples=30, deadline=None)
 @given(st.floats(0.0, 1.0), st.integers(0, 2**16))
 def test_scales_are_positive_finite_and_balance_the_maxima(alpha, seed):
@@ -180,10 +204,10 @@ def test_search_error_falls_when_scales_tame_an_outlier_channel():
     x = torch.randn(64, 32, generator=g)
     w = torch.randn(16, 32, generator=g)
     x[:, 3] *= 100
-    unsmoothed = w8a8_output_error(x, [w], torch.ones(32))
+    unsmoothed = quantized_output_error(x, [w], torch.ones(32))
     s = smoothing_scales(x.abs().amax(dim=0), w.abs().amax(dim=0), 0.5)
-    assert w8a8_output_error(x, [w], s) < 0.5 * unsmoothed
-    assert w8a8_output_error(x, [w], s, "tensor") < w8a8_output_error(x, [w], torch.ones(32), "tensor")
+    assert quantized_output_error(x, [w], s) < 0.5 * unsmoothed
+    assert quantized_output_error(x, [w], s, "tensor") < quantized_output_error(x, [w], torch.ones(32), "tensor")
 
 
 def test_all_zero_channels_give_finite_results():

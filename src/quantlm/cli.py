@@ -895,6 +895,15 @@ def qat(
         help="Start from this quantlm checkpoint (RTN or GPTQ of MODEL, same weight grid) instead of the float "
         "weights.",
     ),
+    smooth_alpha: Optional[str] = typer.Option(
+        None,
+        "--smooth-alpha",
+        help="Start from the model smoothed by SmoothQuant with this alpha: a number in [0, 1], or auto (searched per "
+        "layer group for the W and A bits), calibrated on the first training windows [default: no smoothing].",
+    ),
+    smooth_folds: Optional[str] = typer.Option(
+        None, "--smooth-folds", help="With --smooth-alpha: where scales are folded, a comma list of norm, v-o, up-down."
+    ),
     steps: int = typer.Option(300, help="Optimizer steps."),
     batch_size: int = typer.Option(4, help="Windows per micro-batch (per process)."),
     grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step."),
@@ -940,6 +949,8 @@ def qat(
         learnable_clip=learnable_clip,
         clip=clip and clip.value,
         act_clip=act_clip and act_clip.value,
+        smooth_alpha=smooth_alpha,
+        smooth_folds=smooth_folds,
     )
     settings = api.TrainSettings(
         steps=steps,
@@ -965,11 +976,13 @@ def qat(
     seconds = time.perf_counter() - t0
     if int(os.environ.get("RANK", "0")) != 0:
         return
+    record = api.read_record(out)
     summary = {
         "out": str(out),
         "bits": str(config.bits),
         "seconds": round(seconds, 1),
-        "training": api.read_record(out).training,
+        "recipe": record.recipe,
+        "training": record.training,
     }
     if evaluate:
         qmodel = api.load(out)

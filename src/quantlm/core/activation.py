@@ -1,8 +1,9 @@
-"""int8 quantization of activations (the W8A8 schemes of SmoothQuant and LLM.int8()).
+"""int8 quantization of activations (the W8A8 schemes of SmoothQuant and LLM.int8(), and W4A4).
 
 Grids are symmetric without -128 (codes in [-127, 127], so negating a row never overflows), scale = max|x| / 127:
 - per token, dynamic: each row (token) of ``x [..., features]`` gets its own scale from its own max|x| on every
-  call; an all-zero row gets scale 1;
+  call; an all-zero row gets scale 1. With ``bits`` 4 the codes are in [-7, 7] and scale = max|x| / 7: int4
+  values held in int8, so the int8 GEMM multiplies them exactly (W4A4);
 - per tensor, static: one scale for every token, fixed ahead of time from calibration (``static_int8_scale``).
 Codes are ``round(x / scale)`` (half to even), computed in fp32 whatever the dtype of ``x``.
 
@@ -19,15 +20,22 @@ INT8_MAX = 127
 ACT_GRANULARITIES = ("token", "tensor")
 
 
-def _codes(x: Tensor, scale: Tensor) -> Tensor:
-    return torch.div(x, scale).round_().clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+INTEGER_ACT_BITS = (8, 4)  # activation widths whose codes the integer product takes (int8 storage)
 
 
-def quantize_per_token_int8(x: Tensor) -> tuple[Tensor, Tensor]:
-    """int8 codes shaped like ``x`` and fp32 scales ``[..., 1]`` with ``x ≈ codes * scales``."""
+def _codes(x: Tensor, scale: Tensor, qmax: int = INT8_MAX) -> Tensor:
+    return torch.div(x, scale).round_().clamp_(-qmax, qmax).to(torch.int8)
+
+
+def quantize_per_token_int8(x: Tensor, bits: int = 8) -> tuple[Tensor, Tensor]:
+    """int8 codes shaped like ``x`` and fp32 scales ``[..., 1]`` with ``x ≈ codes * scales``; codes in
+    [-(2^(bits-1) - 1), 2^(bits-1) - 1] (``bits`` one of ``INTEGER_ACT_BITS``)."""
+    if bits not in INTEGER_ACT_BITS:
+        raise ValueError(f"integer activation codes are 8 or 4 bits wide, got {bits!r}")
+    qmax = (1 << (bits - 1)) - 1
     amax = x.abs().amax(dim=-1, keepdim=True).float()
-    scale = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
-    return _codes(x, scale), scale
+    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    return _codes(x, scale, qmax), scale
 
 
 def static_int8_scale(absmax: float | Tensor) -> Tensor:
@@ -41,18 +49,24 @@ def quantize_per_tensor_int8(x: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
     return _codes(x, scale), scale
 
 
-def quantize_int8(x: Tensor, granularity: str = "token", static_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Codes and scales of ``x`` per token (dynamic) or per tensor (static, ``static_scale``)."""
+def quantize_int8(
+    x: Tensor, granularity: str = "token", static_scale: Tensor | None = None, bits: int = 8
+) -> tuple[Tensor, Tensor]:
+    """Codes and scales of ``x`` per token (dynamic, ``bits`` wide) or per tensor (static int8, ``static_scale``)."""
     if granularity == "tensor":
         if static_scale is None:
             raise ValueError("per-tensor static activation quantization needs a calibrated scale")
+        if bits != 8:
+            raise ValueError(f"static per-tensor activation grids are 8-bit, got {bits}")
         return quantize_per_tensor_int8(x, static_scale)
-    return quantize_per_token_int8(x)
+    return quantize_per_token_int8(x, bits)
 
 
-def fake_quantize_int8(x: Tensor, granularity: str = "token", static_scale: Tensor | None = None) -> Tensor:
-    """``x`` rounded onto its int8 grid, in its own dtype."""
-    codes, scale = quantize_int8(x, granularity, static_scale)
+def fake_quantize_int8(
+    x: Tensor, granularity: str = "token", static_scale: Tensor | None = None, bits: int = 8
+) -> Tensor:
+    """``x`` rounded onto its integer grid (``quantize_int8``), in its own dtype."""
+    codes, scale = quantize_int8(x, granularity, static_scale, bits)
     return (codes.float() * scale).to(x.dtype)
 
 

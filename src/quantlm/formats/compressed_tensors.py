@@ -99,6 +99,8 @@ class CompressedTensorsFormat:
         if problem is not None:
             return problem
         bits = module.spec.bits
+        if module.act_bits not in (None, 8):
+            return f"{module.act_bits}-bit activations have no compressed-tensors kernel: quantize with --a-bits 8"
         if module.act_bits is not None and bits != 8:
             return (
                 f"compressed-tensors' int-quantized W{bits}A8 is not read by transformers: quantize weights at 8 bits"

@@ -27,7 +27,7 @@ def act_bits_setting():
     return setting(
         None,
         "8: W8A8, activations quantized to int8 at run time (use with --bits 8 --group-size -1 --sym for the "
-        "int8 GEMM kernel).",
+        "int8 GEMM kernel); 4: 4-bit activations per token (W4A4, on the same int8 GEMM).",
         flag="--a-bits",
     )
 
@@ -116,8 +116,8 @@ def check_activation_settings(act_bits, act_granularity: str, spec: QuantSpec | 
     check_act_granularity(act_granularity)
     if spec is not None and spec.codebook != "none" and act_bits is not None:
         raise InvalidSpecError(f"{spec.codebook} layers are weight-only: drop --a-bits, or drop --codebook")
-    if act_granularity == "tensor" and act_bits is None:
-        raise InvalidSpecError("per-tensor static activations need 8-bit activations: add act_bits=8 (--a-bits 8)")
+    if act_granularity == "tensor" and act_bits != 8:
+        raise InvalidSpecError("per-tensor static activations need 8-bit activations: set act_bits=8 (--a-bits 8)")
 
 
 def static_act_scales(ctx, modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:

@@ -15,6 +15,8 @@ from quantlm.core import QuantSpec
 from quantlm.errors import InvalidSpecError
 from quantlm.methods.base import Method, register, spec_with
 from quantlm.methods.common import exclude_setting
+from quantlm.methods.smoothquant import SmoothQuant
+from quantlm.models.smoothing import FOLD_KINDS, parse_folds
 from quantlm.nn.kv_cache import KVQuantConfig
 
 OFF = 16
@@ -61,7 +63,9 @@ class QATConfig(Method):
     symmetric MinMax is the paper's); ``act_bits``: per-token activations (None: full precision); ``kv_bits``: the
     KV cache per token and head (None: full precision); ``learnable_clip``: the weight scales are trained too;
     ``act_clip``: "minmax" (per-token MinMax, the paper's) or "lsq" (one learned step per layer, static per tensor:
-    LSQ, the paper's clipping ablation)."""
+    LSQ, the paper's clipping ablation); ``smooth_alpha``: start from the float model smoothed by SmoothQuant with
+    this α (a number, or "auto": searched per layer group for these W and A bits; None: no smoothing, the
+    default), folded where ``smooth_folds`` say (the paper's table 6)."""
 
     weight: QuantSpec | None = QuantSpec(bits=4, symmetric=True)
     act_bits: int | None = 8
@@ -70,6 +74,8 @@ class QATConfig(Method):
     kv_symmetric: bool = True
     learnable_clip: bool = False
     act_clip: str = "minmax"
+    smooth_alpha: float | str | None = None
+    smooth_folds: tuple[str, ...] = FOLD_KINDS
     exclude: tuple[str, ...] = exclude_setting()
 
     name = "qat"
@@ -98,6 +104,27 @@ class QATConfig(Method):
             )
         if self.learnable_clip and self.weight is None:
             raise InvalidSpecError("learnable clipping needs quantized weights: set the weight bits below 16")
+        if self.smooth_alpha is not None:
+            if self.act_bits is None:
+                raise InvalidSpecError(
+                    "smoothing moves activation outliers into the weights: it needs quantized activations (bits below "
+                    "16), or drop the smoothing"
+                )
+            step = SmoothQuant(alpha=self.smooth_alpha, folds=self.smooth_folds)  # checks both
+            object.__setattr__(self, "smooth_alpha", step.alpha)
+            object.__setattr__(self, "smooth_folds", step.folds)
+        elif parse_folds(self.smooth_folds) != FOLD_KINDS:
+            raise InvalidSpecError("the smoothing folds apply with smoothing: add --smooth-alpha, or drop the folds")
+        else:
+            object.__setattr__(self, "smooth_folds", FOLD_KINDS)
+
+    def smoothing(self) -> SmoothQuant | None:
+        """The SmoothQuant step the student starts from (None: no smoothing), its α search done for these W and A
+        bits (weights on this grid without its clip, activations per token)."""
+        if self.smooth_alpha is None:
+            return None
+        weight = None if self.weight is None else spec_with(self.weight, {"clip": "none"})
+        return SmoothQuant(alpha=self.smooth_alpha, folds=self.smooth_folds).searching_for(weight, self.act_bits)
 
     @classmethod
     def from_bits(cls, bits: str | QATBits, **settings) -> QATConfig:
@@ -135,4 +162,6 @@ class QATConfig(Method):
         extra = (", learnable clip" if self.learnable_clip else "") + (
             ", lsq activations" if self.act_clip == "lsq" else ""
         )
+        if self.smooth_alpha is not None:
+            extra += f", {self.smoothing().describe()}"
         return f"qat({self.bits}{grid}{extra})"

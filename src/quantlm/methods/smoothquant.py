@@ -14,8 +14,10 @@ This step only smooths; the quantization that follows is the next recipe step (R
 Beyond the paper and its reference code:
 - folds exist where there is no norm in front (``quantlm.models.smoothing``): v_proj into o_proj and up_proj into
   down_proj (SmolLM2's down_proj inputs reach |x| ≈ 3000);
-- ``alpha="auto"`` picks α per group from a grid, minimizing the group's W8A8 output error
-  ‖Q(X/s) Q(W·s)ᵀ − X Wᵀ‖² / ‖X Wᵀ‖² on a fixed random sample of calibration tokens;
+- ``alpha="auto"`` picks α per group from a grid, minimizing the group's quantized output error
+  ‖Q(X/s) Q(W·s)ᵀ − X Wᵀ‖² / ‖X Wᵀ‖² on a fixed random sample of calibration tokens, with the weight grid and
+  activation bits of the step that quantizes after it (W8A8 per channel when there is none): W4A4 wants another
+  α than W8A8;
 - channels that are all zero in the calibration set, or whose weights are all zero, keep s = 1;
 - every block is run before and after smoothing, and a change of its output beyond float rounding is an error
   (a producer whose output feeds more than the Linears, e.g. a post-norm residual) instead of a silent change.
@@ -23,6 +25,7 @@ Beyond the paper and its reference code:
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +34,12 @@ import torch
 from torch import Tensor, nn
 
 from quantlm.core import QuantSpec, fake_quantize
-from quantlm.core.activation import ACT_GRANULARITIES, fake_quantize_int8, static_int8_scale
+from quantlm.core.activation import (
+    ACT_GRANULARITIES,
+    fake_quantize_int8,
+    fake_quantize_per_token,
+    static_int8_scale,
+)
 from quantlm.errors import InvalidSpecError, QuantlmError
 from quantlm.methods.base import Method, register, setting
 from quantlm.models.blocks import linear_weight
@@ -62,18 +70,27 @@ def smoothing_scales(act_absmax: Tensor, weight_absmax: Tensor, alpha: float) ->
     return torch.where(live, s.clamp(min=MIN_SCALE), torch.ones_like(s))
 
 
-def w8a8_output_error(
-    x: Tensor, weights: list[Tensor], s: Tensor, granularity: str = "token", references=None
+def quantized_output_error(
+    x: Tensor,
+    weights: list[Tensor],
+    s: Tensor,
+    granularity: str = "token",
+    references=None,
+    weight_spec: QuantSpec | None = SEARCH_WEIGHT_SPEC,
+    act_bits: int = 8,
 ) -> float:
-    """Relative error ‖Q(X/s) Q(W·s)ᵀ − X Wᵀ‖² / ‖X Wᵀ‖² summed over ``weights`` (each [out, in]), with int8
-    per-channel weights and int8 activations per token (or per tensor, scaled by the sample's max|x|)."""
+    """Relative error ‖Q(X/s) Q(W·s)ᵀ − X Wᵀ‖² / ‖X Wᵀ‖² summed over ``weights`` (each [out, in]): weights on
+    ``weight_spec`` (int8 per channel by default; None: not rounded), activations symmetric per token at
+    ``act_bits`` (or, with granularity "tensor", on the static int8 grid of the sample's max|x|)."""
     xs = x / s
-    static = static_int8_scale(xs.abs().max()) if granularity == "tensor" else None
-    xq = fake_quantize_int8(xs, granularity, static)
+    if granularity == "tensor":
+        xq = fake_quantize_int8(xs, granularity, static_int8_scale(xs.abs().max()))
+    else:
+        xq = fake_quantize_per_token(xs, act_bits)
     err = ref = 0.0
     for i, w in enumerate(weights):
         y = references[i] if references is not None else x @ w.t()
-        wq = fake_quantize(w * s, SEARCH_WEIGHT_SPEC)
+        wq = w * s if weight_spec is None else fake_quantize(w * s, weight_spec)
         err += float((xq @ wq.t() - y).pow(2).sum())
         ref += float(y.pow(2).sum())
     return err / ref if ref > 0 else 0.0
@@ -87,7 +104,8 @@ class SmoothQuant(Method):
     quantizing step (``RTN``/``GPTQ`` with ``act_bits=8``) after it in the recipe.
 
     ``alpha``: a number in [0, 1], or ``"auto"`` for a per-group search over ``ALPHA_GRID`` (the error measured
-    with activations per ``search_granularity``, on ``search_tokens`` calibration tokens drawn with ``seed``).
+    with activations per ``search_granularity``, on ``search_tokens`` calibration tokens drawn with ``seed``, on
+    the grids of the step after it: :meth:`followed_by`, :meth:`searching_for`).
     ``folds``: which producers to fold into (``FOLD_KINDS``)."""
 
     alpha: float | str = setting(0.5, "Migration strength in [0, 1], or auto (searched per layer group).")
@@ -125,6 +143,27 @@ class SmoothQuant(Method):
             )
         if self.search_tokens < 1:
             raise InvalidSpecError(f"search_tokens must be at least 1, got {self.search_tokens}")
+
+    def followed_by(self, step) -> SmoothQuant:
+        """This step searching α for the grids of ``step``, the one that quantizes after it: its weight grid (with
+        no MSE clip) and its activation bits (8 when it has none). (Kept beside the settings, not in them: a
+        recipe read back resolves it again from its own next step.)"""
+        spec = getattr(step, "spec", None)
+        integer_grid = isinstance(spec, QuantSpec) and spec.codebook == "none"
+        spec = dataclasses.replace(spec, clip="none") if integer_grid else None
+        return self.searching_for(spec or SEARCH_WEIGHT_SPEC, getattr(step, "act_bits", None) or 8)
+
+    def searching_for(self, weight_spec: QuantSpec | None, act_bits: int) -> SmoothQuant:
+        """A copy whose α search rounds weights on ``weight_spec`` (None: not at all) and activations per token at
+        ``act_bits`` (QAT's W-A bits, for one)."""
+        resolved = dataclasses.replace(self)
+        object.__setattr__(resolved, "_search_target", (weight_spec, act_bits))
+        return resolved
+
+    @property
+    def search_target(self) -> tuple[QuantSpec | None, int]:
+        """(weight grid, activation bits) of the α search."""
+        return getattr(self, "_search_target", (SEARCH_WEIGHT_SPEC, 8))
 
     # -- the step -------------------------------------------------------------------------------------------------
     def process_block(self, ctx: BlockContext) -> list[LayerRecord]:
@@ -189,16 +228,18 @@ class SmoothQuant(Method):
         if self.alpha == "auto":
             x = stats.rows().to(device)
             references = [x @ w.t() for w in weights]
-            errors = {
-                a: w8a8_output_error(x, weights, consumer_scales(a)[1], self.search_granularity, references)
-                for a in ALPHA_GRID
-            }
+            weight_spec, act_bits = self.search_target
+
+            def error(s: Tensor) -> float:
+                return quantized_output_error(
+                    x, weights, s, self.search_granularity, references, weight_spec=weight_spec, act_bits=act_bits
+                )
+
+            errors = {a: error(consumer_scales(a)[1]) for a in ALPHA_GRID}
             alpha = min(errors, key=errors.get)
             plan.update(
                 error=errors[alpha],
-                error_unsmoothed=w8a8_output_error(
-                    x, weights, torch.ones(x.shape[1], device=device), self.search_granularity, references
-                ),
+                error_unsmoothed=error(torch.ones(x.shape[1], device=device)),
                 search={str(a): e for a, e in errors.items()},
             )
         else:

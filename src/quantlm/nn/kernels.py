@@ -447,9 +447,10 @@ SHARED_INPUT = _SharedInputCodes()
 
 
 class Int8GemmKernel(Kernel):
-    """W8A8 (and W4A8 and the like) on ``torch._int_mm``: symmetric weights per output channel, as int8 codes, times
-    int8 activations, quantized per token on the fly or with the layer's static per-tensor scale, int32
-    accumulation, then both scales. LLM.int8()
+    """W8A8 (and W4A8, W4A4 and the like) on ``torch._int_mm``: symmetric weights per output channel, as int8 codes,
+    times int8 activations, quantized per token on the fly or with the layer's static per-tensor scale, int32
+    accumulation, then both scales. 4-bit activations are codes in [-7, 7] in the same int8 product: exact, at
+    int8 speed (torch has no int4 x int4 CPU op). LLM.int8()
     layers multiply their outlier columns in floating point with those columns of the dequantized weight."""
 
     name = "int8"
@@ -458,8 +459,8 @@ class Int8GemmKernel(Kernel):
     def why_not(cls, layer, device):
         if device.type != "cpu":
             return "runs on CPU only (torch._int_mm on CUDA needs more than 16 rows)"
-        if layer.act_bits != 8:
-            return "needs a layer with 8-bit activations"
+        if layer.act_bits is None:
+            return "needs a layer with quantized activations (8 or 4 bits)"
         if layer.spec.granularity not in ("channel", "tensor"):
             return f"needs one scale per output channel, the layer has {layer.spec.describe()}"
         if not layer.spec.symmetric:
@@ -476,7 +477,7 @@ class Int8GemmKernel(Kernel):
         self.register_buffer("weight_t", _signed_codes(layer).t(), persistent=False)  # [in, out], column-major
         self.register_buffer("scale", scale, persistent=False)
         static = None if layer.act_scale is None else float(layer.act_scale)
-        self.input_key = (layer.act_granularity, static, layer.outlier_threshold)
+        self.input_key = (layer.act_bits, layer.act_granularity, static, layer.outlier_threshold)
 
     def forward(self, x: Tensor) -> Tensor:
         lead = tuple(x.shape[:-1])

@@ -16,8 +16,10 @@ Storage (all buffers, so they travel with ``state_dict``):
 The weight follows the GPTQ grid convention of ``quantlm.core``: w = (q - zero) * scale, groups along in_features.
 ``act_bits`` 8 makes it a W8A8 layer: its input is quantized to int8 on every call, per token with a scale of its
 own (``act_granularity="token"``, dynamic) or per tensor with the calibrated scale in the ``act_scale`` buffer
-(``"tensor"``, static). ``outlier_threshold`` makes it an LLM.int8() layer: the input columns in which some
-|x| >= threshold are multiplied in floating point (with the dequantized weight columns), the rest in int8.
+(``"tensor"``, static). ``act_bits`` 4 makes it W4A4 (or W8A4): per token, codes in [-7, 7], held in int8 and
+multiplied by the same integer product (no CPU op multiplies int4 by int4). ``outlier_threshold`` makes it an
+LLM.int8() layer: the input columns in which some |x| >= threshold are multiplied in floating point (with the
+dequantized weight columns), the rest in int8.
 
 The matmul is done by a kernel (``quantlm.nn.kernels``) chosen with :meth:`QuantLinear.use_kernel`; until one is
 chosen it is the plain-torch reference (``quantlm.nn.reference``: dequantize, then matmul), correct on any device.
@@ -30,7 +32,7 @@ import torch
 from torch import nn
 
 from quantlm.core import QuantSpec, compute_qparams, dequantize, pack, quantize, unpack
-from quantlm.core.activation import ACT_GRANULARITIES, quantize_int8
+from quantlm.core.activation import ACT_GRANULARITIES, INTEGER_ACT_BITS, quantize_int8
 from quantlm.core.codebook import SCALE_BLOCK, DoubleQuantScales, decode
 from quantlm.core.packing import packed_length
 from quantlm.errors import InvalidSpecError
@@ -38,13 +40,13 @@ from quantlm.nn.autograd import matmul_with_input_grad
 from quantlm.nn.kernels import Kernel, choose_kernel
 from quantlm.nn.reference import reference_matmul
 
-ACT_BITS = (None, 8)
+ACT_BITS = (None, *INTEGER_ACT_BITS)
 ZERO_DTYPES = {"uint8": torch.uint8, "float16": torch.float16, "float32": torch.float32}
 
 
 def check_act_bits(act_bits) -> int | None:
     if act_bits not in ACT_BITS or isinstance(act_bits, bool):
-        raise InvalidSpecError(f"activation bits must be 8 (W8A8) or none, got {act_bits!r}")
+        raise InvalidSpecError(f"activation bits must be 8 (W8A8), 4 (W4A4, per token) or none, got {act_bits!r}")
     return act_bits
 
 
@@ -118,7 +120,7 @@ class QuantLinear(nn.Module):
         self.act_bits = check_act_bits(act_bits)
         self.act_granularity = check_act_granularity(act_granularity)
         self.outlier_threshold = check_outlier_threshold(outlier_threshold)
-        if self.act_bits is None and (self.act_granularity != "token" or self.outlier_threshold is not None):
+        if self.act_bits != 8 and (self.act_granularity != "token" or self.outlier_threshold is not None):
             raise InvalidSpecError("per-tensor activations and outlier thresholds need 8-bit activations (act_bits=8)")
         if self.act_granularity == "tensor" and self.outlier_threshold is not None:
             raise InvalidSpecError("LLM.int8() layers quantize activations per token: drop the per-tensor setting")
@@ -381,8 +383,9 @@ class QuantLinear(nn.Module):
         return self.codes().float() - zero.unsqueeze(1), scale
 
     def quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A W8A8 layer's input as int8 codes and fp32 scales (per token, or the static per-tensor scale)."""
-        return quantize_int8(x, self.act_granularity, self.act_scale)
+        """A W8A8 (W4A4) layer's input as int8 codes (in [-7, 7]) and fp32 scales (per token, or the static
+        per-tensor scale)."""
+        return quantize_int8(x, self.act_granularity, self.act_scale, self.act_bits)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """x Wᵀ without the bias, by dequantizing the weight: the plain-torch path (``quantlm.nn.reference``, whose

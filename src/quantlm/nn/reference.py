@@ -66,7 +66,7 @@ def w8a8_matmul(
 
 def reference_matmul(layer, x: Tensor) -> Tensor:
     """x Wᵀ of ``layer`` without the bias, the weight dequantized on every call: weight-only layers multiply
-    densely in x's dtype, W8A8 layers as ``w8a8_matmul`` (the integer product for row-scaled weights)."""
-    if layer.act_bits != 8:
+    densely in x's dtype, W8A8 and W4A4 layers as ``w8a8_matmul`` (the integer product for row-scaled weights)."""
+    if layer.act_bits is None:
         return dense_matmul(layer, x)
     return w8a8_matmul(layer, x, layer.integer_weight() if layer.row_scaled() else None, layer.dequantize_weight)

@@ -26,7 +26,7 @@ class DequantizedCopy(Kernel):
     def __init__(self, layer: QuantLinear, dtype: torch.dtype = torch.float32) -> None:
         super().__init__(layer, dtype)
         self.act_bits = layer.act_bits
-        self.integer = layer.act_bits == 8 and layer.row_scaled()
+        self.integer = layer.act_bits is not None and layer.row_scaled()
         if self.integer:  # W8A8: the same integer product as the reference (QuantLinear.reference_forward)
             weight, scale = layer.integer_weight()
             self.register_buffer("int_weight", weight, persistent=False)
@@ -45,7 +45,7 @@ class DequantizedCopy(Kernel):
         return self.weight if dtype == self.weight.dtype else self.weight.to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.act_bits == 8:
+        if self.act_bits is not None:
             integer = (self.int_weight, self.int_scale) if self.integer else None
             return w8a8_matmul(self.layer[0], x, integer, self._dense)
         return F.linear(x, self._dense(x.dtype))

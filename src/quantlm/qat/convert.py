@@ -1,5 +1,5 @@
-"""From a fake-quantized (QAT) model to a real quantized one: packed QuantLinears, int8 activations where A=8,
-and the quantized KV cache.
+"""From a fake-quantized (QAT) model to a real quantized one: packed QuantLinears, integer activations where A=8
+or A=4 (4-bit codes run on the int8 GEMM), and the quantized KV cache.
 
 Each FakeQuantLinear's weight is encoded on the very grid its forward pass used (MinMax of the trained weight, or
 the learned clipping scales, rounded to the stored dtype), so the converted model computes what was trained up to
@@ -11,6 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from quantlm.core import quantize
+from quantlm.core.activation import INTEGER_ACT_BITS
 from quantlm.errors import InvalidSpecError
 from quantlm.models.blocks import set_submodule
 from quantlm.nn.kv_cache import enable_fake_kv_quantization, enable_kv_quantization
@@ -20,14 +21,21 @@ from quantlm.qat.fake_quant import FakeQuantLinear, fake_quant_linears
 
 def convertible(config) -> None:
     """Raise a one-line error for QAT settings that have no real (integer-kernel) form."""
-    if config.act_bits is not None and (config.act_bits != 8 or not config.a_symmetric):
+    if config.act_bits is not None and (config.act_bits not in INTEGER_ACT_BITS or not config.a_symmetric):
         raise InvalidSpecError(
-            f"only symmetric 8-bit activations run on integer kernels; a {config.act_bits}-bit "
+            f"only symmetric 8- or 4-bit activations run on integer kernels; a {config.act_bits}-bit "
             f"{'symmetric' if config.a_symmetric else 'asymmetric'} activation grid can be trained and evaluated "
-            "but not converted: use --a-bits 8 or 16"
+            "but not converted: use --a-bits 8, 4 or 16"
+        )
+    if config.act_clip == "lsq" and config.act_bits != 8:
+        raise InvalidSpecError(
+            f"a learned (LSQ) activation step converts to the static int8 grid only, not {config.act_bits} bits: "
+            "use --a-bits 8, or --act-clip minmax"
         )
     if config.act_bits is not None and config.weight is None:
-        raise InvalidSpecError("8-bit activations with 16-bit weights have no kernel here: quantize the weights too")
+        raise InvalidSpecError(
+            f"{config.act_bits}-bit activations with 16-bit weights have no kernel here: quantize the weights too"
+        )
 
 
 def to_quant_linear(fq: FakeQuantLinear) -> nn.Module:

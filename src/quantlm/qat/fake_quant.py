@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from quantlm.core import QuantSpec, compute_qparams, fake_quantize, quantize
 from quantlm.core.activation import (
+    INTEGER_ACT_BITS,
     fake_quantize_per_token,
     lsq_fake_quantize,
     lsq_initial_step,
@@ -115,23 +116,23 @@ class FakeQuantLinear(nn.Module):
         return (
             not torch.is_grad_enabled()
             and not self.calibrating
-            and self.act_bits == 8
+            and self.act_bits in ((8,) if self.act_step is not None else INTEGER_ACT_BITS)
             and self.act_symmetric
             and self.spec is not None
             and self.spec.granularity in ("channel", "tensor")
         )
 
     def _integer_forward(self, x: Tensor) -> Tensor:
-        """Without gradients: the product as the converted QuantLinear computes it, integer sums then both scales
-        (``quantlm.nn.reference.integer_product``), so a fake-quantized model and its conversion give the same
-        numbers and the same roundings downstream."""
+        """Without gradients (W·A8, W·A4): the product as the converted QuantLinear computes it, integer sums then
+        both scales (``quantlm.nn.reference.integer_product``), so a fake-quantized model and its conversion give
+        the same numbers and the same roundings downstream."""
         scale, zero = (t.detach() for t in self.grid())
         w_int = quantize(self.weight.detach().float(), scale, zero, self.spec).float() - zero
         x2 = x.reshape(-1, self.in_features)
         if self.act_step is not None:
             codes, x_scale = quantize_per_tensor_int8(x2, self.act_step.detach().float().reshape(1))
         else:
-            codes, x_scale = quantize_per_token_int8(x2)
+            codes, x_scale = quantize_per_token_int8(x2, self.act_bits)
         y = integer_product(codes, x_scale, w_int, scale.reshape(-1).expand(self.out_features)).to(x.dtype)
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)

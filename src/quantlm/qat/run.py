@@ -28,6 +28,26 @@ from quantlm.qat.fake_quant import (
 from quantlm.qat.trainer import TrainResult, TrainSettings, train, training_record
 
 LSQ_CALIBRATION_WINDOWS = 4  # LSQ's starting steps come from these first windows, whatever the batch or process count
+SMOOTH_CALIBRATION_WINDOWS = 64  # SmoothQuant's activation statistics (and α search) come from these first windows
+
+
+def smooth_model(model: nn.Module, config: QATConfig, windows: Tensor, progress: bool = True) -> dict | None:
+    """Apply the SmoothQuant step of ``config`` (if any) to the float ``model`` in place, calibrated on the first
+    ``SMOOTH_CALIBRATION_WINDOWS`` training windows (generated text in the data-free setting). The folds leave the
+    float model's function unchanged (checked per block); only where the outliers sit moves. Returns what the
+    training record keeps (the step and the α of each group), or None without smoothing."""
+    from quantlm.pipeline.runner import run_pipeline
+
+    step = config.smoothing()
+    if step is None:
+        return None
+    calibration = windows[:SMOOTH_CALIBRATION_WINDOWS].to(next(model.parameters()).device)
+    records = run_pipeline(model, [step], calibration, progress=progress)
+    return {
+        "step": step.describe(),
+        "windows": int(calibration.shape[0]),
+        "alpha": {r.module: r.details["alpha"] for r in records},
+    }
 
 
 def training_windows(data: str, tokenizer, seqlen: int, max_windows: int | None = None) -> Tensor:
@@ -106,10 +126,19 @@ def run_qat(
     unless ``teacher_disposable`` (the caller drops it after: its Linear weights may then be stored in the
     compute dtype for the run)."""
     teacher = model if settings.loss == "kd" else None
+    if init is not None and config.smooth_alpha is not None:
+        raise InvalidSpecError(
+            "--init starts from a checkpoint quantized without smoothing; smoothing would change its weights: drop one"
+        )
+    smoothing = None
 
     def new_student(calibrate: bool = True) -> nn.Module:
+        nonlocal smoothing
         # .float(): a rebuild after FSDP copies a teacher whose Linear weights may be in the compute dtype by now
-        student = prepare_qat(copy.deepcopy(model).float(), config)
+        student = copy.deepcopy(model).float()
+        if calibrate:  # a rebuild loads trained weights (smoothed norms included) over it
+            smoothing = smooth_model(student, config, windows, progress)
+        student = prepare_qat(student, config)
         if init is not None:
             init_from_quantized(student, init)
         if calibrate:
@@ -132,6 +161,7 @@ def run_qat(
         student = new_student(calibrate=False)
         student.load_state_dict(result.full_state)
         student.eval()
+    result.smoothing = smoothing
     return student, result
 
 
@@ -189,7 +219,11 @@ def qat_to_checkpoint(
             recipe=[config.to_config()],
             seconds=result.seconds,
             kv_cache=config.kv_config,
-            training={**training_record(settings, result, data, windows), "init": None if init is None else str(init)},
+            training={
+                **training_record(settings, result, data, windows),
+                "init": None if init is None else str(init),
+                "smoothing": result.smoothing,
+            },
         )
         api.save(student, out, record=record, tokenizer=tokenizer, overwrite=overwrite)
         if not keep_work_dir:

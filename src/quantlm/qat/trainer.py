@@ -96,6 +96,7 @@ class TrainResult:
     dtype: str = ""  # the autocast dtype and why it was taken
     loss: str = ""  # how the loss was computed (quantlm.qat.losses.TrainingLoss.describe)
     full_state: dict | None = None  # FSDP: the whole trained state dict (rank 0, CPU); the student stays sharded
+    smoothing: dict | None = None  # set by quantlm.qat.run: the SmoothQuant step the student started from
 
 
 def training_record(settings: TrainSettings, result: TrainResult, data: str, windows: Tensor) -> dict:
