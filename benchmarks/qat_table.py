@@ -130,7 +130,7 @@ def _start_checkpoint(p: dict, tmp: Path, args) -> tuple[list[str], float, str |
 def measure(key: str, args) -> dict:
     label, kind, p = ROWS[key]
     with tempfile.TemporaryDirectory(prefix="quantlm-qat-") as tmp:
-        target, summary, wall, rss, command = MODEL, {}, 0.0, 0.0, None
+        target, summary, wall, rss, command, init_command = MODEL, {}, 0.0, 0.0, None, None
         eval_flags = []
         if kind == "eval":
             if p.get("kv"):
