@@ -130,7 +130,8 @@ def _start_checkpoint(p: dict, tmp: Path, args) -> tuple[list[str], float, str |
 def measure(key: str, args) -> dict:
     label, kind, p = ROWS[key]
     with tempfile.TemporaryDirectory(prefix="quantlm-qat-") as tmp:
-        target, summary, wall, rss, command, init_command = MODEL, {}, 0.0, 0.0, None, None
+        target, summary, wall, rss, command = MODEL, {}, 0.0, 0.0, None
+        init_flags, init_wall, init_command = [], 0.0, None
         eval_flags = []
         if kind == "eval":
             if p.get("kv"):
