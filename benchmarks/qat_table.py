@@ -12,7 +12,8 @@ Every row is one child process of the CLI (so its time and peak memory are its o
   abl-hybrid is qat-4-8-4 itself under its own key, so the ablation can run
   at fewer --steps than the main rows and still have its baseline at the same steps;
 - W4A4 and W4A8 (KV16) rows, RTN and QAT, each also from the SmoothQuant-smoothed model (sq-rtn-*, sq-qat-*:
-  `--method smoothquant --alpha auto` for PTQ, `qat --smooth-alpha auto` for QAT), the paper's table 6;
+  `--method smoothquant --alpha auto --calib-samples 16` for PTQ, `qat --smooth-alpha auto` for QAT, which
+  calibrates on 64 of its 512-token training windows: the same 32k tokens), the paper's table 6;
 - init rows (init-rtn-ch, init-gptq-ch, init-rtn-g64, init-gptq-g64): QAT W4A8KV4 per channel or g64 from the
   float weights, or from a GPTQ checkpoint of the same grid that the row makes first (--calib-samples windows).
 Rows are merged into benchmarks/results/qat_smollm2.{md,json} (rerunning a row replaces it).
@@ -103,7 +104,8 @@ ROWS = _bits_rows()
 
 def _bits_flags(kind: str, p: dict) -> list[str]:
     if kind == "rtn":
-        method = ["smoothquant", "--alpha", "auto"] if p.get("smooth") else ["rtn"]
+        # SmoothQuant's calibration: 16 x 2048 tokens, as the W8A8 table's (QAT smooths on 64 x 512 of its own)
+        method = ["smoothquant", "--alpha", "auto", "--calib-samples", "16"] if p.get("smooth") else ["rtn"]
         flags = ["--method", *method, "--bits", str(p["w"]), "--group-size", "-1", "--sym"]
         if p["a"] != 16:
             flags += ["--a-bits", str(p["a"])]

@@ -9,49 +9,21 @@ transformers and of quantlm's cache). Where they differ (a layout transformers c
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 import gc
 import logging
 import os
-import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from quantlm.allocator import trim_freed_memory
 from quantlm.formats.safetensors_io import TensorIndex
 from quantlm.models.blocks import DecoderBlocks, find_decoder_blocks, output_embedding_name
 from quantlm.models.skeleton import empty_model
 from quantlm.models.sources import load_model_config
 
 log = logging.getLogger(__name__)
-
-
-@functools.lru_cache(maxsize=1)
-def _glibc():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
-
-
-def trim_freed_memory() -> None:
-    """Hand the free pages of glibc's heaps back to the OS (``malloc_trim``); a no-op elsewhere than glibc/Linux.
-
-    glibc serves buffers below its mmap threshold (which grows to 32 MiB after the first large free) from its
-    heaps and keeps freed ones there for reuse, so the weights of released blocks would linger and peak memory
-    creep up with every block. Trimming once per released block returns them. (Forcing every buffer of 64 KiB and
-    more into its own mapping did the same, but made every activation-sized temporary a fresh mapping that the
-    kernel zero-fills: a third of the calibration time at 128 x 2048 tokens.)
-    """
-    libc = _glibc()
-    if libc is not None:
-        libc.malloc_trim(0)
 
 
 def _block_prefix(blocks: DecoderBlocks, index: int) -> str:

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from quantlm.allocator import trim_freed_memory
 from quantlm.errors import CheckpointError, InvalidSpecError
 from quantlm.formats.nested_state import has_nested, load_nested, save_nested
 from quantlm.hardware import TRAIN_DTYPES, DTypeChoice, choose_dtype
@@ -324,7 +325,12 @@ def train(
     if teacher is not None and teacher_disposable:
         teacher_in_dtype(teacher, compute.dtype)
     params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay, betas=(0.9, 0.95))
+    # the fused AdamW: one pass over each parameter, no full-size temporaries (10x faster than the loop on a CPU
+    # for the 49k x 576 embedding); FSDP2's sharded parameters take the default implementation
+    fused = not sharded and device.type in ("cpu", "cuda")
+    optimizer = torch.optim.AdamW(
+        params, lr=settings.lr, weight_decay=settings.weight_decay, betas=(0.9, 0.95), fused=fused or None
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, settings))
     signature = {
         # checkpointing recomputes the same numbers: a run may resume with it switched
@@ -359,6 +365,7 @@ def train(
                 with ctx:
                     with _autocast(device, compute.dtype):
                         loss = loss_of(model, teacher, ids)
+                    trim_freed_memory()  # the teacher's and the loss's temporaries, before backward allocates
                     (loss / settings.grad_accum).backward()
                 step_loss += loss.item() / settings.grad_accum
                 result.tokens += ids.numel() * dist.world
@@ -368,6 +375,7 @@ def train(
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            trim_freed_memory()  # the step's activations and gradients: else resident memory creeps up step by step
             result.losses.append(step_loss)
             bar.update(1)
             elapsed = time.perf_counter() - t0
