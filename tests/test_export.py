@@ -210,7 +210,12 @@ def _refusal(tmp_path, recipe, fmt):
         ({"method": "hqq", "bits": 4, "group_size": 32}, "compressed-tensors", "zero points are fractional"),
         ({"method": "rtn", "bits": 4, "group_size": 64}, "gptq", "not a whole number of groups of 64"),
         ({"method": "rtn", "bits": 3, "group_size": 32}, "compressed-tensors", "3-bit codes"),
-        ([{"method": "smoothquant"}, {"method": "rtn", "act_bits": 8}], "gptq", "activations are quantized"),
+        ([{"method": "smoothquant"}, {"method": "rtn", "act_bits": 8}], "gptq", "activations are quantized (a8)"),
+        (
+            {"method": "rtn", "bits": 8, "group_size": -1, "symmetric": True, "act_bits": 4},
+            "compressed-tensors",
+            "4-bit activations have no compressed-tensors kernel",
+        ),
         ({"method": "rtn", "bits": 4, "group_size": 32, "lm_head": True}, "gptq", "quantized lm_head"),
     ],
 )

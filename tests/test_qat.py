@@ -508,7 +508,8 @@ def test_generate_data_then_qat_from_the_cli(tiny_model_dir, tmp_path):
     assert summary["bits"] == "4-4-16" and summary["recipe"][0]["smooth_alpha"] == "auto"
     smoothing = summary["training"]["smoothing"]
     assert smoothing["step"] == "smoothquant(alpha auto)" and len(smoothing["alpha"]) == 3 * 4  # 3 blocks, 4 folds
-    assert all(q.act_bits == 4 for q in api.quantized_modules(api.load(smoothed)).values())
+    layers = api.quantized_modules(api.load(smoothed))
+    assert len(layers) == 21 and all(q.act_bits == 4 for q in layers.values())
     r = runner.invoke(
         app, ["qat", str(tiny_model_dir), "--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "y")]
     )

@@ -57,7 +57,7 @@ def _gguf():
 
 def why_not(module: QuantLinear) -> str | None:
     if module.act_bits is not None:
-        return "its activations are quantized (W8A8), which llama.cpp's block types do not do"
+        return f"its activations are quantized (a{module.act_bits}), which llama.cpp's block types do not do"
     if module.g_idx is not None:
         return (
             "its groups are formed in a permuted column order (act-order without static groups), and llama.cpp's "

@@ -79,7 +79,10 @@ class GPTQFormat:
                 f"GPTQ kernels take {', '.join(map(str, GPTQ_BITS))} bits, not {spec.bits}: quantize with one of them"
             )
         if module.act_bits is not None:
-            return "its activations are quantized (W8A8), which GPTQ has no field for: export as compressed-tensors"
+            return (
+                f"its activations are quantized (a{module.act_bits}), which GPTQ has no field for: export as "
+                "compressed-tensors"
+            )
         if module.in_features * spec.bits % 32 or module.out_features * spec.bits % 32:
             return f"its shape {module.out_features}x{module.in_features} does not pack into 32-bit GPTQ words"
         scales = module.scales.float()

@@ -124,7 +124,10 @@ class QATConfig(Method):
         if self.smooth_alpha is None:
             return None
         weight = None if self.weight is None else spec_with(self.weight, {"clip": "none"})
-        return SmoothQuant(alpha=self.smooth_alpha, folds=self.smooth_folds).searching_for(weight, self.act_bits)
+        # LSQ: one static grid per layer (searched as the static int8 grid; per token at other widths)
+        granularity = "tensor" if self.act_clip == "lsq" and self.act_bits == 8 else "token"
+        step = SmoothQuant(alpha=self.smooth_alpha, folds=self.smooth_folds)
+        return step.searching_for(weight, self.act_bits, granularity)
 
     @classmethod
     def from_bits(cls, bits: str | QATBits, **settings) -> QATConfig:

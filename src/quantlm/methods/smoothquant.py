@@ -10,7 +10,8 @@ channel j of a group of Linears sharing an input X,
 X is divided by s (folded into the module that produces X) and W's column j multiplied by s_j, so X Wᵀ is
 unchanged in floating point while X/s becomes easy to quantize. α = 0.5 splits the difficulty evenly.
 
-This step only smooths; the quantization that follows is the next recipe step (RTN or GPTQ with ``act_bits=8``).
+This step only smooths; the quantization that follows is the next recipe step (RTN or GPTQ with ``act_bits=8``
+or 4), or QAT's fake quantization (``quantlm qat --smooth-alpha``).
 Beyond the paper and its reference code:
 - folds exist where there is no norm in front (``quantlm.models.smoothing``): v_proj into o_proj and up_proj into
   down_proj (SmolLM2's down_proj inputs reach |x| ≈ 3000);
@@ -84,6 +85,8 @@ def quantized_output_error(
     ``act_bits`` (or, with granularity "tensor", on the static int8 grid of the sample's max|x|)."""
     xs = x / s
     if granularity == "tensor":
+        if act_bits != 8:
+            raise InvalidSpecError(f"static per-tensor activation grids are 8-bit, not {act_bits}: search per token")
         xq = fake_quantize_int8(xs, granularity, static_int8_scale(xs.abs().max()))
     else:
         xq = fake_quantize_per_token(xs, act_bits)
@@ -101,7 +104,7 @@ def quantized_output_error(
 class SmoothQuant(Method):
     """SmoothQuant as a pipeline step: per block, gather max|x| per input channel of every smoothable group of
     Linears, compute s, fold 1/s into the producer and s into the Linears. Weights stay in floating point; put a
-    quantizing step (``RTN``/``GPTQ`` with ``act_bits=8``) after it in the recipe.
+    quantizing step (``RTN``/``GPTQ`` with ``act_bits=8`` or 4) after it in the recipe.
 
     ``alpha``: a number in [0, 1], or ``"auto"`` for a per-group search over ``ALPHA_GRID`` (the error measured
     with activations per ``search_granularity``, on ``search_tokens`` calibration tokens drawn with ``seed``, on
@@ -146,17 +149,22 @@ class SmoothQuant(Method):
 
     def followed_by(self, step) -> SmoothQuant:
         """This step searching α for the grids of ``step``, the one that quantizes after it: its weight grid (with
-        no MSE clip) and its activation bits (8 when it has none). (Kept beside the settings, not in them: a
-        recipe read back resolves it again from its own next step.)"""
+        no MSE clip), its activation bits (8 when it has none) and, where it quantizes activations, their
+        granularity. (Kept beside the settings, not in them: a recipe read back resolves it again from its own
+        next step.)"""
         spec = getattr(step, "spec", None)
         integer_grid = isinstance(spec, QuantSpec) and spec.codebook == "none"
         spec = dataclasses.replace(spec, clip="none") if integer_grid else None
-        return self.searching_for(spec or SEARCH_WEIGHT_SPEC, getattr(step, "act_bits", None) or 8)
+        act_bits = getattr(step, "act_bits", None)
+        granularity = getattr(step, "act_granularity", None) if act_bits is not None else None
+        return self.searching_for(spec or SEARCH_WEIGHT_SPEC, act_bits or 8, granularity)
 
-    def searching_for(self, weight_spec: QuantSpec | None, act_bits: int) -> SmoothQuant:
-        """A copy whose α search rounds weights on ``weight_spec`` (None: not at all) and activations per token at
-        ``act_bits`` (QAT's W-A bits, for one)."""
-        resolved = dataclasses.replace(self)
+    def searching_for(
+        self, weight_spec: QuantSpec | None, act_bits: int, granularity: str | None = None
+    ) -> SmoothQuant:
+        """A copy whose α search rounds weights on ``weight_spec`` (None: not at all) and activations at
+        ``act_bits``, per ``granularity`` (None: as ``search_granularity`` says), e.g. for QAT's W-A bits."""
+        resolved = dataclasses.replace(self, search_granularity=granularity or self.search_granularity)
         object.__setattr__(resolved, "_search_target", (weight_spec, act_bits))
         return resolved
 
@@ -174,7 +182,8 @@ class SmoothQuant(Method):
         if not groups:
             raise QuantlmError(
                 f"SmoothQuant found nothing to smooth in {ctx.name}: no normalization layer feeds its Linears "
-                f"directly and none of the known linear pairs is there; quantize without --method smoothquant"
+                f"directly and none of the known linear pairs is there; drop the smoothing (--method smoothquant, "
+                "or qat's --smooth-alpha)"
             )
         linears = dict(block.named_modules())
         # one observation per distinct input: the first Linear of each group stands for the group

@@ -47,7 +47,7 @@ ZERO_DTYPES = {"uint8": torch.uint8, "float16": torch.float16, "float32": torch.
 def check_act_bits(act_bits) -> int | None:
     if act_bits not in ACT_BITS or isinstance(act_bits, bool):
         raise InvalidSpecError(f"activation bits must be 8 (W8A8), 4 (W4A4, per token) or none, got {act_bits!r}")
-    return act_bits
+    return None if act_bits is None else int(act_bits)
 
 
 def check_act_granularity(granularity) -> str:

@@ -42,7 +42,7 @@ def smooth_model(model: nn.Module, config: QATConfig, windows: Tensor, progress:
     if step is None:
         return None
     calibration = windows[:SMOOTH_CALIBRATION_WINDOWS].to(next(model.parameters()).device)
-    records = run_pipeline(model, [step], calibration, progress=progress)
+    records = run_pipeline(model, [step], calibration, progress=progress and int(os.environ.get("RANK", "0")) == 0)
     return {
         "step": step.describe(),
         "windows": int(calibration.shape[0]),
@@ -109,6 +109,14 @@ def init_from_quantized(student: nn.Module, quantized: nn.Module) -> int:
     return n
 
 
+def check_start(config: QATConfig, from_checkpoint: bool) -> None:
+    """A PTQ start (``--init``) and smoothing are one or the other: the checkpoint was quantized unsmoothed."""
+    if from_checkpoint and config.smooth_alpha is not None:
+        raise InvalidSpecError(
+            "--init starts from a checkpoint quantized without smoothing; smoothing would change its weights: drop one"
+        )
+
+
 def run_qat(
     model: nn.Module,
     tokenizer,
@@ -126,10 +134,7 @@ def run_qat(
     unless ``teacher_disposable`` (the caller drops it after: its Linear weights may then be stored in the
     compute dtype for the run)."""
     teacher = model if settings.loss == "kd" else None
-    if init is not None and config.smooth_alpha is not None:
-        raise InvalidSpecError(
-            "--init starts from a checkpoint quantized without smoothing; smoothing would change its weights: drop one"
-        )
+    check_start(config, init is not None)
     smoothing = None
 
     def new_student(calibrate: bool = True) -> nn.Module:
@@ -193,6 +198,7 @@ def qat_to_checkpoint(
     with output_lock(out) if is_main else contextlib.nullcontext():
         check_output(out, overwrite)
         convertible(config)
+        check_start(config, init is not None)
         model_dir = resolve_model_dir(source)
         work = default_work_dir(out)
         check_output_paths(model_dir, out, work)

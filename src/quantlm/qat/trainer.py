@@ -173,6 +173,14 @@ class _Distributed:
             return choice
         return DTypeChoice(torch.bfloat16 if code.item() else torch.float32, "as the main process chose")
 
+    def broadcast_from_main(self, model: nn.Module) -> None:
+        """Every process takes the main process's parameters and buffers. DDP does this when it wraps the model;
+        before FSDP2 shards it, this makes sure the shards come from one model, whatever each process's own
+        preparation (smoothing's α search, LSQ's calibration) found."""
+        if self.world > 1:
+            for tensor in model.state_dict().values():
+                torch.distributed.broadcast(tensor, src=0)
+
     def shard(self, model: nn.Module) -> None:
         """FSDP2: shard every decoder block, then the rest of the model (in place)."""
         from torch.distributed.fsdp import fully_shard
@@ -321,6 +329,7 @@ def train(
     # the probe runs before sharding: an FSDP2 forward leaves the root's parameters gathered
     loss_of = TrainingLoss(settings.loss, student, teacher, compute.dtype, windows[:1, :16].to(device))
     if sharded:
+        dist.broadcast_from_main(student)
         dist.shard(student)
     if teacher is not None and teacher_disposable:
         teacher_in_dtype(teacher, compute.dtype)
@@ -365,7 +374,8 @@ def train(
                 with ctx:
                     with _autocast(device, compute.dtype):
                         loss = loss_of(model, teacher, ids)
-                    trim_freed_memory()  # the teacher's and the loss's temporaries, before backward allocates
+                    if device.type == "cpu":  # the teacher's and the loss's temporaries, before backward allocates
+                        trim_freed_memory()
                     (loss / settings.grad_accum).backward()
                 step_loss += loss.item() / settings.grad_accum
                 result.tokens += ids.numel() * dist.world
@@ -375,7 +385,8 @@ def train(
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            trim_freed_memory()  # the step's activations and gradients: else resident memory creeps up step by step
+            if device.type == "cpu":  # the step's activations and gradients: else resident memory creeps up
+                trim_freed_memory()
             result.losses.append(step_loss)
             bar.update(1)
             elapsed = time.perf_counter() - t0
