@@ -64,7 +64,8 @@ def with_int8_grid_of_compressed_tensors(monkeypatch):
     static ones on [-128, 127]; quantlm uses max|x| / 127 on [-127, 127]. Compare W8A8 on the client's grid."""
     import quantlm.core.activation as activation
 
-    def per_token(x):
+    def per_token(x, bits=8):
+        assert bits == 8, "compressed-tensors exports are W8A8 only"
         amax = x.abs().amax(dim=-1, keepdim=True).float()
         scale = torch.where(amax > 0, amax / 127.5, torch.ones_like(amax))
         return torch.div(x, scale).round_().clamp_(-128, 127).to(torch.int8), scale

@@ -146,8 +146,10 @@ def test_w8a8_recipe_round_trips_and_refuses_other_activation_bits(tmp_path):
     step = RTN(QuantSpec(bits=8, group_size=-1, symmetric=True), act_bits=8)
     assert RTN.from_config(step.to_config()) == step
     assert "a8" in quantlm.parse_recipe(step).describe()
-    with pytest.raises(QuantlmError, match="activation bits must be 8"):
-        RTN(QuantSpec(bits=8), act_bits=4)
+    with pytest.raises(QuantlmError, match="activation bits must be 8 .W8A8., 4"):
+        RTN(QuantSpec(bits=8), act_bits=6)
+    with pytest.raises(QuantlmError, match="per-tensor static activations need 8-bit"):
+        RTN(QuantSpec(bits=8), act_bits=4, act_granularity="tensor")
 
 
 def test_pipeline_keeps_no_dequantized_copies_after_a_block(text_file, monkeypatch):
