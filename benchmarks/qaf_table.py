@@ -12,7 +12,8 @@ Domain text: tiny-shakespeare (the built-in text, the `input.txt` of the PyPI pa
    text (forgetting).
 Rows are merged into benchmarks/results/qaf_smollm2.{md,json} (rerunning a row replaces it).
 
-Run: .venv/bin/python benchmarks/qaf_table.py --rows fp32 rtn gptq nf4 rtn-exact [--steps 100] [--list]
+Run: .venv/bin/python benchmarks/qaf_table.py --rows fp32 rtn-default rtn gptq nf4 nf4-default rtn-exact
+     --steps 40 --lr 5e-4 --dtype auto [--list]
 """
 
 from __future__ import annotations
@@ -36,18 +37,20 @@ BASES = {  # base key -> quantize flags (None: the fp32 model itself)
     "gptq": "--method gptq --bits 4 --group-size 64 --asym --calib-samples 32",
     "nf4": "--method nf4 --group-size 64 --double-quant",
 }
-ROWS = {  # row -> (label, base, finetune flags)
+ROWS = {  # row -> (label, base, finetune flags); adapters on quantized layers start as --lora-init's default, cloq
     "fp32": ("LoRA on the fp32 base", "fp32", ["--float-base"]),
-    "rtn": ("QAF on RTN W4 g64 asym", "rtn", []),
-    "gptq": ("QAF on GPTQ W4 g64 asym (32 x 2048 calibration)", "gptq", []),
-    "nf4": ("QAF on NF4 g64 + double quant (QLoRA's base)", "nf4", []),
+    "rtn-default": ("QAF on RTN W4 g64 asym, peft's start (B = 0)", "rtn", ["--lora-init", "default"]),
+    "rtn": ("QAF on RTN W4 g64 asym, cloq start", "rtn", []),
+    "gptq": ("QAF on GPTQ W4 g64 asym (32 x 2048 calibration), cloq start", "gptq", []),
+    "nf4": ("QAF on NF4 g64 + double quant (QLoRA's base), cloq start", "nf4", []),
+    "nf4-default": ("QAF on NF4 g64 + double quant, peft's start (QLoRA)", "nf4", ["--lora-init", "default"]),
     "rtn-exact": (
-        "QAF on RTN W4 g64, group-pooled adapters, exact merge (stays W4)",
+        "QAF on RTN W4 g64, group-pooled adapters, cloq start, exact merge (stays W4)",
         "rtn",
         ["--pooled", "--merge", "exact"],
     ),
     "gptq-exact": (
-        "QAF on GPTQ W4 g64, group-pooled adapters, exact merge (stays W4)",
+        "QAF on GPTQ W4 g64, group-pooled adapters, cloq start, exact merge (stays W4)",
         "gptq",
         ["--pooled", "--merge", "exact"],
     ),
@@ -101,6 +104,7 @@ def measure(row: str, args, work: Path, cache: dict) -> dict:
         "first_loss": summary["first_loss"],
         "last_loss": summary["last_loss"],
         "train_s": summary["seconds"],
+        "lora_init": summary.get("lora_init"),
         "process_wall_s": round(wall, 1),
         "peak_rss_gb": round(rss_gb, 3),
         "tokens": summary["tokens"],
@@ -122,19 +126,23 @@ def write_markdown(rows: list[dict], path: Path, meta: dict) -> None:
         "# QAF: LoRA on a quantized SmolLM2-135M (tiny-shakespeare, last 10% held out)",
         "",
         f"CPU: {meta['cpu']}. Training: {meta['settings']}. Held-out perplexity over every {meta['seqlen']}-token "
-        "window of the held-out text; enwiki: the protocol's 32 x 2048 eval windows. Peak RSS: the finetune "
-        "process (load, training, held-out evaluation, merge).",
+        "window of the held-out text; enwiki: the protocol's 32 x 2048 eval windows. init s: the adapters' "
+        "start (--lora-init: the float model's load, the calibration forward passes and the closed form). Peak "
+        "RSS: the finetune process (load, start, training, held-out evaluation, merge).",
         "",
-        "| row | held-out before | held-out after | vs LoRA on fp32 | merged | enwiki base -> after | train s "
-        "| peak RSS GB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| row | held-out before | held-out after | vs LoRA on fp32 | merged | enwiki base -> after | init s "
+        "| train s | peak RSS GB |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         rel = "-" if fp is None else f"{100 * (r['held_out_after'] / fp['held_out_after'] - 1):+.2f}%"
         merged = "-" if r["held_out_merged"] is None else f"{r['held_out_merged']:.3f}"
+        start = r.get("lora_init") or {}
+        init_s = f"{start['seconds']:.0f}" if start.get("layers") else "-"
         lines.append(
             f"| {r['setting']} | {r['held_out_before']:.3f} | {r['held_out_after']:.3f} | {rel} | {merged} | "
-            f"{r['enwiki_base']:.3f} -> {r['enwiki_after']:.3f} | {r['train_s']:.0f} | {r['peak_rss_gb']:.2f} |"
+            f"{r['enwiki_base']:.3f} -> {r['enwiki_after']:.3f} | {init_s} | {r['train_s']:.0f} | "
+            f"{r['peak_rss_gb']:.2f} |"
         )
     lines += ["", "Commands:", ""]
     lines += [f"- {r['key']}: `{r['base_command']}`, then `{r['command']}`" for r in rows]

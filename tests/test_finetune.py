@@ -15,8 +15,10 @@ from conftest import SAMPLE_TEXT, save_tiny_model, tiny_model
 from quantlm import api
 from quantlm.cli import app
 from quantlm.core import QuantSpec
+from quantlm.errors import InvalidSpecError
 from quantlm.finetune import LoraSettings, adapter_targets, attach_adapters, finetune, load_adapters, merge_adapters
 from quantlm.finetune.adapters import quant_lora_layer
+from quantlm.finetune.lora_init import DAMP, initialize_adapters, low_rank_correction, pooling_matrix
 from quantlm.finetune.merge import fold_into_zeros
 from quantlm.formats.nested_state import load_nested
 from quantlm.nn.qlinear import QuantLinear
@@ -352,3 +354,167 @@ def test_two_processes_train_adapters_like_one_with_the_same_global_batch(tmp_pa
         [(ddp["adapters"][n] - p.detach()).abs().flatten() for n, p in single.named_parameters() if p.requires_grad]
     )
     assert float((diff > 1e-5).float().mean()) < 0.01, float((diff > 1e-5).float().mean())
+
+
+# ---------------------------------------------------------------------------------------------- starting adapters
+def _objective(residual, b, a, gram, pooling):
+    """‖(R − B A P) L‖_F², computed as tr((R − D) H (R − D)ᵀ) with the same damping as the closed form."""
+    h = gram.double().clone()
+    h.diagonal().add_(DAMP * h.diagonal().mean())
+    d = residual.double() - (b.double() @ a.double()) @ (
+        pooling.double() if pooling is not None else torch.eye(h.shape[0], dtype=torch.float64)
+    )
+    return float(torch.trace(d @ h @ d.T))
+
+
+def _alternating_least_squares(residual, rank, gram, pooling, iterations=300):
+    """The slow obvious minimiser: alternate the exact least-squares B for fixed A and A for fixed B."""
+    r = residual.double()
+    h = gram.double().clone()
+    h.diagonal().add_(DAMP * h.diagonal().mean())
+    p = pooling.double() if pooling is not None else torch.eye(r.shape[1], dtype=torch.float64)
+    g = p @ h @ p.T
+    a = torch.randn(rank, p.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for _ in range(iterations):
+        ap = a @ p
+        b = torch.linalg.solve(ap @ h @ ap.T, ap @ h @ r.T).T
+        a = torch.linalg.solve(b.T @ b, b.T @ r @ h @ p.T) @ torch.linalg.inv(g)
+    return b, a
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    out=st.integers(3, 12),
+    groups=st.integers(2, 4),
+    group=st.sampled_from([2, 3, 4]),
+    rank=st.integers(1, 3),
+    pooled=st.booleans(),
+    seed=st.integers(0, 1000),
+)
+def test_the_closed_form_correction_is_as_good_as_alternating_least_squares(out, groups, group, rank, pooled, seed):
+    torch.manual_seed(seed)
+    n_in = groups * group
+    residual = torch.randn(out, n_in)
+    x = torch.randn(40, n_in) * torch.linspace(0.2, 3.0, n_in)  # uneven input channels
+    gram = x.T @ x
+    pooling = pooling_matrix(torch.arange(n_in) // group, groups) if pooled else None
+    b, a = low_rank_correction(residual, rank, gram, pooling)
+    assert b.shape[1] == a.shape[0] == min(rank, out, groups if pooled else n_in)
+    slow_b, slow_a = _alternating_least_squares(residual, a.shape[0], gram, pooling)
+    best = _objective(residual, b, a, gram, pooling)
+    assert best <= _objective(residual, slow_b, slow_a, gram, pooling) * (1 + 1e-4) + 1e-8
+    assert best < _objective(residual, torch.zeros_like(b), a, gram, pooling)  # it corrects something
+    # B and A share the singular values: Bᵀ B is diagonal, the same as (A L_G)(A L_G)ᵀ
+    bb = b.double().T @ b.double()
+    assert torch.allclose(bb, torch.diag(bb.diagonal()), atol=1e-6 * float(bb.abs().max()))
+
+
+def test_loftq_without_a_gram_is_the_truncated_svd():
+    residual = torch.randn(9, 7)
+    b, a = low_rank_correction(residual, 3)
+    u, s, vh = torch.linalg.svd(residual.double(), full_matrices=False)
+    assert torch.allclose((b @ a).double(), (u[:, :3] * s[:3]) @ vh[:3], atol=1e-5)
+
+
+def _full_rank_adapters(init, pooled=False):
+    float_model = tiny_model("llama")
+    quantized = api.quantize(tiny_model("llama"), RTN_W4, progress=False)
+    peft_model = attach_adapters(quantized, LoraSettings(r=160, pooled=pooled, init=init))
+    return float_model, peft_model
+
+
+def test_full_rank_adapters_started_from_the_residual_give_back_the_float_model(tmp_path):
+    float_model, peft_model = _full_rank_adapters("loftq")
+    source = tmp_path / "float"
+    float_model.save_pretrained(source)
+    assert initialize_adapters(peft_model, "loftq", source, _windows(2), progress=False) == 21
+    ids = _windows(2, 24, seed=3)
+    peft_model.eval()  # no adapter dropout
+    with torch.no_grad():
+        expected = float_model(ids).logits
+        before = peft_model.get_base_model()
+        with peft_model.disable_adapter():
+            base_logits = before(ids).logits
+        got = peft_model(ids).logits
+    assert (got - expected).abs().max() < 1e-3 < (base_logits - expected).abs().max()
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+def test_cloq_corrects_the_output_error_on_its_calibration_inputs_better_than_loftq(tmp_path, pooled):
+    source = tmp_path / "float"
+    tiny_model("llama").save_pretrained(source)
+    windows = _windows(8, 32)
+    errors = {}
+    for init in ("default", "loftq", "cloq"):
+        torch.manual_seed(0)
+        peft_model = attach_adapters(
+            api.quantize(tiny_model("llama"), RTN_W4, progress=False), LoraSettings(r=2, pooled=pooled, init=init)
+        )
+        initialize_adapters(peft_model, init, source, windows, progress=False)
+        with torch.no_grad():
+            errors[init] = torch.nn.functional.mse_loss(
+                peft_model(windows).logits, tiny_model("llama")(windows).logits
+            ).item()
+    assert errors["cloq"] < errors["loftq"] < errors["default"]
+
+
+def test_finetune_records_how_the_adapters_started_and_refuses_a_missing_float_model(
+    quantized_checkpoint, domain_file, tmp_path
+):
+    result = finetune(
+        quantized_checkpoint, str(domain_file), tmp_path / "a", LoraSettings(r=4), FAST, seqlen=32, progress=False
+    )
+    info = json.loads((result.out / "quantlm_adapter.json").read_text())
+    assert info["lora_init"]["init"] == "cloq" and info["lora_init"]["layers"] == 21
+    assert info["lora_init"]["float_model"] == str(tmp_path / "tiny")
+    # the float model moved away: cloq cannot start, and says what to pass
+    (tmp_path / "tiny").rename(tmp_path / "elsewhere")
+    with pytest.raises(InvalidSpecError, match="--float-model PATH, or --lora-init default"):
+        finetune(
+            quantized_checkpoint, str(domain_file), tmp_path / "b", LoraSettings(r=4), FAST, seqlen=32, progress=False
+        )
+    cli = runner.invoke(
+        app,
+        [
+            "finetune",
+            str(quantized_checkpoint),
+            "--data",
+            str(domain_file),
+            "--out",
+            str(tmp_path / "c"),
+            "--steps",
+            "2",
+            "--seqlen",
+            "32",
+            "--lora-r",
+            "4",
+            "--dtype",
+            "float32",
+            "--json",
+            "--float-model",
+            str(tmp_path / "elsewhere"),
+        ],
+    )
+    assert cli.exit_code == 0, cli.output
+    assert json.loads(cli.stdout)["lora_init"]["float_model"] == str(tmp_path / "elsewhere")
+    wrong = tmp_path / "wrong"
+    tiny_model("llama", hidden_size=32).save_pretrained(wrong)
+    bad = runner.invoke(
+        app,
+        [
+            "finetune",
+            str(quantized_checkpoint),
+            "--data",
+            str(domain_file),
+            "--out",
+            str(tmp_path / "d"),
+            "--steps",
+            "2",
+            "--seqlen",
+            "32",
+            "--float-model",
+            str(wrong),
+        ],
+    )
+    assert bad.exit_code != 0 and "give the float model the checkpoint was made from" in bad.output
+    assert not (tmp_path / "d").exists()

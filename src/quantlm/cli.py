@@ -21,6 +21,7 @@ from quantlm import api
 from quantlm.errors import QuantlmError, first_line, os_error_message
 from quantlm.eval.zeroshot import DEFAULT_BATCH_TOKENS
 from quantlm.finetune.adapters import LoraSettings
+from quantlm.finetune.lora_init import LORA_INITS
 from quantlm.finetune.merge import MERGE_MODES
 from quantlm.finetune.run import DEFAULT_SEQLEN as FINETUNE_SEQLEN
 from quantlm.finetune.run import DEFAULT_TRAINING as FINETUNE_TRAINING
@@ -997,6 +998,7 @@ def qat(
 
 
 MergeMode = Enum("MergeMode", {name: name for name in MERGE_MODES}, type=str)
+LoraInit = Enum("LoraInit", {name: name for name in LORA_INITS}, type=str)
 
 
 @app.command()
@@ -1032,6 +1034,18 @@ def finetune(
     float_base: bool = typer.Option(
         False, "--float-base", help="CHECKPOINT is a float model: plain LoRA (the reference QAF is compared with)."
     ),
+    lora_init: LoraInit = typer.Option(
+        LoraInit(FINETUNE_LORA.init),
+        "--lora-init",
+        help="How adapters on quantized layers start: cloq (the rank-r correction of the quantization error that is "
+        "best on the first training windows' inputs), loftq (best in the weights alone) or default (peft's: B = 0).",
+    ),
+    float_model: str = typer.Option(
+        None,
+        "--float-model",
+        help="The float model the checkpoint was made from, for --lora-init cloq/loftq (default: the one its "
+        "config records).",
+    ),
     steps: int = typer.Option(FINETUNE_TRAINING.steps, help="Optimizer steps."),
     batch_size: int = typer.Option(FINETUNE_TRAINING.batch_size, help="Windows per micro-batch (per process)."),
     grad_accum: int = typer.Option(FINETUNE_TRAINING.grad_accum, help="Micro-batches per optimizer step."),
@@ -1066,7 +1080,9 @@ def finetune(
     from quantlm.finetune.run import finetune as run_finetune
 
     check_adapter_output(out, overwrite)  # before any work (the run checks again under the output lock)
-    lora = LoraSettings(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=targets, pooled=pooled)
+    lora = LoraSettings(
+        r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=targets, pooled=pooled, init=lora_init.value
+    )
     settings = dataclasses.replace(
         FINETUNE_TRAINING,
         steps=steps,
@@ -1090,6 +1106,7 @@ def finetune(
         seqlen=seqlen,
         merge=merge.value,
         float_base=float_base,
+        float_model=float_model,
         resume=resume,
         overwrite=overwrite,
         progress=not as_json,
@@ -1108,6 +1125,7 @@ def finetune(
         "tokens": result.training.tokens,
         "compute_dtype": result.training.dtype,
         "held_out_perplexity": result.held_out,
+        "lora_init": result.lora_init,
     }
     if as_json:
         _print_json(summary)

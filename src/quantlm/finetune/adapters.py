@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from quantlm.errors import InvalidSpecError, QuantlmError
+from quantlm.finetune.lora_init import check_lora_init
 from quantlm.models.blocks import find_decoder_blocks, is_linear
 from quantlm.nn.qlinear import QuantLinear
 
@@ -44,6 +45,7 @@ class LoraSettings:
     dropout: float = 0.05
     targets: str = "all"  # all | attn | mlp | comma-separated layer names such as q_proj,v_proj
     pooled: bool = False  # QA-LoRA group-pooled adapters: what --merge exact needs
+    init: str = "cloq"  # how adapters on quantized layers start: cloq, loftq or default (quantlm.finetune.lora_init)
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
@@ -54,6 +56,7 @@ class LoraSettings:
             raise InvalidSpecError(f"--lora-dropout must be in [0, 1), got {self.dropout!r}")
         if not str(self.targets).strip():
             raise InvalidSpecError("--targets is all, attn, mlp or layer names such as q_proj,v_proj")
+        check_lora_init(self.init)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -275,6 +278,14 @@ def attach_adapters(model: nn.Module, settings: LoraSettings) -> nn.Module:
             )
     with _quiet_peft():
         return get_peft_model(model, lora_config(settings, names))
+
+
+def adapter_layers(peft_model: nn.Module) -> dict[str, nn.Module]:
+    """The LoRA layers of a peft model by their name in the underlying model."""
+    from peft.tuners.lora import LoraLayer
+
+    inner = peft_model.get_base_model()
+    return {name: m for name, m in inner.named_modules() if isinstance(m, LoraLayer)}
 
 
 def is_adapter_directory(path: str | os.PathLike) -> bool:

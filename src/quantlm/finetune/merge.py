@@ -20,7 +20,7 @@ from torch import nn
 from quantlm.core.codebook import DoubleQuantScales
 from quantlm.core.spec import QuantSpec
 from quantlm.errors import InvalidSpecError, QuantlmError
-from quantlm.finetune.adapters import is_pooled_lora_layer, is_quant_lora_layer
+from quantlm.finetune.adapters import adapter_layers, is_pooled_lora_layer, is_quant_lora_layer
 from quantlm.models.blocks import linear_weight, set_submodule
 from quantlm.nn.qlinear import QuantLinear
 
@@ -53,14 +53,6 @@ def check_merge_base(mode: str, record) -> None:
         raise InvalidSpecError("the base was made by QAT, which --merge requant cannot rerun: merge with float")
 
 
-def _adapter_layers(peft_model: nn.Module) -> dict[str, nn.Module]:
-    """The LoRA layers of a peft model by their name in the underlying model."""
-    from peft.tuners.lora import LoraLayer
-
-    inner = peft_model.get_base_model()
-    return {name: m for name, m in inner.named_modules() if isinstance(m, LoraLayer)}
-
-
 def _active_delta(layer: nn.Module) -> torch.Tensor | None:
     deltas = [layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A]
     return sum(deltas) if deltas else None
@@ -87,7 +79,7 @@ def merge_float(peft_model: nn.Module) -> nn.Module:
     """A float model: dequantized base weights plus each adapter's update."""
     inner = peft_model.get_base_model()
     with torch.no_grad():
-        for name, layer in _adapter_layers(peft_model).items():
+        for name, layer in adapter_layers(peft_model).items():
             base = layer.get_base_layer()
             if isinstance(base, QuantLinear):
                 weight = base.dequantize_weight(torch.float32)
@@ -141,7 +133,7 @@ def merge_exact(peft_model: nn.Module) -> nn.Module:
     """The quantized model with every pooled adapter folded into its layer's zero points; still low-bit."""
     inner = peft_model.get_base_model()
     with torch.no_grad():
-        for name, layer in _adapter_layers(peft_model).items():
+        for name, layer in adapter_layers(peft_model).items():
             if not is_pooled_lora_layer(layer):
                 kind = "plain adapters" if is_quant_lora_layer(layer) else "an adapter on a float layer"
                 raise InvalidSpecError(

@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 
 from quantlm.errors import InvalidSpecError, QuantlmError
 from quantlm.finetune.adapters import LoraSettings, attach_adapters, check_adapter_output, write_adapter_info
+from quantlm.finetune.lora_init import INIT_WINDOWS, initialize_adapters, recorded_float_source
 from quantlm.finetune.merge import check_merge_base, check_merge_mode, merge_adapters
 from quantlm.qat.trainer import TrainResult, TrainSettings, train, training_record
 
@@ -32,6 +34,7 @@ class FinetuneResult:
     merged: Path | None
     training: TrainResult
     held_out: dict[str, float] = field(default_factory=dict)  # held-out perplexity: "adapter" and "merged"
+    lora_init: dict = field(default_factory=dict)  # how the adapters started (quantlm.finetune.lora_init)
 
 
 def domain_texts(data: str) -> tuple[str, str]:
@@ -109,6 +112,7 @@ def finetune(
     max_windows: int | None = None,
     merge: str = "none",
     float_base: bool = False,
+    float_model: str | os.PathLike | None = None,
     resume: bool = True,
     overwrite: bool = False,
     keep_work_dir: bool = False,
@@ -118,7 +122,8 @@ def finetune(
     write them to ``out`` in peft's format, with the held-out perplexity; ``merge`` (float, requant, exact) also
     writes the merged model as a quantlm checkpoint in ``out/merged``. The training state is kept in ``.{out}.work``
     beside ``out`` every ``save_every`` steps; rerunning the same command resumes there (``resume=False``: starts
-    over, discarding it)."""
+    over, discarding it). Adapters on quantized layers start as ``lora.init`` says (``quantlm.finetune.lora_init``),
+    from the float weights of ``float_model`` (default: the model the checkpoint records it was made from)."""
     from quantlm import api
     from quantlm.formats.record import QuantizationRecord
     from quantlm.models.context import check_context
@@ -151,6 +156,18 @@ def finetune(
             p.requires_grad_(False)
         torch.manual_seed(settings.seed)  # the adapters' initialization
         peft_model = attach_adapters(model, lora)
+        started = time.perf_counter()
+        float_source = None if float_model is None else str(float_model)
+        if record is not None and float_source is None:
+            float_source = recorded_float_source(model_dir)
+        initialized = initialize_adapters(peft_model, lora.init, float_source, windows, progress=progress)
+        lora_init = {
+            "init": lora.init if initialized else "default",
+            "layers": initialized,
+            "float_model": float_source if initialized else None,
+            "windows": min(INIT_WINDOWS, windows.shape[0]) if initialized and lora.init == "cloq" else 0,
+            "seconds": round(time.perf_counter() - started, 1),
+        }
         if not resume:
             shutil.rmtree(work, ignore_errors=True)
         signature = {
@@ -171,12 +188,13 @@ def finetune(
             desc="finetune",
         )
         if not is_main:
-            return FinetuneResult(out, None, result)
+            return FinetuneResult(out, None, result, lora_init=lora_init)
         held_out = {"adapter": held_out_perplexity(peft_model, held_windows, progress)}
         info = {
             "base": str(source),
             "base_recipe": None if record is None else record.recipe,
             "lora": lora.to_dict(),
+            "lora_init": lora_init,
             "training": training_record(settings, result, data, windows),
             "merge": merge,
             "held_out_perplexity": held_out,
@@ -194,7 +212,7 @@ def finetune(
                     calibration=None if merge == "float" else (made or base_record).calibration,
                     log=[] if merge == "float" else (made or base_record).log,
                     kv_cache=None if merge == "float" else base_record.kv_cache,
-                    training={"finetune": {k: info[k] for k in ("base", "lora", "training", "merge")}},
+                    training={"finetune": {k: info[k] for k in ("base", "lora", "lora_init", "training", "merge")}},
                 )
                 api.save(merged, tmp / MERGED_DIR, record=merged_record, tokenizer=tokenizer)
                 merged_path = out / MERGED_DIR
@@ -203,4 +221,4 @@ def finetune(
             write_adapter_info(tmp, info)
         if not keep_work_dir:
             shutil.rmtree(work, ignore_errors=True)
-        return FinetuneResult(out, merged_path, result, held_out)
+        return FinetuneResult(out, merged_path, result, held_out, lora_init)
