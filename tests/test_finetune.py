@@ -15,7 +15,7 @@ from conftest import SAMPLE_TEXT, save_tiny_model, tiny_model
 from quantlm import api
 from quantlm.cli import app
 from quantlm.core import QuantSpec
-from quantlm.errors import InvalidSpecError
+from quantlm.errors import InvalidSpecError, QuantlmError
 from quantlm.finetune import LoraSettings, adapter_targets, attach_adapters, finetune, load_adapters, merge_adapters
 from quantlm.finetune.adapters import quant_lora_layer
 from quantlm.finetune.lora_init import DAMP, initialize_adapters, low_rank_correction, pooling_matrix
@@ -458,7 +458,7 @@ def test_cloq_corrects_the_output_error_on_its_calibration_inputs_better_than_lo
     assert errors["cloq"] < errors["loftq"] < errors["default"]
 
 
-def test_finetune_records_how_the_adapters_started_and_refuses_a_missing_float_model(
+def test_finetune_records_how_the_adapters_started_and_a_missing_float_model(
     quantized_checkpoint, domain_file, tmp_path
 ):
     result = finetune(
@@ -467,11 +467,21 @@ def test_finetune_records_how_the_adapters_started_and_refuses_a_missing_float_m
     info = json.loads((result.out / "quantlm_adapter.json").read_text())
     assert info["lora_init"]["init"] == "cloq" and info["lora_init"]["layers"] == 21
     assert info["lora_init"]["float_model"] == str(tmp_path / "tiny")
-    # the float model moved away: cloq cannot start, and says what to pass
+    # the float model moved away: auto starts at zero and says why; cloq is refused, saying what to pass
     (tmp_path / "tiny").rename(tmp_path / "elsewhere")
-    with pytest.raises(InvalidSpecError, match="--float-model PATH, or --lora-init default"):
+    fallback = finetune(
+        quantized_checkpoint, str(domain_file), tmp_path / "b", LoraSettings(r=4), FAST, seqlen=32, progress=False
+    )
+    assert fallback.lora_init["init"] == "default" and "--float-model PATH" in fallback.lora_init["why"]
+    with pytest.raises(InvalidSpecError, match="--float-model PATH.*--lora-init default"):
         finetune(
-            quantized_checkpoint, str(domain_file), tmp_path / "b", LoraSettings(r=4), FAST, seqlen=32, progress=False
+            quantized_checkpoint,
+            str(domain_file),
+            tmp_path / "b2",
+            LoraSettings(r=4, init="cloq"),
+            FAST,
+            seqlen=32,
+            progress=False,
         )
     cli = runner.invoke(
         app,
@@ -516,5 +526,75 @@ def test_finetune_records_how_the_adapters_started_and_refuses_a_missing_float_m
             str(wrong),
         ],
     )
-    assert bad.exit_code != 0 and "give the float model the checkpoint was made from" in bad.output
+    assert bad.exit_code != 0 and "pass --float-model PATH, the model it was made from" in bad.output
     assert not (tmp_path / "d").exists()
+
+
+def test_a_resumed_run_keeps_its_start_without_the_float_model(quantized_checkpoint, domain_file, tmp_path):
+    out = tmp_path / "a"
+    first = finetune(
+        quantized_checkpoint,
+        str(domain_file),
+        out,
+        LoraSettings(r=4),
+        FAST,
+        seqlen=32,
+        keep_work_dir=True,
+        progress=False,
+    )
+    (tmp_path / "tiny").rename(tmp_path / "elsewhere")  # a fresh start would now be refused
+    again = finetune(
+        quantized_checkpoint,
+        str(domain_file),
+        out,
+        LoraSettings(r=4),
+        FAST,
+        seqlen=32,
+        overwrite=True,
+        progress=False,
+    )
+    assert again.training.resumed_from == FAST.steps
+    assert again.lora_init == first.lora_init and first.lora_init["init"] == "cloq"
+
+
+def test_a_base_with_folded_scales_starts_at_zero_and_an_explicit_cloq_is_refused(tmp_path, domain_file):
+    src = save_tiny_model(tmp_path / "tiny")
+    recipe = [{"method": "smoothquant", "alpha": 0.5}, {"method": "rtn", "bits": 8, "act_bits": 8}]
+    smoothed = api.quantize_to_checkpoint(src, recipe, tmp_path / "sq", calibration=_windows(4), progress=False)
+    result = finetune(smoothed, str(domain_file), tmp_path / "a", LoraSettings(r=4), FAST, seqlen=32, progress=False)
+    assert result.lora_init["init"] == "default" and "smoothquant" in result.lora_init["why"]
+    with pytest.raises(InvalidSpecError, match="folded scales into its weights.*--lora-init default"):
+        finetune(
+            smoothed,
+            str(domain_file),
+            tmp_path / "b",
+            LoraSettings(r=4, init="cloq"),
+            FAST,
+            seqlen=32,
+            progress=False,
+        )
+    with pytest.raises(InvalidSpecError, match="drop it with --float-base"):
+        finetune(src, str(domain_file), tmp_path / "c", float_base=True, float_model=src, progress=False)
+
+
+def test_resolve_init_says_why_each_base_cannot_start_from_its_residual():
+    from quantlm.finetune.lora_init import resolve_init
+    from quantlm.formats.record import QuantizationRecord
+
+    rtn = QuantizationRecord(recipe=[{"method": "rtn", "bits": 4}])
+    assert resolve_init("auto", rtn, "/float") == ("cloq", None)
+    assert resolve_init("loftq", rtn, "/float") == ("loftq", None)
+    assert resolve_init("auto", None, None) == ("default", "a float base has no rounding error")
+    mode, why = resolve_init("auto", rtn, None)
+    assert mode == "default" and "--float-model PATH" in why
+    trained = QuantizationRecord(recipe=[{"method": "rtn", "bits": 4}], training={"steps": 3})
+    assert "trained" in resolve_init("auto", trained, "/float")[1]
+    awq = QuantizationRecord(recipe=[{"method": "awq"}, {"method": "rtn", "bits": 4}])
+    with pytest.raises(InvalidSpecError, match="awq step folded scales"):
+        resolve_init("cloq", awq, "/float")
+
+
+def test_a_non_finite_input_covariance_is_one_line_that_says_what_to_do():
+    gram = torch.full((6, 6), float("inf"))
+    with pytest.raises(QuantlmError, match="pass --lora-init default"):
+        low_rank_correction(torch.randn(4, 6), 2, gram, pooling_matrix(torch.arange(6) // 3, 2))

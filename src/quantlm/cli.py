@@ -1037,14 +1037,15 @@ def finetune(
     lora_init: LoraInit = typer.Option(
         LoraInit(FINETUNE_LORA.init),
         "--lora-init",
-        help="How adapters on quantized layers start: cloq (the rank-r correction of the quantization error that is "
-        "best on the first training windows' inputs), loftq (best in the weights alone) or default (peft's: B = 0).",
+        help="How adapters on quantized layers start: cloq (the rank-r correction of the rounding error that is best "
+        "on the first training windows' inputs), loftq (best on the weights alone), default (peft's: B = 0), or auto "
+        "(cloq where the base's weights are the float model's rounded, else default).",
     ),
-    float_model: str = typer.Option(
+    float_model: Optional[str] = typer.Option(
         None,
         "--float-model",
-        help="The float model the checkpoint was made from, for --lora-init cloq/loftq (default: the one its "
-        "config records).",
+        help="The float model the checkpoint was made from, for the cloq/loftq start (default: the one its config "
+        "records).",
     ),
     steps: int = typer.Option(FINETUNE_TRAINING.steps, help="Optimizer steps."),
     batch_size: int = typer.Option(FINETUNE_TRAINING.batch_size, help="Windows per micro-batch (per process)."),

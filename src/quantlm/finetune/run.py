@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -18,11 +19,13 @@ from torch import Tensor, nn
 
 from quantlm.errors import InvalidSpecError, QuantlmError
 from quantlm.finetune.adapters import LoraSettings, attach_adapters, check_adapter_output, write_adapter_info
-from quantlm.finetune.lora_init import INIT_WINDOWS, initialize_adapters, recorded_float_source
+from quantlm.finetune.lora_init import INIT_WINDOWS, initialize_adapters, recorded_float_source, resolve_init
 from quantlm.finetune.merge import check_merge_base, check_merge_mode, merge_adapters
 from quantlm.qat.trainer import TrainResult, TrainSettings, train, training_record
 
+log = logging.getLogger(__name__)
 MERGED_DIR = "merged"  # the merged checkpoint's folder inside the adapter directory
+LORA_INIT_FILE = "lora_init.json"  # in the work directory: how a resumable run's adapters started
 # fine-tuning's own training defaults (LoRA's usual learning rate: QLoRA used 1e-4 to 2e-4); the rest as QAT's
 DEFAULT_TRAINING = TrainSettings(steps=200, lr=2e-4, loss="ce")
 DEFAULT_SEQLEN = 512
@@ -94,6 +97,46 @@ def base_fingerprint(model_dir: Path) -> str:
         return str(model_dir)
 
 
+def start_adapters(
+    peft_model: nn.Module,
+    start: tuple[str, str | None],
+    float_source: str | None,
+    windows: Tensor,
+    work: Path,
+    progress: bool,
+) -> dict:
+    """Start the adapters as ``start`` = (mode, why auto fell back) says (``quantlm.finetune.lora_init``) and
+    return the record of it. A run that will resume from ``work`` skips that: its saved adapters replace any start,
+    and the record is the one saved there. Under torchrun only rank 0 computes it; DDP copies rank 0's parameters
+    to every process when it wraps the model."""
+    from quantlm.formats.nested_state import has_nested
+    from quantlm.paths import atomic_write_text
+    from quantlm.qat.trainer import STATE_STEM
+
+    saved = work / LORA_INIT_FILE
+    if has_nested(work, STATE_STEM) and saved.is_file():
+        with contextlib.suppress(OSError, ValueError):
+            return json.loads(saved.read_text(encoding="utf-8"))
+    mode, why = start
+    if why is not None:
+        log.warning("the adapters start at zero (peft's start): %s", why)
+    began = time.perf_counter()
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    layers = initialize_adapters(peft_model, mode, float_source, windows, progress=progress) if rank0 else 0
+    record = {
+        "init": mode,
+        "why": why,
+        "layers": layers,
+        "float_model": float_source if mode != "default" else None,
+        "windows": min(INIT_WINDOWS, windows.shape[0]) if mode == "cloq" else 0,
+        "seconds": round(time.perf_counter() - began, 1),
+    }
+    if rank0:
+        work.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(saved, json.dumps(record, indent=1) + "\n")
+    return record
+
+
 def held_out_perplexity(model: nn.Module, windows: Tensor, progress: bool) -> float:
     from quantlm.eval.perplexity import perplexity_of_windows
 
@@ -146,6 +189,12 @@ def finetune(
         check_output_paths(model_dir, out, work)
         model, record = load_base(source, float_base)
         check_merge_base(merge, record)  # before training, not after it
+        if float_base and float_model is not None:
+            raise InvalidSpecError("--float-model is what a quantized base was made from: drop it with --float-base")
+        float_source = str(float_model) if float_model is not None else None
+        if record is not None and float_source is None:
+            float_source = recorded_float_source(model_dir)
+        start = resolve_init(lora.init, record, float_source)
         check_context(model.config, seqlen, f"--seqlen {seqlen}")
         tokenizer = load_tokenizer(model_dir)
         windows = text_windows(tokenizer, train_text, seqlen, "training")
@@ -156,20 +205,9 @@ def finetune(
             p.requires_grad_(False)
         torch.manual_seed(settings.seed)  # the adapters' initialization
         peft_model = attach_adapters(model, lora)
-        started = time.perf_counter()
-        float_source = None if float_model is None else str(float_model)
-        if record is not None and float_source is None:
-            float_source = recorded_float_source(model_dir)
-        initialized = initialize_adapters(peft_model, lora.init, float_source, windows, progress=progress)
-        lora_init = {
-            "init": lora.init if initialized else "default",
-            "layers": initialized,
-            "float_model": float_source if initialized else None,
-            "windows": min(INIT_WINDOWS, windows.shape[0]) if initialized and lora.init == "cloq" else 0,
-            "seconds": round(time.perf_counter() - started, 1),
-        }
         if not resume:
             shutil.rmtree(work, ignore_errors=True)
+        lora_init = start_adapters(peft_model, start, float_source, windows, work, progress)
         signature = {
             "lora": lora.to_dict(),
             "base": base_fingerprint(model_dir),
