@@ -37,7 +37,7 @@ BASES = {  # base key -> quantize flags (None: the fp32 model itself)
     "gptq": "--method gptq --bits 4 --group-size 64 --asym --calib-samples 32",
     "nf4": "--method nf4 --group-size 64 --double-quant",
 }
-ROWS = {  # row -> (label, base, finetune flags); adapters on quantized layers start as --lora-init's default, cloq
+ROWS = {  # row -> (label, base, finetune flags); --lora-init auto (the default) is cloq on these bases
     "fp32": ("LoRA on the fp32 base", "fp32", ["--float-base"]),
     "rtn-default": ("QAF on RTN W4 g64 asym, peft's start (B = 0)", "rtn", ["--lora-init", "default"]),
     "rtn": ("QAF on RTN W4 g64 asym, cloq start", "rtn", []),

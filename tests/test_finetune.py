@@ -331,7 +331,7 @@ def _ddp_finetune_worker(rank, world, init_file, out_file):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1")
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    torch.manual_seed(3)
+    torch.manual_seed(3 + rank)  # rank 1 starts elsewhere: DDP must give every process rank 0's adapters
     peft_model = attach_adapters(_quantized(), LoraSettings(r=4, dropout=0.0))
     settings_ = TrainSettings(steps=3, batch_size=2, lr=1e-2, loss="ce", dtype="float32")
     result = train(peft_model, None, _windows(), settings_, progress=False, frozen_base=True)
@@ -427,7 +427,7 @@ def test_full_rank_adapters_started_from_the_residual_give_back_the_float_model(
     float_model, peft_model = _full_rank_adapters("loftq")
     source = tmp_path / "float"
     float_model.save_pretrained(source)
-    assert initialize_adapters(peft_model, "loftq", source, _windows(2), progress=False) == 21
+    assert initialize_adapters(peft_model, "loftq", source, _windows(2), progress=False)["layers"] == 21
     ids = _windows(2, 24, seed=3)
     peft_model.eval()  # no adapter dropout
     with torch.no_grad():
@@ -536,18 +536,18 @@ def test_a_resumed_run_keeps_its_start_without_the_float_model(quantized_checkpo
         quantized_checkpoint,
         str(domain_file),
         out,
-        LoraSettings(r=4),
+        LoraSettings(r=4, init="cloq"),
         FAST,
         seqlen=32,
         keep_work_dir=True,
         progress=False,
     )
-    (tmp_path / "tiny").rename(tmp_path / "elsewhere")  # a fresh start would now be refused
+    (tmp_path / "tiny").rename(tmp_path / "elsewhere")  # a fresh cloq start would now be refused
     again = finetune(
         quantized_checkpoint,
         str(domain_file),
         out,
-        LoraSettings(r=4),
+        LoraSettings(r=4, init="cloq"),
         FAST,
         seqlen=32,
         overwrite=True,
@@ -598,3 +598,34 @@ def test_a_non_finite_input_covariance_is_one_line_that_says_what_to_do():
     gram = torch.full((6, 6), float("inf"))
     with pytest.raises(QuantlmError, match="pass --lora-init default"):
         low_rank_correction(torch.randn(4, 6), 2, gram, pooling_matrix(torch.arange(6) // 3, 2))
+
+
+def test_layers_reading_one_tensor_share_one_input_sum_and_each_sum_is_its_inputs_gram():
+    from quantlm.finetune.adapters import adapter_layers
+    from quantlm.finetune.lora_init import input_grams
+
+    peft_model = attach_adapters(api.quantize(tiny_model("llama"), RTN_W4, progress=False), LoraSettings(r=2))
+    layers = adapter_layers(peft_model)
+    windows = _windows(3, 16)
+    grams = input_grams(peft_model, layers, windows, progress=False)
+    attn, mlp = "model.layers.1.self_attn.", "model.layers.1.mlp."
+    assert grams[attn + "q_proj"] is grams[attn + "k_proj"] is grams[attn + "v_proj"]
+    assert grams[mlp + "gate_proj"] is grams[mlp + "up_proj"]
+    assert (
+        grams[attn + "o_proj"] is not grams[attn + "q_proj"] and grams[mlp + "down_proj"] is not grams[mlp + "up_proj"]
+    )
+    inputs: dict[str, list] = {n: [] for n in layers}
+    hooks = [
+        m.get_base_layer().register_forward_pre_hook(
+            lambda _m, a, n=n: inputs[n].append(a[0].reshape(-1, a[0].shape[-1]))
+        )
+        for n, m in layers.items()
+    ]
+    with peft_model.disable_adapter(), torch.no_grad():
+        for i in range(windows.shape[0]):
+            peft_model(windows[i : i + 1])
+    for hook in hooks:
+        hook.remove()
+    for name, rows in inputs.items():
+        x = torch.cat(rows)
+        assert torch.allclose(grams[name], 2 * x.T @ x / x.shape[0], rtol=1e-4, atol=1e-5), name

@@ -136,7 +136,9 @@ def float_weights(source: str | os.PathLike, names: list[str]) -> dict[str, Tens
     try:
         model = load_float_model(source, dtype=torch.float32)
     except ModelSourceError as e:
-        raise InvalidSpecError(f"{e}: pass --float-model PATH (the model the checkpoint was made from)") from None
+        raise InvalidSpecError(
+            f"{e}: pass --float-model PATH (the model the checkpoint was made from), or --lora-init default"
+        ) from None
     modules = dict(model.named_modules())
     missing = [n for n in names if n not in modules]
     if missing:
@@ -211,10 +213,11 @@ def initialize_adapters(
     windows: Tensor,
     *,
     progress: bool = True,
-) -> int:
+) -> dict:
     """Start the adapters of ``peft_model``'s quantized layers as ``init`` (cloq, loftq or default) says, from the
     float model ``float_source``'s weights and, for cloq, the inputs of ``windows``' first ``INIT_WINDOWS``.
-    Returns how many layers were started. The caller checks that the base's weights are the float model's
+    Returns {"layers": how many started, "weights_only": how many of them had no input in the windows (an expert
+    no token reached: they start as loftq)}. The caller checks that the base's weights are the float model's
     rounded (:func:`resolve_init`)."""
     from quantlm.finetune.adapters import adapter_layers, is_pooled_lora_layer
 
@@ -222,7 +225,7 @@ def initialize_adapters(
         raise InvalidSpecError(f"the adapters start as cloq, loftq or default, got {init!r}")
     layers = {n: m for n, m in adapter_layers(peft_model).items() if isinstance(m.get_base_layer(), QuantLinear)}
     if init == "default" or not layers:
-        return 0
+        return {"layers": 0, "weights_only": 0}
     if float_source is None:
         raise InvalidSpecError(
             f"--lora-init {init} starts the adapters from the float weights the checkpoint was made from: pass "
@@ -247,7 +250,8 @@ def initialize_adapters(
         pooling = pooling_matrix(layer.group_of_column.cpu(), layer._groups) if is_pooled_lora_layer(layer) else None
         for adapter in adapters[name]:
             _set_adapter(layer, adapter, residual, grams.get(name), pooling)
-    return len(layers)
+    unseen = [n for n in layers if n not in grams] if init == "cloq" else []
+    return {"layers": len(layers), "weights_only": len(unseen)}
 
 
 def _set_adapter(layer: nn.Module, adapter: str, residual: Tensor, gram: Tensor | None, pooling: Tensor | None):

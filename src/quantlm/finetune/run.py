@@ -97,6 +97,22 @@ def base_fingerprint(model_dir: Path) -> str:
         return str(model_dir)
 
 
+def saved_start(work: Path, resume: bool) -> dict | None:
+    """The record of how a resumable run's adapters started, when the run will resume from ``work`` (its saved
+    adapters then replace any start, so the start is not made again)."""
+    from quantlm.formats.nested_state import has_nested
+    from quantlm.qat.trainer import STATE_STEM
+
+    saved = work / LORA_INIT_FILE
+    if not resume or not has_nested(work, STATE_STEM) or not saved.is_file():
+        return None
+    try:
+        record = json.loads(saved.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def start_adapters(
     peft_model: nn.Module,
     start: tuple[str, str | None],
@@ -104,36 +120,30 @@ def start_adapters(
     windows: Tensor,
     work: Path,
     progress: bool,
+    quantized: bool,
 ) -> dict:
-    """Start the adapters as ``start`` = (mode, why auto fell back) says (``quantlm.finetune.lora_init``) and
-    return the record of it. A run that will resume from ``work`` skips that: its saved adapters replace any start,
-    and the record is the one saved there. Under torchrun only rank 0 computes it; DDP copies rank 0's parameters
-    to every process when it wraps the model."""
-    from quantlm.formats.nested_state import has_nested
+    """Start the adapters as ``start`` = (mode, why auto fell back) says (``quantlm.finetune.lora_init``), save
+    the record of it in ``work`` and return it. Under torchrun only rank 0 computes it; DDP copies rank 0's
+    parameters to every process when it wraps the model."""
     from quantlm.paths import atomic_write_text
-    from quantlm.qat.trainer import STATE_STEM
 
-    saved = work / LORA_INIT_FILE
-    if has_nested(work, STATE_STEM) and saved.is_file():
-        with contextlib.suppress(OSError, ValueError):
-            return json.loads(saved.read_text(encoding="utf-8"))
     mode, why = start
-    if why is not None:
+    if why is not None and quantized:  # a float base has nothing to correct: no news
         log.warning("the adapters start at zero (peft's start): %s", why)
     began = time.perf_counter()
     rank0 = int(os.environ.get("RANK", "0")) == 0
-    layers = initialize_adapters(peft_model, mode, float_source, windows, progress=progress) if rank0 else 0
+    made = initialize_adapters(peft_model, mode, float_source, windows, progress=progress) if rank0 else {}
     record = {
         "init": mode,
         "why": why,
-        "layers": layers,
+        **made,
         "float_model": float_source if mode != "default" else None,
         "windows": min(INIT_WINDOWS, windows.shape[0]) if mode == "cloq" else 0,
         "seconds": round(time.perf_counter() - began, 1),
     }
     if rank0:
         work.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(saved, json.dumps(record, indent=1) + "\n")
+        atomic_write_text(work / LORA_INIT_FILE, json.dumps(record, indent=1) + "\n")
     return record
 
 
@@ -194,7 +204,8 @@ def finetune(
         float_source = str(float_model) if float_model is not None else None
         if record is not None and float_source is None:
             float_source = recorded_float_source(model_dir)
-        start = resolve_init(lora.init, record, float_source)
+        resumed_start = saved_start(work, resume)  # a resumed run needs neither the float model nor a new start
+        start = None if resumed_start is not None else resolve_init(lora.init, record, float_source)
         check_context(model.config, seqlen, f"--seqlen {seqlen}")
         tokenizer = load_tokenizer(model_dir)
         windows = text_windows(tokenizer, train_text, seqlen, "training")
@@ -205,9 +216,11 @@ def finetune(
             p.requires_grad_(False)
         torch.manual_seed(settings.seed)  # the adapters' initialization
         peft_model = attach_adapters(model, lora)
-        if not resume:
+        if not resume and is_main:  # the other processes wait for rank 0 in the trainer's first collective
             shutil.rmtree(work, ignore_errors=True)
-        lora_init = start_adapters(peft_model, start, float_source, windows, work, progress)
+        lora_init = resumed_start or start_adapters(
+            peft_model, start, float_source, windows, work, progress, quantized=record is not None
+        )
         signature = {
             "lora": lora.to_dict(),
             "base": base_fingerprint(model_dir),
