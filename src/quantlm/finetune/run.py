@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from quantlm.allocator import trim_freed_memory
 from quantlm.errors import InvalidSpecError, QuantlmError
 from quantlm.finetune.adapters import LoraSettings, attach_adapters, check_adapter_output, write_adapter_info
 from quantlm.finetune.lora_init import INIT_WINDOWS, initialize_adapters, recorded_float_source, resolve_init
@@ -133,6 +134,7 @@ def start_adapters(
     began = time.perf_counter()
     rank0 = int(os.environ.get("RANK", "0")) == 0
     made = initialize_adapters(peft_model, mode, float_source, windows, progress=progress) if rank0 else {}
+    trim_freed_memory()  # the float weights and input sums: else training's first forward lands on top of them
     record = {
         "init": mode,
         "why": why,
