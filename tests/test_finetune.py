@@ -357,6 +357,12 @@ def test_two_processes_train_adapters_like_one_with_the_same_global_batch(tmp_pa
 
 
 # ---------------------------------------------------------------------------------------------- starting adapters
+def _short_finetune(base, data, out, **kw):
+    """FAST's six steps of r-4 adapters on ``base``; ``kw``: LoraSettings fields, or finetune's own arguments."""
+    lora = {k: kw.pop(k) for k in ("init", "pooled") if k in kw}
+    return finetune(base, str(data), out, LoraSettings(r=4, **lora), FAST, seqlen=32, progress=False, **kw)
+
+
 def _objective(residual, b, a, gram, pooling):
     """‖(R − B A P) L‖_F², computed as tr((R − D) H (R − D)ᵀ) with the same damping as the closed form."""
     h = gram.double().clone()
@@ -461,98 +467,37 @@ def test_cloq_corrects_the_output_error_on_its_calibration_inputs_better_than_lo
 def test_finetune_records_how_the_adapters_started_and_a_missing_float_model(
     quantized_checkpoint, domain_file, tmp_path
 ):
-    result = finetune(
-        quantized_checkpoint, str(domain_file), tmp_path / "a", LoraSettings(r=4), FAST, seqlen=32, progress=False
-    )
+    result = _short_finetune(quantized_checkpoint, domain_file, tmp_path / "a")
     info = json.loads((result.out / "quantlm_adapter.json").read_text())
     assert info["lora_init"]["init"] == "cloq" and info["lora_init"]["layers"] == 21
     assert info["lora_init"]["float_model"] == str(tmp_path / "tiny")
     # the float model moved away: auto starts at zero and says why; cloq is refused, saying what to pass
     (tmp_path / "tiny").rename(tmp_path / "elsewhere")
-    fallback = finetune(
-        quantized_checkpoint, str(domain_file), tmp_path / "b", LoraSettings(r=4), FAST, seqlen=32, progress=False
-    )
+    fallback = _short_finetune(quantized_checkpoint, domain_file, tmp_path / "b")
     assert fallback.lora_init["init"] == "default" and "--float-model PATH" in fallback.lora_init["why"]
     with pytest.raises(InvalidSpecError, match="--float-model PATH.*--lora-init default"):
-        finetune(
-            quantized_checkpoint,
-            str(domain_file),
-            tmp_path / "b2",
-            LoraSettings(r=4, init="cloq"),
-            FAST,
-            seqlen=32,
-            progress=False,
-        )
-    cli = runner.invoke(
-        app,
-        [
-            "finetune",
-            str(quantized_checkpoint),
-            "--data",
-            str(domain_file),
-            "--out",
-            str(tmp_path / "c"),
-            "--steps",
-            "2",
-            "--seqlen",
-            "32",
-            "--lora-r",
-            "4",
-            "--dtype",
-            "float32",
-            "--json",
-            "--float-model",
-            str(tmp_path / "elsewhere"),
-        ],
-    )
-    assert cli.exit_code == 0, cli.output
-    assert json.loads(cli.stdout)["lora_init"]["float_model"] == str(tmp_path / "elsewhere")
+        _short_finetune(quantized_checkpoint, domain_file, tmp_path / "b2", init="cloq")
+
+    def cli(out, float_model):
+        args = ["finetune", str(quantized_checkpoint), "--data", str(domain_file), "--out", str(tmp_path / out)]
+        args += ["--steps", "2", "--seqlen", "32", "--lora-r", "4", "--dtype", "float32", "--json"]
+        return runner.invoke(app, [*args, "--float-model", str(float_model)])
+
+    moved = cli("c", tmp_path / "elsewhere")
+    assert moved.exit_code == 0, moved.output
+    assert json.loads(moved.stdout)["lora_init"]["float_model"] == str(tmp_path / "elsewhere")
     wrong = tmp_path / "wrong"
     tiny_model("llama", hidden_size=32).save_pretrained(wrong)
-    bad = runner.invoke(
-        app,
-        [
-            "finetune",
-            str(quantized_checkpoint),
-            "--data",
-            str(domain_file),
-            "--out",
-            str(tmp_path / "d"),
-            "--steps",
-            "2",
-            "--seqlen",
-            "32",
-            "--float-model",
-            str(wrong),
-        ],
-    )
+    bad = cli("d", wrong)
     assert bad.exit_code != 0 and "pass --float-model PATH, the model it was made from" in bad.output
     assert not (tmp_path / "d").exists()
 
 
 def test_a_resumed_run_keeps_its_start_without_the_float_model(quantized_checkpoint, domain_file, tmp_path):
     out = tmp_path / "a"
-    first = finetune(
-        quantized_checkpoint,
-        str(domain_file),
-        out,
-        LoraSettings(r=4, init="cloq"),
-        FAST,
-        seqlen=32,
-        keep_work_dir=True,
-        progress=False,
-    )
+    first = _short_finetune(quantized_checkpoint, domain_file, out, init="cloq", keep_work_dir=True)
     (tmp_path / "tiny").rename(tmp_path / "elsewhere")  # a fresh cloq start would now be refused
-    again = finetune(
-        quantized_checkpoint,
-        str(domain_file),
-        out,
-        LoraSettings(r=4, init="cloq"),
-        FAST,
-        seqlen=32,
-        overwrite=True,
-        progress=False,
-    )
+    again = _short_finetune(quantized_checkpoint, domain_file, out, init="cloq", overwrite=True)
     assert again.training.resumed_from == FAST.steps
     assert again.lora_init == first.lora_init and first.lora_init["init"] == "cloq"
 
@@ -561,18 +506,10 @@ def test_a_base_with_folded_scales_starts_at_zero_and_an_explicit_cloq_is_refuse
     src = save_tiny_model(tmp_path / "tiny")
     recipe = [{"method": "smoothquant", "alpha": 0.5}, {"method": "rtn", "bits": 8, "act_bits": 8}]
     smoothed = api.quantize_to_checkpoint(src, recipe, tmp_path / "sq", calibration=_windows(4), progress=False)
-    result = finetune(smoothed, str(domain_file), tmp_path / "a", LoraSettings(r=4), FAST, seqlen=32, progress=False)
+    result = _short_finetune(smoothed, domain_file, tmp_path / "a")
     assert result.lora_init["init"] == "default" and "smoothquant" in result.lora_init["why"]
     with pytest.raises(InvalidSpecError, match="folded scales into its weights.*--lora-init default"):
-        finetune(
-            smoothed,
-            str(domain_file),
-            tmp_path / "b",
-            LoraSettings(r=4, init="cloq"),
-            FAST,
-            seqlen=32,
-            progress=False,
-        )
+        _short_finetune(smoothed, domain_file, tmp_path / "b", init="cloq")
     with pytest.raises(InvalidSpecError, match="drop it with --float-base"):
         finetune(src, str(domain_file), tmp_path / "c", float_base=True, float_model=src, progress=False)
 
