@@ -45,9 +45,7 @@ class LoraSettings:
     dropout: float = 0.05
     targets: str = "all"  # all | attn | mlp | comma-separated layer names such as q_proj,v_proj
     pooled: bool = False  # QA-LoRA group-pooled adapters: what --merge exact needs
-    init: str = (
-        "auto"  # how adapters on quantized layers start: auto, cloq, loftq, default (quantlm.finetune.lora_init)
-    )
+    init: str = "auto"  # how adapters on quantized layers start: quantlm.finetune.lora_init.LORA_INITS
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:

@@ -26,7 +26,6 @@ scales or the training. Such a base starts at ``default`` under ``auto`` and is 
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -101,10 +100,9 @@ def pooling_matrix(group_of_column: Tensor, groups: int) -> Tensor:
 # ---------------------------------------------------------------------------------------------- the model
 def recorded_float_source(checkpoint: str | os.PathLike) -> str | None:
     """The float model a quantlm checkpoint was made from, as its config records it, if that directory exists."""
-    try:
-        config = json.loads((Path(str(checkpoint)).expanduser() / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+    from quantlm.formats.interchange import read_config
+
+    config = read_config(Path(str(checkpoint)).expanduser())
     origin = config.get("_name_or_path") if isinstance(config, dict) else None
     if not isinstance(origin, str) or not Path(origin).is_absolute():  # a relative path meant another directory
         return None
