@@ -25,6 +25,7 @@ from quantlm.finetune.lora_init import LORA_INITS
 from quantlm.finetune.merge import MERGE_MODES
 from quantlm.finetune.run import DEFAULT_SEQLEN as FINETUNE_SEQLEN
 from quantlm.finetune.run import DEFAULT_TRAINING as FINETUNE_TRAINING
+from quantlm.qat.run import DEFAULT_TRAINING as QAT_TRAINING
 from quantlm.quickstart import PRESETS as QUICKSTART_PRESETS
 
 FINETUNE_LORA = LoraSettings()
@@ -905,32 +906,34 @@ def qat(
     smooth_folds: Optional[str] = typer.Option(
         None, "--smooth-folds", help="With --smooth-alpha: where scales are folded, a comma list of norm, v-o, up-down."
     ),
-    steps: int = typer.Option(300, help="Optimizer steps."),
-    batch_size: int = typer.Option(4, help="Windows per micro-batch (per process)."),
-    grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step."),
+    steps: int = typer.Option(QAT_TRAINING.steps, help="Optimizer steps."),
+    batch_size: int = typer.Option(QAT_TRAINING.batch_size, help="Windows per micro-batch (per process)."),
+    grad_accum: int = typer.Option(QAT_TRAINING.grad_accum, help="Micro-batches per optimizer step."),
     seqlen: int = typer.Option(512, help="Tokens per training window."),
-    lr: float = typer.Option(5e-5, help="Peak learning rate (AdamW, cosine decay)."),
-    warmup: int = typer.Option(0, help="Linear warmup steps."),
-    weight_decay: float = typer.Option(0.0, help="AdamW weight decay."),
+    lr: float = typer.Option(QAT_TRAINING.lr, help="Peak learning rate (AdamW, cosine decay)."),
+    warmup: int = typer.Option(QAT_TRAINING.warmup_steps, help="Linear warmup steps."),
+    weight_decay: float = typer.Option(QAT_TRAINING.weight_decay, help="AdamW weight decay."),
     loss: Loss = typer.Option(
-        Loss.kd, help="kd: distill the teacher's logits (the paper's); ce: next-token cross-entropy."
+        Loss(QAT_TRAINING.loss), help="kd: distill the teacher's logits (the paper's); ce: next-token cross-entropy."
     ),
     dtype: TrainDType = typer.Option(
-        TrainDType.auto,
+        TrainDType(QAT_TRAINING.dtype),
         help="Autocast dtype of the forward passes: auto (bfloat16 where this CPU runs it natively and a one-off probe "
         "finds it faster for training-sized matmuls, else float32), bfloat16 or float32 (no autocast).",
     ),
     gradient_checkpointing: bool = typer.Option(
-        True,
+        QAT_TRAINING.gradient_checkpointing,
         "--gradient-checkpointing/--no-gradient-checkpointing",
-        help="Recompute each block's activations in the backward pass: about half the peak memory for ~15% more time "
-        "per step.",
+        help="Recompute each block's activations in the backward pass: about half the peak memory, at little or no "
+        "cost in time per step on CPU (docs/qat.md measures it).",
     ),
-    save_every: int = typer.Option(50, help="Save the training state every N steps (rerun to resume)."),
+    save_every: int = typer.Option(
+        QAT_TRAINING.save_every, help="Save the training state every N steps (rerun to resume)."
+    ),
     fsdp: bool = typer.Option(
         False, "--fsdp", help="Under torchrun: shard the model across the processes (FSDP2) instead of DDP."
     ),
-    seed: int = typer.Option(0, help="Seed of the data order."),
+    seed: int = typer.Option(QAT_TRAINING.seed, help="Seed of the data order."),
     overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
     evaluate: bool = typer.Option(False, "--eval", help="Measure perplexity (enwiki eval) of the result."),
     max_windows: int = typer.Option(32, help="With --eval: number of 2048-token windows."),

@@ -29,6 +29,8 @@ from quantlm.qat.trainer import TrainResult, TrainSettings, train, training_reco
 
 LSQ_CALIBRATION_WINDOWS = 4  # LSQ's starting steps come from these first windows, whatever the batch or process count
 SMOOTH_CALIBRATION_WINDOWS = 64  # SmoothQuant's activation statistics (and α search) come from these first windows
+# `quantlm qat`'s training defaults: activations recomputed in backward (about half the peak memory; no number changes)
+DEFAULT_TRAINING = TrainSettings(gradient_checkpointing=True)
 
 
 def smooth_model(model: nn.Module, config: QATConfig, windows: Tensor, progress: bool = True) -> dict | None:
