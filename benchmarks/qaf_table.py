@@ -23,7 +23,7 @@ import json
 import sys
 from pathlib import Path
 
-from quality_rows import merge_rows, quantlm_command, run_child
+from quality_rows import EVAL_DTYPE, merge_rows, quantlm_command, run_child
 from quantlm.finetune.adapters import LoraSettings
 from quantlm.finetune.run import DEFAULT_SEQLEN, DEFAULT_TRAINING
 from quantlm.paths import atomic_write_text
@@ -58,7 +58,7 @@ ROWS = {  # row -> (label, base, finetune flags); --lora-init auto (the default)
 
 
 def _eval(target: str, *extra: str) -> dict:
-    out, _, _ = run_child([*quantlm_command(), "eval", target, "--dtype", "float32", *extra, "--json"])
+    out, _, _ = run_child([*quantlm_command(), "eval", target, *EVAL_DTYPE, *extra, "--json"])
     return json.loads(out)
 
 

@@ -2,7 +2,7 @@
 KV-cache rows, and the ablations.
 
 Every row is one child process of the CLI (so its time and peak memory are its own), then `quantlm eval`
-(enwiki eval split, --max-windows windows of 2048 tokens) of the checkpoint it wrote:
+(enwiki eval split, --max-windows windows of 2048 tokens, fp32 compute) of the checkpoint it wrote:
 - rtn-W-A-KV: `quantlm quantize --method rtn --bits W --group-size -1 --sym [--a-bits 8] [--kv-bits KV]`, weights
   per output channel, symmetric MinMax, as the paper's RTN baseline (it is also QAT's step 0);
 - qat-W-A-KV: `quantlm qat --data DATA --w-bits W --a-bits A --kv-bits KV` with the training settings below;
@@ -32,7 +32,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from quality_rows import merge_rows, quantlm_command, run_child
+from quality_rows import EVAL_DTYPE, merge_rows, quantlm_command, run_child
 from quantlm.paths import atomic_write_text
 
 MODEL = "smollm2-135m"
@@ -138,7 +138,7 @@ def measure(key: str, args) -> dict:
         if kind == "eval":
             if p.get("kv"):
                 eval_flags = ["--kv-bits", str(p["kv"])]
-            command = f"quantlm eval {MODEL} {' '.join(eval_flags)}".strip()
+            command = " ".join(["quantlm eval", MODEL, *eval_flags, *EVAL_DTYPE])
         else:
             target = str(Path(tmp) / key)
             if kind == "rtn":
@@ -174,7 +174,16 @@ def measure(key: str, args) -> dict:
             summary = json.loads(out)
             wall += init_wall
         eval_out, eval_wall, _ = run_child(
-            [*quantlm_command(), "eval", target, "--max-windows", str(args.max_windows), *eval_flags, "--json"]
+            [
+                *quantlm_command(),
+                "eval",
+                target,
+                "--max-windows",
+                str(args.max_windows),
+                *eval_flags,
+                *EVAL_DTYPE,
+                "--json",
+            ]
         )
         ppl = json.loads(eval_out)
     training = summary.get("training") or {}
@@ -185,6 +194,7 @@ def measure(key: str, args) -> dict:
         "tokens": ppl["tokens"],
         "kv_cache": ppl.get("kv_cache"),
         "kernels": ppl.get("kernels"),
+        "eval_dtype": ppl.get("dtype"),
         "process_wall_s": round(wall, 1),
         "peak_rss_gb": round(rss, 2),
         "steps": args.steps if kind == "qat" else None,
@@ -205,10 +215,12 @@ def to_markdown(rows: list[dict], fp_ppl: float | None) -> str:
         "",
         "Perplexity: enwiki eval split, windows of 2048 tokens (see `tokens`). W = weights per output channel,",
         "symmetric MinMax; A = activations per token; KV = keys (after RoPE) and values per token and head.",
-        "Written by benchmarks/qat_table.py.",
+        "Written by benchmarks/qat_table.py. Eval dtype: the compute of `quantlm eval` (fp32 since 2026-12-06; rows",
+        "that do not record it ran with eval's default, fp32 before 2026-12-05 and `auto` after, bf16 on this CPU).",
         "",
-        "| setting | ppl | vs fp | steps | train s | train tokens | loss first → last | peak RSS GB | command |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| setting | ppl | vs fp | steps | train s | train tokens | loss first → last | peak RSS GB | eval dtype "
+        "| command |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         vs = f"{100 * (r['ppl'] / fp_ppl - 1):+.2f}%" if fp_ppl else "-"
@@ -216,7 +228,7 @@ def to_markdown(rows: list[dict], fp_ppl: float | None) -> str:
         lines.append(
             f"| {r['setting']} | {r['ppl']:.3f} | {vs} | {r.get('steps') or '-'} | {r.get('train_s') or '-'} "
             f"| {r.get('train_tokens') or '-'} | "
-            f"{loss} | {r['peak_rss_gb'] or '-'} | `{r['command']}` |"
+            f"{loss} | {r['peak_rss_gb'] or '-'} | {r.get('eval_dtype') or 'not recorded'} | `{r['command']}` |"
         )
     return "\n".join(lines) + "\n"
 

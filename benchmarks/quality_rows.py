@@ -12,6 +12,10 @@ import tempfile
 import time
 from pathlib import Path
 
+# Perplexity rows are computed in fp32 on every machine. `quantlm eval`'s default, --dtype auto, takes bf16 where
+# the CPU runs it natively, which would make a row depend on the machine it ran on (fp32 16.937, bf16 16.944).
+EVAL_DTYPE = ("--dtype", "float32")
+
 
 def quantlm_command() -> list[str]:
     return [str(Path(sys.executable).with_name("quantlm"))]
@@ -45,7 +49,9 @@ def measure_row(key: str, label: str, flags: str | None, model: str, max_windows
             print(f"[{key}] {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
             out, wall, rss_gb = run_child(cmd)
             summary = json.loads(out)
-        eval_out, _, _ = run_child([*quantlm_command(), "eval", target, "--max-windows", str(max_windows), "--json"])
+        eval_out, _, _ = run_child(
+            [*quantlm_command(), "eval", target, "--max-windows", str(max_windows), *EVAL_DTYPE, "--json"]
+        )
         ppl = json.loads(eval_out)
     row = {
         "key": key,
@@ -53,6 +59,7 @@ def measure_row(key: str, label: str, flags: str | None, model: str, max_windows
         "ppl": ppl["ppl"],
         "tokens": ppl["tokens"],
         "kernels": ppl.get("kernels"),
+        "eval_dtype": ppl.get("dtype"),
         "quantize_s": summary.get("quantize_seconds", 0.0),
         "process_wall_s": wall,
         "peak_rss_gb": rss_gb,
