@@ -432,6 +432,27 @@ def test_generation_is_deterministic_and_resumes_without_duplicates(tmp_path):
         _generate(tmp_path, "a.jsonl", mode="sample")
 
 
+def test_more_samples_extend_the_file_to_what_a_fresh_run_writes(tmp_path, monkeypatch):
+    fresh = _generate(tmp_path, "fresh.jsonl", n_samples=9)[0].read_text()
+    grown = _generate(tmp_path, "grown.jsonl", n_samples=5)[0]  # batches of 2: the last one holds 1 sample
+    five = grown.read_text()
+    assert len(five.splitlines()) == 5 and fresh.startswith("".join(five.splitlines(keepends=True)[:4]))
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("a finished file was generated again")
+
+    with monkeypatch.context() as m:
+        m.setattr("quantlm.qat.data.generate_batch", no_generation)
+        _generate(tmp_path, "grown.jsonl", n_samples=5)  # finished, even with a partial last batch
+    assert grown.read_text() == five
+    _generate(tmp_path, "grown.jsonl", n_samples=9)
+    assert grown.read_text() == fresh
+    assert json.loads((tmp_path / "grown.jsonl.meta.json").read_text())["settings"]["n_samples"] == 9
+    with pytest.raises(DataSourceError, match="already holds 9 samples, more than --samples 4"):
+        _generate(tmp_path, "grown.jsonl", n_samples=4)
+    assert grown.read_text() == fresh
+
+
 def test_generation_modes_and_helpers(tmp_path):
     greedy, model, _ = _generate(tmp_path, "g.jsonl", mode="greedy")
     with torch.no_grad():

@@ -810,7 +810,9 @@ ActClip = Enum("ActClip", {c: c for c in api.QAT_ACT_CLIPS}, type=str)
 def generate_data(
     model: str = typer.Argument(..., help="Alias, model directory, .gguf file or hub id (the full-precision model)."),
     out: Path = typer.Option(..., "--out", "-o", help="The jsonl file to write (or to complete, when rerun)."),
-    samples: int = typer.Option(512, "--samples", help="How many samples."),
+    samples: int = typer.Option(
+        512, "--samples", help="How many samples (rerun with more to extend a file written with fewer)."
+    ),
     max_length: int = typer.Option(512, help="Tokens per sample at most (a sample also ends at end-of-sequence)."),
     greedy_tokens: str = typer.Option(
         "3-5", help="Top-1 tokens after the random first one: a count or a range (drawn per sample)."

@@ -9,7 +9,8 @@ Samples are generated in batches that all share one length (every sample starts 
 no padding); batch ``i`` draws from ``torch.Generator().manual_seed(seed + i)``, so a run's output does not depend
 on how often it was interrupted. The output is a jsonl file, one ``{"id": n, "tokens": [...]}`` per line, with a
 ``.meta.json`` beside it holding the settings; a rerun with the same settings appends the batches still missing
-(a half-written last batch is dropped first) and a rerun with other settings is an error.
+(a half-written last batch is dropped first). A rerun with a larger ``n_samples`` and otherwise the same settings
+extends the file to what a fresh run of that size writes; any other change of settings is an error.
 """
 
 from __future__ import annotations
@@ -151,12 +152,13 @@ def _meta_path(out: Path) -> Path:
     return out.with_name(out.name + ".meta.json")
 
 
-def _complete_lines(out: Path, batch_size: int) -> int:
-    """Samples already in ``out`` in whole batches; a partial tail is cut off (rewritten atomically)."""
+def _sample_lines(out: Path) -> tuple[list[str], int]:
+    """The well-formed sample lines at the start of ``out`` (ids 0, 1, ...), and how many lines it has in all."""
     if not out.exists():
-        return 0
+        return [], 0
+    lines = out.read_text(encoding="utf-8").splitlines()
     good = []
-    for line in out.read_text(encoding="utf-8").splitlines():
+    for line in lines:
         try:
             row = json.loads(line)
         except ValueError:
@@ -164,10 +166,24 @@ def _complete_lines(out: Path, batch_size: int) -> int:
         if not isinstance(row, dict) or row.get("id") != len(good):
             break
         good.append(line)
-    keep = (len(good) // batch_size) * batch_size
-    if keep != len(out.read_text(encoding="utf-8").splitlines()):
+    return good, len(lines)
+
+
+def _complete_lines(out: Path, settings: GenerationSettings) -> int:
+    """Samples already in ``out`` that a run of ``settings`` keeps: all of them when they are its whole output, else
+    the whole batches; a partial tail is cut off (rewritten atomically)."""
+    good, total = _sample_lines(out)
+    keep = len(good)
+    if keep != settings.n_samples:
+        keep = (keep // settings.batch_size) * settings.batch_size
+    if keep != total:
         atomic_write_text(out, "".join(line + "\n" for line in good[:keep]))
     return keep
+
+
+def _same_generator(old: dict, new: dict) -> bool:
+    """Whether settings ``old`` and ``new`` write the same samples, ``new`` perhaps more of them."""
+    return {**old, "n_samples": None} == {**new, "n_samples": None}
 
 
 def generate_training_data(
@@ -199,13 +215,24 @@ def _generate_training_data(model: nn.Module, tokenizer, out: Path, settings: Ge
             ) from None
         if not isinstance(old, dict):
             old = {}
-        if old.get("settings") != meta["settings"] or old.get("vocab_size") != meta["vocab_size"]:
+        old_settings = old.get("settings")
+        if (
+            not isinstance(old_settings, dict)
+            or not _same_generator(old_settings, meta["settings"])
+            or old.get("vocab_size") != meta["vocab_size"]
+        ):
             raise DataSourceError(
-                f"{out} was generated with other settings ({old.get('settings')}): choose another --out or delete it"
+                f"{out} was generated with other settings ({old_settings}): choose another --out or delete it"
+            )
+        held = len(_sample_lines(out)[0])
+        if held > settings.n_samples:
+            raise DataSourceError(
+                f"{out} already holds {held} samples, more than --samples {settings.n_samples}: use it as it is, "
+                "or choose another --out"
             )
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(meta_file, json.dumps(meta, indent=1) + "\n")
-    done = _complete_lines(out, settings.batch_size)
+    done = _complete_lines(out, settings)
     vocab = start_vocabulary(tokenizer, _vocab_size(model))
     eos = eos_ids(model, tokenizer)
     n_batches = -(-settings.n_samples // settings.batch_size)
@@ -222,7 +249,7 @@ def _generate_training_data(model: nn.Module, tokenizer, out: Path, settings: Ge
                 disable=not progress,
             ) as bar,
         ):
-            for i in range(done // settings.batch_size, n_batches):
+            for i in range(n_batches if done == settings.n_samples else done // settings.batch_size, n_batches):
                 g = torch.Generator().manual_seed(settings.seed + i)
                 b = min(settings.batch_size, settings.n_samples - i * settings.batch_size)
                 starts = vocab[torch.randint(0, vocab.numel(), (settings.batch_size,), generator=g)][:b]
