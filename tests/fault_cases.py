@@ -371,6 +371,13 @@ def generated_with_other_settings(ctx):
     ctx.protect(ctx.paths["out"])
 
 
+def generated_with_more_samples(ctx):
+    ctx.paths["out"] = ctx.dir / "gen.jsonl"
+    code, _, err = ctx.cli(*GEN_DATA[:3], "6", *GEN_DATA[4:], "--out", "{out}", "--json")
+    assert code == 0, err
+    ctx.protect(ctx.paths["out"])
+
+
 def jsonl_out_parent_is_a_file(ctx):
     out_parent_is_a_file(ctx)
     ctx.paths["out"] = ctx.dir / "afile" / "gen.jsonl"
@@ -972,6 +979,9 @@ CASES: list[Case] = [
     Case("out-jsonl-other-settings", "output", "generate-data --out written with other settings",
          (*GEN_DATA, "--out", "{out}"), "was generated with other settings", setup=generated_with_other_settings,
          lost="nothing: the file is unchanged"),
+    Case("out-jsonl-more-samples", "output", "generate-data --samples fewer than the --out file holds",
+         (*GEN_DATA, "--out", "{out}"), "already holds 6 samples, more than --samples 4",
+         setup=generated_with_more_samples, lost="nothing: the file is unchanged"),
     Case("out-jsonl-parent-file", "output", "generate-data --out inside a path that is a file",
          (*GEN_DATA, "--out", "{out}"), "afile", setup=jsonl_out_parent_is_a_file),
     Case("out-report-exists", "output", "report --out that exists",
