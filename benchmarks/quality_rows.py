@@ -67,7 +67,7 @@ def measure_row(key: str, label: str, flags: str | None, model: str, max_windows
         "checkpoint_mb": summary.get("checkpoint_mb"),
         "command": f"quantlm quantize {model} {flags}{' ' + ' '.join(calib) if calib else ''} --out OUT"
         if flags is not None
-        else f"quantlm eval {model}",
+        else f"quantlm eval {model} {' '.join(EVAL_DTYPE)}",
         "cpu": os.cpu_count(),
     }
     print(f"[{key}] ppl {row['ppl']:.3f}, quantize {row['quantize_s']:.0f}s, peak RSS {rss_gb:.2f} GB", file=sys.stderr)

@@ -19,7 +19,7 @@ import platform
 import sys
 from pathlib import Path
 
-from quality_rows import EVAL_DTYPE, merge_rows, quantlm_command, run_child
+from quality_rows import merge_rows, quantlm_command, run_child
 from quantlm.eval.tasks import PAPER_TASKS
 from quantlm.hardware import describe_cpu
 from quantlm.paths import atomic_write_text
@@ -81,7 +81,7 @@ def measure(key: str, args) -> dict:
     tasks_out, tasks_wall, _ = run_child(
         [*quantlm_command(), "eval", target, "--tasks", "all", "--limit", str(args.limit), "--json"]
     )
-    ppl_out, _, _ = run_child([*quantlm_command(), "eval", target, "--max-windows", "32", *EVAL_DTYPE, "--json"])
+    ppl_out, _, _ = run_child([*quantlm_command(), "eval", target, "--max-windows", "32", "--json"])
     tasks = json.loads(tasks_out)
     # kept beside the checkpoints for `quantlm report` (docs/report.md)
     atomic_write_text(args.runs / f"{key}.tasks.json", tasks_out)

@@ -926,8 +926,8 @@ def qat(
     gradient_checkpointing: bool = typer.Option(
         QAT_TRAINING.gradient_checkpointing,
         "--gradient-checkpointing/--no-gradient-checkpointing",
-        help="Recompute each block's activations in the backward pass: about half the peak memory, at little or no "
-        "cost in time per step on CPU (docs/qat.md measures it).",
+        help="Recompute each block's activations in the backward pass: about half the peak memory, for 0-19% more "
+        "time per step in the CPU runs measured so far (docs/qat.md).",
     ),
     save_every: int = typer.Option(
         QAT_TRAINING.save_every, help="Save the training state every N steps (rerun to resume)."
