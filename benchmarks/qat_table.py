@@ -215,8 +215,8 @@ def to_markdown(rows: list[dict], fp_ppl: float | None) -> str:
         "",
         "Perplexity: enwiki eval split, windows of 2048 tokens (see `tokens`). W = weights per output channel,",
         "symmetric MinMax; A = activations per token; KV = keys (after RoPE) and values per token and head.",
-        "Written by benchmarks/qat_table.py. Eval dtype: the compute of `quantlm eval` (fp32 since 2026-12-06; rows",
-        "that do not record it ran with eval's default, fp32 before 2026-12-05 and `auto` after, bf16 on this CPU).",
+        "Written by benchmarks/qat_table.py. Eval dtype: the compute of `quantlm eval` for the row; `auto` is eval's",
+        "default, which takes bf16 on CPUs with AVX-512 BF16 (rows of 2026-12-05/06 before the table pinned fp32).",
         "",
         "| setting | ppl | vs fp | steps | train s | train tokens | loss first → last | peak RSS GB | eval dtype "
         "| command |",
