@@ -169,10 +169,10 @@ def _sample_lines(out: Path) -> tuple[list[str], int]:
     return good, len(lines)
 
 
-def _complete_lines(out: Path, settings: GenerationSettings) -> int:
-    """Samples already in ``out`` that a run of ``settings`` keeps: all of them when they are its whole output, else
-    the whole batches; a partial tail is cut off (rewritten atomically)."""
-    good, total = _sample_lines(out)
+def _complete_lines(out: Path, good: list[str], total: int, settings: GenerationSettings) -> int:
+    """Of the sample lines ``good`` in ``out`` (``total`` lines in all, :func:`_sample_lines`), how many a run of
+    ``settings`` keeps: all when they are its whole output, else the whole batches; a partial tail is cut off
+    (rewritten atomically)."""
     keep = len(good)
     if keep != settings.n_samples:
         keep = (keep // settings.batch_size) * settings.batch_size
@@ -224,15 +224,15 @@ def _generate_training_data(model: nn.Module, tokenizer, out: Path, settings: Ge
             raise DataSourceError(
                 f"{out} was generated with other settings ({old_settings}): choose another --out or delete it"
             )
-        held = len(_sample_lines(out)[0])
-        if held > settings.n_samples:
-            raise DataSourceError(
-                f"{out} already holds {held} samples, more than --samples {settings.n_samples}: use it as it is, "
-                "or choose another --out"
-            )
+    good, total = _sample_lines(out)
+    if len(good) > settings.n_samples:
+        raise DataSourceError(
+            f"{out} already holds {len(good)} samples, more than --samples {settings.n_samples}: use it as it is, "
+            "or choose another --out"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(meta_file, json.dumps(meta, indent=1) + "\n")
-    done = _complete_lines(out, settings)
+    done = _complete_lines(out, good, total, settings)
     vocab = start_vocabulary(tokenizer, _vocab_size(model))
     eos = eos_ids(model, tokenizer)
     n_batches = -(-settings.n_samples // settings.batch_size)
