@@ -15,7 +15,8 @@ Every row is one child process of the CLI (so its time and peak memory are its o
   `--method smoothquant --alpha auto --calib-samples 16` for PTQ, `qat --smooth-alpha auto` for QAT, which
   calibrates on 64 of its 512-token training windows: the same 32k tokens), the paper's table 6;
 - init rows (init-rtn-ch, init-gptq-ch, init-rtn-g64, init-gptq-g64): QAT W4A8KV4 per channel or g64 from the
-  float weights, or from a GPTQ checkpoint of the same grid that the row makes first (--calib-samples windows).
+  float weights, or from a GPTQ checkpoint of the same grid that the row makes first (--calib-samples windows);
+  init-gptq-float-ch and init-gptq-float-g64 place the GPTQ start's weights with `--init-offsets float`.
 Rows are merged into benchmarks/results/qat_smollm2.{md,json} (rerunning a row replaces it).
 
 Run: .venv/bin/python benchmarks/qat_table.py --rows rtn-4-8-4 qat-4-8-4 ... [--steps 120] [--list]
@@ -92,11 +93,17 @@ def _bits_rows() -> dict[str, tuple[str, str, dict]]:
         suffix = "ch" if group == -1 else f"g{group}"
         rows[f"init-rtn-{suffix}"] = (f"QAT W4A8KV4 {where}, from the float weights (RTN)", "qat", _init(group, None))
         rows[f"init-gptq-{suffix}"] = (f"QAT W4A8KV4 {where}, from GPTQ W4 {where}", "qat", _init(group, "gptq"))
+        rows[f"init-gptq-float-{suffix}"] = (
+            f"QAT W4A8KV4 {where}, from GPTQ W4 {where}, weights at the float offsets in their bins",
+            "qat",
+            _init(group, "gptq", ["--init-offsets", "float"]),
+        )
     return rows
 
 
-def _init(group: int, method: str | None) -> dict:
-    return {"w": 4, "a": 8, "kv": 4, "flags": ["--group-size", str(group)], "init": method, "group": group}
+def _init(group: int, method: str | None, extra: list[str] = ()) -> dict:
+    flags = ["--group-size", str(group), *extra]
+    return {"w": 4, "a": 8, "kv": 4, "flags": flags, "init": method, "group": group}
 
 
 ROWS = _bits_rows()

@@ -789,6 +789,8 @@ CASES: list[Case] = [
     Case("set-qat-clip-init", "settings", "qat --clip stats with --init (a fixed start grid)",
          (*QAT, "--group-size", "16", "--clip", "stats", "--init", "{ckpt}", "--out", "{out}"),
          "--init keeps the start checkpoint's grid fixed"),
+    Case("set-qat-init-offsets", "settings", "qat --init-offsets without --init",
+         (*QAT, "--init-offsets", "float", "--out", "{out}"), "give --init CHECKPOINT or drop it"),
     Case("set-qat-smooth-folds", "settings", "qat --smooth-folds without --smooth-alpha",
          (*QAT, "--smooth-folds", "norm", "--out", "{out}"), "add --smooth-alpha"),
     Case("set-qat-smooth-a16", "settings", "qat --smooth-alpha with 16-bit activations",

@@ -9,12 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from conftest import byte_tokenizer, tiny_model
 from quantlm import api
 from quantlm.cli import app
 from quantlm.core import QuantSpec
+from quantlm.core.quantizer import compute_qparams, dequantize, quantize
 from quantlm.errors import CheckpointError, DataSourceError, InvalidSpecError
 from quantlm.formats.nested_state import load_nested
 from quantlm.methods import RTN
@@ -33,7 +36,7 @@ from quantlm.qat.data import (
 )
 from quantlm.qat.fake_quant import FakeQuantLinear, calibrate_act_steps, fake_quant_linears, prepare_qat
 from quantlm.qat.losses import distillation_loss
-from quantlm.qat.run import init_from_quantized, run_qat, smooth_model
+from quantlm.qat.run import init_from_quantized, run_qat, smooth_model, start_weight
 from quantlm.qat.trainer import TrainSettings, cosine_lr, train, window_indices
 
 runner = CliRunner()
@@ -220,6 +223,53 @@ def test_init_from_a_ptq_checkpoint_starts_exactly_there(tmp_path):
     grouped = prepare_qat(copy.deepcopy(model), QATConfig.from_bits("4-16-16", group_size=16))
     with pytest.raises(InvalidSpecError, match="integer grids"):
         init_from_quantized(grouped, nf4)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    group_size=st.sampled_from([-1, 8]),
+    symmetric=st.booleans(),
+    bits=st.sampled_from([2, 3, 4, 8]),
+)
+def test_start_weight_keeps_the_start_codes_and_the_float_offsets(seed, group_size, symmetric, bits):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(6, 24, generator=g) * torch.rand(6, 1, generator=g)
+    spec = QuantSpec(bits=bits, group_size=group_size, symmetric=symmetric)
+    scale, zero = compute_qparams(w * 0.8, spec)  # a clipped grid, as MSE clipping gives: some weights lie outside
+    rtn = quantize(w, scale, zero, spec)
+    # a "PTQ" start that moves some codes one step away from RTN's, as GPTQ's error compensation does
+    moved = torch.randint(-1, 2, w.shape, generator=g) * (torch.rand(w.shape, generator=g) < 0.3)
+    codes = (rtn.long() + moved).clamp(0, spec.maxq).to(torch.uint8)
+    centre = dequantize(codes, scale, zero, spec)
+    assert torch.equal(start_weight(w, centre, scale, zero, spec, "centre"), centre)
+    start = start_weight(w, centre, scale, zero, spec, "float")
+    assert torch.equal(quantize(start, scale, zero, spec), codes)  # step 0 computes what the PTQ model does
+    step = scale.repeat_interleave(w.shape[1] // scale.shape[1], dim=1) if scale.shape[1] > 1 else scale
+    offset = start - centre
+    assert (offset.abs() <= 0.49 * step + 1e-6).all()
+    # where the float weight is inside the grid and not on a bin's edge, it keeps its own offset from its rounding
+    inside = (w - dequantize(rtn, scale, zero, spec)).abs() < 0.49 * step
+    torch.testing.assert_close(offset[inside], (w - dequantize(rtn, scale, zero, spec))[inside], rtol=0, atol=1e-6)
+    with pytest.raises(InvalidSpecError, match="--init-offsets"):
+        start_weight(w, centre, scale, zero, spec, "middle")
+
+
+def test_init_offsets_float_from_an_rtn_start_is_the_float_model(tmp_path):
+    """RTN's codes are the float weights' own roundings, so the float offsets give back the float weights (but for
+    the few within 1% of a step of a bin's edge) and step 0 still computes exactly what the RTN model computes."""
+    model = tiny_model("llama")
+    ids = _windows(2, 24)
+    ptq = api.quantize(copy.deepcopy(model), [RTN(QuantSpec(bits=4, group_size=-1, symmetric=True))], progress=False)
+    student = prepare_qat(copy.deepcopy(model), QATConfig.from_bits(QATBits(4, 16, 16)))
+    assert init_from_quantized(student, ptq, "float") == 21
+    with torch.no_grad():
+        torch.testing.assert_close(student(ids).logits, ptq(ids).logits, rtol=0, atol=1e-5)
+    w_float = model.get_submodule("model.layers.0.mlp.up_proj").weight
+    w_start = student.get_submodule("model.layers.0.mlp.up_proj").weight
+    step = ptq.get_submodule("model.layers.0.mlp.up_proj").scales.float().reshape(-1, 1)
+    assert (w_start - w_float).abs().max() <= 0.011 * step.max()
+    assert (w_start == w_float).float().mean() > 0.95
 
 
 # ---------------------------------------------------------------------------------------------- trainer

@@ -25,6 +25,7 @@ from quantlm.finetune.lora_init import LORA_INITS
 from quantlm.finetune.merge import MERGE_MODES
 from quantlm.finetune.run import DEFAULT_SEQLEN as FINETUNE_SEQLEN
 from quantlm.finetune.run import DEFAULT_TRAINING as FINETUNE_TRAINING
+from quantlm.qat.run import DEFAULT_INIT_OFFSETS, INIT_OFFSETS
 from quantlm.qat.run import DEFAULT_TRAINING as QAT_TRAINING
 from quantlm.quickstart import PRESETS as QUICKSTART_PRESETS
 
@@ -803,6 +804,7 @@ class Loss(str, Enum):
 
 WeightRange = Enum("WeightRange", {c: c for c in api.QAT_WEIGHT_CLIPS}, type=str)
 ActClip = Enum("ActClip", {c: c for c in api.QAT_ACT_CLIPS}, type=str)
+InitOffsets = Enum("InitOffsets", {c: c for c in INIT_OFFSETS}, type=str)
 
 
 @app.command("generate-data")
@@ -899,6 +901,13 @@ def qat(
         help="Start from this quantlm checkpoint (RTN or GPTQ of MODEL, same weight grid) instead of the float "
         "weights.",
     ),
+    init_offsets: Optional[InitOffsets] = typer.Option(
+        None,
+        "--init-offsets",
+        help="With --init: where each trained weight starts inside its code's bin: centre (the checkpoint's "
+        "dequantized weights), or float (offset from the centre as the float weight is from its own rounding, so "
+        f"small updates can change codes) [default: {DEFAULT_INIT_OFFSETS}].",
+    ),
     smooth_alpha: Optional[str] = typer.Option(
         None,
         "--smooth-alpha",
@@ -946,6 +955,8 @@ def qat(
     Runs on many processes with torchrun (DDP; gloo on CPU, nccl on CUDA)."""
 
     api.check_output(out, overwrite)  # before any work (the run checks again under the output lock)
+    if init_offsets is not None and init is None:
+        raise QuantlmError("--init-offsets places the weights of an --init start: give --init CHECKPOINT or drop it")
     config = api.QATConfig.from_options(
         w_bits=w_bits,
         a_bits=a_bits,
@@ -977,7 +988,16 @@ def qat(
     _setup_threads()
     t0 = time.perf_counter()
     api.qat_to_checkpoint(
-        model, out, config, settings, data=data, seqlen=seqlen, init=init, overwrite=overwrite, progress=not as_json
+        model,
+        out,
+        config,
+        settings,
+        data=data,
+        seqlen=seqlen,
+        init=init,
+        init_offsets=(init_offsets or InitOffsets(DEFAULT_INIT_OFFSETS)).value,
+        overwrite=overwrite,
+        progress=not as_json,
     )
     seconds = time.perf_counter() - t0
     if int(os.environ.get("RANK", "0")) != 0:

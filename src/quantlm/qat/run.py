@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from quantlm.core.quantizer import expand_to_columns, fake_quantize
 from quantlm.errors import InvalidSpecError
 from quantlm.formats.native import check_output
 from quantlm.formats.record import QuantizationRecord
@@ -31,6 +32,9 @@ LSQ_CALIBRATION_WINDOWS = 4  # LSQ's starting steps come from these first window
 SMOOTH_CALIBRATION_WINDOWS = 64  # SmoothQuant's activation statistics (and α search) come from these first windows
 # `quantlm qat`'s training defaults: activations recomputed in backward (about half the peak memory; no number changes)
 DEFAULT_TRAINING = TrainSettings(gradient_checkpointing=True)
+# where a PTQ start (--init) puts each trained weight inside its code's bin (see start_weight)
+INIT_OFFSETS = ("centre", "float")
+DEFAULT_INIT_OFFSETS = "centre"
 
 
 def smooth_model(model: nn.Module, config: QATConfig, windows: Tensor, progress: bool = True) -> dict | None:
@@ -73,10 +77,36 @@ def _grid_shape(spec) -> tuple:
     return (spec.bits, spec.symmetric, spec.granularity, spec.group_size)
 
 
-def init_from_quantized(student: nn.Module, quantized: nn.Module) -> int:
-    """Start QAT from a post-training-quantized model: each FakeQuantLinear takes the PTQ layer's dequantized
-    weight and its grid (scales and zeros), so step 0 computes exactly what the PTQ model computes. The grid is
-    trained with learnable clipping and kept fixed otherwise. Returns the number of layers initialised."""
+def check_init_offsets(offsets: str) -> str:
+    if offsets not in INIT_OFFSETS:
+        raise InvalidSpecError(f"--init-offsets must be one of {', '.join(INIT_OFFSETS)}, got {offsets!r}")
+    return offsets
+
+
+def start_weight(
+    float_weight: Tensor, quantized_weight: Tensor, scale: Tensor, zero: Tensor, spec, offsets: str
+) -> Tensor:
+    """The trained weight a PTQ start gives one layer. Both choices round to the PTQ model's codes at step 0.
+
+    - ``centre``: the PTQ model's dequantized weight, each weight at the centre of its code's bin. Half a step from
+      either neighbour, no weight changes code until an update has moved it that far.
+    - ``float``: that plus the float weight's offset from its own round-to-nearest value on the same grid, clamped
+      to 0.49 of a step. A weight whose code the PTQ method kept where RTN puts it starts at its float value; every
+      weight sits as near its bin's edges as the float model's does, as in a start from the float weights.
+    """
+    if check_init_offsets(offsets) == "centre":
+        return quantized_weight
+    w = float_weight.detach().float()
+    offset = w - fake_quantize(w, spec, scale, zero)
+    half = 0.49 * expand_to_columns(scale.float(), spec, w.shape[-1])
+    return quantized_weight.float() + torch.maximum(torch.minimum(offset, half), -half)
+
+
+def init_from_quantized(student: nn.Module, quantized: nn.Module, offsets: str = DEFAULT_INIT_OFFSETS) -> int:
+    """Start QAT from a post-training-quantized model: each FakeQuantLinear takes the PTQ layer's codes and its
+    grid (scales and zeros), so step 0 computes exactly what the PTQ model computes; where inside each code's bin
+    the trained weight starts is ``offsets`` (:func:`start_weight`). The grid is trained with learnable clipping
+    and kept fixed otherwise. Returns the number of layers initialised."""
     from quantlm.nn.qlinear import QuantLinear
 
     targets = fake_quant_linears(student)
@@ -102,8 +132,9 @@ def init_from_quantized(student: nn.Module, quantized: nn.Module) -> int:
             )
         scale = q.scales.float().detach().clone()
         zero = q.zeros.float().detach().clone()
+        weight = start_weight(fq.weight, q.dequantize_weight().float(), scale, zero, fq.spec, offsets)
         with torch.no_grad():
-            fq.weight.copy_(q.dequantize_weight().to(fq.weight.dtype))
+            fq.weight.copy_(weight.to(fq.weight.dtype))
         fq.set_grid(scale, zero, learnable=fq.learnable_clip)
         n += 1
     if n == 0:
@@ -127,11 +158,13 @@ def run_qat(
     settings: TrainSettings,
     *,
     init: nn.Module | None = None,
+    init_offsets: str = DEFAULT_INIT_OFFSETS,
     state_dir: str | os.PathLike | None = None,
     progress: bool = True,
     teacher_disposable: bool = False,
 ) -> tuple[nn.Module, TrainResult]:
-    """Fake-quantize a copy of ``model`` (the teacher), optionally start it from the PTQ model ``init``, and train
+    """Fake-quantize a copy of ``model`` (the teacher), optionally start it from the PTQ model ``init`` (each
+    weight placed in its bin by ``init_offsets``, see :func:`start_weight`), and train
     it by distillation on ``windows``; returns the (still fake-quantized) student. ``model`` is left untouched
     unless ``teacher_disposable`` (the caller drops it after: its Linear weights may then be stored in the
     compute dtype for the run)."""
@@ -147,13 +180,15 @@ def run_qat(
             smoothing = smooth_model(student, config, windows, progress)
         student = prepare_qat(student, config)
         if init is not None:
-            init_from_quantized(student, init)
+            init_from_quantized(student, init, init_offsets)
         if calibrate:
             calibrate_act_steps(student, windows[:LSQ_CALIBRATION_WINDOWS].to(next(student.parameters()).device))
         return student
 
     student = new_student()
     signature = {"qat": config.to_config(), "init": init is not None}
+    if init is not None and init_offsets != DEFAULT_INIT_OFFSETS:  # runs resumed from older work dirs keep matching
+        signature["init_offsets"] = init_offsets
     result = train(
         student,
         teacher,
@@ -182,6 +217,7 @@ def qat_to_checkpoint(
     seqlen: int = 512,
     max_windows: int | None = None,
     init: str | os.PathLike | None = None,
+    init_offsets: str = DEFAULT_INIT_OFFSETS,
     overwrite: bool = False,
     keep_work_dir: bool = False,
     progress: bool = True,
@@ -190,7 +226,7 @@ def qat_to_checkpoint(
 
     The training state is kept in ``.{out}.work`` beside ``out`` every ``save_every`` steps; rerunning the same
     command after an interruption resumes there. ``init`` is a quantlm checkpoint (RTN or GPTQ of the same model
-    and weight grid) to start from instead of the float weights."""
+    and weight grid) to start from instead of the float weights, each weight placed in its bin by ``init_offsets``."""
     from quantlm import api
     from quantlm.models.sources import load_float_model, load_model_config, load_tokenizer, resolve_model_dir
 
@@ -201,6 +237,7 @@ def qat_to_checkpoint(
         check_output(out, overwrite)
         convertible(config)
         check_start(config, init is not None)
+        check_init_offsets(init_offsets)
         model_dir = resolve_model_dir(source)
         work = default_work_dir(out)
         check_output_paths(model_dir, out, work)
@@ -216,6 +253,7 @@ def qat_to_checkpoint(
             config,
             settings,
             init=init_model,
+            init_offsets=init_offsets,
             state_dir=work,
             progress=progress,
             teacher_disposable=True,
@@ -230,6 +268,7 @@ def qat_to_checkpoint(
             training={
                 **training_record(settings, result, data, windows),
                 "init": None if init is None else str(init),
+                "init_offsets": None if init is None else init_offsets,
                 "smoothing": result.smoothing,
             },
         )
