@@ -96,12 +96,12 @@ def _bits_rows() -> dict[str, tuple[str, str, dict]]:
         rows[f"init-gptq-float-{suffix}"] = (
             f"QAT W4A8KV4 {where}, from GPTQ W4 {where}, weights at the float offsets in their bins",
             "qat",
-            _init(group, "gptq", ["--init-offsets", "float"]),
+            _init(group, "gptq", ("--init-offsets", "float")),
         )
     return rows
 
 
-def _init(group: int, method: str | None, extra: list[str] = ()) -> dict:
+def _init(group: int, method: str | None, extra: tuple[str, ...] = ()) -> dict:
     flags = ["--group-size", str(group), *extra]
     return {"w": 4, "a": 8, "kv": 4, "flags": flags, "init": method, "group": group}
 

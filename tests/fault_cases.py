@@ -790,7 +790,7 @@ CASES: list[Case] = [
          (*QAT, "--group-size", "16", "--clip", "stats", "--init", "{ckpt}", "--out", "{out}"),
          "--init keeps the start checkpoint's grid fixed"),
     Case("set-qat-init-offsets", "settings", "qat --init-offsets without --init",
-         (*QAT, "--init-offsets", "float", "--out", "{out}"), "give --init CHECKPOINT or drop it"),
+         (*QAT, "--init-offsets", "float", "--out", "{out}"), "--init-offsets needs --init CHECKPOINT"),
     Case("set-qat-smooth-folds", "settings", "qat --smooth-folds without --smooth-alpha",
          (*QAT, "--smooth-folds", "norm", "--out", "{out}"), "add --smooth-alpha"),
     Case("set-qat-smooth-a16", "settings", "qat --smooth-alpha with 16-bit activations",

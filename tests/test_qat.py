@@ -17,10 +17,10 @@ from conftest import byte_tokenizer, tiny_model
 from quantlm import api
 from quantlm.cli import app
 from quantlm.core import QuantSpec
-from quantlm.core.quantizer import compute_qparams, dequantize, quantize
+from quantlm.core.quantizer import compute_qparams, dequantize, expand_to_columns, quantize
 from quantlm.errors import CheckpointError, DataSourceError, InvalidSpecError
 from quantlm.formats.nested_state import load_nested
-from quantlm.methods import RTN
+from quantlm.methods import GPTQ, RTN
 from quantlm.methods.codebook import NF4
 from quantlm.methods.qat import QATBits, QATConfig
 from quantlm.nn.kv_cache import KVQuantConfig
@@ -228,47 +228,70 @@ def test_init_from_a_ptq_checkpoint_starts_exactly_there(tmp_path):
 @settings(max_examples=40, deadline=None)
 @given(
     seed=st.integers(0, 2**16),
+    columns=st.sampled_from([24, 20]),
     group_size=st.sampled_from([-1, 8]),
     symmetric=st.booleans(),
     bits=st.sampled_from([2, 3, 4, 8]),
 )
-def test_start_weight_keeps_the_start_codes_and_the_float_offsets(seed, group_size, symmetric, bits):
+def test_start_weight_is_the_float_weight_moved_into_the_start_codes_bins(seed, columns, group_size, symmetric, bits):
     g = torch.Generator().manual_seed(seed)
-    w = torch.randn(6, 24, generator=g) * torch.rand(6, 1, generator=g)
+    w = torch.randn(6, columns, generator=g) * torch.rand(6, 1, generator=g)
     spec = QuantSpec(bits=bits, group_size=group_size, symmetric=symmetric)
     scale, zero = compute_qparams(w * 0.8, spec)  # a clipped grid, as MSE clipping gives: some weights lie outside
+    scale = scale.half().float()  # as a checkpoint stores it
     rtn = quantize(w, scale, zero, spec)
-    # a "PTQ" start that moves some codes one step away from RTN's, as GPTQ's error compensation does
+    # a start that moves some codes one step away from RTN's, as GPTQ's error compensation does
     moved = torch.randint(-1, 2, w.shape, generator=g) * (torch.rand(w.shape, generator=g) < 0.3)
     codes = (rtn.long() + moved).clamp(0, spec.maxq).to(torch.uint8)
     centre = dequantize(codes, scale, zero, spec)
-    assert torch.equal(start_weight(w, centre, scale, zero, spec, "centre"), centre)
-    start = start_weight(w, centre, scale, zero, spec, "float")
-    assert torch.equal(quantize(start, scale, zero, spec), codes)  # step 0 computes what the PTQ model does
-    step = scale.repeat_interleave(w.shape[1] // scale.shape[1], dim=1) if scale.shape[1] > 1 else scale
-    offset = start - centre
-    assert (offset.abs() <= 0.49 * step + 1e-6).all()
-    # where the float weight is inside the grid and not on a bin's edge, it keeps its own offset from its rounding
-    inside = (w - dequantize(rtn, scale, zero, spec)).abs() < 0.49 * step
-    torch.testing.assert_close(offset[inside], (w - dequantize(rtn, scale, zero, spec))[inside], rtol=0, atol=1e-6)
+    assert torch.equal(start_weight(w, centre, scale, spec, "centre"), centre)
+    start = start_weight(w, centre, scale, spec, "float")
+    assert torch.equal(quantize(start, scale, zero, spec), codes)  # step 0 computes what the start computes
+    step = expand_to_columns(scale, spec, columns)
+    assert ((start - centre).abs() <= 0.49 * step + 1e-6).all()
+    # the point of the bin nearest the float weight: the float weight itself where it lies in the bin's inner 98%
+    inside = (w - centre).abs() < 0.49 * step
+    assert inside.any() and torch.equal(start[inside], w[inside])
+    assert ((start - w).abs() <= (centre - w).abs() + 1e-6).all()  # never farther from it than the centre
     with pytest.raises(InvalidSpecError, match="--init-offsets"):
-        start_weight(w, centre, scale, zero, spec, "middle")
+        start_weight(w, centre, scale, spec, "middle")
 
 
-def test_init_offsets_float_from_an_rtn_start_is_the_float_model(tmp_path):
-    """RTN's codes are the float weights' own roundings, so the float offsets give back the float weights (but for
-    the few within 1% of a step of a bin's edge) and step 0 still computes exactly what the RTN model computes."""
+@pytest.mark.parametrize("offsets", ["centre", "float"])
+def test_init_from_a_gptq_start_keeps_its_codes(offsets):
     model = tiny_model("llama")
     ids = _windows(2, 24)
+    spec = QuantSpec(bits=4, group_size=16, symmetric=True, clip="mse")
+    ptq = api.quantize(copy.deepcopy(model), [GPTQ(spec)], calibration=_windows(4, 32, seed=1), progress=False)
+    student = prepare_qat(copy.deepcopy(model), QATConfig.from_bits("4-16-16", group_size=16))
+    assert init_from_quantized(student, ptq, offsets) == 21
+    with torch.no_grad():
+        torch.testing.assert_close(student(ids).logits, ptq(ids).logits, rtol=0, atol=1e-5)
+    name = "model.layers.0.mlp.down_proj"
+    fq, q = student.get_submodule(name), ptq.get_submodule(name)
+    scale, zero = (t.detach() for t in fq.grid())
+    assert torch.equal(quantize(fq.weight.detach(), scale, zero, fq.spec), q.codes())
+    w, centre = model.get_submodule(name).weight, q.dequantize_weight()
+    kept = (w - centre).abs() < 0.49 * expand_to_columns(q.scales.float(), spec, w.shape[1])
+    assert 0.5 < kept.float().mean() < 1  # GPTQ moved some codes away from the float weights' own roundings
+    if offsets == "centre":
+        assert torch.equal(fq.weight.detach(), centre)
+    else:
+        assert torch.equal(fq.weight.detach()[kept], w[kept]) and not torch.equal(fq.weight.detach(), centre)
+
+
+def test_init_offsets_float_from_an_rtn_start_is_the_float_model():
+    """RTN's codes are the float weights' own roundings, so a MinMax RTN start placed at the float offsets is the
+    float model, but for the weights within 1% of a step of a bin's edge (or past the grid's end), moved inside."""
+    model = tiny_model("llama")
     ptq = api.quantize(copy.deepcopy(model), [RTN(QuantSpec(bits=4, group_size=-1, symmetric=True))], progress=False)
     student = prepare_qat(copy.deepcopy(model), QATConfig.from_bits(QATBits(4, 16, 16)))
     assert init_from_quantized(student, ptq, "float") == 21
-    with torch.no_grad():
-        torch.testing.assert_close(student(ids).logits, ptq(ids).logits, rtol=0, atol=1e-5)
-    w_float = model.get_submodule("model.layers.0.mlp.up_proj").weight
-    w_start = student.get_submodule("model.layers.0.mlp.up_proj").weight
-    step = ptq.get_submodule("model.layers.0.mlp.up_proj").scales.float().reshape(-1, 1)
-    assert (w_start - w_float).abs().max() <= 0.011 * step.max()
+    name = "model.layers.0.mlp.up_proj"
+    w_float, w_start = model.get_submodule(name).weight.detach(), student.get_submodule(name).weight.detach()
+    q = ptq.get_submodule(name)
+    beyond = ((w_float - q.dequantize_weight()).abs() - 0.49 * q.scales.float().reshape(-1, 1)).clamp(min=0)
+    torch.testing.assert_close((w_start - w_float).abs(), beyond, rtol=0, atol=1e-7)
     assert (w_start == w_float).float().mean() > 0.95
 
 

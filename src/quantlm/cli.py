@@ -905,8 +905,8 @@ def qat(
         None,
         "--init-offsets",
         help="With --init: where each trained weight starts inside its code's bin: centre (the checkpoint's "
-        "dequantized weights), or float (offset from the centre as the float weight is from its own rounding, so "
-        f"small updates can change codes) [default: {DEFAULT_INIT_OFFSETS}].",
+        "dequantized weight), or float (the point of the bin nearest the float weight, so that small updates can "
+        f"change codes) [default: {DEFAULT_INIT_OFFSETS}].",
     ),
     smooth_alpha: Optional[str] = typer.Option(
         None,
@@ -955,8 +955,6 @@ def qat(
     Runs on many processes with torchrun (DDP; gloo on CPU, nccl on CUDA)."""
 
     api.check_output(out, overwrite)  # before any work (the run checks again under the output lock)
-    if init_offsets is not None and init is None:
-        raise QuantlmError("--init-offsets places the weights of an --init start: give --init CHECKPOINT or drop it")
     config = api.QATConfig.from_options(
         w_bits=w_bits,
         a_bits=a_bits,
@@ -995,7 +993,7 @@ def qat(
         data=data,
         seqlen=seqlen,
         init=init,
-        init_offsets=(init_offsets or InitOffsets(DEFAULT_INIT_OFFSETS)).value,
+        init_offsets=init_offsets and init_offsets.value,
         overwrite=overwrite,
         progress=not as_json,
     )

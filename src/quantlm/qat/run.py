@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from quantlm.core.quantizer import expand_to_columns, fake_quantize
+from quantlm.core.quantizer import expand_to_columns, quantize
 from quantlm.errors import InvalidSpecError
 from quantlm.formats.native import check_output
 from quantlm.formats.record import QuantizationRecord
@@ -77,29 +77,28 @@ def _grid_shape(spec) -> tuple:
     return (spec.bits, spec.symmetric, spec.granularity, spec.group_size)
 
 
-def check_init_offsets(offsets: str) -> str:
+def _checked_offsets(offsets: str) -> str:
     if offsets not in INIT_OFFSETS:
         raise InvalidSpecError(f"--init-offsets must be one of {', '.join(INIT_OFFSETS)}, got {offsets!r}")
     return offsets
 
 
-def start_weight(
-    float_weight: Tensor, quantized_weight: Tensor, scale: Tensor, zero: Tensor, spec, offsets: str
-) -> Tensor:
-    """The trained weight a PTQ start gives one layer. Both choices round to the PTQ model's codes at step 0.
+def start_weight(float_weight: Tensor, centre: Tensor, scale: Tensor, spec, offsets: str) -> Tensor:
+    """The trained weight a PTQ start gives one layer, from the PTQ model's dequantized weight ``centre`` (each
+    weight in the middle of its code's bin) and its grid's ``scale``. Both choices keep the PTQ model's codes.
 
-    - ``centre``: the PTQ model's dequantized weight, each weight at the centre of its code's bin. Half a step from
-      either neighbour, no weight changes code until an update has moved it that far.
-    - ``float``: that plus the float weight's offset from its own round-to-nearest value on the same grid, clamped
-      to 0.49 of a step. A weight whose code the PTQ method kept where RTN puts it starts at its float value; every
-      weight sits as near its bin's edges as the float model's does, as in a start from the float weights.
+    - ``centre``: the dequantized weight itself. Every weight is half a step from either neighbouring bin, so no
+      code changes until an update has moved a weight that far.
+    - ``float``: the float weight moved into its code's bin: the point of the bin nearest to it, at most 0.49 of a
+      step from the centre. A weight whose code the PTQ method kept where round-to-nearest puts it starts at its
+      float value; one whose code it moved starts at the edge of its bin nearest to the float value.
     """
-    if check_init_offsets(offsets) == "centre":
-        return quantized_weight
-    w = float_weight.detach().float()
-    offset = w - fake_quantize(w, spec, scale, zero)
-    half = 0.49 * expand_to_columns(scale.float(), spec, w.shape[-1])
-    return quantized_weight.float() + torch.maximum(torch.minimum(offset, half), -half)
+    if _checked_offsets(offsets) == "centre":
+        return centre
+    centre = centre.float()
+    half = 0.49 * expand_to_columns(scale.float().to(centre.device), spec, centre.shape[-1])
+    offset = float_weight.detach().float().to(centre.device) - centre
+    return centre + torch.maximum(torch.minimum(offset, half), -half)
 
 
 def init_from_quantized(student: nn.Module, quantized: nn.Module, offsets: str = DEFAULT_INIT_OFFSETS) -> int:
@@ -130,24 +129,50 @@ def init_from_quantized(student: nn.Module, quantized: nn.Module, offsets: str =
                 f"({fq.spec.describe() if fq.spec else 'w16'}): quantize it with the same bits, group size and "
                 "symmetry, without act-order"
             )
-        scale = q.scales.float().detach().clone()
-        zero = q.zeros.float().detach().clone()
-        weight = start_weight(fq.weight, q.dequantize_weight().float(), scale, zero, fq.spec, offsets)
-        with torch.no_grad():
-            fq.weight.copy_(weight.to(fq.weight.dtype))
-        fq.set_grid(scale, zero, learnable=fq.learnable_clip)
+        centre = q.dequantize_weight().float()
+        fq.set_grid(q.scales.float(), q.zeros.float(), learnable=fq.learnable_clip)
+        weight = start_weight(fq.weight, centre, q.scales, fq.spec, offsets)
+        _place(fq, weight, centre, q.codes(), name)
         n += 1
     if n == 0:
         raise InvalidSpecError("the initial checkpoint has no quantized layer where the QAT model has one")
     return n
 
 
-def check_start(config: QATConfig, from_checkpoint: bool) -> None:
-    """A PTQ start (``--init``) and smoothing are one or the other: the checkpoint was quantized unsmoothed."""
+def _place(fq: FakeQuantLinear, weight: Tensor, centre: Tensor, codes: Tensor, name: str) -> None:
+    """Copy ``weight`` into ``fq`` so that its grid, as the forward pass rounds it (scales in their storage dtype,
+    weights in the student's dtype), gives back ``codes``; a weight that rounding would move to another code starts
+    at its bin's centre instead."""
+    device = fq.weight.device
+    codes = codes.to(device)
+
+    def rounded() -> Tensor:
+        scale, zero = (t.detach() for t in fq.grid())
+        return quantize(fq.weight.detach().float(), scale, zero, fq.spec)
+
+    with torch.no_grad():
+        fq.weight.copy_(weight.to(device, fq.weight.dtype))
+        moved = rounded() != codes
+        if moved.any():
+            fq.weight[moved] = centre.to(device, fq.weight.dtype)[moved]
+            if (rounded() != codes).any():
+                raise InvalidSpecError(
+                    f"{name}: the start checkpoint's codes do not survive the QAT weight dtype "
+                    f"({fq.weight.dtype}): start from a float32 student"
+                )
+
+
+def check_start(config: QATConfig, from_checkpoint: bool, init_offsets: str | None = None) -> None:
+    """A PTQ start (``--init``) and smoothing are one or the other: the checkpoint was quantized unsmoothed. Where its
+    weights start in their bins (``--init-offsets``) only means something with a start."""
     if from_checkpoint and config.smooth_alpha is not None:
         raise InvalidSpecError(
             "--init starts from a checkpoint quantized without smoothing; smoothing would change its weights: drop one"
         )
+    if init_offsets is not None:
+        if not from_checkpoint:
+            raise InvalidSpecError("--init-offsets needs --init CHECKPOINT: add --init or drop --init-offsets")
+        _checked_offsets(init_offsets)
 
 
 def run_qat(
@@ -158,18 +183,19 @@ def run_qat(
     settings: TrainSettings,
     *,
     init: nn.Module | None = None,
-    init_offsets: str = DEFAULT_INIT_OFFSETS,
+    init_offsets: str | None = None,
     state_dir: str | os.PathLike | None = None,
     progress: bool = True,
     teacher_disposable: bool = False,
 ) -> tuple[nn.Module, TrainResult]:
     """Fake-quantize a copy of ``model`` (the teacher), optionally start it from the PTQ model ``init`` (each
-    weight placed in its bin by ``init_offsets``, see :func:`start_weight`), and train
+    weight placed in its bin by ``init_offsets``, default ``DEFAULT_INIT_OFFSETS``; see :func:`start_weight`), and train
     it by distillation on ``windows``; returns the (still fake-quantized) student. ``model`` is left untouched
     unless ``teacher_disposable`` (the caller drops it after: its Linear weights may then be stored in the
     compute dtype for the run)."""
     teacher = model if settings.loss == "kd" else None
-    check_start(config, init is not None)
+    check_start(config, init is not None, init_offsets)
+    offsets = init_offsets or DEFAULT_INIT_OFFSETS
     smoothing = None
 
     def new_student(calibrate: bool = True) -> nn.Module:
@@ -180,15 +206,15 @@ def run_qat(
             smoothing = smooth_model(student, config, windows, progress)
         student = prepare_qat(student, config)
         if init is not None:
-            init_from_quantized(student, init, init_offsets)
+            init_from_quantized(student, init, offsets)
         if calibrate:
             calibrate_act_steps(student, windows[:LSQ_CALIBRATION_WINDOWS].to(next(student.parameters()).device))
         return student
 
     student = new_student()
     signature = {"qat": config.to_config(), "init": init is not None}
-    if init is not None and init_offsets != DEFAULT_INIT_OFFSETS:  # runs resumed from older work dirs keep matching
-        signature["init_offsets"] = init_offsets
+    if init is not None and offsets != "centre":  # the start before --init-offsets: older work dirs still resume
+        signature["init_offsets"] = offsets
     result = train(
         student,
         teacher,
@@ -217,7 +243,7 @@ def qat_to_checkpoint(
     seqlen: int = 512,
     max_windows: int | None = None,
     init: str | os.PathLike | None = None,
-    init_offsets: str = DEFAULT_INIT_OFFSETS,
+    init_offsets: str | None = None,
     overwrite: bool = False,
     keep_work_dir: bool = False,
     progress: bool = True,
@@ -236,8 +262,7 @@ def qat_to_checkpoint(
     with output_lock(out) if is_main else contextlib.nullcontext():
         check_output(out, overwrite)
         convertible(config)
-        check_start(config, init is not None)
-        check_init_offsets(init_offsets)
+        check_start(config, init is not None, init_offsets)
         model_dir = resolve_model_dir(source)
         work = default_work_dir(out)
         check_output_paths(model_dir, out, work)
@@ -268,7 +293,7 @@ def qat_to_checkpoint(
             training={
                 **training_record(settings, result, data, windows),
                 "init": None if init is None else str(init),
-                "init_offsets": None if init is None else init_offsets,
+                "init_offsets": None if init is None else init_offsets or DEFAULT_INIT_OFFSETS,
                 "smoothing": result.smoothing,
             },
         )
