@@ -16,7 +16,8 @@ Every row is one child process of the CLI (so its time and peak memory are its o
   calibrates on 64 of its 512-token training windows: the same 32k tokens), the paper's table 6;
 - init rows (init-rtn-ch, init-gptq-ch, init-rtn-g64, init-gptq-g64): QAT W4A8KV4 per channel or g64 from the
   float weights, or from a GPTQ checkpoint of the same grid that the row makes first (--calib-samples windows);
-  init-gptq-float-ch and init-gptq-float-g64 place the GPTQ start's weights with `--init-offsets float`.
+  init-gptq-* start the weights at their bins' centres (`--init-offsets centre`), init-gptq-float-* at the float
+  weights moved into their bins (`--init-offsets float`, the default since these rows).
 Rows are merged into benchmarks/results/qat_smollm2.{md,json} (rerunning a row replaces it).
 
 Run: .venv/bin/python benchmarks/qat_table.py --rows rtn-4-8-4 qat-4-8-4 ... [--steps 120] [--list]
@@ -92,7 +93,11 @@ def _bits_rows() -> dict[str, tuple[str, str, dict]]:
         where = "per channel" if group == -1 else f"g{group}"
         suffix = "ch" if group == -1 else f"g{group}"
         rows[f"init-rtn-{suffix}"] = (f"QAT W4A8KV4 {where}, from the float weights (RTN)", "qat", _init(group, None))
-        rows[f"init-gptq-{suffix}"] = (f"QAT W4A8KV4 {where}, from GPTQ W4 {where}", "qat", _init(group, "gptq"))
+        rows[f"init-gptq-{suffix}"] = (
+            f"QAT W4A8KV4 {where}, from GPTQ W4 {where}, weights at their bins' centres",
+            "qat",
+            _init(group, "gptq", ("--init-offsets", "centre")),
+        )
         rows[f"init-gptq-float-{suffix}"] = (
             f"QAT W4A8KV4 {where}, from GPTQ W4 {where}, weights at the float offsets in their bins",
             "qat",
